@@ -1,0 +1,42 @@
+"""``httptp`` command: parse and check the configuration, then hand it to the
+supervisor.  A bad configuration is one line on stderr and exit status 2,
+before anything binds a socket."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from httptp import settings
+from httptp.config import check_implemented, inactive_in_use, load_config
+from httptp.errors import ConfigError
+
+EXIT_USAGE = 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        config = load_config(args, os.environ)
+        check_implemented(config)
+    except settings.HelpRequested:
+        sys.stdout.write(settings.help_text())
+        return 0
+    except ConfigError as e:
+        print(f"{settings.PROG}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if _check_only(args):
+        print("configuration OK")
+        return 0
+    inactive = inactive_in_use(config)
+    if inactive:
+        print(f"{settings.PROG}: info: accepted but not active in this version: "
+              + " ".join(inactive), file=sys.stderr)
+    # Imported here: the supervisor is heavy and the config tests must not need it.
+    from httptp.supervisor.arbiter import Arbiter
+    return Arbiter(config, reload_config=lambda: load_config(args, os.environ)).run()
+
+
+def _check_only(args: list[str]) -> bool:
+    raw = settings.parse_argv(args).get("checkConfig", "false")
+    return settings.parse_bool(raw)     # already validated by load_config

@@ -1,0 +1,512 @@
+"""THE option table: every flag of httptp is declared here, once.
+
+Each `Setting` names a flag as the Go original spells it (``outTimeout``), how its
+text is parsed, its default as the original prints it, the help text, and
+whether a HUP can change it.  Everything else is derived from this table:
+
+- the command-line parser (``-flag value``, ``-flag=value``, ``--flag``...),
+- the config-file keys (the flag name without the dash),
+- the environment names (``HTTPTP_`` + upper snake case: ``HTTPTP_OUT_TIMEOUT``),
+- the ``-help`` text and ``docs/settings.md``
+  (``python -m httptp.settings --markdown > docs/settings.md``; a test compares them),
+- the snake_case field names of `httptp.config.Config`.
+
+Parsers here check one value at a time; rules that tie several flags together
+(addresses by type, certificate/key counts) live in `httptp.config`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from httptp import netaddr
+
+ENV_PREFIX = "HTTPTP_"
+PROG = "httptp"
+
+
+# ---------------------------------------------------------------------------
+# Value parsers: text in, value out, ValueError with a short message.
+
+_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6,
+                   "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+# "ms" before "m" and "s" so that "1ms" is one millisecond, as in Go.
+_DURATION_PART = re.compile(r"(\d+\.?\d*|\.\d+)(ns|us|µs|μs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """A Go duration (``3s``, ``1m30s``, ``500us``, ``1.5s``, ``0``) → seconds.
+
+    A bare number other than 0 is an error, as with Go's time.ParseDuration.
+    Negative durations are refused: no flag of ours has a use for them."""
+    s = text.strip()
+    if s.startswith("+"):
+        s = s[1:]
+    if s.startswith("-"):
+        if s[1:] == "0":
+            return 0.0
+        raise ValueError(f"invalid duration {text!r}: must not be negative")
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError("invalid duration '': want e.g. 3s, 500ms, 1m30s")
+    total, pos = 0.0, 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            hint = "missing unit (ns, us, ms, s, m, h)" if s.replace(".", "").isdigit() \
+                else "want e.g. 3s, 500ms, 1m30s"
+            raise ValueError(f"invalid duration {text!r}: {hint}")
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return total
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds → a short Go-style duration (for messages and docs)."""
+    if seconds == 0:
+        return "0"
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0), ("ms", 1e-3), ("us", 1e-6)):
+        if seconds >= size and float(seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    return f"{seconds:g}s"
+
+
+_TRUE = frozenset({"1", "t", "T", "true", "TRUE", "True"})
+_FALSE = frozenset({"0", "f", "F", "false", "FALSE", "False"})
+
+
+def parse_bool(text: str) -> bool:
+    """Go's strconv.ParseBool: 1 0 t f T F true false TRUE FALSE True False."""
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f"invalid boolean {text!r}: want true or false")
+
+
+def _parse_int_text(text: str) -> int:
+    s = text.strip()
+    try:
+        return int(s, 10)
+    except ValueError:
+        pass
+    try:
+        return int(s, 0)            # 0x10, 0o20, 1_000 as Go's flag package allows
+    except ValueError:
+        raise ValueError(f"invalid integer {text!r}") from None
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = _parse_int_text(text)
+        if value < minimum:
+            word = "negative" if minimum == 0 else f"less than {minimum}"
+            raise ValueError(f"{value} must not be {word}")
+        return value
+    return parse
+
+
+def size_or_default(default: int) -> Callable[[str], int]:
+    """A byte size; 0 means the default, as fasthttp treats 0 in the original."""
+    at_least_0 = int_at_least(0)
+
+    def parse(text: str) -> int:
+        return at_least_0(text) or default
+    return parse
+
+
+def positive_duration(text: str) -> float:
+    """A duration that must be longer than 0 (a timeout of 0 would fail everything)."""
+    value = parse_duration(text)
+    if value <= 0:
+        raise ValueError(f"{text!r} must be longer than 0")
+    return value
+
+
+def choice(*names: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in names:
+            raise ValueError(f"unknown value {text!r}: want one of {', '.join(names)}")
+        return text
+    parse.choices = names           # type: ignore[attr-defined]  (shown by -help and docs)
+    return parse
+
+
+def parse_string(text: str) -> str:
+    return text
+
+
+def parse_workers(text: str) -> int:
+    """``auto`` → the CPU count; otherwise an integer of at least 1."""
+    if text.strip() == "auto":
+        return os.cpu_count() or 1
+    return int_at_least(1)(text)
+
+
+def comma_list(text: str) -> tuple[str, ...]:
+    """``a, b`` → ("a", "b"); "" → (); an empty entry is an error."""
+    if not text.strip():
+        return ()
+    items = tuple(part.strip() for part in text.split(","))
+    if "" in items:
+        raise ValueError(f"empty entry in the list {text!r}")
+    return items
+
+
+def parse_allow_ip(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return netaddr.AllowList.parse(text)
+
+
+def parse_regexp(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise ValueError(f"invalid regexp {text!r}: {e}") from None
+    return text
+
+
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def parse_header_name(text: str) -> str:
+    if text and not _TOKEN.fullmatch(text):
+        raise ValueError(f"invalid header name {text!r}")
+    return text
+
+
+# ---------------------------------------------------------------------------
+# The table.
+
+ADDR_TYPES = ("http", "https", "unix", "teleport", "teleports")
+CODECS = ("none", "flate", "snappy", "zstd", "brotli")
+SECTIONS = ("Listener", "Upstream", "Limits", "Teleport", "TLS", "Process", "Stats")
+
+
+def _snake(name: str) -> str:
+    """outTimeout → out_timeout, inTLSCert → in_tls_cert, clientIPHeader → client_ip_header."""
+    s = re.sub(r"([A-Z]+)([A-Z][a-z])", r"\1_\2", name)
+    s = re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", s)
+    return s.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One flag.  ``default`` is the text the original shows and is parsed like any
+    other value.  ``help`` may have several lines: the first is the -help line,
+    all of it goes into docs/settings.md."""
+
+    name: str                               # Go flag name, without the dash
+    parse: Callable[[str], Any]
+    default: str
+    help: str
+    section: str
+    meta: str = "string"                    # shown after the flag by -help: duration, int...
+    reloadable: bool = True                 # can a HUP change it (new workers pick it up)
+    implemented: bool = True                # False: only the default works yet (see config)
+    refuse: bool = True                     # when not implemented: refuse (True) or ignore
+    not_yet: tuple[str, ...] = ()           # values of an implemented flag that do not work yet
+    ours: bool = False                      # not a flag of the Go original
+    in_file: bool = True                    # may be set in the config file
+    field: str = ""                         # Config field; "" → snake_case of name
+    env: str | None = ""                    # "" → HTTPTP_ + upper snake case; None → no env
+
+    def __post_init__(self) -> None:
+        if not self.field:
+            object.__setattr__(self, "field", _snake(self.name))
+        if self.env == "":
+            object.__setattr__(self, "env", ENV_PREFIX + _snake(self.name).upper())
+
+    @property
+    def flag(self) -> str:
+        return "-" + self.name
+
+    @property
+    def is_bool(self) -> bool:
+        return self.parse is parse_bool
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        return getattr(self.parse, "choices", ())
+
+    @property
+    def summary(self) -> str:
+        return self.help.strip().splitlines()[0]
+
+
+S = Setting
+SETTINGS: tuple[Setting, ...] = (
+    # -- Listener ------------------------------------------------------------
+    S("in", parse_string, "127.0.0.1:8080", section="Listener", reloadable=False, field="in_addr",
+      help="Address to listen to for incoming requests: host:port, [v6]:port, :port, "
+           "or a socket path for -inType=unix\n"
+           "Port 0 picks a free port. Unlike the original (tcp4 only), IPv6 addresses work."),
+    S("inType", choice(*ADDR_TYPES), "http", section="Listener", reloadable=False,
+      not_yet=("https", "teleport", "teleports"),
+      help="Type of the listener: " + ", ".join(ADDR_TYPES)),
+    S("reusePort", parse_bool, "false", section="Listener", reloadable=False, meta="bool",
+      help="Let other processes (another httptp) listen on the same TCP port (SO_REUSEPORT)\n"
+           "httptp always uses SO_REUSEPORT for its own per-worker sockets; without this flag "
+           "it first checks that nobody else listens on -in. Ignored for unix sockets."),
+    S("inAllowIP", parse_allow_ip, "", section="Listener", meta="list",
+      help="Comma-separated IPv4/IPv6 addresses or CIDR ranges allowed to connect; "
+           "empty allows everyone\n"
+           "Checked at accept, before TLS. IPv4-mapped IPv6 peers (::ffff:1.2.3.4) match "
+           "IPv4 entries. Unix-socket peers are never blocked. The original takes only exact "
+           "IPv4 addresses."),
+    S("clientIPHeader", parse_header_name, "", section="Listener",
+      help="Header set (replaced) to the client's IP address in requests sent upstream; "
+           "empty sets none\n"
+           "Only for http, https and unix listeners. Unix peers are reported as 0.0.0.0."),
+    S("inHeaderTimeout", positive_duration, "10s", section="Listener",
+      meta="duration", ours=True,
+      help="The whole request header must arrive within this time, or the client gets 408"),
+    S("inIdleTimeout", positive_duration, "60s", section="Listener",
+      meta="duration", ours=True,
+      help="An idle keep-alive client connection is closed after this time"),
+    # -- Upstream ------------------------------------------------------------
+    S("out", parse_string, "127.0.0.1:8043", section="Upstream", meta="list",
+      help="Comma-separated upstream addresses (host:port, [v6]:port, or socket paths "
+           "for -outType=unix) to balance requests over"),
+    S("outType", choice(*ADDR_TYPES), "teleport", section="Upstream",
+      not_yet=("https", "teleport", "teleports"),
+      help="Type of the upstreams: " + ", ".join(ADDR_TYPES) + "\n"
+           "The default (teleport) is the original's and is not implemented yet: "
+           "pass -outType=http or -outType=unix."),
+    S("outTimeout", positive_duration, "3s", section="Upstream",
+      meta="duration",
+      help="Deadline for each request sent upstream; after it the client gets 504"),
+    S("outMaxFails", int_at_least(1), "3", section="Upstream", meta="int", ours=True,
+      help="Consecutive failures that eject an upstream from the balancer"),
+    S("outFailTimeout", positive_duration, "5s", section="Upstream",
+      meta="duration", ours=True,
+      help="How long an ejected upstream rests before a single probe request is sent to it"),
+    S("outIdleTimeout", positive_duration, "10s", section="Upstream",
+      meta="duration", ours=True,
+      help="A pooled idle upstream connection is closed after this time"),
+    # -- Limits --------------------------------------------------------------
+    S("concurrency", int_at_least(1), "100000", section="Limits", meta="int",
+      help="Maximum number of concurrent client connections (http) or requests (teleport)\n"
+           "Also caps the connections to each upstream at "
+           "ceil(concurrency / number of upstreams)."),
+    S("inMaxBodySize", size_or_default(4194304), "4194304", section="Limits", meta="int",
+      help="Maximum request body size in bytes (http listeners); 0 means the default"),
+    S("inMaxHeaderSize", size_or_default(4096), "4096", section="Limits", meta="int",
+      help="Maximum request header size in bytes; 0 means the default"),
+    S("outMaxHeaderSize", size_or_default(4096), "4096", section="Limits", meta="int",
+      help="Maximum upstream response header size in bytes; 0 means the default"),
+    S("inGetOnly", parse_bool, "false", section="Limits", meta="bool",
+      help="Refuse every request method but GET (http listeners)"),
+    # -- Teleport ------------------------------------------------------------
+    S("inCompress", choice("auto", *CODECS), "flate", section="Teleport", implemented=False,
+      help="Compression of responses sent to teleport clients: auto, " + ", ".join(CODECS) + "\n"
+           "auto answers in the client's codec. zstd and brotli work only between two "
+           "httptp of ours."),
+    S("outCompress", choice(*CODECS), "flate", section="Teleport", implemented=False,
+      help="Compression of requests sent to teleport upstreams: " + ", ".join(CODECS)),
+    S("inDelay", parse_duration, "0", section="Teleport", meta="duration",
+      implemented=False,
+      help="How long a teleport listener may wait to batch responses into one write"),
+    S("outDelay", parse_duration, "0", section="Teleport", meta="duration",
+      implemented=False,
+      help="How long a teleport client may wait to batch requests into one write"),
+    S("outConnsPerAddr", int_at_least(1), "1", section="Teleport", meta="int",
+      implemented=False,
+      help="Number of teleport connections to each upstream address\n"
+           "The original opened one connection whatever this said; httptp opens N."),
+    # -- TLS -----------------------------------------------------------------
+    S("inTLSCert", comma_list, "", section="TLS", meta="list", implemented=False,
+      help="Comma-separated TLS certificate files for https/teleports listeners, "
+           "chosen by SNI\n"
+           "Must pair up with -inTLSKey. Empty with -inType=https turns on autocert."),
+    S("inTLSKey", comma_list, "", section="TLS", meta="list", implemented=False,
+      help="Comma-separated TLS key files, one for each -inTLSCert"),
+    S("inTLSSessionTicketKey", parse_string, "", section="TLS", implemented=False,
+      help="Secret for TLS session tickets (its SHA-256 is the key); empty picks a random one\n"
+           "Set it to let sessions resume across workers and restarts."),
+    S("autocertCacheDir", parse_string, "autocert-cache", section="TLS",
+      implemented=False, refuse=False,
+      help="Directory where Let's Encrypt certificates are kept (autocert)"),
+    S("autocertHostRegexp", parse_regexp, "^.*$", section="TLS",
+      implemented=False, refuse=False,
+      help="Regexp the SNI host name must match to get an autocert certificate"),
+    # -- Process -------------------------------------------------------------
+    S("workers", parse_workers, "auto", section="Process", meta="int", ours=True,
+      help="Number of worker processes; auto is the number of CPUs"),
+    S("gracefulTimeout", parse_duration, "30s", section="Process", meta="duration",
+      ours=True,
+      help="On TERM, INT or HUP, how long workers may finish in-flight requests "
+           "before they are killed"),
+    S("httpParser", choice("auto", "httptools", "h11"), "auto", section="Process", ours=True,
+      help="HTTP/1.1 parser: auto, httptools, h11 (auto: httptools when installed)"),
+    S("logAllErrors", parse_bool, "false", section="Process", meta="bool",
+      implemented=False, refuse=False,
+      help="Log every error met while serving clients, not only unexpected ones"),
+    S("config", parse_string, "", section="Process", ours=True, in_file=False,
+      reloadable=False, field="config_file", meta="file",
+      help="Config file with lines 'flagName = value' (see docs/config-file.md)"),
+    S("checkConfig", parse_bool, "false", section="Process", meta="bool", ours=True,
+      in_file=False, env=None, field="check_config", reloadable=False,
+      help="Check the configuration, print 'configuration OK' and exit"),
+    # -- Stats ---------------------------------------------------------------
+    S("expvarAddr", parse_string, "localhost:8040", section="Stats", reloadable=False,
+      implemented=False, refuse=False,
+      help="Address of the stats server (/expvar, /prometheus); empty disables it"),
+)
+del S
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+BY_FIELD: dict[str, Setting] = {s.field: s for s in SETTINGS}
+FILE_KEYS: frozenset[str] = frozenset(s.name for s in SETTINGS if s.in_file)
+# Settings that are read by the CLI only and are not Config fields.
+CLI_ONLY: frozenset[str] = frozenset({"checkConfig"})
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+class HelpRequested(Exception):
+    """-h, -help or --help was given: print `help_text()` and exit 0."""
+
+
+class ArgvError(ValueError):
+    """A command-line problem; the message starts with the flag."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):          # never print usage and exit: raise instead
+        m = re.match(r"argument (-[^/ :]+)(?:/\S+)?: (.*)", message)
+        if m:
+            raise ArgvError(f"{m.group(1)}: {m.group(2)}")
+        raise ArgvError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """An argparse parser with ``-flag`` and ``--flag`` for every setting.
+
+    Every default is SUPPRESS: the result holds only what the command line set,
+    as raw text, so precedence and parsing happen in one place (parse_argv)."""
+    parser = _Parser(prog=PROG, add_help=False, allow_abbrev=False,
+                     argument_default=argparse.SUPPRESS)
+    for s in SETTINGS:
+        if s.is_bool:   # Go-style: -flag alone means true; -flag=false works
+            parser.add_argument(s.flag, "--" + s.name, dest=s.name, nargs="?", const="true")
+        else:
+            parser.add_argument(s.flag, "--" + s.name, dest=s.name)
+    return parser
+
+
+HELP_FLAGS = ("-h", "-help", "--help", "--h")
+
+
+def _looks_like_flag(arg: str) -> bool:
+    return arg.startswith("-") and len(arg) > 1 and not re.fullmatch(r"-\d+(\.\d*)?", arg)
+
+
+def parse_argv(argv: list[str]) -> dict[str, str]:
+    """Command-line arguments → {flag name: raw text} for the flags given.
+
+    Raises HelpRequested, or ArgvError naming the flag."""
+    known = {f"{dashes}{s.name}": s for s in SETTINGS for dashes in ("-", "--")}
+    wants_value = False             # the previous argument was "-flag" needing a value
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg in HELP_FLAGS:
+            raise HelpRequested()
+        name = arg.split("=", 1)[0]
+        # Python 3.11's argparse accepts single-dash prefixes (-inT for -inType)
+        # even with allow_abbrev=False (fixed in 3.12), so check names ourselves.
+        if _looks_like_flag(arg) and name not in known and not wants_value:
+            raise ArgvError(f"{name}: flag provided but not defined")
+        wants_value = arg in known and not known[arg].is_bool
+    namespace, rest = build_parser().parse_known_args(argv)
+    rest = [a for a in rest if a != "--"]
+    if rest:
+        raise ArgvError(f"unexpected argument {rest[0]!r}")
+    return dict(vars(namespace))
+
+
+# ---------------------------------------------------------------------------
+# -help and docs/settings.md.
+
+def _shown_default(s: Setting) -> str:
+    if s.is_bool:
+        return s.default
+    if s.meta in ("int", "duration"):
+        return s.default
+    return f'"{s.default}"'
+
+
+def help_text() -> str:
+    """Go-flag-style help: every flag, its value kind, first help line, default."""
+    lines = [f"Usage of {PROG}: {PROG} [flags]",
+             "Flags may be written -flag value, -flag=value, --flag or --flag=value; "
+             "also set by HTTPTP_FLAG_NAME environment variables or a -config file.", ""]
+    for section in SECTIONS:
+        lines.append(f"{section}:")
+        for s in (s for s in SETTINGS if s.section == section):
+            lines.append(f"  -{s.name}" + ("" if s.is_bool else f" {s.meta}"))
+            note = "" if s.implemented or not s.refuse else " [not implemented yet]"
+            lines.append(f"        {s.summary} (default {_shown_default(s)}){note}")
+        lines.append("")
+    lines.append("  -help")
+    lines.append("        Print this help and exit")
+    return "\n".join(lines) + "\n"
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown() -> str:
+    """The text of docs/settings.md."""
+    out = ["# httptp settings", "",
+           "<!-- Generated file: edit httptp/settings.py instead, then run",
+           "     python -m httptp.settings --markdown > docs/settings.md -->", "",
+           "Every setting is a command-line flag (`-name value`, `-name=value`, `--name`, "
+           "`--name=value`), an environment variable, and a key of the `-config` file "
+           "(see [config-file.md](config-file.md)). Precedence: command line, then "
+           "environment, then config file, then the default. Durations are Go durations "
+           "(`3s`, `500ms`, `1m30s`, `0`); booleans are `true`/`false` (also `1`/`0`, `t`/`f`).",
+           "", "*Reload*: whether a HUP applies a change (new workers start with it); "
+           "the others need a restart. *Status*: *refused* means only the default works in "
+           "this version; *ignored* means the value is accepted but not used yet; *not yet* "
+           "lists values that are refused.", ""]
+    for section in SECTIONS:
+        out += [f"## {section}", ""]
+        for s in (s for s in SETTINGS if s.section == section):
+            out += [f"### `-{s.name}`", ""]
+            first, *rest = [line.strip() for line in s.help.strip().splitlines()]
+            out += [first, ""] + ([" ".join(rest), ""] if rest else [])
+            status = "implemented"
+            if not s.implemented:
+                status = "refused (only the default works)" if s.refuse else "ignored (accepted)"
+            elif s.not_yet:
+                status = "not yet: " + ", ".join(f"`{v}`" for v in s.not_yet)
+            out += [
+                "| | |", "|---|---|",
+                f"| Type | {s.meta}" + (": " + ", ".join(f"`{c}`" for c in s.choices)
+                                        if s.choices else "") + " |",
+                f"| Default | `{_md_cell(s.default)}` |" if s.default else "| Default | empty |",
+                f"| Environment | `{s.env}` |" if s.env else "| Environment | — |",
+                f"| Config file | `{s.name} = ...` |" if s.in_file else "| Config file | — |",
+                f"| Reload | {'yes' if s.reloadable else 'restart'} |",
+                f"| Status | {status} |",
+                f"| Origin | {'httptp' if s.ours else 'Go original'} |",
+                "",
+            ]
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        sys.stdout.write(markdown())
+    else:
+        sys.stdout.write(help_text())
