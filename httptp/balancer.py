@@ -1,0 +1,289 @@
+"""Least-loaded balancing across all workers, as an nginx-style get/free pair.
+
+``Balancer.pick()`` returns a ``Lease``; ``Lease.release(ok, latency)`` is the
+only writer of health state (STYLE.md §7.8).  All state lives in this worker's
+block of the shared ``httptp.stats.Stats`` map, so every worker, and the stats
+helper, sees it.  Pure Python: no sockets, no gevent; time comes from ``clock``
+(CLOCK_MONOTONIC is system-wide, so times written by other processes compare).
+
+Rules
+-----
+* **Load.**  load(u) = sum over in-use blocks of inflight[u].  This block's own
+  value is read live; the other blocks come from a snapshot refreshed at most
+  every ``refresh`` seconds (reading every block on every pick is too slow in
+  Python).  ``pick`` increments this block's inflight and requests for the
+  chosen upstream; ``release`` decrements inflight.
+* **Score.**  score(u) = (load(u) + 1 + penalty(u)) × latency(u); lowest wins.
+  latency(u) is this block's EWMA (alpha 0.2) of successful requests, else the
+  mean of the other blocks' known EWMAs, else — unknown — the smallest latency
+  known for any candidate (so a new upstream gets tried; if none is known all
+  score with latency 1).  penalty(u) is the decayed failure penalty summed over
+  blocks (own live, others from the snapshot).  Ties go round-robin: the scan
+  starts one position later on every pick and the first lowest score wins, so
+  equal upstreams share evenly.
+* **tried.**  Positions in ``tried`` are skipped unless every position is in it
+  (then it is ignored).  Retries thus go elsewhere even if elsewhere is ejected
+  (fail-open below), as nginx's tried bitmap does.
+* **Failures.**  ``release(ok=False)`` adds 1 to the decaying penalty (halves
+  every ``penalty_halflife`` seconds, capped at ``PENALTY_MAX``) and to the
+  consecutive-failure count.  Success resets the count and feeds the latency to
+  the EWMA.  Failure latency never reaches the EWMA: a dead upstream that fails
+  fast must not look fast.
+* **Ejection.**  When this block's consecutive failures reach ``max_fails``
+  (0 disables ejection) it sets its eject_until = now + ``fail_timeout`` (not
+  extended while already running).  An upstream is out for everyone while ANY
+  in-use block has a valid eject_until > now, or any block has probing = 1.
+* **Probe.**  Once every valid eject_until has passed, exactly one process
+  probes: the block holding the largest eject_until (ties: lowest block
+  number).  Its next pick sends one trial request there (probing = 1).  Other
+  blocks keep skipping the upstream until the probe succeeds.  On success the
+  prober clears its eject_until, consecutive failures and probing, and stamps
+  revived = now.  An eject_until <= the largest revived of any block is stale
+  and is ignored; each block also clears its own stale value when it refreshes.
+  So one success brings the upstream back for every worker within one refresh
+  interval.  On failure the prober sets eject_until = now + fail_timeout again.
+  Because of snapshots, a second prober is possible only if two blocks eject
+  within one refresh interval of each other.  A draining worker gets no new
+  requests, so it cannot probe: once its cool-down is over its ejection is
+  ignored (the worker must ``Stats.set_state(block, STATE_DRAINING)``).
+* **Fail open.**  If every candidate is ejected, pick the one whose ejection
+  ends soonest (like nginx); ``pick`` never refuses while an upstream exists.
+* **Reuse.**  ``Stats.claim_block`` zeroes inflight, consecutive failures,
+  EWMA, penalty, eject_until and probing, so a new process starts clean.  It
+  keeps the requests/failures counters and revived.
+
+Known limits: consecutive failures are counted per block, so with N workers an
+upstream is ejected after max_fails failures seen by one worker.  An upstream
+with a high EWMA only gets traffic again when the others are loaded enough; its
+EWMA then moves toward its current latency.
+"""
+
+from __future__ import annotations
+
+import time
+
+from .stats import (IN_USE, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA,
+                    UP_FAILURES, UP_INFLIGHT, UP_PENALTY, UP_PENALTY_T, UP_PROBING,
+                    UP_REQUESTS, UP_REVIVED, Stats)
+
+ALPHA = 0.2                 # EWMA weight of the newest latency
+PENALTY_MAX = 300.0         # the fasthttp LBClient cap
+PENALTY_FLOOR = 0.01        # a decayed penalty below this scores as 0
+MIN_LATENCY = 1e-6          # a measured 0 would read as "unknown"
+_INF = float("inf")
+
+
+class Lease:
+    """One picked upstream; ``release`` it exactly once."""
+
+    __slots__ = ("index", "_balancer", "_base", "_probe")
+
+    def __init__(self, balancer: Balancer, index: int, base: int, probe: bool):
+        self.index = index          # position in the balancer's upstream list
+        self._balancer = balancer
+        self._base = base
+        self._probe = probe
+
+    @property
+    def probe(self) -> bool:
+        """True if this request is the trial request to an ejected upstream."""
+        return self._probe
+
+    def release(self, ok: bool, latency: float) -> None:
+        """Report the outcome; ``latency`` in seconds (ignored when not ok)."""
+        balancer = self._balancer
+        if balancer is None:
+            raise RuntimeError("lease released twice")
+        self._balancer = None
+        balancer._release(self._base, self._probe, ok, latency)
+
+
+class Balancer:
+    """Pick among this worker's ``-out`` upstreams using all workers' state."""
+
+    def __init__(self, stats: Stats, block: int, upstreams: list[int], *, max_fails=3,
+                 fail_timeout=5.0, clock=time.monotonic, refresh=0.005, penalty_halflife=3.0):
+        """``upstreams``: the stats indexes of the ``-out`` list, in order."""
+        if not upstreams:
+            raise ValueError("a balancer needs at least one upstream")
+        self._q, self._d = stats.q, stats.d
+        self._block = block
+        self._n = n = len(upstreams)
+        self._bases = [stats.upstream_base(block, u) for u in upstreams]
+        own = stats.block_base(block)
+        self._offsets = [b - own for b in self._bases]
+        self._others = [(b, stats.block_base(b)) for b in range(stats.max_blocks) if b != block]
+        self._max_fails, self._fail_timeout = max_fails, fail_timeout
+        self._clock, self._refresh_every, self._halflife = clock, refresh, penalty_halflife
+        self._orders = [tuple(range(s, n)) + tuple(range(s)) for s in range(n)]
+        self._rr = int(clock() * 1000) % n if n > 1 else 0   # seeded like fasthttp
+        self._lat, self._avail = [0.0] * n, [False] * n
+        self._next_refresh = -_INF
+        self._refresh(clock())
+
+    # -- the snapshot of the other blocks -----------------------------------
+
+    def _refresh(self, now: float) -> None:
+        """Re-read the other in-use blocks (at most every ``refresh`` seconds)."""
+        self._next_refresh = now + self._refresh_every
+        q, d, n = self._q, self._d, self._n
+        inflight, penalty, probing = [0] * n, [0.0] * n, [0] * n
+        ewma_sum, ewma_cnt = [0.0] * n, [0] * n
+        revived = [d[b + UP_REVIVED] for b in self._bases]
+        ejects = []
+        for block, bbase in self._others:
+            if not q[bbase + IN_USE]:
+                continue
+            draining = q[bbase + STATE] == STATE_DRAINING
+            for i, off in enumerate(self._offsets):
+                b = bbase + off
+                inflight[i] += q[b + UP_INFLIGHT]
+                p = d[b + UP_PENALTY]
+                if p:
+                    p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / self._halflife)
+                    penalty[i] += p if p >= PENALTY_FLOOR else 0.0
+                e = d[b + UP_EWMA]
+                if e:
+                    ewma_sum[i] += e
+                    ewma_cnt[i] += 1
+                probing[i] |= q[b + UP_PROBING]
+                if d[b + UP_REVIVED] > revived[i]:
+                    revived[i] = d[b + UP_REVIVED]
+                until = d[b + UP_EJECT]
+                if until and (until > now or not draining):
+                    ejects.append((i, block, until))
+        self._o_inflight, self._o_penalty, self._o_probing = inflight, penalty, probing
+        self._o_ewma = [s / c if c else 0.0 for s, c in zip(ewma_sum, ewma_cnt)]
+        self._o_eject, self._o_holder = self._valid_ejections(ejects, revived)
+        self._clear_stale(revived)
+
+    def _valid_ejections(self, ejects, revived):
+        """Largest eject_until per position newer than the last successful probe."""
+        eject, holder = [0.0] * self._n, [0] * self._n
+        for i, block, until in ejects:
+            if until > revived[i] and (until > eject[i] or
+                                       (until == eject[i] and block < holder[i])):
+                eject[i], holder[i] = until, block
+        return eject, holder
+
+    def _clear_stale(self, revived) -> None:
+        """Drop our own ejections that a later successful probe made stale."""
+        d = self._d
+        for i, b in enumerate(self._bases):
+            if d[b + UP_EJECT] and d[b + UP_EJECT] <= revived[i]:
+                d[b + UP_EJECT] = 0.0
+                self._q[b + UP_CONSEC] = 0
+
+    # -- get ----------------------------------------------------------------------
+
+    def pick(self, tried=frozenset()) -> Lease:
+        """Lease the best upstream; never fails while one exists (see module rules)."""
+        now = self._clock()
+        if now >= self._next_refresh:
+            self._refresh(now)
+        n = self._n
+        if tried and len(tried) >= n and all(i in tried for i in range(n)):
+            tried = ()
+        start = self._rr
+        self._rr = start + 1 if start + 1 < n else 0
+        order = self._orders[start]
+        q, d, bases = self._q, self._d, self._bases
+        o_eject, o_probing, o_ewma = self._o_eject, self._o_probing, self._o_ewma
+        lat, avail = self._lat, self._avail
+        min_lat, soonest, soonest_end = 0.0, -1, _INF
+        for i in order:
+            avail[i] = False
+            if i in tried:
+                continue
+            b = bases[i]
+            eu, oe = d[b + UP_EJECT], o_eject[i]
+            if eu or oe or o_probing[i] or q[b + UP_PROBING]:
+                end = self._ejection_end(i, b, eu, oe, now)
+                if end is None:
+                    return self._lease(i, b, True)
+                if end < soonest_end:
+                    soonest, soonest_end = i, end
+                continue
+            avail[i] = True
+            latency = lat[i] = d[b + UP_EWMA] or o_ewma[i]
+            if latency and (not min_lat or latency < min_lat):
+                min_lat = latency
+        best = self._lowest_score(order, now, min_lat or 1.0)
+        if best < 0:
+            best = soonest
+        return self._lease(best, bases[best], False)
+
+    def _ejection_end(self, i: int, b: int, eu: float, oe: float, now: float):
+        """When an out-of-service position returns; None if we must probe it now."""
+        end = eu if eu >= oe else oe
+        if self._o_probing[i] or self._q[b + UP_PROBING]:
+            return end if end > now else now
+        if end > now:
+            return end
+        if eu > oe or (eu == oe and self._block < self._o_holder[i]):
+            return None             # cool-down over and we hold the largest ejection
+        return end
+
+    def _lowest_score(self, order, now: float, min_lat: float) -> int:
+        q, d, bases, lat, avail = self._q, self._d, self._bases, self._lat, self._avail
+        o_inflight, o_penalty, halflife = self._o_inflight, self._o_penalty, self._halflife
+        best, best_score = -1, _INF
+        for i in order:
+            if not avail[i]:
+                continue
+            b = bases[i]
+            p = d[b + UP_PENALTY]
+            if p:
+                p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / halflife)
+                if p < PENALTY_FLOOR:
+                    p = 0.0         # an old failure must not lose every tie forever
+            load = q[b + UP_INFLIGHT] + o_inflight[i]
+            score = (load + 1 + p + o_penalty[i]) * (lat[i] or min_lat)
+            if score < best_score:
+                best, best_score = i, score
+        return best
+
+    def _lease(self, i: int, b: int, probe: bool) -> Lease:
+        q = self._q
+        q[b + UP_INFLIGHT] += 1
+        q[b + UP_REQUESTS] += 1
+        if probe:
+            q[b + UP_PROBING] = 1
+        return Lease(self, i, b, probe)
+
+    # -- free -----------------------------------------------------------------------
+
+    def _release(self, b: int, probe: bool, ok: bool, latency: float) -> None:
+        now = self._clock()
+        self._q[b + UP_INFLIGHT] -= 1
+        if ok:
+            self._succeeded(b, probe, latency, now)
+        else:
+            self._failed(b, probe, now)
+
+    def _succeeded(self, b: int, probe: bool, latency: float, now: float) -> None:
+        q, d = self._q, self._d
+        q[b + UP_CONSEC] = 0
+        latency = latency if latency > MIN_LATENCY else MIN_LATENCY
+        e = d[b + UP_EWMA]
+        d[b + UP_EWMA] = e + ALPHA * (latency - e) if e else latency
+        if probe:
+            d[b + UP_REVIVED] = now         # first: makes every older ejection stale
+            d[b + UP_EJECT] = 0.0
+            q[b + UP_PROBING] = 0
+            self._next_refresh = now        # re-filter the others' now-stale ejections
+
+    def _failed(self, b: int, probe: bool, now: float) -> None:
+        q, d = self._q, self._d
+        q[b + UP_FAILURES] += 1
+        p = d[b + UP_PENALTY]
+        if p:
+            p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / self._halflife)
+        d[b + UP_PENALTY] = p + 1.0 if p + 1.0 < PENALTY_MAX else PENALTY_MAX
+        d[b + UP_PENALTY_T] = now
+        consec = q[b + UP_CONSEC] + 1
+        q[b + UP_CONSEC] = consec
+        if probe or (0 < self._max_fails <= consec and d[b + UP_EJECT] <= now):
+            d[b + UP_EJECT] = now + self._fail_timeout
+        if probe:
+            q[b + UP_PROBING] = 0           # after the new eject_until: never a gap

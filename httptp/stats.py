@@ -1,0 +1,453 @@
+"""Shared-memory counters, worker blocks and per-upstream balancer state.
+
+Theory of operation
+-------------------
+The master creates one anonymous ``mmap.mmap(-1, size, MAP_SHARED)`` before it
+forks anything; every child inherits the same pages.  Every field is one 8-byte
+word, and the whole map is exposed through two views of the same bytes::
+
+    stats.q = memoryview(mm).cast("Q")    # unsigned 64-bit integers
+    stats.d = memoryview(mm).cast("d")    # IEEE doubles
+
+A field is a *word index*, so the hot path is ``q[base + IN_REQUEST_START] += 1``
+with no method call.  A word is written through ``q`` or through ``d``, never
+both (float fields are listed as such below); an all-zero word reads as ``0``
+and as ``0.0``, so zeroing through ``q`` is fine for both kinds.
+
+A *block* belongs to one worker process, its only writer, so there are no locks
+(a ``multiprocessing.Lock`` held by a SIGKILLed process deadlocks everyone).
+Blocks are not worker slots: during a rolling reload an old and a new worker
+for the same slot run at once, each with its own block.  The master claims a
+free block before each fork (``claim_block``), learns the pid after it
+(``set_block_pid``) and releases the block when it reaps the process.
+
+Counters are never zeroed: a block reused by a new process keeps adding to
+the old totals, so sums never go backwards.  Gauges (``inConns``, ``outConns``
+and the per-upstream balancer state) are zeroed on claim and on release; the
+claim happens before the new writer exists and the release after the old one
+died, so neither races a writer.  Readers tolerate values a few milliseconds
+old; an aligned 8-byte store is atomic on the platforms we run on, so a reader
+never sees a torn word.  The admin fields the master writes together at claim
+time are bracketed by a seqlock (``SEQ`` odd while writing).
+
+Layout (word indexes; 1 word = 8 bytes; everything 64-byte aligned)
+-------------------------------------------------------------------
+
+=========================  ==========================  =======================================
+words                      field                       notes
+=========================  ==========================  =======================================
+0                          MAGIC                       ``b"httptpSM"`` as little-endian u64
+1                          LAYOUT_VERSION              ``LAYOUT_VERSION`` (bump on any change)
+2                          max_blocks
+3                          max_upstreams
+4                          WORKER_RESTARTS             counter, master writes
+5                          UPSTREAM_GENERATION         bumped by every ``assign_upstreams``
+6                          BLOCK_WORDS                 words per block (sanity check)
+7                          reserved
+8 .. 8+16*U                upstream name table         U entries of 16 words (128 bytes):
+                                                       word 0 = state | name_length << 8
+                                                       (state 0 empty, 1 listed, 2 retired),
+                                                       words 1..15 = utf-8 name, <= 120 bytes
+BLOCKS_START + b*BW        block b (BW = BLOCK_WORDS)  ``max_blocks`` blocks
+=========================  ==========================  =======================================
+
+Block (offsets relative to ``block_base(b)``):
+
+=========  ======================  ========  ==========================================
+offset     field                   kind      writer
+=========  ======================  ========  ==========================================
+0          IN_USE                  int       master (claim/release)
+1          SEQ                     int       master: seqlock around the claim fields
+2          PID                     int       master
+3          SLOT                    int       master
+4          GENERATION              int       master
+5          STATE                   int       worker (0 free, 1 booting, 2 ready, 3 draining;
+                                               the balancer reads "draining")
+6          HEARTBEAT               float     worker: ``time.monotonic()`` of the last beat
+7          STARTED                 float     master: monotonic time of the claim
+8 .. 31    COUNTERS (24)           counter   worker, in ``COUNTERS`` order
+32, 33     inConns, outConns       gauge     worker
+34 .. 39   reserved
+40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
+=========  ======================  ========  ==========================================
+
+Per upstream (offsets relative to ``upstream_base(b, u)``; 128 bytes each):
+
+======  ============  =======  =====================================================
+offset  field         kind     meaning
+======  ============  =======  =====================================================
+0       UP_INFLIGHT   gauge    requests picked and not yet released
+1       UP_REQUESTS   counter  requests picked
+2       UP_FAILURES   counter  requests released with ok=False
+3       UP_CONSEC     gauge    consecutive failures
+4       UP_EWMA       float    latency EWMA in seconds, 0.0 = unknown
+5       UP_PENALTY    float    failure penalty as of UP_PENALTY_T (decays)
+6       UP_PENALTY_T  float    monotonic time UP_PENALTY was last written
+7       UP_EJECT      float    monotonic end of the ejection, 0.0 = not ejected
+8       UP_PROBING    gauge    1 while this block's trial request is in flight
+9       UP_REVIVED    float    monotonic time of this block's last successful probe
+10..15  reserved
+======  ============  =======  =====================================================
+
+``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
+survives claim and release (see ``httptp.balancer``).  Sizes: with 256 blocks
+and 64 upstreams the map is about 2.2 MB, and untouched pages are never faulted
+in.  CLOCK_MONOTONIC is system-wide on Linux, so the float times compare across
+processes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import time
+
+MAGIC = int.from_bytes(b"httptpSM", "little")
+LAYOUT_VERSION = 1
+
+# Header words.
+H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
+H_WORKER_RESTARTS, H_UPSTREAM_GENERATION, H_BLOCK_WORDS = 4, 5, 6
+HEADER_WORDS = 8
+NAME_WORDS = 16                     # per name-table entry
+NAME_BYTES = (NAME_WORDS - 1) * 8   # 120
+NAME_EMPTY, NAME_LISTED, NAME_RETIRED = 0, 1, 2
+
+# Block admin words.
+IN_USE, SEQ, PID, SLOT, GENERATION, STATE, HEARTBEAT, STARTED = range(8)
+STATE_FREE, STATE_BOOTING, STATE_READY, STATE_DRAINING = 0, 1, 2, 3
+
+# Block counters: the original's expvar names (PROTOCOL.md §3.6), then ours.
+IN_REQUEST_START = 8
+IN_REQUEST_SUCCESS = 9
+IN_REQUEST_NON200 = 10
+IN_REQUEST_TIMEOUT_ERROR = 11
+IN_REQUEST_OTHER_ERROR = 12
+IN_ACCEPT_SUCCESS = 13
+IN_ACCEPT_ERROR = 14
+IN_BYTES_READ = 15
+IN_BYTES_WRITTEN = 16
+IN_READ_CALLS = 17
+IN_WRITE_CALLS = 18
+IN_READ_ERROR = 19
+IN_WRITE_ERROR = 20
+OUT_DIAL_SUCCESS = 21
+OUT_DIAL_ERROR = 22
+OUT_BYTES_READ = 23
+OUT_BYTES_WRITTEN = 24
+OUT_READ_CALLS = 25
+OUT_WRITE_CALLS = 26
+OUT_READ_ERROR = 27
+OUT_WRITE_ERROR = 28
+IN_REQUEST_BAD_REQUEST = 29         # 4xx answered by the proxy itself
+IN_REQUEST_OVERLOAD = 30            # 503/429 answered over -concurrency
+IN_CONNS_REJECTED_BY_ALLOW_LIST = 31
+# Block gauges (zeroed on claim and release).
+IN_CONNS = 32
+OUT_CONNS = 33
+BLOCK_HEADER_WORDS = 40             # admin + counters + gauges + spare, 64-byte aligned
+
+# Per-upstream words.
+UP_INFLIGHT, UP_REQUESTS, UP_FAILURES, UP_CONSEC, UP_EWMA = 0, 1, 2, 3, 4
+UP_PENALTY, UP_PENALTY_T, UP_EJECT, UP_PROBING, UP_REVIVED = 5, 6, 7, 8, 9
+UP_WORDS = 16
+# Zeroed on claim/release: everything except the counters and UP_REVIVED.
+UP_GAUGES = (UP_INFLIGHT, UP_CONSEC, UP_EWMA, UP_PENALTY, UP_PENALTY_T, UP_EJECT, UP_PROBING)
+
+COUNTERS = (
+    ("inRequestStart", IN_REQUEST_START, "counter"),
+    ("inRequestSuccess", IN_REQUEST_SUCCESS, "counter"),
+    ("inRequestNon200", IN_REQUEST_NON200, "counter"),
+    ("inRequestTimeoutError", IN_REQUEST_TIMEOUT_ERROR, "counter"),
+    ("inRequestOtherError", IN_REQUEST_OTHER_ERROR, "counter"),
+    ("inAcceptSuccess", IN_ACCEPT_SUCCESS, "counter"),
+    ("inAcceptError", IN_ACCEPT_ERROR, "counter"),
+    ("inConns", IN_CONNS, "gauge"),
+    ("inBytesRead", IN_BYTES_READ, "counter"),
+    ("inBytesWritten", IN_BYTES_WRITTEN, "counter"),
+    ("inReadCalls", IN_READ_CALLS, "counter"),
+    ("inWriteCalls", IN_WRITE_CALLS, "counter"),
+    ("inReadError", IN_READ_ERROR, "counter"),
+    ("inWriteError", IN_WRITE_ERROR, "counter"),
+    ("outDialSuccess", OUT_DIAL_SUCCESS, "counter"),
+    ("outDialError", OUT_DIAL_ERROR, "counter"),
+    ("outConns", OUT_CONNS, "gauge"),
+    ("outBytesRead", OUT_BYTES_READ, "counter"),
+    ("outBytesWritten", OUT_BYTES_WRITTEN, "counter"),
+    ("outReadCalls", OUT_READ_CALLS, "counter"),
+    ("outWriteCalls", OUT_WRITE_CALLS, "counter"),
+    ("outReadError", OUT_READ_ERROR, "counter"),
+    ("outWriteError", OUT_WRITE_ERROR, "counter"),
+    ("inRequestBadRequest", IN_REQUEST_BAD_REQUEST, "counter"),
+    ("inRequestOverload", IN_REQUEST_OVERLOAD, "counter"),
+    ("inConnsRejectedByAllowList", IN_CONNS_REJECTED_BY_ALLOW_LIST, "counter"),
+)
+GAUGES = (IN_CONNS, OUT_CONNS)
+_FIRST, _LAST = IN_REQUEST_START, OUT_CONNS + 1     # the slice holding every COUNTERS word
+WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
+
+
+def layout_words(max_blocks: int, max_upstreams: int) -> tuple[int, int, int]:
+    """Return (blocks_start, block_words, total_words) for the given sizes."""
+    blocks_start = HEADER_WORDS + NAME_WORDS * max_upstreams
+    block_words = BLOCK_HEADER_WORDS + UP_WORDS * max_upstreams
+    return blocks_start, block_words, blocks_start + block_words * max_blocks
+
+
+class Stats:
+    """One shared map: header, upstream name table, ``max_blocks`` blocks."""
+
+    def __init__(self, mm: mmap.mmap, *, clock=time.monotonic):
+        """Attach to an initialised map (``create`` makes one); checks magic and version."""
+        self._mm = mm
+        self.q = memoryview(mm).cast("Q")
+        self.d = memoryview(mm).cast("d")
+        self._bytes = memoryview(mm)
+        self.clock = clock
+        if self.q[H_MAGIC] != MAGIC or self.q[H_VERSION] != LAYOUT_VERSION:
+            raise ValueError("not an httptp stats map of layout version %d" % LAYOUT_VERSION)
+        self.max_blocks = self.q[H_MAX_BLOCKS]
+        self.max_upstreams = self.q[H_MAX_UPSTREAMS]
+        self._blocks_start, self._block_words, total = layout_words(
+            self.max_blocks, self.max_upstreams)
+        if self.q[H_BLOCK_WORDS] != self._block_words or len(self.q) < total:
+            raise ValueError("stats map size does not match its header")
+
+    @classmethod
+    def create(cls, max_blocks: int, max_upstreams: int = 64, *, clock=time.monotonic) -> Stats:
+        """Map fresh zeroed shared memory (call in the master, before any fork)."""
+        if max_blocks < 1 or max_upstreams < 1:
+            raise ValueError("max_blocks and max_upstreams must be positive")
+        _, block_words, total = layout_words(max_blocks, max_upstreams)
+        mm = mmap.mmap(-1, total * 8, flags=mmap.MAP_SHARED,
+                       prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        q = memoryview(mm).cast("Q")
+        q[H_VERSION] = LAYOUT_VERSION
+        q[H_MAX_BLOCKS], q[H_MAX_UPSTREAMS] = max_blocks, max_upstreams
+        q[H_BLOCK_WORDS] = block_words
+        q[H_MAGIC] = MAGIC
+        q.release()
+        return cls(mm, clock=clock)
+
+    def close(self) -> None:
+        """Drop the views and unmap (in this process only)."""
+        for view in (self.q, self.d, self._bytes):
+            view.release()
+        self._mm.close()
+
+    # -- addressing ---------------------------------------------------------
+
+    def block_base(self, block: int) -> int:
+        """Word index of ``block``; add a field constant (``IN_CONNS`` …) to it."""
+        if not 0 <= block < self.max_blocks:
+            raise IndexError("block %d out of range" % block)
+        return self._blocks_start + block * self._block_words
+
+    def upstream_base(self, block: int, upstream: int) -> int:
+        """Word index of ``upstream``'s entry in ``block``; add an ``UP_*`` constant."""
+        if not 0 <= upstream < self.max_upstreams:
+            raise IndexError("upstream %d out of range" % upstream)
+        return self.block_base(block) + BLOCK_HEADER_WORDS + upstream * UP_WORDS
+
+    # -- upstream name table (master writes) -----------------------------------
+
+    def _name_word(self, index: int) -> int:
+        return HEADER_WORDS + index * NAME_WORDS
+
+    def _read_name(self, index: int) -> tuple[int, str]:
+        w = self._name_word(index)
+        flags = self.q[w]
+        start = (w + 1) * 8
+        raw = bytes(self._bytes[start:start + (flags >> 8)])
+        return flags & 0xFF, raw.decode("utf-8", "replace")
+
+    def _write_name(self, index: int, state: int, raw: bytes) -> None:
+        w = self._name_word(index)
+        self.q[w] = NAME_EMPTY            # readers see an empty entry while the name changes
+        start = (w + 1) * 8
+        self._bytes[start:start + NAME_BYTES] = raw.ljust(NAME_BYTES, b"\0")
+        self.q[w] = state | len(raw) << 8
+
+    def _set_name_state(self, index: int, state: int) -> None:
+        w = self._name_word(index)
+        self.q[w] = (self.q[w] & ~0xFF) | state
+
+    def assign_upstreams(self, names: list[str]) -> list[int]:
+        """Give every name a stable index; return them in ``names`` order.
+
+        A name already in the table keeps its index.  A new name takes an empty
+        entry; only when none is left does it take a retired one (an index last
+        used by a name no longer listed; the old name's per-block counters then
+        carry over).  Names no longer listed are kept, marked retired, so a HUP
+        never remaps an index an old worker still uses.  A repeated name maps to
+        one index.  Raises ValueError for a name over 120 utf-8 bytes and
+        RuntimeError when the table is full.
+        """
+        raws = [n.encode("utf-8") for n in names]
+        for raw in raws:
+            if len(raw) > NAME_BYTES or not raw:
+                raise ValueError("upstream name must be 1..%d utf-8 bytes: %r" % (NAME_BYTES, raw))
+        table = {self._read_name(i)[1]: i for i in range(self.max_upstreams)
+                 if self._read_name(i)[0] != NAME_EMPTY}
+        wanted = set(names)
+        for name, i in table.items():
+            self._set_name_state(i, NAME_LISTED if name in wanted else NAME_RETIRED)
+        result = []
+        for name, raw in zip(names, raws):
+            if name not in table:
+                table[name] = self._free_name_index()
+                self._write_name(table[name], NAME_LISTED, raw)
+            result.append(table[name])
+        self.q[H_UPSTREAM_GENERATION] += 1
+        return result
+
+    def _free_name_index(self) -> int:
+        states = [self.q[self._name_word(i)] & 0xFF for i in range(self.max_upstreams)]
+        for wanted in (NAME_EMPTY, NAME_RETIRED):
+            if wanted in states:
+                return states.index(wanted)
+        raise RuntimeError("upstream table full (%d entries)" % self.max_upstreams)
+
+    def upstream_names(self) -> dict[int, str]:
+        """Index → name for every listed upstream (retired ones are left out)."""
+        names = {}
+        for i in range(self.max_upstreams):
+            state, name = self._read_name(i)
+            if state == NAME_LISTED:
+                names[i] = name
+        return names
+
+    def upstream_generation(self) -> int:
+        return self.q[H_UPSTREAM_GENERATION]
+
+    # -- blocks (master side) -------------------------------------------------
+
+    def claim_block(self, pid: int, slot: int, generation: int) -> int:
+        """Take a free block for a process about to be forked; zero its gauges.
+
+        Counters keep their history.  Raises RuntimeError if no block is free.
+        """
+        q = self.q
+        for block in range(self.max_blocks):
+            base = self.block_base(block)
+            if not q[base + IN_USE]:
+                self._zero_gauges(base)
+                now = self.clock()
+                q[base + SEQ] += 1
+                q[base + PID], q[base + SLOT], q[base + GENERATION] = pid, slot, generation
+                q[base + STATE] = STATE_BOOTING
+                self.d[base + HEARTBEAT] = self.d[base + STARTED] = now
+                q[base + IN_USE] = 1
+                q[base + SEQ] += 1
+                return block
+        raise RuntimeError("no free stats block (max_blocks=%d)" % self.max_blocks)
+
+    def set_block_pid(self, block: int, pid: int) -> None:
+        """Record the pid once the fork returned it (claim happens before fork)."""
+        base = self.block_base(block)
+        self.q[base + SEQ] += 1
+        self.q[base + PID] = pid
+        self.q[base + SEQ] += 1
+
+    def release_block(self, block: int) -> None:
+        """Free the block of a reaped process: zero gauges, keep counters."""
+        q = self.q
+        base = self.block_base(block)
+        q[base + SEQ] += 1
+        q[base + IN_USE] = 0
+        self._zero_gauges(base)
+        q[base + PID] = q[base + STATE] = 0
+        q[base + HEARTBEAT] = q[base + STARTED] = 0
+        q[base + SEQ] += 1
+
+    def _zero_gauges(self, base: int) -> None:
+        q = self.q
+        for field in GAUGES:
+            q[base + field] = 0
+        up = base + BLOCK_HEADER_WORDS
+        for _ in range(self.max_upstreams):
+            for field in UP_GAUGES:
+                q[up + field] = 0
+            up += UP_WORDS
+
+    def incr_restarts(self) -> None:
+        self.q[H_WORKER_RESTARTS] += 1
+
+    def restarts(self) -> int:
+        return self.q[H_WORKER_RESTARTS]
+
+    # -- worker side -------------------------------------------------------------
+
+    def set_state(self, block: int, state: int) -> None:
+        self.q[self.block_base(block) + STATE] = state
+
+    def beat(self, block: int, now: float) -> None:
+        self.d[self.block_base(block) + HEARTBEAT] = now
+
+    # -- readers -------------------------------------------------------------------
+
+    def block_info(self, block: int) -> dict:
+        """Admin fields of one block, read consistently with the master's claim."""
+        q, d, base = self.q, self.d, self.block_base(block)
+        for _ in range(1000):       # bounded: a master killed mid-claim leaves SEQ odd
+            seq = q[base + SEQ]
+            info = {"in_use": bool(q[base + IN_USE]), "pid": q[base + PID],
+                    "slot": q[base + SLOT], "generation": q[base + GENERATION],
+                    "state": q[base + STATE], "heartbeat": d[base + HEARTBEAT],
+                    "started": d[base + STARTED]}
+            if not seq & 1 and q[base + SEQ] == seq:
+                break
+        return info
+
+    def blocks_in_use(self) -> list[int]:
+        return [b for b in range(self.max_blocks) if self.q[self.block_base(b) + IN_USE]]
+
+    def block_counters(self, block: int) -> dict[str, int]:
+        base = self.block_base(block)
+        words = self.q[base + _FIRST:base + _LAST].tolist()
+        return {name: words[field - _FIRST] for name, field, _ in COUNTERS}
+
+    def totals(self) -> dict[str, int]:
+        """Every counter and gauge of ``COUNTERS`` summed over all blocks, plus workerRestarts."""
+        sums = [0] * (_LAST - _FIRST)
+        for block in range(self.max_blocks):
+            base = self.block_base(block)
+            for k, v in enumerate(self.q[base + _FIRST:base + _LAST].tolist()):
+                sums[k] += v
+        result = {name: sums[field - _FIRST] for name, field, _ in COUNTERS}
+        result[WORKER_RESTARTS_NAME] = self.restarts()
+        return result
+
+    def upstream_totals(self) -> dict[int, dict]:
+        """Per assigned upstream index (listed or retired): the cluster-wide view.
+
+        ``inflight`` sums in-use blocks, ``requests``/``failures`` all blocks;
+        ``ejected`` is true while the balancer keeps regular traffic away (an
+        ejection not yet cleared by a successful probe, or a probe in flight);
+        ``ewma`` is the mean of the known per-block latency EWMAs (0.0 unknown).
+        """
+        q, d = self.q, self.d
+        result = {}
+        for u in range(self.max_upstreams):
+            state, name = self._read_name(u)
+            if state == NAME_EMPTY:
+                continue
+            inflight = requests = failures = probing = 0
+            ejects, ewmas, revived = [], [], 0.0
+            for block in range(self.max_blocks):
+                b = self.upstream_base(block, u)
+                requests += q[b + UP_REQUESTS]
+                failures += q[b + UP_FAILURES]
+                revived = max(revived, d[b + UP_REVIVED])
+                if not q[self.block_base(block) + IN_USE]:
+                    continue
+                inflight += q[b + UP_INFLIGHT]
+                probing |= q[b + UP_PROBING]
+                ejects.append(d[b + UP_EJECT])
+                if d[b + UP_EWMA] > 0.0:
+                    ewmas.append(d[b + UP_EWMA])
+            ejected = bool(probing) or any(e > revived for e in ejects if e)
+            result[u] = {"name": name, "listed": state == NAME_LISTED, "inflight": inflight,
+                         "requests": requests, "failures": failures, "ejected": ejected,
+                         "ewma": sum(ewmas) / len(ewmas) if ewmas else 0.0,
+                         "eject_until": max(ejects, default=0.0) if ejected else 0.0}
+        return result
