@@ -1,0 +1,294 @@
+"""HTTP/1.1 parsing on httptools (llhttp): the default, hot-path back-end.
+
+llhttp in its default (strict) mode already refuses obs-fold, bare CR/LF,
+control characters, bad tokens, CL+TE, duplicate CL and bad chunk sizes; the
+rest of the contract (versions, Host, TE on 1.0, limits, CONNECT, keep-alive)
+is ``parser.check_request``/``check_response``, run once per head.
+
+What llhttp does not give us, and how we cope:
+- No byte offsets.  The header-size limit is checked exactly on the complete
+  block (from its parts) and, while a head is still incomplete, on a lower
+  bound: whole feeds when the head started at a feed boundary, else the parts
+  seen so far (so memory stays bounded by the limit plus one feed).
+- ``Upgrade`` + ``Connection: upgrade`` makes llhttp skip the body and pause
+  (HttpParserUpgrade, the offset after the head).  We are not a tunnel, so we
+  start a fresh parser and, if the request has a body, feed it a synthetic
+  head with the same framing whose events are dropped; the body and any
+  pipelined requests then parse as usual (compare uvicorn #2722).
+- No way to skip a response body (HEAD) and no ``finish()`` for EOF: the
+  response parser finds the end of the head itself, feeds llhttp only the head
+  when there is no body, and completes read-until-close bodies at EOF.
+"""
+
+from __future__ import annotations
+
+import httptools
+from httptools import HttpParserError, HttpParserUpgrade
+
+from httptp.errors import ProtocolError
+from httptp.http import parser as _p
+from httptp.http.events import END, Data
+
+_OWS = (32, 9)
+_SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+              False: b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"}
+
+
+class RequestParser:
+    """Requests from a client connection; see ``httptp.http.parser``."""
+
+    __slots__ = ("_max_head", "_max_body", "_p", "_events", "_target", "_headers",
+                 "_head", "_in_head", "_started", "_completed", "_head_bytes",
+                 "_body_bytes", "_closed", "_dead", "_error", "_synthetic")
+
+    def __init__(self, max_header_size: int, max_body_size: int):
+        self._max_head = max_header_size
+        self._max_body = max_body_size
+        self._p = httptools.HttpRequestParser(self)
+        self._events = []
+        self._target = b""
+        self._headers = []
+        self._head = None
+        self._in_head = True        # waiting for, or inside, a header block
+        self._started = False       # a byte of the current message has arrived
+        self._completed = False     # a message ended during the current feed
+        self._head_bytes = 0        # lower bound of the incomplete head's size
+        self._body_bytes = 0
+        self._closed = False        # the last request did not keep the connection alive
+        self._dead = None
+        self._error = None          # a ProtocolError raised inside a callback
+        self._synthetic = False
+
+    # -- llhttp callbacks ------------------------------------------------------
+    def on_message_begin(self):
+        self._started = True
+        self._target = b""
+        self._headers = []
+
+    def on_url(self, url: bytes):
+        self._target += url
+
+    def on_header(self, name: bytes, value: bytes):
+        if value and value[-1] in _OWS:         # llhttp keeps trailing OWS, h11 does not
+            value = value.rstrip(b" \t")
+        self._headers.append((name, value))
+
+    def on_headers_complete(self):
+        if self._synthetic:
+            self._synthetic = False
+            return
+        p = self._p
+        try:
+            head = _p.check_request(p.get_method(), self._target, p.get_http_version(),
+                                    self._headers, self._max_head, self._max_body)
+        except ProtocolError as e:
+            self._error = e
+            raise
+        self._head = head
+        self._in_head = False
+        self._head_bytes = 0
+        self._events.append(head)
+
+    def on_body(self, data: bytes):
+        self._body_bytes += len(data)
+        if self._body_bytes > self._max_body:
+            self._error = ProtocolError("request body too large", 413)
+            raise self._error
+        self._events.append(Data(data))
+
+    def on_message_complete(self):
+        head = self._head
+        if (head.chunked or head.content_length) and self._p.should_upgrade():
+            return      # llhttp skipped the body of an Upgrade request: _upgrade() re-parses it
+        self._events.append(END)
+        self._in_head = True
+        self._started = False
+        self._completed = True
+        self._body_bytes = 0
+        if not head.keep_alive:
+            self._closed = True
+
+    # -- public ----------------------------------------------------------------
+    def feed(self, data: bytes) -> list:
+        """Parse ``data`` (``b""`` is EOF) and return the events it completes."""
+        if self._dead is not None:
+            raise ProtocolError(self._dead.detail, self._dead.status)
+        if self._closed:
+            return []
+        if not data:
+            return self._eof()
+        events = self._events = []
+        self._completed = False
+        try:
+            self._feed(data)
+        except (HttpParserError, ProtocolError) as e:
+            if self._closed and self._error is None:
+                return events           # bytes after a non-keep-alive request: ignored
+            err = self._error or ProtocolError(f"malformed request: {e}")
+            self._dead = err
+            raise err from None
+        if self._in_head and self._started and not self._closed:
+            self._count_head(len(data))
+        return events
+
+    def _feed(self, data):
+        while True:
+            try:
+                self._p.feed_data(data)
+                return
+            except HttpParserUpgrade as e:
+                data = self._upgrade(data[e.args[0]:])
+                if not data or self._closed:
+                    return
+
+    def _upgrade(self, rest: bytes) -> bytes:
+        """llhttp paused after an Upgrade request's head; continue as plain HTTP."""
+        self._p = httptools.HttpRequestParser(self)
+        head = self._head
+        if self._closed or not (head.chunked or head.content_length):
+            return rest
+        self._synthetic = True
+        framing = _SYNTHETIC[head.chunked]
+        if not head.chunked:
+            framing %= head.content_length
+        self._p.feed_data(framing)
+        return rest
+
+    def _count_head(self, n: int):
+        if self._completed:     # the head began mid-feed: count what we have seen of it
+            n = len(self._target) + sum(len(k) + len(v) + 4 for k, v in self._headers)
+        else:
+            n += self._head_bytes
+        self._head_bytes = n
+        if n > self._max_head:
+            self._dead = ProtocolError("request header too large", 431)
+            raise self._dead
+
+    def _eof(self) -> list:
+        if self._started or not self._in_head:
+            self._dead = ProtocolError("client closed connection in the middle of a request")
+            raise self._dead
+        return []
+
+
+class ResponseParser:
+    """One response at a time from an upstream connection; see ``httptp.http.parser``."""
+
+    __slots__ = ("_max_head", "_method", "_buf", "_p", "_events", "_reason", "_headers",
+                 "_head", "_mode", "_done", "_msg_done")
+
+    def __init__(self, max_header_size: int):
+        self._max_head = max_header_size
+        self._method = None
+        self._buf = b""
+        self._p = None
+        self._done = True
+        self._head = None
+
+    def start(self, method: bytes):
+        """Expect the response to a request with ``method`` (HEAD has no body)."""
+        self._method = method
+        self._buf = b""
+        self._p = None
+        self._head = None
+        self._done = False
+
+    # -- llhttp callbacks ------------------------------------------------------
+    def on_status(self, reason: bytes):
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes):
+        if value and value[-1] in _OWS:
+            value = value.rstrip(b" \t")
+        self._headers.append((name, value))
+
+    def on_body(self, data: bytes):
+        self._events.append(Data(data))
+
+    def on_message_complete(self):
+        self._msg_done = True
+        if self._head is not None and not self._done:
+            self._events.append(END)
+            self._done = True
+
+    def on_message_begin(self):
+        if self._done and self._head is not None:
+            self._head.keep_alive = False   # bytes after the response: do not reuse
+
+    # -- public ----------------------------------------------------------------
+    def feed(self, data: bytes) -> list:
+        """Parse ``data`` (``b""`` is EOF) and return the events it completes."""
+        if self._done:
+            if self._method is None:
+                raise ProtocolError("response without a request")
+            if data and self._head is not None:
+                self._head.keep_alive = False
+            return []
+        events = self._events = []
+        if not data:
+            return self._eof(events)
+        try:
+            if self._head is None:
+                data = self._feed_head(data)
+            if data and not self._done:
+                self._p.feed_data(data)
+        except (HttpParserError, HttpParserUpgrade) as e:
+            if not self._done:
+                self._done = True
+                self._method = None
+                detail = ("unexpected 101 Switching Protocols" if isinstance(e, HttpParserUpgrade)
+                          else f"malformed response: {e}")
+                raise ProtocolError(detail) from None
+        except ProtocolError:
+            self._done = True
+            self._method = None
+            raise
+        return events
+
+    def _feed_head(self, data: bytes) -> bytes:
+        """Collect the head (skipping 1xx); return the body bytes that followed it."""
+        buf = self._buf + data
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end < 0:
+                if len(buf) > self._max_head:
+                    raise ProtocolError("response header too large", 431)
+                self._buf = buf
+                return b""
+            end += 4
+            if end > self._max_head:
+                raise ProtocolError("response header too large", 431)
+            head, mode = self._parse_head(buf[:end])
+            buf = buf[end:]
+            if head.status == 101:
+                raise ProtocolError("unexpected 101 Switching Protocols")
+            if head.status >= 200:
+                break
+        self._buf = b""
+        self._head = head
+        self._events.append(head)
+        if mode == _p.NO_BODY or self._msg_done:     # no body, or Content-Length: 0
+            self._events.append(END)
+            self._done = True
+            if buf:
+                head.keep_alive = False
+            return b""
+        self._mode = mode
+        return buf
+
+    def _parse_head(self, block: bytes):
+        self._reason = b""
+        self._headers = []
+        self._msg_done = False
+        self._p = p = httptools.HttpResponseParser(self)
+        p.feed_data(block)
+        return _p.check_response(p.get_status_code(), self._reason, p.get_http_version(),
+                                 self._headers, self._max_head, self._method)
+
+    def _eof(self, events: list) -> list:
+        self._done = True
+        if self._head is not None and self._mode == _p.UNTIL_CLOSE:
+            events.append(END)
+            return events
+        self._method = None
+        raise ProtocolError(_p.UPSTREAM_CLOSED)

@@ -1,0 +1,192 @@
+"""The sans-IO HTTP/1.1 parser interface, back-end selection and shared checks.
+
+Theory of operation
+-------------------
+Two back-ends turn bytes into the events of ``httptp.http.events``:
+``httptools_backend`` (llhttp, C, the default) and ``h11_backend`` (pure
+Python).  Each module exposes the same two classes:
+
+``RequestParser(max_header_size, max_body_size)``
+    ``feed(data) -> list`` of events; ``feed(b"")`` is EOF.  Pipelined requests
+    come out in order (head, Data*, END, head, ...).  A head is returned as soon
+    as its header block is complete, before any body byte.  Anything bad raises
+    ``ProtocolError`` (400, 413 or 431) and the parser stays dead.  EOF inside a
+    message raises; EOF between messages returns ``[]``.  After a request that
+    does not keep the connection alive, further bytes are ignored (RFC 9112
+    §9.6: the server must not process them).
+
+``ResponseParser(max_header_size)``
+    ``start(method)`` before each response (one request outstanding), then
+    ``feed(data)``; interim 1xx responses produce no events, a 101 is refused.
+    EOF before a complete response raises ``ProtocolError("upstream closed
+    connection")``; EOF ends a read-until-close body.
+
+The libraries differ in what they let through, so every head goes through the
+same post-parse checks here (`check_request`, `check_response`): one pass over
+the headers the back-end already collected.  Character-level checks (obs-fold,
+bare CR/LF, control characters) are the library's job for llhttp, which is
+strict about them, and a raw scan of the header block for h11, which is not.
+
+Nothing here imports socket, gevent or time (STYLE.md §7.2).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from httptp.errors import ProtocolError
+from httptp.http.events import RequestHead, ResponseHead
+
+BACKENDS = ("auto", "httptools", "h11")
+
+
+def select_backend(name: str = "auto"):
+    """Return the back-end module for ``-httpParser`` (``auto`` prefers httptools).
+
+    The module has ``RequestParser`` and ``ResponseParser``; only the chosen
+    library is imported.
+    """
+    if name == "auto":
+        try:
+            return importlib.import_module("httptp.http.httptools_backend")
+        except ImportError:
+            return importlib.import_module("httptp.http.h11_backend")
+    if name not in ("httptools", "h11"):
+        raise ValueError(f"unknown HTTP parser {name!r}: choose one of {', '.join(BACKENDS)}")
+    return importlib.import_module(f"httptp.http.{name}_backend")
+
+
+# Methods llhttp knows in request mode (minus CONNECT: we are not a tunnel).
+# h11 accepts any token; checking the same set keeps both back-ends identical.
+KNOWN_METHODS = frozenset(
+    b"DELETE GET HEAD POST PUT OPTIONS TRACE COPY LOCK MKCOL MOVE PROPFIND "
+    b"PROPPATCH SEARCH UNLOCK BIND REBIND UNBIND ACL REPORT MKACTIVITY CHECKOUT "
+    b"MERGE M-SEARCH NOTIFY SUBSCRIBE UNSUBSCRIBE PATCH PURGE MKCALENDAR LINK "
+    b"UNLINK SOURCE QUERY".split())
+
+VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", b"1.1": b"1.1", b"1.0": b"1.0"}
+
+# The framing headers, keyed by name length so that most headers skip lower().
+_CL, _TE, _HOST, _CONN, _EXPECT = 1, 2, 3, 4, 5
+_SPECIAL = {b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST,
+            b"connection": _CONN, b"expect": _EXPECT}
+_SPECIAL_LENS = frozenset(len(k) for k in _SPECIAL)
+_OWS = b" \t"
+_MAX_CL_DIGITS = 18   # < 2**63: llhttp rejects longer values itself, so h11 must too
+
+
+class _Framing:
+    """What one pass over the headers learned (internal)."""
+
+    __slots__ = ("size", "content_length", "chunked", "hosts", "close", "keep_alive", "expect")
+
+    def __init__(self):
+        self.size = 2                   # the empty line ending the block
+        self.content_length = None
+        self.chunked = False
+        self.hosts = 0
+        self.close = False              # Connection: close seen
+        self.keep_alive = False         # Connection: keep-alive seen
+        self.expect = False
+
+
+def scan_headers(headers: list) -> _Framing:
+    """One pass: block size, framing, Host count, Connection tokens, Expect.
+
+    Raises ProtocolError(400) for ambiguous framing: duplicate or non-digit
+    Content-Length, Transfer-Encoding other than exactly ``chunked``, both.
+    """
+    f = _Framing()
+    size = 0
+    for name, value in headers:
+        size += len(name) + len(value) + 4          # "name: value\r\n"
+        if len(name) not in _SPECIAL_LENS:
+            continue
+        kind = _SPECIAL.get(name.lower())
+        if kind is None:
+            continue
+        if kind == _CL:
+            if f.content_length is not None:
+                raise ProtocolError("duplicate Content-Length")
+            v = value.strip(_OWS)
+            if not v.isdigit() or len(v) > _MAX_CL_DIGITS:
+                raise ProtocolError("invalid Content-Length")
+            f.content_length = int(v)
+        elif kind == _TE:
+            if f.chunked or value.strip(_OWS).lower() != b"chunked":
+                raise ProtocolError("unsupported Transfer-Encoding")
+            f.chunked = True
+        elif kind == _HOST:
+            f.hosts += 1
+        elif kind == _CONN:
+            for token in value.lower().split(b","):
+                token = token.strip(_OWS)
+                if token == b"close":
+                    f.close = True
+                elif token == b"keep-alive":
+                    f.keep_alive = True
+        elif value.strip(_OWS).lower() == b"100-continue":
+            f.expect = True
+    if f.chunked and f.content_length is not None:
+        raise ProtocolError("both Content-Length and Transfer-Encoding")
+    f.size += size
+    return f
+
+
+def check_request(method: bytes, target: bytes, version, headers: list,
+                  max_header_size: int, max_body_size: int) -> RequestHead:
+    """Validate a parsed request head and build the event (both back-ends).
+
+    ``version`` is whatever the back-end reports (``"1.1"``, ``b"1.0"``...).
+    Raises ProtocolError 431 (block too large), 413 (Content-Length over the
+    limit) or 400.
+    """
+    f = scan_headers(headers)
+    size = f.size + len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
+    if size > max_header_size:
+        raise ProtocolError("request header too large", 431)
+    ver = VERSIONS.get(version)
+    if ver is None:
+        raise ProtocolError("unsupported HTTP version")
+    if method not in KNOWN_METHODS:
+        raise ProtocolError(f"unsupported method {method[:20]!r}")
+    if f.hosts > 1 or (f.hosts == 0 and ver == b"1.1"):
+        raise ProtocolError("missing or duplicate Host header")
+    if f.chunked and ver == b"1.0":
+        raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
+    if f.content_length is not None and f.content_length > max_body_size:
+        raise ProtocolError("request body too large", 413)
+    keep_alive = not f.close and (ver == b"1.1" or f.keep_alive)
+    return RequestHead(method, target, ver, headers, keep_alive, f.content_length,
+                       f.chunked, f.expect)
+
+
+def check_response(status: int, reason: bytes, version, headers: list,
+                   max_header_size: int, method: bytes) -> tuple[ResponseHead, int]:
+    """Validate a parsed response head; return (event, body mode).
+
+    Body mode is one of NO_BODY, FRAMED (Content-Length or chunked) or
+    UNTIL_CLOSE; ``keep_alive`` is already false for UNTIL_CLOSE.
+    """
+    f = scan_headers(headers)
+    if f.size + len(reason) + 15 > max_header_size:     # "HTTP/1.1 200 R\r\n"
+        raise ProtocolError("response header too large", 431)
+    ver = VERSIONS.get(version)
+    if ver is None:
+        raise ProtocolError("unsupported HTTP version in response")
+    if f.chunked and ver == b"1.0":
+        raise ProtocolError("Transfer-Encoding in an HTTP/1.0 response")
+    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
+        mode = NO_BODY
+    elif f.chunked or f.content_length is not None:
+        mode = FRAMED
+    else:
+        mode = UNTIL_CLOSE
+    keep_alive = mode != UNTIL_CLOSE and not f.close and (ver == b"1.1" or f.keep_alive)
+    head = ResponseHead(status, reason, ver, headers, keep_alive, f.content_length, f.chunked)
+    return head, mode
+
+
+NO_BODY, FRAMED, UNTIL_CLOSE = 0, 1, 2
+
+UPSTREAM_CLOSED = "upstream closed connection"

@@ -1,0 +1,80 @@
+"""Serialise HTTP/1.1 messages with explicit framing (hot path).
+
+Every message we write has a Content-Length we computed (or none, when the
+status forbids a body): framing is never copied from the peer.  The caller has
+already removed hop-by-hop and framing headers (``httptp.http.policy``).
+Each function builds one list and joins it once; status lines and error
+answers are cached.
+"""
+
+from __future__ import annotations
+
+from httptp.errors import ProxyError
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
+_NO_LENGTH_STATUS = frozenset((204, 304))
+_CLOSE = b"Connection: close\r\n"
+_status_lines: dict = {}
+_errors: dict = {}
+
+
+def _header_lines(parts: list, headers: list):
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+
+
+def request_head(method: bytes, target: bytes, headers: list, body_len: int) -> bytes:
+    """``METHOD target HTTP/1.1``, ``headers`` as given, then ``Content-Length``
+    when ``body_len > 0`` or the method is POST/PUT/PATCH, then the empty line.
+    The body is not included."""
+    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    _header_lines(parts, headers)
+    if body_len > 0 or method in _BODY_METHODS:
+        parts.append(b"Content-Length: %d\r\n\r\n" % body_len)
+    else:
+        parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+def status_line(status: int, reason: bytes) -> bytes:
+    """``HTTP/1.1 <status> <reason>\\r\\n`` (cached)."""
+    key = (status, reason)
+    line = _status_lines.get(key)
+    if line is None:
+        line = b"HTTP/1.1 %d %s\r\n" % key
+        if len(_status_lines) < 1024:       # reasons come from upstreams: bound the cache
+            _status_lines[key] = line
+    return line
+
+
+def response(status: int, reason: bytes, headers: list, body: bytes, keep_alive: bool,
+             content_length: int | None = None) -> bytes:
+    """A complete response: status line, ``headers``, ``Content-Length``
+    (``content_length`` if given, e.g. the upstream's for HEAD, else
+    ``len(body)``; omitted for 1xx/204/304), ``Connection: close`` unless
+    ``keep_alive``, the empty line and ``body``."""
+    parts = [status_line(status, reason)]
+    _header_lines(parts, headers)
+    if status >= 200 and status not in _NO_LENGTH_STATUS:
+        parts.append(b"Content-Length: %d\r\n" % (len(body) if content_length is None
+                                                  else content_length))
+    if not keep_alive:
+        parts.append(_CLOSE)
+    parts.append(b"\r\n")
+    if body:
+        parts.append(body)
+    return b"".join(parts)
+
+
+def error_response(err: ProxyError, keep_alive: bool) -> bytes:
+    """The short text/plain answer for ``err`` (cached per error class)."""
+    key = (err.__class__, err.status, keep_alive)
+    data = _errors.get(key)
+    if data is None:
+        body = (err.body + "\n").encode()
+        headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
+        data = response(err.status, err.reason.encode("latin-1"), headers, body, keep_alive)
+        _errors[key] = data
+    return data
