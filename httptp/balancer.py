@@ -42,8 +42,11 @@ Rules
   and is ignored; each block also clears its own stale value when it refreshes.
   So one success brings the upstream back for every worker within one refresh
   interval.  On failure the prober sets eject_until = now + fail_timeout again.
-  Because of snapshots, a second prober is possible only if two blocks eject
-  within one refresh interval of each other.  A draining worker gets no new
+  The holder may get no request at all (keep-alive clients hashed to other
+  workers), so after ``PROBE_GRACE`` more seconds any block may probe; that,
+  or two blocks ejecting within one refresh interval of each other, is the
+  only way a second probe can happen.  A successful probe also forgives every
+  penalty recorded before it, so the upstream takes its share again at once.  A draining worker gets no new
   requests, so it cannot probe: once its cool-down is over its ejection is
   ignored (the worker must ``Stats.set_state(block, STATE_DRAINING)``).
 * **Fail open.**  If every candidate is ejected, pick the one whose ejection
@@ -70,6 +73,7 @@ ALPHA = 0.2                 # EWMA weight of the newest latency
 PENALTY_MAX = 300.0         # the fasthttp LBClient cap
 PENALTY_FLOOR = 0.01        # a decayed penalty below this scores as 0
 MIN_LATENCY = 1e-6          # a measured 0 would read as "unknown"
+PROBE_GRACE = 0.25          # seconds the probe waits for its holder before anyone may send it
 _INF = float("inf")
 
 
@@ -139,7 +143,7 @@ class Balancer:
                 b = bbase + off
                 inflight[i] += q[b + UP_INFLIGHT]
                 p = d[b + UP_PENALTY]
-                if p:
+                if p and d[b + UP_PENALTY_T] > revived[i]:  # a good probe forgives older failures
                     p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / self._halflife)
                     penalty[i] += p if p >= PENALTY_FLOOR else 0.0
                 e = d[b + UP_EWMA]
@@ -173,6 +177,8 @@ class Balancer:
             if d[b + UP_EJECT] and d[b + UP_EJECT] <= revived[i]:
                 d[b + UP_EJECT] = 0.0
                 self._q[b + UP_CONSEC] = 0
+            if d[b + UP_PENALTY] and d[b + UP_PENALTY_T] <= revived[i]:
+                d[b + UP_PENALTY] = 0.0
 
     # -- get ----------------------------------------------------------------------
 
@@ -222,7 +228,9 @@ class Balancer:
             return end
         if eu > oe or (eu == oe and self._block < self._o_holder[i]):
             return None             # cool-down over and we hold the largest ejection
-        return end
+        if now >= end + PROBE_GRACE:
+            return None             # the holder got no request to probe with: we do it
+        return end + PROBE_GRACE
 
     def _lowest_score(self, order, now: float, min_lat: float) -> int:
         q, d, bases, lat, avail = self._q, self._d, self._bases, self._lat, self._avail
@@ -270,6 +278,7 @@ class Balancer:
         if probe:
             d[b + UP_REVIVED] = now         # first: makes every older ejection stale
             d[b + UP_EJECT] = 0.0
+            d[b + UP_PENALTY] = 0.0
             q[b + UP_PROBING] = 0
             self._next_refresh = now        # re-filter the others' now-stale ejections
 

@@ -160,12 +160,13 @@ def test_ejection_is_visible_to_the_other_block(stats, clock):
 
 
 def probe_setup(stats, clock):
-    """A ejects 0 at t, B at t+1; at t+7 both cool-downs are over. B holds the largest."""
+    """A ejects 0 at t, B at t+1; at t+6.1 both cool-downs are over (within the
+    probe grace). B holds the largest."""
     a, b = workers(stats, clock)
     eject(a, 0)
     clock.advance(1.0)
     eject(b, 0)
-    clock.advance(6.0)
+    clock.advance(5.1)
     return a, b
 
 
@@ -184,10 +185,26 @@ def test_probe_tie_goes_to_lowest_block(stats, clock):
     a, b = workers(stats, clock)
     eject(a, 0)
     eject(b, 0)
-    clock.advance(6.0)
+    clock.advance(5.1)
     assert b.pick().index == 1
     lease = a.pick()
     assert lease.index == 0 and lease.probe
+
+
+def test_probe_passes_to_another_block_when_holder_gets_no_traffic(stats, clock):
+    """The holder may see no request (keep-alive clients on other workers):
+    after PROBE_GRACE the probe goes to whoever picks next, still only once."""
+    from httptp.balancer import PROBE_GRACE
+    a, b = probe_setup(stats, clock)
+    assert a.pick().index == 1                                  # B still has the grace
+    clock.advance(PROBE_GRACE)
+    lease = a.pick()
+    assert lease.index == 0 and lease.probe
+    clock.advance(0.01)
+    assert [b.pick().index for _ in range(10)] == [1] * 10      # one trial only
+    lease.release(True, 1 * MS)
+    clock.advance(0.01)
+    assert 0 in {b.pick().index for _ in range(10)}              # back for everyone
 
 
 def test_probe_success_reinstates_for_both(stats, clock):

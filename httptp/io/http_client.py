@@ -1,0 +1,211 @@
+"""Keep-alive connection pools for http and unix upstreams.
+
+One ``HTTPUpstream`` per ``-out`` address per worker.  An exchange takes an idle
+pooled connection (or dials a new one), writes the whole request, and reads the
+whole response through the sans-IO ``ResponseParser``.  The caller (the
+pipeline) bounds the exchange with ``-outTimeout``; any exception that escapes an
+exchange, the timeout included, closes the connection instead of pooling it,
+so a half-read response can never be read by the next request.
+
+Counters go straight into this worker's shared-memory block.
+"""
+
+from __future__ import annotations
+
+import select
+import socket as _stdsocket
+import time
+
+from gevent import socket
+from gevent.lock import BoundedSemaphore
+
+from httptp import stats as S
+from httptp.errors import GatewayTimeout, ProtocolError, UpstreamError
+from httptp.http.events import Data, EndOfMessage, ResponseHead
+
+_POLLIN_OR_HUP = select.POLLIN | select.POLLHUP | select.POLLERR
+_RECV_SIZE = 65536
+_DIAL_TIMEOUT = 3.0
+
+
+class Response:
+    """A complete upstream response: head and the whole body."""
+
+    __slots__ = ("head", "body")
+
+    def __init__(self, head: ResponseHead, body: bytes):
+        self.head = head
+        self.body = body
+
+
+class _Conn:
+    __slots__ = ("sock", "parser", "idle_since")
+
+    def __init__(self, sock, parser):
+        self.sock = sock
+        self.parser = parser
+        self.idle_since = 0.0
+
+
+class HTTPUpstream:
+    """A pool of keep-alive connections to one upstream address."""
+
+    def __init__(self, address, *, parser_module, max_header_size: int, max_conns: int,
+                 idle_timeout: float, stats, block: int):
+        self.address = address
+        self.name = str(address)
+        self._parser_module = parser_module
+        self._max_header_size = max_header_size
+        self._idle: list[_Conn] = []
+        self._slots = BoundedSemaphore(max_conns)
+        self._idle_timeout = idle_timeout
+        self._q = stats.q
+        self._base = stats.block_base(block)
+
+    # -- pool -------------------------------------------------------------------
+
+    def _dial(self, timeout: float) -> _Conn:
+        q, b = self._q, self._base
+        addr = self.address
+        try:
+            if addr.kind == "unix":
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(addr.path)
+                except BaseException:
+                    sock.close()
+                    raise
+            else:
+                sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.settimeout(None)
+        except OSError as e:
+            q[b + S.OUT_DIAL_ERROR] += 1
+            raise UpstreamError(f"cannot connect to {self.name}: {_oserror_text(e)}") from None
+        q[b + S.OUT_DIAL_SUCCESS] += 1
+        q[b + S.OUT_CONNS] += 1
+        return _Conn(sock, self._parser_module.ResponseParser(self._max_header_size))
+
+    def _take(self, timeout: float) -> tuple[_Conn, bool]:
+        """An idle connection that is still open, or a new one.  Returns (conn, reused)."""
+        idle = self._idle
+        now = time.monotonic()
+        while idle:
+            conn = idle.pop()
+            # An idle upstream connection should have nothing to read.  If it is
+            # readable the server closed it (EOF) or sent junk: drop it rather
+            # than lose the request on it.  poll(0) never blocks the hub.
+            if now - conn.idle_since > self._idle_timeout or readable(conn.sock):
+                self._close(conn)
+                continue
+            return conn, True
+        return self._dial(timeout), False
+
+    def _put(self, conn: _Conn) -> None:
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def _close(self, conn: _Conn) -> None:
+        try:
+            conn.sock.close()
+        finally:
+            self._q[self._base + S.OUT_CONNS] -= 1
+
+    def close(self) -> None:
+        while self._idle:
+            self._close(self._idle.pop())
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    # -- exchange -------------------------------------------------------------------
+
+    def exchange(self, request: bytes, method: bytes, deadline: float, retry_stale: bool) -> Response:
+        """Send ``request`` (complete bytes) and return the complete response.
+
+        ``retry_stale``: when a *reused* connection fails before any response
+        byte arrives, try once more on a fresh connection (a keep-alive race
+        with the upstream closing it).  Raises UpstreamError; the caller's
+        timeout (gevent.Timeout) may interrupt at any point.
+        """
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._slots.acquire(timeout=remaining):
+            raise GatewayTimeout("no free upstream connection before the deadline")
+        try:
+            conn, reused = self._take(min(_DIAL_TIMEOUT, max(0.001, deadline - time.monotonic())))
+            try:
+                return self._exchange_on(conn, request, method)
+            except UpstreamError as e:
+                if not (reused and retry_stale and e.sent_nothing_back):
+                    raise
+            conn, _ = self._dial(min(_DIAL_TIMEOUT, max(0.001, deadline - time.monotonic()))), False
+            return self._exchange_on(conn, request, method)
+        finally:
+            self._slots.release()
+
+    def _exchange_on(self, conn: _Conn, request: bytes, method: bytes) -> Response:
+        q, b = self._q, self._base
+        sock = conn.sock
+        got = 0
+        ok = False
+        try:
+            try:
+                sock.sendall(request)
+            except OSError as e:
+                q[b + S.OUT_WRITE_ERROR] += 1
+                raise UpstreamError(f"write to {self.name} failed: {_oserror_text(e)}") from None
+            q[b + S.OUT_WRITE_CALLS] += 1
+            q[b + S.OUT_BYTES_WRITTEN] += len(request)
+            parser = conn.parser
+            parser.start(method)
+            head = None
+            chunks = []
+            while True:
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except OSError as e:
+                    q[b + S.OUT_READ_ERROR] += 1
+                    raise UpstreamError(f"read from {self.name} failed: {_oserror_text(e)}",
+                                        sent_nothing_back=got == 0) from None
+                q[b + S.OUT_READ_CALLS] += 1
+                n = len(data)
+                got += n
+                q[b + S.OUT_BYTES_READ] += n
+                try:
+                    events = parser.feed(data)
+                except ProtocolError as e:
+                    raise UpstreamError(f"bad response from {self.name}: {e.detail or e}",
+                                        sent_nothing_back=got == 0) from None
+                for ev in events:
+                    cls = ev.__class__
+                    if cls is Data:
+                        chunks.append(ev.data)
+                    elif cls is ResponseHead:
+                        head = ev
+                    elif cls is EndOfMessage:
+                        ok = head is not None and head.keep_alive
+                        body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+                        return Response(head, body)
+                if not n:  # EOF without a complete response: the parser raises above
+                    raise UpstreamError(f"{self.name} closed the connection",
+                                        sent_nothing_back=got == 0)
+        finally:
+            if ok:
+                self._put(conn)
+            else:
+                self._close(conn)
+
+
+def readable(sock) -> bool:
+    """True when ``sock`` has bytes or EOF waiting; never blocks."""
+    p = select.poll()
+    p.register(sock.fileno(), _POLLIN_OR_HUP)
+    return bool(p.poll(0))
+
+
+def _oserror_text(e: OSError) -> str:
+    if isinstance(e, (_stdsocket.timeout, TimeoutError)):
+        return "timed out"
+    return e.strerror or str(e)

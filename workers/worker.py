@@ -1,0 +1,205 @@
+"""One worker process: accept on the inherited listener and proxy until drained.
+
+The master forks us and calls ``run`` in the child.  Everything gevent is
+created here, after the fork (the master never has a hub).  We install our own
+signal handlers through gevent:
+
+* TERM: graceful drain: stop accepting (the master keeps the listening socket
+  open, so connections still queued on it go to the next worker of this slot),
+  close idle keep-alive connections, let in-flight requests finish with
+  ``Connection: close``, exit 0 when none is left or ``-gracefulTimeout`` passed;
+* QUIT: exit at once;
+* INT: ignored (Ctrl-C reaches the whole process group; the master decides);
+* the master going away (our parent pid changes) drains us too.
+
+A heartbeat greenlet writes the time into our shared-memory block every second;
+the master kills a worker whose heartbeat stops (a wedged hub).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import socket as _stdsocket
+import sys
+import time
+
+import gevent
+import gevent.event
+from gevent import socket
+
+from httptp import stats as S
+from httptp.errors import ServiceUnavailable
+from httptp.http import writer
+from httptp.http.parser import select_backend
+from httptp.io.http_client import readable
+from httptp.io.http_server import ClientConnection
+from httptp.io.pipeline import Proxy, stderr_log
+from httptp.netaddr import AllowList
+
+STATE_BOOTING, STATE_READY, STATE_DRAINING = 1, 2, 3
+HEARTBEAT_INTERVAL = 1.0
+
+
+class Worker:
+    def __init__(self, config, listener, stats, block: int, slot: int, generation: int,
+                 upstream_ids: list[int]):
+        self.config = config
+        self.stats = stats
+        self.block = block
+        self.base = stats.block_base(block)
+        self.slot = slot
+        self.generation = generation
+        self.log = stderr_log(f"httptp: worker {slot}: ")
+        self.parser_module = select_backend(config.http_parser)
+        self.proxy = Proxy(config, stats, block, upstream_ids, self.parser_module, self.log)
+        self.get_only = config.in_get_only
+        self.log_all_errors = config.log_all_errors
+        self.is_unix = listener.family == _stdsocket.AF_UNIX
+        self.allow = None if self.is_unix else AllowList.from_networks(config.in_allow_ip)
+        self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
+        self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
+        self.conns: dict = {}      # greenlet -> ClientConnection
+        self.draining = False
+        self._ppid = os.getppid()
+        self._done = gevent.event.Event()
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def serve(self) -> int:
+        stats, block = self.stats, self.block
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        gevent.signal_handler(signal.SIGTERM, self.drain)
+        gevent.signal_handler(signal.SIGQUIT, self._quit)
+        gevent.signal_handler(signal.SIGHUP, lambda: None)
+        stats.set_state(block, STATE_READY)
+        stats.beat(block, time.monotonic())
+        beat = gevent.spawn(self._heartbeat)
+        acceptor = gevent.spawn(self._accept_loop)
+        self._done.wait()
+        acceptor.kill(block=False)
+        beat.kill(block=False)
+        self.proxy.close()
+        return 0
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        self.stats.set_state(self.block, STATE_DRAINING)
+        try:
+            self.listener.close()   # our copy; the master's keeps the queue alive
+        except OSError:
+            pass
+        self._close_idle()
+        gevent.spawn(self._finish_drain)
+
+    def _close_idle(self) -> None:
+        """Close keep-alive connections that wait for a request.  One whose next
+        request already sits in the socket buffer is left to be served (with
+        ``Connection: close``) instead of being cut mid-race."""
+        for g, conn in list(self.conns.items()):
+            if conn.idle and not readable(conn.sock):
+                g.kill(block=False)
+
+    def _finish_drain(self) -> None:
+        deadline = time.monotonic() + self.config.graceful_timeout
+        while self.conns and time.monotonic() < deadline:
+            self._close_idle()
+            gevent.sleep(0.05)
+        if self.conns:
+            self.log(f"graceful timeout: closing {len(self.conns)} connection(s)")
+            gevent.killall(list(self.conns), block=True, timeout=1)
+        self._done.set()
+
+    def _quit(self) -> None:
+        os._exit(0)
+
+    def _heartbeat(self) -> None:
+        stats, block = self.stats, self.block
+        while True:
+            stats.beat(block, time.monotonic())
+            if os.getppid() != self._ppid:
+                self.log("master went away; draining")
+                self.drain()
+            gevent.sleep(HEARTBEAT_INTERVAL)
+
+    # -- accepting -------------------------------------------------------------
+
+    def _accept_loop(self) -> None:
+        q, b = self.stats.q, self.base
+        listener = self.listener
+        allow = self.allow
+        backoff = 0.0
+        while not self.draining:
+            try:
+                sock, addr = listener.accept()
+            except OSError as e:
+                if self.draining:
+                    return
+                q[b + S.IN_ACCEPT_ERROR] += 1
+                self.log(f"accept failed: {e}")
+                backoff = min(1.0, backoff * 2 or 0.005)
+                gevent.sleep(backoff)
+                continue
+            backoff = 0.0
+            if self.is_unix:
+                client_ip = b"0.0.0.0"
+            else:
+                q[b + S.IN_ACCEPT_SUCCESS] += 1
+                ip = addr[0]
+                if allow is not None and not allow.allows(ip):
+                    q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1
+                    if self.log_all_errors:
+                        self.log(f"connection from {ip} refused by -inAllowIP")
+                    sock.close()
+                    continue
+                client_ip = ip.encode("ascii")
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if len(self.conns) >= self.max_conns:
+                q[b + S.IN_REQUEST_OVERLOAD] += 1
+                gevent.spawn(_refuse, sock, q, b)
+                continue
+            g = gevent.Greenlet(self._handle, sock, client_ip)
+            self.conns[g] = ClientConnection(sock, client_ip, self)
+            g.start()
+
+    def _handle(self, sock, client_ip) -> None:
+        g = gevent.getcurrent()
+        q, b = self.stats.q, self.base
+        q[b + S.IN_CONNS] += 1
+        try:
+            self.conns[g].serve()
+        except gevent.GreenletExit:
+            pass
+        except Exception as e:  # a bug: log it once, never show the client a traceback
+            self.log(f"internal error: {e.__class__.__name__}: {e}")
+        finally:
+            q[b + S.IN_CONNS] -= 1
+            del self.conns[g]
+            sock.close()
+
+
+def _refuse(sock, q, b) -> None:
+    """Over -concurrency: answer 503 and close without reading the request."""
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(writer.error_response(ServiceUnavailable(), False))
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
+def run(config, listener, stats, block: int, slot: int, generation: int,
+        upstream_ids: list[int]) -> int:
+    """Entry point in the forked child; returns the exit status."""
+    import gevent.event  # noqa: F401  (after fork: no hub was inherited)
+    try:
+        worker = Worker(config, listener, stats, block, slot, generation, upstream_ids)
+    except Exception as e:
+        sys.stderr.write(f"httptp: worker {slot}: cannot start: {e}\n")
+        return 3
+    return worker.serve()
