@@ -1,0 +1,449 @@
+"""Real-socket test helpers: a recording upstream, the real `httptp` command, clients.
+
+Nothing here is mocked: upstreams are real servers on loopback or unix sockets,
+httptp runs as the installed command in a subprocess.  Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import http.client
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+HTTPTP = shutil.which("httptp") or os.path.join(os.path.dirname(sys.executable), "httptp")
+
+
+# --------------------------------------------------------------------------- upstream
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: bytes = b"ok"
+    headers: list = field(default_factory=list)
+    delay: float = 0.0
+    raw: bytes | None = None        # send these bytes instead of a built response
+    close: bool = False             # close the connection after replying
+    chunked: bool = False
+
+
+def read_http_message(f) -> tuple[bytes, bytes, dict] | None:
+    """Read one request from a buffered socket file: (raw head, body, headers lower)."""
+    lines = []
+    while True:
+        line = f.readline(65537)
+        if not line:
+            return None
+        lines.append(line)
+        if line in (b"\r\n", b"\n"):
+            break
+    raw_head = b"".join(lines)
+    headers = {}
+    for line in lines[1:-1]:
+        name, _, value = line.partition(b":")
+        headers.setdefault(name.strip().lower(), value.strip())
+    body = b""
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        parts = []
+        while True:
+            size = int(f.readline().split(b";")[0], 16)
+            if size == 0:
+                while f.readline() not in (b"\r\n", b"\n", b""):
+                    pass
+                break
+            parts.append(f.read(size))
+            f.readline()
+        body = b"".join(parts)
+    elif b"content-length" in headers:
+        body = f.read(int(headers[b"content-length"]))
+    return raw_head, body, headers
+
+
+class Upstream:
+    """A threaded HTTP/1.1 upstream that records every byte it receives.
+
+    ``handler(method, path, headers, body) -> Reply``; default answers 200 with
+    the upstream's name.  ``received`` holds the raw bytes of each request,
+    ``connections`` counts accepted connections.
+    """
+
+    def __init__(self, handler=None, name="up", unix_path: str | None = None, delay: float = 0.0):
+        self.name = name
+        self.delay = delay
+        self.handler = handler or (lambda m, p, h, b: Reply(body=self.name.encode()))
+        if unix_path:
+            if os.path.exists(unix_path):
+                os.unlink(unix_path)
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.bind(unix_path)
+            self.addr = unix_path
+        else:
+            self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind(("127.0.0.1", 0))
+            self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.sock.listen(1024)
+        self.received: list[bytes] = []
+        self.requests = 0
+        self.connections = 0
+        self.lock = threading.Lock()
+        self._stop = False
+        self.dead = False               # accept, then close at once: a crashed app behind its port
+        self.dead_attempts = 0
+        self._conns: set = set()
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+    def _accept(self):
+        while not self._stop:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.dead:
+                with self.lock:
+                    self.dead_attempts += 1
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                c.close()   # RST: connection reset before any response byte
+                continue
+            with self.lock:
+                self.connections += 1
+                self._conns.add(c)
+            threading.Thread(target=self._serve, args=(c,), daemon=True).start()
+
+    def _serve(self, c):
+        f = c.makefile("rb")
+        try:
+            while True:
+                msg = read_http_message(f)
+                if msg is None:
+                    return
+                raw_head, body, headers = msg
+                with self.lock:
+                    self.received.append(raw_head + body)
+                    self.requests += 1
+                method, path = raw_head.split(b" ", 2)[:2]
+                reply = self.handler(method, path, headers, body)
+                delay = reply.delay or self.delay
+                if delay:
+                    time.sleep(delay)
+                if reply.raw is not None:
+                    c.sendall(reply.raw)
+                else:
+                    c.sendall(build_response(reply, head_only=method == b"HEAD"))
+                if reply.close:
+                    return
+        except OSError:
+            pass
+        finally:
+            with self.lock:
+                self._conns.discard(c)
+            try:
+                c.close()
+            except OSError:
+                pass
+
+    def close(self):
+        self._stop = True
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self.sock.close()
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+                c.close()
+            except OSError:
+                pass
+        if not self.addr[0].isdigit() and os.path.exists(self.addr):
+            os.unlink(self.addr)
+
+
+def build_response(reply: Reply, head_only=False) -> bytes:
+    reason = {200: b"OK", 204: b"No Content", 304: b"Not Modified", 404: b"Not Found",
+              500: b"Internal Server Error"}.get(reply.status, b"X")
+    out = [b"HTTP/1.1 %d %s\r\n" % (reply.status, reason)]
+    for k, v in reply.headers:
+        out.append(k + b": " + v + b"\r\n")
+    if reply.close:
+        out.append(b"Connection: close\r\n")
+    if reply.status in (204, 304):
+        out.append(b"\r\n")
+        return b"".join(out)
+    if reply.chunked:
+        out.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        if not head_only:
+            body = reply.body
+            for i in range(0, len(body), 7):
+                piece = body[i:i + 7]
+                out.append(b"%x\r\n%s\r\n" % (len(piece), piece))
+            out.append(b"0\r\n\r\n")
+        return b"".join(out)
+    out.append(b"Content-Length: %d\r\n\r\n" % len(reply.body))
+    if not head_only:
+        out.append(reply.body)
+    return b"".join(out)
+
+
+# --------------------------------------------------------------------------- httptp
+
+_LISTEN_RE = re.compile(r"listening on (\S+) pid=(\d+)")
+
+
+class HttpTp:
+    """The real `httptp` command in a subprocess.  Use as a context manager."""
+
+    def __init__(self, *args: str, workers: int = 2, env: dict | None = None, wait: bool = True):
+        self.args = [HTTPTP, f"-workers={workers}", *args]
+        if not any(a.startswith("-in=") or a == "-in" for a in args):
+            self.args.append("-in=127.0.0.1:0")
+        e = dict(os.environ)
+        e.update(env or {})
+        self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=e, start_new_session=True)
+        self.lines: list[str] = []
+        self._listen = threading.Event()
+        self.addr = None
+        self.workers = workers
+        threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True).start()
+        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        if wait:
+            self.wait_listening()
+
+    def _read(self, stream):
+        for raw in stream:
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            self.lines.append(line)
+            m = _LISTEN_RE.search(line)
+            if m:
+                self.addr = m.group(1)
+                self._listen.set()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def wait_listening(self, timeout=15.0):
+        if not self._listen.wait(timeout):
+            self.kill()
+            raise AssertionError(f"httptp did not start: {self.args}\n{self.output}")
+        self.wait_ready()
+
+    @property
+    def port(self) -> int:
+        return int(self.addr.rsplit(":", 1)[1])
+
+    @property
+    def host(self) -> str:
+        return self.addr.rsplit(":", 1)[0].strip("[]")
+
+    def wait_ready(self, timeout=15.0):
+        """Until every worker answers (one worker pid per request is not visible, so
+        count 'worker ... ready' lines if the master logs them, else one request)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"httptp exited {self.proc.returncode}:\n{self.output}")
+            ready = sum(1 for l in self.lines if "ready" in l and "worker" in l)
+            if ready >= self.workers:
+                return
+            time.sleep(0.02)
+        # fall back: at least the master is up; requests will queue on the sockets
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
+        return [int(x) for x in out.stdout.split()]
+
+    def signal(self, sig):
+        os.kill(self.proc.pid, sig)
+
+    def wait(self, timeout=30.0) -> int:
+        return self.proc.wait(timeout)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+def run_httptp(*args: str, timeout=10.0, env=None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([HTTPTP, *args], capture_output=True, text=True, timeout=timeout, env=e,
+                          stdin=subprocess.DEVNULL)
+
+
+# --------------------------------------------------------------------------- clients
+
+def raw_exchange(addr, data: bytes, timeout=5.0, family=socket.AF_INET, half_close=False) -> bytes:
+    """Send raw bytes, read until the server closes (or timeout); return all bytes."""
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.settimeout(timeout)
+    s.connect(addr)
+    try:
+        s.sendall(data)
+        if half_close:
+            s.shutdown(socket.SHUT_WR)
+        out = []
+        while True:
+            try:
+                chunk = s.recv(65536)
+            except socket.timeout:
+                break
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            out.append(chunk)
+        return b"".join(out)
+    finally:
+        s.close()
+
+
+def split_responses(data: bytes) -> list[tuple[int, dict, bytes]]:
+    """Split a byte stream of Content-Length framed responses."""
+    out = []
+    while data:
+        end = data.index(b"\r\n\r\n")
+        head = data[:end].decode("latin-1").split("\r\n")
+        status = int(head[0].split()[1])
+        headers = {}
+        for line in head[1:]:
+            k, _, v = line.partition(":")
+            headers[k.strip().lower()] = v.strip()
+        n = int(headers.get("content-length", "0"))
+        out.append((status, headers, data[end + 4:end + 4 + n]))
+        data = data[end + 4 + n:]
+    return out
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path, timeout=10.0):
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.path)
+
+
+def get(conn: http.client.HTTPConnection, path="/", method="GET", body=None, headers=None):
+    conn.request(method, path, body=body, headers=headers or {})
+    r = conn.getresponse()
+    return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+
+class LoadResult:
+    def __init__(self):
+        self.ok = 0
+        self.failed = 0
+        self.statuses: dict[int, int] = {}
+        self.bodies: dict[bytes, int] = {}
+        self.errors: list[str] = []
+        self.lock = threading.Lock()
+
+    @property
+    def total(self):
+        return self.ok + self.failed
+
+
+def load(host, port, *, threads=8, duration=3.0, max_requests=100000, path="/",
+         family=socket.AF_INET, stop: threading.Event | None = None) -> LoadResult:
+    """Keep-alive GET load, bounded in time and count.
+
+    Behaves as an ordinary HTTP client: a request on a *reused* connection that
+    fails before any response byte is retried once on a new connection (RFC 9112
+    §9.3.1 allows it for idempotent requests); any other failure counts.
+    """
+    res = LoadResult()
+    deadline = time.monotonic() + duration
+    counter = iter(range(max_requests))
+    lock = threading.Lock()
+
+    def next_ticket():
+        with lock:
+            return next(counter, None)
+
+    def one(conn_box):
+        for attempt in (0, 1):
+            conn = conn_box[0]
+            fresh = conn is None
+            if fresh:
+                conn = conn_box[0] = http.client.HTTPConnection(host, port, timeout=10)
+            try:
+                conn.request("GET", path)
+                r = conn.getresponse()
+                body = r.read()
+                if r.getheader("connection", "").lower() == "close":
+                    conn.close()
+                    conn_box[0] = None
+                return r.status, body
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
+                    ConnectionRefusedError) as e:
+                conn.close()
+                conn_box[0] = None
+                if fresh or attempt:
+                    raise
+            except Exception:
+                conn.close()
+                conn_box[0] = None
+                raise
+
+    def run():
+        box = [None]
+        while time.monotonic() < deadline and not (stop and stop.is_set()):
+            if next_ticket() is None:
+                break
+            try:
+                status, body = one(box)
+            except Exception as e:
+                with res.lock:
+                    res.failed += 1
+                    res.errors.append(repr(e))
+                continue
+            with res.lock:
+                res.statuses[status] = res.statuses.get(status, 0) + 1
+                res.bodies[body] = res.bodies.get(body, 0) + 1
+                if status == 200:
+                    res.ok += 1
+                else:
+                    res.failed += 1
+        if box[0] is not None:
+            box[0].close()
+
+    ts = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(duration + 30)
+    return res

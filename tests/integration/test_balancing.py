@@ -1,0 +1,75 @@
+"""Least-loaded balancing and health across workers, with real upstreams."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.helpers import HttpTp, Upstream, load
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_faster_upstreams_serve_more():
+    ups = [Upstream(name=n, delay=d) for n, d in (("fast", 0.001), ("mid", 0.005), ("slow", 0.020))]
+    try:
+        out = ",".join(u.addr for u in ups)
+        with HttpTp(f"-out={out}", "-outType=http", workers=2) as p:
+            res = load(p.host, p.port, threads=12, duration=4.0, max_requests=6000)
+        assert res.failed == 0, res.errors[:3]
+        fast, mid, slow = (u.requests for u in ups)
+        assert fast > mid > slow, (fast, mid, slow)
+        assert slow > 0  # still probed, never starved completely
+    finally:
+        for u in ups:
+            u.close()
+
+
+def test_dead_upstream_is_ejected_and_reinstated():
+    a, b = Upstream(name="a"), Upstream(name="b")
+    try:
+        with HttpTp(f"-out={a.addr},{b.addr}", "-outType=http", "-outMaxFails=3",
+                    "-outFailTimeout=2s", workers=2) as p:
+            # warm up both
+            assert load(p.host, p.port, threads=2, max_requests=40).failed == 0
+            b.dead = True
+            res = load(p.host, p.port, threads=4, duration=20, max_requests=1000)
+            assert res.total == 1000
+            assert res.ok >= 995, (res.statuses, res.errors[:3])
+            early = b.dead_attempts
+            # after the first second: only the single probes per cool-down get through
+            time.sleep(1.0)
+            before = b.dead_attempts
+            res2 = load(p.host, p.port, threads=4, duration=20, max_requests=1000)
+            assert res2.ok >= 995
+            assert b.dead_attempts - before <= 20, (early, before, b.dead_attempts)
+            # it comes back: reinstated within one cool-down (2 s) plus a margin
+            b.dead = False
+            served_before = b.requests
+            t0 = time.monotonic()
+            while b.requests == served_before and time.monotonic() - t0 < 6:
+                load(p.host, p.port, threads=2, max_requests=20)
+                time.sleep(0.05)
+            assert b.requests > served_before, "not reinstated"
+            assert time.monotonic() - t0 < 4.0
+    finally:
+        a.close()
+        b.close()
+
+
+def test_counters_add_up_across_workers():
+    """Requests served per worker (shared memory) add up to what was sent."""
+    import json
+    import subprocess
+    import sys
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", workers=2) as p:
+            res = load(p.host, p.port, threads=6, max_requests=600, duration=20)
+            assert res.ok == 600
+            pids = p.worker_pids()
+            assert len(pids) == 2
+    finally:
+        up.close()
+    assert up.requests == 600

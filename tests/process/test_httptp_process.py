@@ -1,0 +1,167 @@
+"""Real `httptp` processes and signals under load: kill -9, HUP, TERM, slowloris."""
+
+from __future__ import annotations
+
+import http.client
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from tests.helpers import HttpTp, Reply, Upstream, get, load
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def _wait(pred, timeout=10.0, step=0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+def test_kill9_worker_under_load_loses_nothing_and_comes_back():
+    up = Upstream(delay=0.002)
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", workers=2) as p:
+            pids = p.worker_pids()
+            assert len(pids) == 2
+            box = {}
+            t = threading.Thread(target=lambda: box.setdefault(
+                "r", load(p.host, p.port, threads=8, duration=4.0, max_requests=20000)))
+            t.start()
+            time.sleep(1.0)
+            os.kill(pids[0], signal.SIGKILL)
+            t.join(60)
+            res = box["r"]
+            assert res.failed == 0, (res.statuses, res.errors[:5])
+            assert res.ok > 100
+            assert _wait(lambda: len(p.worker_pids()) == 2 and pids[0] not in p.worker_pids())
+            assert pids[1] in p.worker_pids()
+            # the replacement serves
+            c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+            assert get(c)[0] == 200
+    finally:
+        up.close()
+
+
+def test_hup_under_load_replaces_workers_with_zero_failures(tmp_path):
+    up = Upstream(delay=0.002)
+    conf = tmp_path / "httptp.conf"
+    conf.write_text(f"out = {up.addr}\noutType = http\noutTimeout = 3s\n")
+    try:
+        with HttpTp(f"-config={conf}", workers=2) as p:
+            old = set(p.worker_pids())
+            box = {}
+            t = threading.Thread(target=lambda: box.setdefault(
+                "r", load(p.host, p.port, threads=8, duration=5.0, max_requests=30000)))
+            t.start()
+            time.sleep(1.0)
+            conf.write_text(f"out = {up.addr}\noutType = http\noutTimeout = 2s\n")
+            p.signal(signal.SIGHUP)
+            t.join(60)
+            res = box["r"]
+            assert res.failed == 0, (res.statuses, res.errors[:5])
+            assert res.ok > 100
+            assert _wait(lambda: len(p.worker_pids()) == 2 and not old & set(p.worker_pids()))
+    finally:
+        up.close()
+
+
+def test_hup_with_invalid_config_keeps_serving(tmp_path):
+    up = Upstream()
+    conf = tmp_path / "httptp.conf"
+    conf.write_text(f"out = {up.addr}\noutType = http\n")
+    try:
+        with HttpTp(f"-config={conf}", workers=1) as p:
+            old = p.worker_pids()
+            conf.write_text("outType = nonsense\n")
+            p.signal(signal.SIGHUP)
+            assert _wait(lambda: "reload failed" in p.output), p.output
+            assert p.worker_pids() == old
+            c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+            assert get(c)[0] == 200
+    finally:
+        up.close()
+
+
+def test_term_lets_inflight_requests_finish_then_exits_0():
+    up = Upstream(handler=lambda m, p, h, b: Reply(body=b"slow", delay=1.0))
+    try:
+        p = HttpTp(f"-out={up.addr}", "-outType=http", workers=2, )
+        results = []
+
+        def one():
+            c = http.client.HTTPConnection(p.host, p.port, timeout=10)
+            results.append(get(c)[:3:2])
+        ts = [threading.Thread(target=one) for _ in range(6)]
+        for t in ts:
+            t.start()
+        time.sleep(0.4)
+        p.signal(signal.SIGTERM)
+        for t in ts:
+            t.join(15)
+        assert p.wait(15) == 0, p.output
+        assert results == [(200, b"slow")] * 6
+        assert "Traceback" not in p.output
+    finally:
+        up.close()
+
+
+def test_quit_is_fast():
+    up = Upstream()
+    try:
+        p = HttpTp(f"-out={up.addr}", "-outType=http", workers=2)
+        t0 = time.monotonic()
+        p.signal(signal.SIGQUIT)
+        assert p.wait(10) == 0
+        assert time.monotonic() - t0 < 3
+    finally:
+        up.close()
+
+
+def test_ttin_ttou_change_worker_count():
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", workers=1) as p:
+            p.signal(signal.SIGTTIN)
+            assert _wait(lambda: len(p.worker_pids()) == 2)
+            p.signal(signal.SIGTTOU)
+            assert _wait(lambda: len(p.worker_pids()) == 1)
+            c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+            assert get(c)[0] == 200
+    finally:
+        up.close()
+
+
+@pytest.mark.skipif(not shutil.which("slowhttptest"), reason="slowhttptest (Debian package) not installed")
+def test_slowloris_is_cut_at_header_deadline_while_others_are_served(tmp_path):
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", "-inHeaderTimeout=2s", workers=2) as p:
+            out = tmp_path / "slow"
+            # 200 slowloris connections, a header line every second, for at most 8 s
+            slow = subprocess.Popen(
+                ["slowhttptest", "-H", "-c", "200", "-r", "200", "-i", "1", "-l", "8", "-s", "8192",
+                 "-x", "10", "-p", "3", "-g", "-o", str(out),
+                 "-u", f"http://127.0.0.1:{p.port}/"],
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            time.sleep(2.5)
+            res = load(p.host, p.port, threads=4, duration=3.0, max_requests=2000)
+            text, _ = slow.communicate(timeout=60)
+            assert res.failed == 0 and res.ok > 50, res.errors[:3]
+            csv = (tmp_path / "slow.csv").read_text().strip().splitlines()
+            # columns: seconds, closed, pending, connected, service available
+            rows = [r.split(",") for r in csv[1:]]
+            closed = max(int(r[1]) for r in rows)
+            assert closed >= 150, text[-2000:]
+            # nothing stays connected much past the 2 s header deadline
+            assert all(int(r[3]) == 0 for r in rows if int(r[0]) >= 6), csv
+    finally:
+        up.close()
