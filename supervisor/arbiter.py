@@ -1,0 +1,593 @@
+"""The master process (arbiter): owns the listeners, the shared stats memory
+and the worker processes.  It proxies nothing.
+
+Theory of operation
+-------------------
+``run()`` binds every listener and creates the stats map, forks one worker per
+slot, then loops: wait on the signal pipe (at most a second), dispatch each
+signal to ``handle_<name>`` (see ``signals.SIGNALS``), reap dead children,
+then ``tick()``: notice workers that became ready, kill stuck ones, respawn
+slots whose back-off expired, advance a rolling reload or a stop.
+
+The master is synchronous and single-threaded, and never imports gevent: a hub
+or a thread in the master would be inherited by every worker (DESIGN §2,
+STYLE §8).  Signal handlers do nothing; the loop reads the signal numbers
+from a wakeup pipe.
+
+A *slot* is a place for one serving worker and (TCP) its own SO_REUSEPORT
+socket.  ``Slot.pid`` is the worker serving it.  Other live workers are
+either the one new worker of a rolling reload (``self.pending``) or old ones
+that were told to stop and have a kill deadline.  Every process gets its own
+stats block, claimed before the fork and released when it is reaped.
+
+Time is ``time.monotonic()`` throughout, the same clock the workers write
+their heartbeats with (CLOCK_MONOTONIC is system-wide).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Callable
+
+from httptp.stats import STATE_READY, Stats
+from httptp.supervisor import proctitle, systemd
+from httptp.supervisor.signals import SIGNALS, SignalQueue
+from httptp.supervisor.sockets import ListenError, open_listeners
+
+STABLE_AFTER = 5.0         # a worker that lived this long is respawned at once
+BACKOFF_FIRST = 0.1        # then 0.2, 0.4 ... for workers dying young, per slot
+BACKOFF_MAX = 10.0
+QUIT_GRACE = 1.0           # QUIT: how long workers get before SIGKILL
+REAP_GRACE = 5.0           # after the last SIGKILL, how long we wait to reap
+
+
+def log(message: str) -> None:
+    """One line on stderr, where supervisord and journald collect it."""
+    sys.stderr.write(f"httptp: {message}\n")
+    sys.stderr.flush()
+
+
+@dataclass
+class Worker:
+    pid: int
+    slot: int
+    block: int
+    generation: int
+    started: float
+    ready_at: float | None = None
+    deadline: float = math.inf     # SIGKILL after this: set when told to stop
+    killed: bool = False
+
+    @property
+    def label(self) -> str:
+        return f"worker {self.slot} (pid {self.pid}, gen {self.generation})"
+
+
+@dataclass
+class Slot:
+    index: int
+    pid: int | None = None         # the worker serving this slot
+    failures: int = 0              # young deaths in a row, for the back-off
+    respawn_at: float | None = None
+
+
+class Arbiter:
+    """``Arbiter(config, reload_config).run()`` is the whole master.
+
+    ``reload_config()`` returns a fresh Config on HUP (or raises).
+    ``worker_main`` is called in each forked child as ``worker_main(config,
+    listener, stats, block, slot, generation, upstream_ids) -> exit code``;
+    by default ``httptp.workers.worker.run``, imported in the child.
+    ``stats`` is an existing ``httptp.stats.Stats`` to use instead of a new map.
+    """
+
+    heartbeat_timeout = 30.0   # a ready worker silent this long is killed
+    boot_timeout = 30.0        # a worker not ready this long after fork is killed
+    ready_timeout = 10.0       # READY=1 to systemd after this even if not all are ready
+
+    def __init__(self, config, reload_config: Callable[[], object],
+                 worker_main: Callable[..., int] | None = None, *, stats=None) -> None:
+        self.config = config
+        self.reload_config = reload_config
+        self.worker_main = worker_main
+        self.stats = stats
+        self.signals = SignalQueue()
+        self.listeners = None
+        self.workers: dict[int, Worker] = {}
+        self.slots: dict[int, Slot] = {}
+        self.max_slots = 1
+        self.generation = 0
+        self.upstream_ids: list[int] = []
+        self.stopping: str | None = None          # None, "graceful" or "fast"
+        self.stop_deadline = math.inf
+        self.rolling = False                      # a HUP is replacing workers
+        self.pending: int | None = None           # pid of the new worker it waits for
+        self.previous = None                      # (config, upstream_ids) before the HUP
+        self.reload_again = False
+        self.ready_deadline: float | None = None  # until READY=1 was sent
+
+    # -- main loop ---------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until stopped; 0 after a stop, 1 if the listeners cannot be opened."""
+        try:
+            self.start()
+            self.loop()
+        except ListenError as err:
+            log(str(err))
+            return 1
+        finally:
+            self.shutdown()
+        return 0
+
+    def start(self) -> None:
+        """Install signals, bind, create the stats map, fork the first workers."""
+        self.signals.install()
+        config = self.config
+        self.listeners = open_listeners(config.listen, config.workers, config.reuse_port)
+        if self.stats is None:
+            self.stats = Stats.create(max_blocks=max(64, 4 * config.workers + 2))
+        self.max_slots = max(1, (self.stats.max_blocks - 1) // 2)
+        self.upstream_ids = self.stats.assign_upstreams(_upstream_names(config))
+        log(f"listening on {self.listeners.name} pid={os.getpid()}")
+        self._set_title()
+        for index in range(config.workers):
+            self.slots[index] = Slot(index)
+            self.respawn(self.slots[index])
+        self.ready_deadline = time.monotonic() + self.ready_timeout
+
+    def loop(self) -> None:
+        while not (self.stopping and not self.workers):
+            for signum in self.signals.wait(self._timeout()):
+                self.dispatch(signum)
+            self.reap()
+            now = time.monotonic()
+            if self.stopping and now > self.stop_deadline + REAP_GRACE:
+                log(f"gave up waiting for {len(self.workers)} killed workers to exit")
+                return
+            self.tick(now)
+
+    def _timeout(self) -> float:
+        busy = (self.stopping or self.rolling or self.ready_deadline is not None
+                or any(s.respawn_at is not None for s in self.slots.values()))
+        return 0.05 if busy else 1.0
+
+    def dispatch(self, signum: int) -> None:
+        entry = SIGNALS.get(signum)
+        if entry is not None:
+            getattr(self, "handle_" + entry[0])()
+
+    def tick(self, now: float) -> None:
+        """Periodic work, after signals and reaping."""
+        self.check_workers(now)
+        if not self.stopping:
+            for slot in list(self.slots.values()):
+                if slot.respawn_at is not None and now >= slot.respawn_at:
+                    self.respawn(slot)
+        if self.rolling:
+            self.roll()
+        self.notify_ready(now)
+
+    def shutdown(self) -> None:
+        """Close what the master owns; runs once, whatever way ``run()`` ends."""
+        for worker in self.workers.values():   # only after a bug or "gave up"
+            _kill(worker.pid, signal.SIGKILL)
+        if self.listeners is not None:
+            self.listeners.close()
+        self.signals.close()
+
+    # -- signal handlers (called from the loop, never from a signal handler) ----
+
+    def handle_term(self) -> None:
+        self.stop(graceful=True)
+
+    def handle_int(self) -> None:
+        """Graceful like TERM; a second INT during the drain makes it fast."""
+        self.stop(graceful=self.stopping is None)
+
+    def handle_quit(self) -> None:
+        self.stop(graceful=False)
+
+    def handle_hup(self) -> None:
+        if self.stopping:
+            log("HUP ignored: stopping")
+        elif self.rolling:
+            self.reload_again = True
+            log("HUP: a reload is in progress; reloading again when it is done")
+        else:
+            self.reload()
+
+    def handle_ttin(self) -> None:
+        if self.stopping:
+            return
+        count = len(self.slots) + 1
+        if count > self.max_slots:
+            log(f"TTIN ignored: {self.max_slots} workers is the most this master can run")
+        elif self.add_slot() is not None:
+            log(f"TTIN: now {count} workers")
+
+    def handle_ttou(self) -> None:
+        if self.stopping:
+            return
+        if len(self.slots) <= 1:
+            log("TTOU ignored: one worker is the least")
+            return
+        self.remove_slot(max(self.slots))
+        log(f"TTOU: now {len(self.slots)} workers")
+
+    def handle_usr1(self) -> None:
+        for pid in self.workers:
+            _kill(pid, signal.SIGUSR1)
+        log(f"USR1: asked {len(self.workers)} workers to reopen their log files")
+
+    def handle_chld(self) -> None:
+        self.reap()
+
+    # -- workers -------------------------------------------------------------------
+
+    def spawn(self, index: int) -> Worker | None:
+        """Fork a worker for slot ``index``; None (logged) if that failed."""
+        try:
+            block = self.stats.claim_block(0, index, self.generation)
+        except RuntimeError as err:
+            log(f"cannot start worker {index}: {err}")
+            return None
+        listener = self.listeners.get(index)
+        _flush_std()
+        try:
+            with self.signals.blocked():
+                pid = os.fork()
+                if pid == 0:
+                    self._child(listener, block, index, self.generation)
+        except OSError as err:
+            self.stats.release_block(block)
+            log(f"cannot start worker {index}: fork: {err}")
+            return None
+        self.stats.set_block_pid(block, pid)
+        worker = Worker(pid, index, block, self.generation, time.monotonic())
+        self.workers[pid] = worker
+        return worker
+
+    def _child(self, listener, block: int, slot: int, generation: int) -> None:
+        """In the new child: prepare, run the worker, and never return."""
+        code = 1
+        try:
+            self.signals.reset_in_child()
+            self.listeners.keep_only(slot)
+            proctitle.set_title(f"httptp: worker {slot} gen {generation} [{self.config.in_addr}]")
+            main = self.worker_main or _default_worker_main()
+            code = main(self.config, listener, self.stats, block, slot, generation,
+                        list(self.upstream_ids))
+        except SystemExit as exc:
+            code = exc.code
+        except BaseException as exc:
+            _report_crash(slot, exc)
+            code = 1
+        finally:
+            _flush_std()
+            os._exit(_exit_status(code))
+
+    def respawn(self, slot: Slot) -> None:
+        """Give ``slot`` a serving worker now, or retry after the back-off."""
+        slot.respawn_at = None
+        worker = self.spawn(slot.index)
+        if worker is None:
+            slot.respawn_at = time.monotonic() + self._backoff(slot, 0.0)
+        else:
+            slot.pid = worker.pid
+
+    def reap(self) -> None:
+        """Collect every exited child (non-blocking)."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            worker = self.workers.pop(pid, None)
+            if worker is not None:
+                self.stats.release_block(worker.block)
+                self.on_exit(worker, _describe_status(status))
+
+    def on_exit(self, worker: Worker, how: str) -> None:
+        """Log one line for a dead worker; replace it if its slot still needs it."""
+        slot = self.slots.get(worker.slot)
+        if worker.pid == self.pending:
+            self.pending = None
+            self.abort_reload(f"the new {worker.label} {how} before it was ready")
+            return
+        if slot is None or slot.pid != worker.pid:
+            log(f"{worker.label} {how}")   # an old or removed worker we stopped
+            return
+        slot.pid = None
+        if self.stopping:
+            log(f"{worker.label} {how}")
+            return
+        if self._promote_pending(slot):
+            log(f"{worker.label} {how}; its replacement is already starting")
+            return
+        lived = time.monotonic() - worker.started
+        delay = self._backoff(slot, lived)
+        self.stats.incr_restarts()
+        when = "now" if delay == 0 else f"in {delay:g} s"
+        log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}")
+        slot.respawn_at = time.monotonic() + delay
+
+    def _backoff(self, slot: Slot, lived: float) -> float:
+        if lived >= STABLE_AFTER:
+            slot.failures = 0
+            return 0.0
+        delay = min(BACKOFF_FIRST * 2 ** slot.failures, BACKOFF_MAX)
+        slot.failures += 1
+        return delay
+
+    def check_workers(self, now: float) -> None:
+        """Notice readiness from the stats blocks; SIGKILL stuck workers."""
+        for worker in list(self.workers.values()):
+            info = self.stats.block_info(worker.block)
+            if worker.ready_at is None and info["state"] == STATE_READY:
+                worker.ready_at = now
+                log(f"{worker.label} ready after {now - worker.started:.2f} s")
+            reason = self._kill_reason(worker, info["heartbeat"], now)
+            if reason and not worker.killed:
+                log(f"{worker.label} {reason}; killing it")
+                _kill(worker.pid, signal.SIGKILL)
+                worker.killed = True
+
+    def _kill_reason(self, worker: Worker, heartbeat: float, now: float) -> str | None:
+        if now > worker.deadline:
+            return "did not stop in time after it was told to"
+        if worker.ready_at is None:
+            if now - worker.started > self.boot_timeout:
+                return f"was not ready {self.boot_timeout:g} s after it started"
+            return None
+        silent = now - max(heartbeat, worker.ready_at)
+        if silent > self.heartbeat_timeout:
+            return f"sent no heartbeat for {silent:.0f} s"
+        return None
+
+    def _tell(self, worker: Worker, signum: int, grace: float) -> None:
+        """Send ``signum`` and SIGKILL the worker if still alive ``grace`` s later."""
+        worker.deadline = min(worker.deadline, time.monotonic() + grace)
+        _kill(worker.pid, signum)
+
+    # -- slots (TTIN, TTOU, HUP with a new -workers) -------------------------------
+
+    def add_slot(self) -> Slot | None:
+        index = min(set(range(len(self.slots) + 1)) - set(self.slots))
+        try:
+            self.listeners.add(index)
+        except ListenError as err:
+            log(str(err))
+            return None
+        slot = self.slots[index] = Slot(index)
+        self.respawn(slot)
+        return slot
+
+    def remove_slot(self, index: int) -> None:
+        """Stop slot ``index``'s workers gracefully and drop the slot now.
+
+        The master closes its copy of the slot's socket right away: the
+        worker's copy keeps it open until that worker stops accepting, and
+        connections queued on it then are reset (unless tcp_migrate_req=1).
+        Keeping the master's copy until the worker exited would only queue
+        more connections that nobody accepts.
+        """
+        slot = self.slots.pop(index)
+        for pid in (slot.pid, self._pending_for(index)):
+            if pid is not None:
+                self._tell(self.workers[pid], signal.SIGTERM, self.config.graceful_timeout)
+        if self._pending_for(index) is not None:
+            self.pending = None
+        self.listeners.remove(index)
+
+    def resize(self, count: int) -> None:
+        count = max(1, min(count, self.max_slots))
+        while len(self.slots) < count and self.add_slot() is not None:
+            pass
+        while len(self.slots) > count:
+            self.remove_slot(max(self.slots))
+
+    # -- reload (HUP) -----------------------------------------------------------------
+
+    def reload(self) -> None:
+        """Apply ``reload_config()`` by replacing the workers one slot at a time."""
+        try:
+            new = self.reload_config()
+            refused = _restart_needed(self.config, new)
+            if refused:
+                raise ValueError(f"changing {refused} needs a restart")
+            upstream_ids = self.stats.assign_upstreams(_upstream_names(new))
+        except (Exception, SystemExit) as err:
+            log(f"reload failed, keeping the running configuration: {_one_line(err)}")
+            return
+        systemd.reloading("reloading")
+        self.previous = (self.config, self.upstream_ids)
+        self.config, self.upstream_ids = new, upstream_ids
+        self.generation += 1
+        self._set_title()
+        log(f"reloading: replacing the workers with generation {self.generation}")
+        self.rolling = True
+        self.resize(new.workers)
+        self.roll()
+
+    def roll(self) -> None:
+        """One step of the rolling reload: swap in a ready new worker, start the next."""
+        if self.pending is not None:
+            new = self.workers[self.pending]
+            if new.ready_at is None:
+                return
+            self.pending = None
+            self._promote(new)
+        stale = [s for i, s in sorted(self.slots.items())
+                 if s.pid is not None and self.workers[s.pid].generation < self.generation]
+        if not stale:
+            self.finish_reload()
+            return
+        new = self.spawn(stale[0].index)
+        if new is None:
+            self.abort_reload(f"cannot start a new worker {stale[0].index}")
+        else:
+            self.pending = new.pid
+
+    def _promote(self, new: Worker) -> None:
+        """``new`` serves its slot; the worker it replaces drains."""
+        slot = self.slots[new.slot]
+        old = self.workers.get(slot.pid) if slot.pid is not None else None
+        slot.pid = new.pid
+        if old is not None:
+            self._tell(old, signal.SIGTERM, self.config.graceful_timeout)
+
+    def _pending_for(self, index: int) -> int | None:
+        if self.pending is not None and self.workers[self.pending].slot == index:
+            return self.pending
+        return None
+
+    def _promote_pending(self, slot: Slot) -> bool:
+        """The old worker of ``slot`` died mid-reload: its new one takes over at once."""
+        pid = self._pending_for(slot.index)
+        if pid is None:
+            return False
+        self.pending = None
+        slot.pid = pid
+        return True
+
+    def finish_reload(self) -> None:
+        self.rolling = False
+        self.previous = None
+        log(f"reloaded: {len(self.slots)} workers run generation {self.generation}")
+        systemd.ready(self._status())
+        if self.reload_again:
+            self.reload_again = False
+            self.reload()
+
+    def abort_reload(self, reason: str) -> None:
+        """Keep serving with what runs; later respawns use the old configuration."""
+        self.rolling = False
+        self.reload_again = False
+        self.config, self.upstream_ids = self.previous
+        self.previous = None
+        self.generation += 1   # the old configuration, respawned from now on, gets its own number
+        self._set_title()
+        log(f"reload aborted, keeping the running workers: {reason}")
+        systemd.ready(self._status())
+
+    # -- stop (TERM, INT, QUIT) -------------------------------------------------------
+
+    def stop(self, graceful: bool) -> None:
+        """Graceful: TERM, SIGKILL after -gracefulTimeout.  Fast: QUIT, SIGKILL after 1 s.
+
+        The master closes its listener copies at once: each worker's copy keeps
+        its socket open until that worker stops accepting, and a client then
+        gets a refused connection (or, with -reusePort, another process of the
+        group) instead of waiting in a queue nobody will accept.
+        """
+        if self.stopping == "fast" or (graceful and self.stopping):
+            return
+        if self.stopping is None:
+            systemd.stopping("stopping")
+        self.stopping = "graceful" if graceful else "fast"
+        self.rolling = False
+        grace = self.config.graceful_timeout if graceful else QUIT_GRACE
+        signum = signal.SIGTERM if graceful else signal.SIGQUIT
+        how = "graceful stop" if graceful else "fast stop"
+        log(f"{how}: {signum.name} to {len(self.workers)} workers, SIGKILL after {grace:g} s")
+        for worker in self.workers.values():
+            self._tell(worker, signum, grace)
+        self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
+        self.listeners.close()
+
+    # -- systemd and titles --------------------------------------------------------------
+
+    def notify_ready(self, now: float) -> None:
+        """READY=1 once every slot's worker is ready, or after ``ready_timeout``."""
+        if self.ready_deadline is None or self.stopping:
+            return
+        serving = [self.workers[s.pid] for s in self.slots.values() if s.pid in self.workers]
+        all_ready = len(serving) == len(self.slots) and all(w.ready_at for w in serving)
+        if not all_ready and now < self.ready_deadline:
+            return
+        self.ready_deadline = None
+        if all_ready:
+            log(f"ready: {len(self.slots)} workers")
+        else:
+            log(f"warning: workers not ready after {self.ready_timeout:g} s; "
+                "telling systemd we are ready anyway")
+        systemd.ready(self._status())
+
+    def _status(self) -> str:
+        return f"{len(self.slots)} workers on {self.listeners.name}, generation {self.generation}"
+
+    def _set_title(self) -> None:
+        out = ",".join(_upstream_names(self.config))
+        proctitle.set_title(f"httptp: master [{self.config.in_addr} -> {out}]")
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def _default_worker_main():
+    from httptp.workers.worker import run   # in the child only: it imports gevent
+    return run
+
+
+def _restart_needed(old, new) -> str:
+    """The flags (``-in, -inType``) a HUP cannot change, "" if none."""
+    from httptp.config import restart_needed
+    return ", ".join(f"-{name}" for name in sorted(restart_needed(old, new)))
+
+
+def _upstream_names(config) -> list[str]:
+    return [str(address) for address in config.upstreams]
+
+
+def _kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass   # exited, not reaped yet: the loop will reap it
+
+
+def _describe_status(status: int) -> str:
+    code = os.waitstatus_to_exitcode(status)
+    if code < 0:
+        return f"was killed by signal {-code} ({signal.Signals(-code).name})"
+    return f"exited with status {code}"
+
+
+def _exit_status(code) -> int:
+    """What ``os._exit`` gets for a worker's return value or SystemExit code."""
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    return 1
+
+
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, SystemExit):
+        return f"exit status {err.code}"
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def _report_crash(slot: int, exc: BaseException) -> None:
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
+    log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}")
+
+
+def _flush_std() -> None:
+    """Flush before fork (no duplicated output) and before ``os._exit`` (no lost output)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
