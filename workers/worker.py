@@ -9,7 +9,8 @@ signal handlers through gevent:
   close idle keep-alive connections, let in-flight requests finish with
   ``Connection: close``, exit 0 when none is left or ``-gracefulTimeout`` passed;
 * QUIT: exit at once;
-* INT: ignored (Ctrl-C reaches the whole process group; the master decides);
+* INT and HUP: ignored (Ctrl-C reaches the whole process group; the master decides);
+* USR1: reopen log files (nothing to reopen while we log to stderr);
 * the master going away (our parent pid changes) drains us too.
 
 A heartbeat greenlet writes the time into our shared-memory block every second;
@@ -38,7 +39,7 @@ from httptp.io.http_server import ClientConnection
 from httptp.io.pipeline import Proxy, stderr_log
 from httptp.netaddr import AllowList
 
-STATE_BOOTING, STATE_READY, STATE_DRAINING = 1, 2, 3
+
 HEARTBEAT_INTERVAL = 1.0
 
 
@@ -72,8 +73,11 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGQUIT, self._quit)
-        gevent.signal_handler(signal.SIGHUP, lambda: None)
-        stats.set_state(block, STATE_READY)
+        # USR1 reopens log files; workers write only to the inherited stderr
+        # today, so there is nothing to reopen yet, but the default action
+        # (terminate) must never apply.
+        gevent.signal_handler(signal.SIGUSR1, lambda: None)
+        stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
         acceptor = gevent.spawn(self._accept_loop)
@@ -87,7 +91,7 @@ class Worker:
         if self.draining:
             return
         self.draining = True
-        self.stats.set_state(self.block, STATE_DRAINING)
+        self.stats.set_state(self.block, S.STATE_DRAINING)
         try:
             self.listener.close()   # our copy; the master's keeps the queue alive
         except OSError:
