@@ -4,28 +4,33 @@ Sources, highest first: command line, HTTPTP_* environment, -config file,
 defaults (see httptp.settings).  Every bad value raises ConfigError whose
 message starts with the flag ("-outTimeout: invalid duration 'x' ...").
 
-Why not configargparse (although it is a dependency): it turns config-file
-entries into ``--key=value`` arguments and feeds them back through argparse, so
-an unknown key or bad value is reported as an "unrecognized argument" with no
-file name or line; its booleans in files follow store_true, not Go's
-``-flag=false``; and its env/file layer needs ``--`` options.  The file format
-here is small enough (``flagName = value``, ``#`` comments) to read in a few
-lines with line numbers in every error.
+The file is read with configargparse's own config-file parser (the format
+its users know: ``flagName = value``, ``flagName: value``, ``[sections]``
+ignored, ``#``/``;`` comments, ``out = [a, b]`` lists), fed one line at a
+time so that every error names the file and the line.  We do not let
+configargparse drive argparse itself: it would turn file entries into
+``--key=value`` arguments, report a bad key as an "unrecognized argument"
+with no file or line, and read booleans as store_true instead of Go's
+``-flag=false``.
 """
 
 from __future__ import annotations
 
 import difflib
+import io
 import ipaddress
 import os
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
+
+import configargparse
 
 from httptp import settings
 from httptp.errors import ConfigError
 from httptp.netaddr import Address, parse_address
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+_FILE_LINE = configargparse.DefaultConfigFileParser()
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +113,7 @@ def gather(argv: list[str], environ: Mapping[str, str]) -> dict[str, tuple[str, 
 
 
 def read_config_file(path: str) -> dict[str, tuple[str, str]]:
-    """Lines ``flagName = value``; ``#`` starts a comment line; blank lines are
-    skipped; one pair of quotes around a value is removed.  Returns
-    {flag name: (value, "PATH:LINE")}."""
+    """Parse a config file (format above).  Returns {flag name: (value, "PATH:LINE")}."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.read().splitlines()
@@ -119,16 +122,17 @@ def read_config_file(path: str) -> dict[str, tuple[str, str]]:
         raise ConfigError(f"-config: cannot read {path}: {reason}") from None
     found: dict[str, tuple[str, str]] = {}
     for number, line in enumerate(lines, 1):
-        text = line.strip()
-        if not text or text.startswith("#"):
-            continue
         where = f"{path}:{number}"
-        key, sep, value = text.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise ConfigError(f"-config: {where}: want 'flagName = value', got {text!r}")
-        _check_file_key(key, where, found)
-        found[key] = (_unquote(value.strip()), where)
+        try:
+            items = _FILE_LINE.parse(io.StringIO(line))
+        except configargparse.ConfigFileParserException:
+            raise ConfigError(f"-config: {where}: want 'flagName = value', got {line.strip()!r}") from None
+        for key, value in items.items():
+            key = key.lstrip("-")
+            _check_file_key(key, where, found)
+            if isinstance(value, list):
+                value = ",".join(value)
+            found[key] = (value, where)
     return found
 
 
@@ -141,12 +145,6 @@ def _check_file_key(key: str, where: str, found: Mapping[str, tuple[str, str]]) 
         raise ConfigError(f"-config: {where}: {key} cannot be set in a config file")
     if key in found:
         raise ConfigError(f"-config: {where}: {key} is already set at {found[key][1]}")
-
-
-def _unquote(value: str) -> str:
-    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
-        return value[1:-1]
-    return value
 
 
 def _suggest(name: str) -> str:

@@ -119,6 +119,7 @@ class Arbiter:
         try:
             self.start()
             self.loop()
+            self.log_summary()
         except ListenError as err:
             log(str(err))
             return 1
@@ -173,6 +174,23 @@ class Arbiter:
         if self.rolling:
             self.roll()
         self.notify_ready(now)
+
+    def log_summary(self) -> None:
+        """One line at exit: requests served in all, and by each worker block.
+
+        Read from the shared memory, so it is also what the stats server will
+        sum; a block keeps its counters across the processes that used it."""
+        stats = self.stats
+        per_block = []
+        for block in range(stats.max_blocks):
+            served = stats.block_counters(block)["inRequestSuccess"]
+            if served:
+                per_block.append(f"{block}={served}")
+        totals = stats.totals()
+        log(f"stopped: {totals['inRequestSuccess']} requests served, "
+            f"{totals['inRequestStart']} started, "
+            f"{totals['inRequestTimeoutError'] + totals['inRequestOtherError']} upstream errors; "
+            f"per worker block: {' '.join(per_block) or 'none'}")
 
     def shutdown(self) -> None:
         """Close what the master owns; runs once, whatever way ``run()`` ends."""

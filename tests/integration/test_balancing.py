@@ -60,16 +60,26 @@ def test_dead_upstream_is_ejected_and_reinstated():
 
 def test_counters_add_up_across_workers():
     """Requests served per worker (shared memory) add up to what was sent."""
-    import json
-    import subprocess
-    import sys
+    import re
+    import signal
     up = Upstream()
     try:
-        with HttpTp(f"-out={up.addr}", "-outType=http", workers=2) as p:
-            res = load(p.host, p.port, threads=6, max_requests=600, duration=20)
+        p = HttpTp(f"-out={up.addr}", "-outType=http", workers=2)
+        try:
+            # one client connection per thread: both workers get some
+            res = load(p.host, p.port, threads=16, max_requests=600, duration=20)
             assert res.ok == 600
-            pids = p.worker_pids()
-            assert len(pids) == 2
+            p.signal(signal.SIGTERM)
+            assert p.wait(15) == 0
+        finally:
+            p.kill()
     finally:
         up.close()
     assert up.requests == 600
+    m = re.search(r"stopped: (\d+) requests served, (\d+) started, (\d+) upstream errors; "
+                  r"per worker block: (.*)", p.output)
+    assert m, p.output
+    assert m.group(1) == m.group(2) == "600" and m.group(3) == "0"
+    per_block = [int(kv.split("=")[1]) for kv in m.group(4).split()]
+    assert sum(per_block) == 600
+    assert len(per_block) == 2 and min(per_block) > 0   # both workers served

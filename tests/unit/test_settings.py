@@ -324,7 +324,7 @@ inAllowIP =
 
 @pytest.mark.parametrize("text, expected", [
     ("outType = http\noutTimout = 1s\n", ":2: unknown key 'outTimout' (did you mean outTimeout?)"),
-    ("outType = http\nworkers 2\n", ":2: want 'flagName = value', got 'workers 2'"),
+    ("outType = http\n= 2\n", ":2: want 'flagName = value', got '= 2'"),
     ("= 2\n", ":1: want 'flagName = value'"),
     ("workers = 1\nworkers = 2\n", ":2: workers is already set at "),
     ("config = other.conf\n", ":1: config cannot be set in a config file"),
