@@ -17,7 +17,11 @@ Rules
   latency(u) is this block's EWMA (alpha 0.2) of successful requests, else the
   mean of the other blocks' known EWMAs, else — unknown — the smallest latency
   known for any candidate (so a new upstream gets tried; if none is known all
-  score with latency 1).  penalty(u) is the decayed failure penalty summed over
+  score with latency 1).  An estimate that no block refreshed for
+  ``RELAX_AFTER`` seconds relaxes linearly toward that smallest latency,
+  reaching it ``RELAX_SPAN`` seconds later: at low load the fastest upstream wins every pick, and
+  without this one unlucky slow sample would starve an equal upstream forever,
+  since a starved upstream is never measured again.  penalty(u) is the decayed failure penalty summed over
   blocks (own live, others from the snapshot).  Ties go round-robin: the scan
   starts one position later on every pick and the first lowest score wins, so
   equal upstreams share evenly.
@@ -65,7 +69,7 @@ from __future__ import annotations
 
 import time
 
-from .stats import (IN_USE, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA,
+from .stats import (IN_USE, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA, UP_EWMA_T,
                     UP_FAILURES, UP_INFLIGHT, UP_PENALTY, UP_PENALTY_T, UP_PROBING,
                     UP_REQUESTS, UP_REVIVED, Stats)
 
@@ -73,6 +77,8 @@ ALPHA = 0.2                 # EWMA weight of the newest latency
 PENALTY_MAX = 300.0         # the fasthttp LBClient cap
 PENALTY_FLOOR = 0.01        # a decayed penalty below this scores as 0
 MIN_LATENCY = 1e-6          # a measured 0 would read as "unknown"
+RELAX_AFTER = 1.0           # seconds without a latency sample before the estimate relaxes
+RELAX_SPAN = 2.0            # ... linearly, reaching the fastest known latency after this
 PROBE_GRACE = 0.25          # seconds the probe waits for its holder before anyone may send it
 _INF = float("inf")
 
@@ -132,7 +138,7 @@ class Balancer:
         self._next_refresh = now + self._refresh_every
         q, d, n = self._q, self._d, self._n
         inflight, penalty, probing = [0] * n, [0.0] * n, [0] * n
-        ewma_sum, ewma_cnt = [0.0] * n, [0] * n
+        ewma_sum, ewma_cnt, sampled = [0.0] * n, [0] * n, [0.0] * n
         revived = [d[b + UP_REVIVED] for b in self._bases]
         ejects = []
         for block, bbase in self._others:
@@ -150,6 +156,8 @@ class Balancer:
                 if e:
                     ewma_sum[i] += e
                     ewma_cnt[i] += 1
+                    if d[b + UP_EWMA_T] > sampled[i]:
+                        sampled[i] = d[b + UP_EWMA_T]
                 probing[i] |= q[b + UP_PROBING]
                 if d[b + UP_REVIVED] > revived[i]:
                     revived[i] = d[b + UP_REVIVED]
@@ -158,6 +166,7 @@ class Balancer:
                     ejects.append((i, block, until))
         self._o_inflight, self._o_penalty, self._o_probing = inflight, penalty, probing
         self._o_ewma = [s / c if c else 0.0 for s, c in zip(ewma_sum, ewma_cnt)]
+        self._o_sampled = sampled
         self._o_eject, self._o_holder = self._valid_ejections(ejects, revived)
         self._clear_stale(revived)
 
@@ -235,6 +244,7 @@ class Balancer:
     def _lowest_score(self, order, now: float, min_lat: float) -> int:
         q, d, bases, lat, avail = self._q, self._d, self._bases, self._lat, self._avail
         o_inflight, o_penalty, halflife = self._o_inflight, self._o_penalty, self._halflife
+        o_sampled = self._o_sampled
         best, best_score = -1, _INF
         for i in order:
             if not avail[i]:
@@ -245,8 +255,19 @@ class Balancer:
                 p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / halflife)
                 if p < PENALTY_FLOOR:
                     p = 0.0         # an old failure must not lose every tie forever
+            latency = lat[i]
+            if latency > min_lat:
+                # An estimate nobody refreshed lately relaxes toward the fastest
+                # known, so an upstream starved by one slow sample is tried again.
+                age = now - max(d[b + UP_EWMA_T], o_sampled[i]) - RELAX_AFTER
+                if age >= RELAX_SPAN:
+                    latency = min_lat   # a tie: round-robin gives it a turn
+                elif age > 0:
+                    latency -= (latency - min_lat) * age / RELAX_SPAN
+            else:
+                latency = min_lat
             load = q[b + UP_INFLIGHT] + o_inflight[i]
-            score = (load + 1 + p + o_penalty[i]) * (lat[i] or min_lat)
+            score = (load + 1 + p + o_penalty[i]) * latency
             if score < best_score:
                 best, best_score = i, score
         return best
@@ -275,6 +296,7 @@ class Balancer:
         latency = latency if latency > MIN_LATENCY else MIN_LATENCY
         e = d[b + UP_EWMA]
         d[b + UP_EWMA] = e + ALPHA * (latency - e) if e else latency
+        d[b + UP_EWMA_T] = now
         if probe:
             d[b + UP_REVIVED] = now         # first: makes every older ejection stale
             d[b + UP_EJECT] = 0.0

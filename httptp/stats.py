@@ -86,7 +86,8 @@ offset  field         kind     meaning
 7       UP_EJECT      float    monotonic end of the ejection, 0.0 = not ejected
 8       UP_PROBING    gauge    1 while this block's trial request is in flight
 9       UP_REVIVED    float    monotonic time of this block's last successful probe
-10..15  reserved
+10      UP_EWMA_T     float    monotonic time of the last latency sample in UP_EWMA
+11..15  reserved
 ======  ============  =======  =====================================================
 
 ``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
@@ -149,9 +150,11 @@ BLOCK_HEADER_WORDS = 40             # admin + counters + gauges + spare, 64-byte
 # Per-upstream words.
 UP_INFLIGHT, UP_REQUESTS, UP_FAILURES, UP_CONSEC, UP_EWMA = 0, 1, 2, 3, 4
 UP_PENALTY, UP_PENALTY_T, UP_EJECT, UP_PROBING, UP_REVIVED = 5, 6, 7, 8, 9
+UP_EWMA_T = 10
 UP_WORDS = 16
 # Zeroed on claim/release: everything except the counters and UP_REVIVED.
-UP_GAUGES = (UP_INFLIGHT, UP_CONSEC, UP_EWMA, UP_PENALTY, UP_PENALTY_T, UP_EJECT, UP_PROBING)
+UP_GAUGES = (UP_INFLIGHT, UP_CONSEC, UP_EWMA, UP_EWMA_T, UP_PENALTY, UP_PENALTY_T, UP_EJECT,
+             UP_PROBING)
 
 COUNTERS = (
     ("inRequestStart", IN_REQUEST_START, "counter"),

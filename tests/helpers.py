@@ -154,6 +154,22 @@ class Upstream:
             except OSError:
                 pass
 
+    def kill(self):
+        """Behave like a crashed app whose port still accepts: reset the live
+        connections, and accept-then-reset every new one."""
+        self.dead = True
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def revive(self):
+        self.dead = False
+
     def close(self):
         self._stop = True
         try:

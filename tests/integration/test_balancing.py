@@ -31,9 +31,10 @@ def test_dead_upstream_is_ejected_and_reinstated():
     try:
         with HttpTp(f"-out={a.addr},{b.addr}", "-outType=http", "-outMaxFails=3",
                     "-outFailTimeout=2s", workers=2) as p:
-            # warm up both
-            assert load(p.host, p.port, threads=2, max_requests=40).failed == 0
-            b.dead = True
+            # warm up: both serve
+            assert load(p.host, p.port, threads=8, max_requests=400).failed == 0
+            assert a.requests > 20 and b.requests > 20, (a.requests, b.requests)
+            b.kill()
             res = load(p.host, p.port, threads=4, duration=20, max_requests=1000)
             assert res.total == 1000
             assert res.ok >= 995, (res.statuses, res.errors[:3])
@@ -45,7 +46,7 @@ def test_dead_upstream_is_ejected_and_reinstated():
             assert res2.ok >= 995
             assert b.dead_attempts - before <= 20, (early, before, b.dead_attempts)
             # it comes back: reinstated within one cool-down (2 s) plus a margin
-            b.dead = False
+            b.revive()
             served_before = b.requests
             t0 = time.monotonic()
             while b.requests == served_before and time.monotonic() - t0 < 6:

@@ -298,3 +298,21 @@ def test_draining_worker_does_not_hold_the_probe(stats, clock):
     assert {b.pick().index for _ in range(5)} == {1}            # cool-down is still honoured
     clock.advance(5.0)
     assert {b.pick().index for _ in range(6)} == {0, 1}
+
+
+def test_one_slow_sample_does_not_starve_an_equal_upstream(stats, clock):
+    """At low load the fastest wins every pick; an upstream whose only sample was
+    slow is still tried again once its estimate is stale, and then shares."""
+    (a,) = workers(stats, clock, ("x", "y"), count=1)
+    lease = a.pick()
+    first = lease.index
+    lease.release(True, 5 * MS)          # an unlucky first sample (dial, cold cache)
+    other = a.pick()
+    other.release(True, 1 * MS)
+    seen = Counter()
+    for _ in range(400):                 # serial traffic for 4 simulated seconds
+        lease = a.pick()
+        seen[lease.index] += 1
+        clock.advance(0.01)
+        lease.release(True, 1 * MS)
+    assert seen[first] > 0, seen
