@@ -165,3 +165,41 @@ def test_slowloris_is_cut_at_header_deadline_while_others_are_served(tmp_path):
             assert all(int(r[3]) == 0 for r in rows if int(r[0]) >= 6), csv
     finally:
         up.close()
+
+
+def test_process_titles_show_role_and_slot():
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", workers=2) as p:
+            def title(pid):
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    return f.read().replace(b"\0", b" ").decode().strip()
+            assert title(p.proc.pid).startswith("httptp: master [")
+            titles = sorted(title(pid) for pid in p.worker_pids())
+            assert titles[0].startswith("httptp: worker 0 ") and titles[1].startswith("httptp: worker 1 ")
+    finally:
+        up.close()
+
+
+def test_environment_variables_configure_the_real_command():
+    up = Upstream(name="env")
+    try:
+        with HttpTp(workers=1, env={"HTTPTP_OUT": up.addr, "HTTPTP_OUT_TYPE": "http",
+                                    "HTTPTP_CLIENT_IP_HEADER": "X-From-Env"}) as p:
+            c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+            assert get(c)[2] == b"env"
+        assert b"X-From-Env: 127.0.0.1\r\n" in up.received[0]
+    finally:
+        up.close()
+
+
+def test_bad_values_fail_before_binding_with_one_line():
+    from tests.helpers import run_httptp
+    for args, flag in ((["-outType=http", "-outTimeout=5"], "-outTimeout"),
+                       (["-outType=http", "-in=nohost"], "-in"),
+                       (["-outType=http", "-inMaxBodySize=-1"], "-inMaxBodySize"),
+                       (["-outType=ftp"], "-outType")):
+        r = run_httptp(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"httptp: {flag}:"), (args, r.stderr)
