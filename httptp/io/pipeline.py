@@ -22,6 +22,7 @@ from httptp.io.http_client import HTTPUpstream
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
+_KEEP_ALIVE = (b"Connection", b"keep-alive")
 
 
 class _UpstreamTimeout(Exception):
@@ -68,12 +69,15 @@ class Proxy:
                 q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
             else:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+            keep_alive = keep_alive and head.version != b"1.0"  # the cached answers say no keep-alive
             return writer.error_response(err, keep_alive), keep_alive
         rh = resp.head
         q[b + S.IN_REQUEST_SUCCESS] += 1
         if rh.status != 200:
             q[b + S.IN_REQUEST_NON200] += 1
         out_headers = policy.forward_response_headers(rh.headers)
+        if keep_alive and head.version == b"1.0":
+            out_headers.append(_KEEP_ALIVE)   # HTTP/1.0 keeps a connection only when told
         if head.method == b"HEAD":
             data = writer.response(rh.status, rh.reason, out_headers, b"", keep_alive,
                                    content_length=rh.content_length)

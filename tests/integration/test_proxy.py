@@ -324,3 +324,17 @@ def test_idempotent_request_retried_on_other_upstream(parser):
     finally:
         bad.close()
         good.close()
+
+
+def test_http10_keepalive_only_when_asked(upstream, parser):
+    with proxy(upstream, parser) as p:
+        s = socket.create_connection((p.host, p.port), timeout=5)
+        for _ in range(3):   # ab -k style: HTTP/1.0 with Connection: keep-alive
+            s.sendall(b"GET / HTTP/1.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n")
+            data = s.recv(65536)
+            assert data.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: keep-alive\r\n" in data
+        s.close()
+        # plain HTTP/1.0: answered, then closed
+        data = raw_exchange((p.host, p.port), b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
+    assert upstream.connections == 1
