@@ -1,0 +1,48 @@
+"""The teleport protocol, sans-IO: handshake, compression streams, framing.
+
+Theory of operation
+-------------------
+A teleport connection is, bottom to top (PROTOCOL.md §1.1): TCP, a 15-byte
+plaintext handshake each way (`handshake`), optionally TLS, one continuous
+compression stream per direction (`codecs`), and inside the decompressed
+stream back-to-back frames ``[uint32 LE request id][one HTTP/1.1 message]``
+(`framing`).  Everything here turns bytes into values and values into bytes;
+the gevent driver (``httptp.teleport.api``) owns sockets, clocks and batching.
+
+Errors: every failure raises a subclass of `TeleportError`.  None of them is
+reported on the wire (the protocol has no error frame): the driver drops the
+connection and fails every request pending on it.
+
+Nothing in this package imports socket, gevent or time (STYLE.md §7.2), except
+`Client` and `Server`, which are loaded lazily from ``api`` on first access.
+"""
+
+from __future__ import annotations
+
+
+class TeleportError(Exception):
+    """Base of every teleport protocol error; the connection is dropped."""
+
+
+class HandshakeError(TeleportError):
+    """Bad magic, unsupported version or unknown codec in the 15-byte header."""
+
+
+class CodecError(TeleportError):
+    """The compressed stream is corrupt (bad checksum, garbage, bad chunk)."""
+
+
+class FramingError(TeleportError):
+    """The decompressed stream does not frame as id + HTTP/1.1 message."""
+
+
+__all__ = ["TeleportError", "HandshakeError", "CodecError", "FramingError",
+           "Client", "Server"]
+
+
+def __getattr__(name: str):
+    # api imports gevent: load it only when a driver class is asked for.
+    if name in ("Client", "Server"):
+        from httptp.teleport import api
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

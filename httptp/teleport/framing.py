@@ -1,0 +1,357 @@
+"""Frames inside the decompressed teleport stream (PROTOCOL.md §1.4).
+
+Theory of operation
+-------------------
+Each frame is ``[uint32 LE request id][one HTTP/1.1 message]`` with no length
+prefix: HTTP framing alone says where a message ends.  ``encode_request`` and
+``encode_response`` write one frame the way a Go peer can read it (always a
+Content-Length, never chunked or read-until-close, no Connection header).
+`FrameReader` turns a byte stream into complete frames and follows the Go
+reader's body rules, which are not plain RFC 9112:
+
+===========  ==========================================================
+request      GET/HEAD: never a body (Content-Length and
+             Transfer-Encoding are ignored and dropped from the head).
+             Others: chunked if Transfer-Encoding says so, else
+             Content-Length, else empty.
+response     1xx/204/304, and HEAD when ``is_head(id)`` says so: no body.
+             Otherwise chunked or Content-Length; neither is an error
+             (Go would read until EOF; our peers never send that).
+===========  ==========================================================
+
+This stream feeds a proxy whose other leg is plain HTTP, so anything a plain
+HTTP parser could read two ways is refused: conflicting Content-Length,
+Content-Length with chunked, Transfer-Encoding other than chunked/identity,
+bad chunk sizes, control characters, obs-fold.  Any `FramingError` means the
+stream is out of sync and the connection must be dropped.
+
+The reader keeps one bytearray and an offset: the header search resumes where
+the last one stopped, bodies are sliced out once, consumed bytes are dropped
+once per ``feed``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from http import HTTPStatus
+
+from httptp.http.events import RequestHead, ResponseHead
+from httptp.teleport import FramingError
+
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/(1\.[01])")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+# A header block (each line with its CRLF) is checked by one fullmatch and
+# split by one findall: two C passes instead of a Python loop per line.
+_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_HEADER_PAIRS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*([\t\x20-\x7e\x80-\xff]*?)[ \t]*\r\n")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_OWS = b" \t"
+_MAX_CL_DIGITS = 18
+_MAX_CHUNK_LINE = 1024
+
+_NO_BODY_METHODS = frozenset((b"GET", b"HEAD"))
+_CL, _TE, _EXPECT = 14, 17, 6          # lengths of the names we look at
+
+
+# --- writing ---------------------------------------------------------------
+
+def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
+                   body: bytes) -> bytes:
+    """One client -> server frame.
+
+    ``headers`` are written as given: the caller has already removed
+    hop-by-hop headers, Content-Length, Transfer-Encoding and Expect, and
+    passes names and values that its HTTP parser validated.  Content-Length
+    is added for every method but GET/HEAD.  Raises ValueError when there is
+    no Host header (fasthttp refuses it) or a GET/HEAD has a body (a Go peer
+    never reads it, so the stream would lose sync).
+    """
+    if not any(len(n) == 4 and n.lower() == b"host" and v for n, v in headers):
+        raise ValueError("missing Host")
+    parts = [req_id.to_bytes(4, "little"), method, b" ", target, b" HTTP/1.1\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if method in _NO_BODY_METHODS:
+        if body:
+            raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
+        parts.append(b"\r\n")
+    else:
+        parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
+    return b"".join(parts)
+
+
+def encode_response(req_id: int, status: int, reason: bytes, headers: list,
+                    body: bytes) -> bytes:
+    """One server -> client frame.
+
+    ``headers`` as given (hop-by-hop and Content-Length already removed).
+    Content-Length: len(body) is always written except for 1xx/204/304, which
+    must have an empty body (ValueError otherwise).  A HEAD response is passed
+    with body b"" and so says Content-Length: 0: a Go client reads the body a
+    Content-Length announces even after a HEAD (PROTOCOL.md §1.9).
+    """
+    if not reason:
+        try:
+            reason = HTTPStatus(status).phrase.encode()
+        except ValueError:
+            reason = b"Unknown"
+    parts = [req_id.to_bytes(4, "little"), b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    if status < 200 or status == 204 or status == 304:
+        if body:
+            raise ValueError(f"a {status} response cannot carry a body")
+        parts.append(b"\r\n")
+    else:
+        parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
+    return b"".join(parts)
+
+
+# --- reading ---------------------------------------------------------------
+
+class _Framing:
+    """What the framing headers of one head say (internal)."""
+
+    __slots__ = ("content_length", "chunked", "expect")
+
+    def __init__(self, headers: list):
+        self.content_length = None
+        self.chunked = False
+        self.expect = False
+        for name, value in headers:
+            size = len(name)
+            if size != _CL and size != _TE and size != _EXPECT:
+                continue
+            name = name.lower()
+            if name == b"content-length":
+                self._content_length(value)
+            elif name == b"transfer-encoding":
+                self._transfer_encoding(value)
+            elif name == b"expect" and value.lower() == b"100-continue":
+                self.expect = True
+        if self.chunked and self.content_length is not None:
+            raise FramingError("both Content-Length and Transfer-Encoding")
+
+    def _content_length(self, value: bytes):
+        if not value.isdigit() or len(value) > _MAX_CL_DIGITS:
+            raise FramingError(f"invalid Content-Length {value[:20]!r}")
+        n = int(value)
+        if self.content_length is not None and self.content_length != n:
+            raise FramingError("conflicting Content-Length headers")
+        self.content_length = n
+
+    def _transfer_encoding(self, value: bytes):
+        coding = value.lower()
+        if coding == b"identity":
+            return
+        if coding != b"chunked" or self.chunked:
+            raise FramingError(f"unsupported Transfer-Encoding {value[:40]!r}")
+        self.chunked = True
+
+
+def _parse_headers(block: bytes) -> list:
+    """``block`` is the header lines, each ending in CRLF; return the
+    ``(name, value)`` pairs, values without surrounding whitespace."""
+    if _HEADER_BLOCK.fullmatch(block) is None:
+        bad = next(line for line in block.split(b"\r\n")
+                   if _HEADER_BLOCK.fullmatch(line + b"\r\n") is None)
+        raise FramingError(f"malformed header line {bad[:40]!r}")
+    return _HEADER_PAIRS.findall(block)
+
+
+def _take(buf: bytearray, pos: int, size: int) -> bytes:
+    """bytes(buf[pos:pos + size]) with one copy instead of two for big bodies."""
+    if size < 4096:
+        return bytes(buf[pos:pos + size])
+    with memoryview(buf) as view, view[pos:pos + size] as part:
+        return bytes(part)
+
+
+class FrameReader:
+    """Cut a decompressed teleport stream into frames.
+
+    ``kind`` is ``"request"`` (server side) or ``"response"`` (client side).
+    ``max_header_size`` bounds one header block, start line and final empty
+    line included (Go's ReadBufferSize: a larger block kills the connection).
+    ``is_head(req_id)`` tells a client-side reader which responses answer a
+    HEAD and so have no body whatever their Content-Length.
+    ``max_body_size`` (optional) bounds one body.
+    """
+
+    def __init__(self, kind: str, max_header_size: int,
+                 is_head: Callable[[int], bool] | None = None,
+                 max_body_size: int | None = None):
+        if kind not in ("request", "response"):
+            raise ValueError(f"kind must be 'request' or 'response', not {kind!r}")
+        self._parse_head = self._request_head if kind == "request" else self._response_head
+        self._max_header = max_header_size
+        self._max_body = max_body_size
+        self._is_head = is_head
+        self._buf = bytearray()
+        self._pos = 0           # first unconsumed byte
+        self._scan = 0          # where the search for the end of the head resumes
+        self._state = self._read_head
+        self._id = 0
+        self._head = None
+        self._need = 0          # body bytes (Content-Length) or chunk bytes still to read
+        self._parts: list[bytes] = []   # chunked body so far
+        self._size = 0          # chunked body size so far
+
+    def feed(self, data: bytes) -> list[tuple[int, RequestHead | ResponseHead, bytes]]:
+        """Add stream bytes; return the frames they complete, in order.
+
+        Each frame is ``(req_id, head, body)`` with the whole (de-chunked)
+        body.  Partial data is kept for the next call.  Raises FramingError on
+        anything malformed; the reader is then unusable.
+        """
+        buf = self._buf
+        buf += data
+        out: list = []
+        while self._state(out):
+            pass
+        if self._pos:
+            del buf[:self._pos]
+            self._scan -= self._pos
+            self._pos = 0
+        return out
+
+    def _emit(self, out: list, body: bytes) -> bool:
+        out.append((self._id, self._head, body))
+        self._head = None
+        self._state = self._read_head
+        return True
+
+    # --- head
+
+    def _read_head(self, out: list) -> bool:
+        buf, pos = self._buf, self._pos
+        n = len(buf)
+        block = pos + 4
+        if n - block < 2:
+            return False
+        start = block
+        while buf.startswith(b"\r\n", start):      # Go skips blank lines here
+            start += 2
+        end = buf.find(b"\r\n\r\n", max(start, self._scan))
+        if end < 0:
+            if n - block > self._max_header:
+                raise FramingError("header block larger than the read buffer")
+            self._scan = max(start, n - 3)
+            return False
+        if end + 4 - block > self._max_header:
+            raise FramingError("header block larger than the read buffer")
+        self._id = int.from_bytes(buf[pos:block], "little")
+        eol = buf.find(b"\r\n", start)
+        first, headers = bytes(buf[start:eol]), bytes(buf[eol + 2:end + 2])
+        self._pos = self._scan = end + 4
+        return self._parse_head(out, first, headers)
+
+    def _request_head(self, out: list, first: bytes, block: bytes) -> bool:
+        m = _REQUEST_LINE.fullmatch(first)
+        if m is None:
+            raise FramingError(f"malformed request line {first[:60]!r}")
+        method, target, version = m.groups()
+        headers = _parse_headers(block)
+        if method in _NO_BODY_METHODS:
+            # Go reads no body for GET/HEAD whatever the headers say.
+            headers = [(k, v) for k, v in headers
+                       if len(k) not in (_CL, _TE) or k.lower() not in
+                       (b"content-length", b"transfer-encoding")]
+        f = _Framing(headers)
+        self._head = RequestHead(method, target, version, headers, True,
+                                 f.content_length, f.chunked, f.expect)
+        return self._start_body(out, f, method not in _NO_BODY_METHODS, True)
+
+    def _response_head(self, out: list, first: bytes, block: bytes) -> bool:
+        m = _STATUS_LINE.fullmatch(first)
+        if m is None:
+            raise FramingError(f"malformed status line {first[:60]!r}")
+        version, status, reason = m.groups()
+        status = int(status)
+        headers = _parse_headers(block)
+        f = _Framing(headers)
+        self._head = ResponseHead(status, reason or b"", version, headers,
+                                  True, f.content_length, f.chunked)
+        has_body = not (status < 200 or status == 204 or status == 304
+                        or (self._is_head is not None and self._is_head(self._id)))
+        return self._start_body(out, f, has_body, False)
+
+    def _start_body(self, out: list, f: _Framing, has_body: bool, empty_ok: bool) -> bool:
+        if not has_body:
+            return self._emit(out, b"")
+        if f.chunked:
+            self._parts, self._size = [], 0
+            self._state = self._read_chunk_size
+            return True
+        if f.content_length is None:
+            if empty_ok:
+                return self._emit(out, b"")
+            raise FramingError("response without Content-Length")
+        if self._max_body is not None and f.content_length > self._max_body:
+            raise FramingError("body larger than allowed")
+        self._need = f.content_length
+        self._state = self._read_body
+        return True
+
+    # --- bodies
+
+    def _read_body(self, out: list) -> bool:
+        pos, need = self._pos, self._need
+        if len(self._buf) - pos < need:
+            return False
+        self._pos = pos + need
+        return self._emit(out, _take(self._buf, pos, need))
+
+    def _read_chunk_size(self, out: list) -> bool:
+        buf, pos = self._buf, self._pos
+        eol = buf.find(b"\r\n", pos, pos + _MAX_CHUNK_LINE)
+        if eol < 0:
+            if len(buf) - pos >= _MAX_CHUNK_LINE:
+                raise FramingError("chunk size line too long")
+            return False
+        m = _CHUNK_LINE.fullmatch(buf, pos, eol)
+        if m is None:
+            raise FramingError(f"bad chunk size line {bytes(buf[pos:eol])[:40]!r}")
+        size = int(m.group(1), 16)
+        self._pos = eol + 2
+        if size == 0:
+            self._state = self._read_trailer
+            return True
+        self._size += size
+        if self._max_body is not None and self._size > self._max_body:
+            raise FramingError("body larger than allowed")
+        self._need = size
+        self._state = self._read_chunk_data
+        return True
+
+    def _read_chunk_data(self, out: list) -> bool:
+        buf, pos, need = self._buf, self._pos, self._need
+        if len(buf) - pos < need + 2:
+            return False
+        if buf[pos + need:pos + need + 2] != b"\r\n":
+            raise FramingError("chunk data not followed by CRLF")
+        self._parts.append(_take(buf, pos, need))
+        self._pos = pos + need + 2
+        self._state = self._read_chunk_size
+        return True
+
+    def _read_trailer(self, out: list) -> bool:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 2:
+            return False
+        if buf.startswith(b"\r\n", pos):
+            end = pos
+        else:                                   # trailers: checked, then dropped
+            end = buf.find(b"\r\n\r\n", pos)
+            if end < 0 or end + 4 - pos > self._max_header:
+                if len(buf) - pos > self._max_header:
+                    raise FramingError("chunked trailer larger than the read buffer")
+                return False
+            _parse_headers(bytes(buf[pos:end + 2]))
+            end += 2
+        self._pos = end + 2
+        body = b"".join(self._parts)
+        self._parts = []
+        return self._emit(out, body)

@@ -1,0 +1,301 @@
+"""Frames inside the decompressed stream (PROTOCOL.md §1.4, §1.8, §1.9)."""
+
+import pytest
+
+from httptp.http.events import RequestHead, ResponseHead
+from httptp.teleport import FramingError, TeleportError
+from httptp.teleport.framing import FrameReader, encode_request, encode_response
+from httptp.teleport.handshake import Compress, encode
+
+MAX = 4096
+
+EXAMPLE_REQUEST = b"GET /aaa HTTP/1.1\r\nUser-Agent: fasthttp\r\nHost: foobar0.com\r\n\r\n"
+EXAMPLE_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: fasthttp\r\nDate: Fri, 05 May 2017 10:09:23 GMT\r\n"
+                    b"Content-Type: text/plain; charset=utf-8\r\nContent-Length: 11\r\n\r\nfoobar0.com")
+
+
+def frame(req_id: int, msg: bytes) -> bytes:
+    return req_id.to_bytes(4, "little") + msg
+
+
+def read(kind, data, pieces=None, **kw):
+    r = FrameReader(kind, kw.pop("max_header_size", MAX), **kw)
+    if pieces is None:
+        return r.feed(data)
+    out = []
+    for i in range(0, len(data), pieces):
+        out += r.feed(data[i:i + pieces])
+    return out
+
+
+# --- the worked example, byte for byte ---------------------------------------
+
+def test_worked_example_request_bytes():
+    assert len(EXAMPLE_REQUEST) == 62 and len(EXAMPLE_RESPONSE) == 146
+    wire = encode(Compress.NONE, False) + encode_request(
+        1, b"GET", b"/aaa", [(b"User-Agent", b"fasthttp"), (b"Host", b"foobar0.com")], b"")
+    assert wire == bytes.fromhex("6874747074656c65706f7274000100") + b"\x01\x00\x00\x00" + EXAMPLE_REQUEST
+    assert len(wire) == 15 + 4 + 62
+
+
+def test_worked_example_response_decodes():
+    [(rid, head, body)] = read("response", frame(1, EXAMPLE_RESPONSE))
+    assert rid == 1 and body == b"foobar0.com"
+    assert head == ResponseHead(200, b"OK", b"1.1", [
+        (b"Server", b"fasthttp"), (b"Date", b"Fri, 05 May 2017 10:09:23 GMT"),
+        (b"Content-Type", b"text/plain; charset=utf-8"), (b"Content-Length", b"11")],
+        True, 11, False)
+
+
+# --- encoding ----------------------------------------------------------------
+
+def test_encode_post_adds_content_length():
+    out = encode_request(7, b"POST", b"/x", [(b"Host", b"h")], b"abc")
+    assert out == frame(7, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc")
+    out = encode_request(7, b"DELETE", b"/x", [(b"Host", b"h")], b"")
+    assert out.endswith(b"Content-Length: 0\r\n\r\n")
+
+
+def test_encode_request_refusals():
+    with pytest.raises(ValueError, match="missing Host"):
+        encode_request(1, b"GET", b"/", [(b"User-Agent", b"x")], b"")
+    with pytest.raises(ValueError, match="missing Host"):
+        encode_request(1, b"GET", b"/", [(b"Host", b"")], b"")
+    with pytest.raises(ValueError, match="body"):
+        encode_request(1, b"GET", b"/", [(b"Host", b"h")], b"x")
+    with pytest.raises(ValueError, match="body"):
+        encode_request(1, b"HEAD", b"/", [(b"host", b"h")], b"x")
+
+
+def test_encode_response_always_content_length():
+    out = encode_response(0xFFFFFFFF, 200, b"OK", [(b"X", b"y")], b"hi")
+    assert out == b"\xff\xff\xff\xffHTTP/1.1 200 OK\r\nX: y\r\nContent-Length: 2\r\n\r\nhi"
+    # a HEAD answer is passed with an empty body: Content-Length: 0 (PROTOCOL.md §1.9)
+    assert encode_response(1, 200, b"OK", [], b"").endswith(b"\r\nContent-Length: 0\r\n\r\n")
+    assert encode_response(1, 404, b"", [], b"").startswith(b"\x01\x00\x00\x00HTTP/1.1 404 Not Found\r\n")
+
+
+@pytest.mark.parametrize("status", [100, 204, 304])
+def test_encode_response_without_body(status):
+    out = encode_response(1, status, b"R", [(b"ETag", b'"x"')], b"")
+    assert b"Content-Length" not in out and out.endswith(b'ETag: "x"\r\n\r\n')
+    with pytest.raises(ValueError):
+        encode_response(1, status, b"R", [], b"x")
+
+
+# --- round trips ---------------------------------------------------------------
+
+REQUESTS = [
+    (1, b"GET", b"/a?b=c", [(b"Host", b"h"), (b"X-A", b"1")], b""),
+    (2, b"POST", b"/p", [(b"Host", b"h"), (b"Content-Type", b"application/json")], b'{"a":1}'),
+    (3, b"PUT", b"/big", [(b"Host", b"h")], bytes(range(256)) * 4096),
+    (4, b"HEAD", b"/h", [(b"Host", b"h")], b""),
+    (0xFFFFFFFF, b"DELETE", b"/d", [(b"Host", b"h")], b""),
+    (5, b"POST", b"/one", [(b"Host", b"h")], b"x"),
+]
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 7, 4096])
+def test_request_round_trip(pieces):
+    data = b"".join(encode_request(*r) for r in REQUESTS)
+    if pieces == 1:
+        data = data[:300000] if len(data) > 300000 else data
+    frames = read("request", data, pieces)
+    expected = REQUESTS if pieces != 1 else REQUESTS[:len(frames)]
+    assert len(frames) == len(expected) > 0
+    for (rid, head, body), (eid, method, target, headers, ebody) in zip(frames, expected):
+        assert (rid, head.method, head.target, body) == (eid, method, target, ebody)
+        assert head.headers[:len(headers)] == headers
+        assert head.keep_alive and head.version == b"1.1" and not head.chunked
+        assert head.content_length == (None if method in (b"GET", b"HEAD") else len(ebody))
+
+
+def test_response_round_trip_split_everywhere():
+    responses = [(1, 200, b"OK", [(b"Content-Type", b"text/plain")], b"hello"),
+                 (9, 204, b"No Content", [], b""),
+                 (3, 500, b"Internal Server Error", [], b"x" * 70000),
+                 (4, 304, b"Not Modified", [(b"ETag", b'"e"')], b"")]
+    data = b"".join(encode_response(*r) for r in responses)
+    for pieces in (None, 1, 3, 100):
+        frames = read("response", data, pieces)
+        assert [(i, h.status, h.reason, b) for i, h, b in frames] == \
+            [(i, s, r, b) for i, s, r, _, b in responses]
+
+
+def test_4mib_body():
+    body = b"z" * (4 << 20)
+    [(rid, head, got)] = read("request", encode_request(1, b"POST", b"/", [(b"Host", b"h")], body), 65536)
+    assert got == body and head.content_length == len(body)
+
+
+# --- reader rules ----------------------------------------------------------------
+
+def test_blank_lines_before_start_line_are_skipped():
+    data = frame(1, b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    for pieces in (None, 1):
+        [(rid, head, body)] = read("request", data, pieces)
+        assert (rid, head.target, body) == (1, b"/", b"")
+
+
+def test_get_and_head_bodies_are_ignored_and_dropped():
+    data = frame(1, b"GET / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\n\r\n") + \
+        frame(2, b"HEAD / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n")
+    frames = read("request", data)
+    assert [(i, b) for i, _, b in frames] == [(1, b""), (2, b"")]
+    for _, head, _ in frames:
+        assert head.headers == [(b"Host", b"h")]
+        assert head.content_length is None and not head.chunked
+
+
+def test_post_without_length_has_empty_body():
+    [(_, head, body)] = read("request", frame(1, b"POST / HTTP/1.1\r\nHost: h\r\n\r\n"))
+    assert body == b"" and head.content_length is None
+
+
+def test_chunked_request_with_trailers():
+    data = frame(3, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: Chunked\r\n\r\n"
+                    b"5\r\nhello\r\nA;ext=1\r\n0123456789\r\n0\r\nX-Trailer: t\r\n\r\n") + \
+        frame(4, b"POST / HTTP/1.1\r\nHost: h\r\ntransfer-encoding: chunked\r\n\r\n0\r\n\r\n")
+    for pieces in (None, 1, 5):
+        frames = read("request", data, pieces)
+        assert [(i, b) for i, _, b in frames] == [(3, b"hello0123456789"), (4, b"")]
+        assert frames[0][1].chunked and frames[0][1].content_length is None
+
+
+def test_transfer_encoding_identity_is_ignored():
+    data = frame(1, b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: identity\r\n"
+                    b"Content-Length: 2\r\n\r\nok")
+    [(_, head, body)] = read("request", data)
+    assert body == b"ok" and not head.chunked
+
+
+def test_expect_continue_and_raw_names():
+    data = frame(1, b"PUT / HTTP/1.1\r\nhost: h\r\nexpect: 100-Continue\r\ncontent-length: 1\r\n\r\nx")
+    [(_, head, body)] = read("request", data)
+    assert head.expect_continue and body == b"x"
+    assert head.headers[0] == (b"host", b"h")
+
+
+def test_duplicate_equal_content_length_is_accepted():
+    data = frame(1, b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
+    assert read("request", data)[0][2] == b"ok"
+
+
+def test_header_values_lose_surrounding_whitespace():
+    [(_, head, _)] = read("request", frame(1, b"GET / HTTP/1.1\r\nHost:  h \t\r\nX-Empty:\r\n\r\n"))
+    assert head.headers == [(b"Host", b"h"), (b"X-Empty", b"")]
+
+
+@pytest.mark.parametrize("status", [100, 204, 304])
+def test_responses_without_body(status):
+    data = frame(1, b"HTTP/1.1 %d X\r\nContent-Length: 5\r\n\r\n" % status) + \
+        frame(2, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    frames = read("response", data)
+    assert [(i, h.status, b) for i, h, b in frames] == [(1, status, b""), (2, 200, b"ok")]
+    assert frames[0][1].content_length == 5
+
+
+def test_head_response_via_is_head():
+    data = frame(1, b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\n") + \
+        frame(2, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    frames = read("response", data, is_head=lambda rid: rid == 1)
+    assert [(i, b) for i, _, b in frames] == [(1, b""), (2, b"ok")]
+    assert frames[0][1].content_length == 9          # kept for the HTTP leg
+
+
+def test_chunked_response_and_status_line_variants():
+    data = frame(1, b"HTTP/1.1 200\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n") + \
+        frame(2, b"HTTP/1.0 201 \r\nContent-Length: 0\r\n\r\n")
+    frames = read("response", data)
+    assert [(h.status, h.reason, h.version, b) for _, h, b in frames] == \
+        [(200, b"", b"1.1", b"ok"), (201, b"", b"1.0", b"")]
+
+
+def test_header_block_limit():
+    head = b"GET / HTTP/1.1\r\nHost: h\r\nX: " + b"a" * 100 + b"\r\n\r\n"
+    assert read("request", frame(1, head), max_header_size=len(head))
+    with pytest.raises(FramingError, match="header block"):
+        read("request", frame(1, head), max_header_size=len(head) - 1)
+    with pytest.raises(FramingError, match="header block"):       # never ends: fails early
+        read("request", frame(1, b"GET / HTTP/1.1\r\nX: " + b"a" * 200), 10, max_header_size=100)
+
+
+def test_max_body_size():
+    with pytest.raises(FramingError):
+        read("request", frame(1, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n"), max_body_size=10)
+    chunked = frame(1, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n123456\r\n6\r\n")
+    with pytest.raises(FramingError):
+        read("request", chunked, max_body_size=10)
+
+
+@pytest.mark.parametrize("msg", [
+    b"POST / HTTP/1.1\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: +2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 2, 2\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 1234567890123456789\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n 1\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabc\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n1" + b"0" * 2000,
+    b"GET /a\x01b HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: h\r\n\r\n",
+    b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\nHost: h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: h\r\n folded\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost : h\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\rb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nX: a\x00b\r\n\r\n",
+])
+def test_malformed_requests(msg):
+    with pytest.raises(FramingError) as info:
+        read("request", frame(1, msg))
+    assert isinstance(info.value, TeleportError)
+
+
+@pytest.mark.parametrize("msg", [
+    b"HTTP/1.1 200 OK\r\n\r\n",                                      # Go would read until EOF
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 20 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 O\x7fK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 099 OK\r\nContent-Length: 0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\nbad trailer\r\n\r\n",
+])
+def test_malformed_responses(msg):
+    with pytest.raises(FramingError):
+        read("response", frame(1, msg))
+
+
+def test_response_without_content_length_message():
+    with pytest.raises(FramingError, match="response without Content-Length"):
+        read("response", frame(1, b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\n"))
+
+
+def test_partial_data_yields_nothing_until_complete():
+    data = encode_request(1, b"POST", b"/", [(b"Host", b"h")], b"0123456789")
+    r = FrameReader("request", MAX)
+    assert r.feed(data[:-1]) == []
+    [(rid, head, body)] = r.feed(data[-1:] + data[:3])
+    assert body == b"0123456789" and isinstance(head, RequestHead)
+    assert r.feed(data[3:]) and r.feed(b"") == []
+
+
+def test_kind_is_checked():
+    with pytest.raises(ValueError):
+        FrameReader("both", MAX)
+
+
+def test_request_ids_that_look_like_crlf():
+    data = b"".join(encode_request(rid, b"POST", b"/", [(b"Host", b"h")], b"\r\n\r\n")
+                    for rid in (0x0A0D0A0D, 0x0D0A0D0A, 0, 0x0A0D0000))
+    for pieces in (None, 1, 2, 3):
+        frames = read("request", data, pieces)
+        assert [(i, b) for i, _, b in frames] == \
+            [(0x0A0D0A0D, b"\r\n\r\n"), (0x0D0A0D0A, b"\r\n\r\n"), (0, b"\r\n\r\n"), (0x0A0D0000, b"\r\n\r\n")]
