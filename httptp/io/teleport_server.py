@@ -1,0 +1,316 @@
+"""The teleport listener side: serve multiplexed requests on accepted connections.
+
+Theory of operation
+-------------------
+The caller (the worker, or ``httptp.teleport.api.Server``) accepts a
+connection and calls ``TeleportServer.handle(sock, peer)`` in the
+connection's greenlet.  That greenlet
+
+1. reads the client's 15-byte header within ``handshake_timeout`` (a peer that
+   says nothing is closed silently), then writes ours: our codec, or the
+   client's with ``compress="auto"``.  A client asking for TLS gets flag 0 and
+   the connection closes (TLS comes later);
+2. starts a writer greenlet (``BatchWriter``: the same batching as the client,
+   ``-inDelay``) and becomes the reader: recv → decompress → frame requests;
+3. for each request frame runs the handler in a greenlet of its own; the
+   answer is encoded with the request's id and queued to the writer, so
+   responses go out in completion order.  Id 0 is fire-and-forget: the handler
+   runs, nothing is written.  When ``concurrency`` handlers are already running
+   the request is answered at once with 429 and never reaches the handler.
+
+An idle connection ends silently after ``read_timeout``.  Any IO, codec or
+framing error closes the connection; answers of handlers still running on it
+are dropped (the handlers themselves finish).  ``drain`` stops reading on every
+connection, lets the running handlers finish and their answers flush, then
+closes.
+"""
+
+from __future__ import annotations
+
+import socket as _stdsocket
+
+import gevent
+import gevent.event
+
+from httptp import stats as S
+from httptp.io.teleport_client import (BatchWriter, _Closed, _Timeout, counters, error_text,
+                                       read_exactly)
+from httptp.teleport import HandshakeError, TeleportError
+from httptp.teleport import handshake
+from httptp.teleport.codecs import compressor, decompressor
+from httptp.teleport.framing import FrameReader, encode_response
+from httptp.teleport.handshake import BY_NAME, Compress, HEADER_SIZE
+
+_RECV_SIZE = 65536
+_TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
+
+
+class Answer:
+    """What a handler returns: ``reason`` bytes, ``headers`` a list of
+    ``(bytes, bytes)`` without hop-by-hop headers or Content-Length (the
+    encoder frames the body), ``body`` bytes (b"" for HEAD)."""
+
+    __slots__ = ("status", "reason", "headers", "body")
+
+    def __init__(self, status: int, reason: bytes, headers: list, body: bytes):
+        self.status = status
+        self.reason = reason
+        self.headers = headers
+        self.body = body
+
+
+INTERNAL_ERROR = Answer(500, b"Internal Server Error", _TEXT_PLAIN, b"internal error\n")
+
+
+class _Drain(Exception):
+    """Thrown into a connection's reader: stop reading, finish, close."""
+
+
+class _Conn:
+    __slots__ = ("server", "sock", "peer", "reader", "writer", "inflight", "reading", "closed",
+                 "draining", "idle")
+
+    def __init__(self, server: TeleportServer, sock, peer: str):
+        self.server = server
+        self.sock = sock
+        self.peer = peer
+        self.reader = None
+        self.writer: BatchWriter | None = None
+        self.inflight = 0                 # handlers running for this connection
+        self.reading = True
+        self.closed = False
+        self.draining = False
+        self.idle = gevent.event.Event()  # set when inflight drops to 0 while draining
+
+    def serve(self) -> None:
+        srv = self.server
+        q, b = srv._q, srv._base
+        sock = self.sock
+        sock.settimeout(None)
+        # -- handshake -----------------------------------------------------------
+        timer = gevent.Timeout(srv.handshake_timeout, _Timeout("handshake timed out"))
+        timer.start()
+        try:
+            try:
+                data = read_exactly(sock, HEADER_SIZE)
+            except OSError:
+                q[b + S.IN_READ_ERROR] += 1
+                return
+            q[b + S.IN_READ_CALLS] += 1
+            q[b + S.IN_BYTES_READ] += HEADER_SIZE
+            try:
+                theirs, tls = handshake.decode(data)
+            except HandshakeError as e:
+                q[b + S.IN_READ_ERROR] += 1
+                srv._log(f"teleport client {self.peer}: {e}")
+                return
+            ours = theirs if srv.compress is None else srv.compress
+            reply = handshake.encode(ours, False)
+            try:
+                sock.sendall(reply)
+            except OSError:
+                q[b + S.IN_WRITE_ERROR] += 1
+                return
+            q[b + S.IN_WRITE_CALLS] += 1
+            q[b + S.IN_BYTES_WRITTEN] += HEADER_SIZE
+            if tls:
+                srv._log(f"teleport client {self.peer} asked for TLS, which this listener "
+                         "does not offer; closing")
+                return
+        except (_Timeout, _Closed):
+            return                       # said nothing (in time): close silently
+        finally:
+            timer.close()
+        if self.draining:
+            return
+        # -- streams ---------------------------------------------------------------
+        sock.settimeout(srv.read_timeout)
+        writer = self.writer = BatchWriter(sock, compressor(ours), delay=srv.delay,
+                                           write_timeout=srv.write_timeout, q=q, base=b,
+                                           in_calls=True)
+        # The reader runs in a greenlet of its own so that drain() and a failed
+        # write can interrupt it (kill) without throwing into our caller's greenlet.
+        rg = self.reader = gevent.spawn(self._reader, decompressor(theirs))
+        wg = gevent.spawn(self._write, writer)
+        try:
+            rg.join()
+            if self.draining and not self.closed:
+                # let the handlers finish, flush their answers, then close
+                if self.inflight:
+                    self.idle.wait()
+                if not self.closed:
+                    writer.stop()
+                    wg.join()
+        finally:
+            self.reading = False
+            rg.kill(block=False)
+            wg.kill(block=False)
+            self._close()
+
+    def _reader(self, decomp) -> None:
+        try:
+            self._read(decomp)
+        except _Drain:
+            pass
+        except (_stdsocket.timeout, TimeoutError, _Closed):
+            self._close()
+        except (OSError, TeleportError) as e:
+            self.server._log(f"teleport client {self.peer}: {error_text(e)}")
+            self._close()
+        except Exception as e:           # a bug: say it once, never leave the socket open
+            self.server._log(f"teleport client {self.peer}: internal error: "
+                             f"{e.__class__.__name__}: {e}")
+            self._close()
+        finally:
+            self.reading = False
+
+    def _read(self, decomp) -> None:
+        srv = self.server
+        q, b = srv._q, srv._base
+        sock = self.sock
+        feed = FrameReader("request", srv.max_header_size, None).feed
+        decompress = decomp.decompress
+        spawn = gevent.spawn_raw
+        run = self._run
+        while not self.draining:
+            try:
+                data = sock.recv(_RECV_SIZE)
+            except (_stdsocket.timeout, TimeoutError):
+                raise
+            except OSError:
+                q[b + S.IN_READ_ERROR] += 1
+                raise _Closed() from None
+            q[b + S.IN_READ_CALLS] += 1
+            if not data:
+                raise _Closed()
+            q[b + S.IN_BYTES_READ] += len(data)
+            for req_id, head, body in feed(decompress(data)):
+                if srv._busy >= srv.concurrency:
+                    q[b + S.IN_REQUEST_OVERLOAD] += 1
+                    if req_id:
+                        self.writer.put(encode_response(req_id, 429, b"Too Many Requests",
+                                                        _TEXT_PLAIN, srv._busy_body))
+                    continue
+                srv._busy += 1
+                self.inflight += 1
+                spawn(run, req_id, head, body)
+
+    def _run(self, req_id: int, head, body: bytes) -> None:
+        srv = self.server
+        try:
+            try:
+                ans = srv.handler(head, body, self.peer)
+                status = ans.status
+                ans_body = (b"" if head.method == b"HEAD" or status < 200 or status == 204
+                            or status == 304 else ans.body)
+                frame = encode_response(req_id, status, ans.reason, ans.headers, ans_body)
+            except gevent.GreenletExit:
+                raise
+            except Exception as e:
+                srv._log(f"teleport handler failed for {head.method.decode('latin-1')} "
+                         f"{head.target.decode('latin-1')}: {e.__class__.__name__}: {e}")
+                a = INTERNAL_ERROR
+                frame = encode_response(req_id, a.status, a.reason, a.headers, a.body)
+        finally:
+            srv._busy -= 1
+            self.inflight -= 1
+            if not self.inflight and self.draining:
+                self.idle.set()
+        if req_id and not self.closed:
+            self.writer.put(frame)
+
+    def _write(self, writer: BatchWriter) -> None:
+        try:
+            writer.run()
+        except (OSError, _Timeout):
+            self._close()
+            if self.reading:
+                self.reader.kill(_Closed, block=False)
+
+    def drain(self) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        if not self.inflight:
+            self.idle.set()
+        if self.reading and self.reader is not None:
+            self.reader.kill(_Drain, block=False)
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.idle.set()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class TeleportServer:
+    """Serves teleport connections handed to ``handle`` (PROTOCOL.md §1)."""
+
+    def __init__(self, handler, *, compress: int | str = Compress.FLATE, delay: float = 0.0,
+                 concurrency: int = 10000, max_header_size: int = 4096,
+                 read_timeout: float = 120.0, write_timeout: float = 5.0,
+                 handshake_timeout: float = 3.0, stats=None, block: int | None = None,
+                 log=None):
+        self.handler = handler
+        if isinstance(compress, str):
+            if compress == "auto":
+                self.compress = None
+            else:
+                try:
+                    self.compress = BY_NAME[compress]
+                except KeyError:
+                    raise ValueError(f"unknown teleport compression {compress!r}: want auto or "
+                                     f"one of {', '.join(BY_NAME)}") from None
+        else:
+            self.compress = Compress(compress)
+        self.delay = delay
+        self.concurrency = concurrency
+        self.max_header_size = max_header_size
+        self.read_timeout = read_timeout
+        self.write_timeout = write_timeout
+        self.handshake_timeout = handshake_timeout
+        self.log = log
+        self._q, self._base = counters(stats, block)
+        self._busy = 0
+        self._busy_body = (f"concurrency limit of {concurrency} exceeded; raise -concurrency or "
+                           "reduce the load\n").encode()
+        self._conns: set[_Conn] = set()
+        self.draining = False
+
+    def _log(self, msg: str) -> None:
+        if self.log is not None:
+            self.log(msg)
+
+    @property
+    def busy(self) -> int:
+        """Handlers running now."""
+        return self._busy
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def handle(self, sock, peer: str) -> None:
+        """Serve one accepted connection until it ends; the socket is closed on return."""
+        if self.draining:
+            sock.close()
+            return
+        conn = _Conn(self, sock, peer)
+        self._conns.add(conn)
+        try:
+            conn.serve()
+        finally:
+            self._conns.discard(conn)
+            conn._close()
+
+    def drain(self) -> None:
+        """Stop reading new frames on every connection; each one closes once its
+        running handlers have finished and their answers are flushed.  Returns at
+        once; ``handle`` calls return as their connections finish."""
+        self.draining = True
+        for conn in list(self._conns):
+            conn.drain()
