@@ -248,7 +248,7 @@ SETTINGS: tuple[Setting, ...] = (
            "or a socket path for -inType=unix\n"
            "Port 0 picks a free port. Unlike the original (tcp4 only), IPv6 addresses work."),
     S("inType", choice(*ADDR_TYPES), "http", section="Listener", reloadable=False,
-      not_yet=("https", "teleport", "teleports"),
+      not_yet=("https", "teleports"),
       help="Type of the listener: " + ", ".join(ADDR_TYPES)),
     S("reusePort", parse_bool, "false", section="Listener", reloadable=False, meta="bool",
       help="Let other processes (another httptp) listen on the same TCP port (SO_REUSEPORT)\n"
@@ -275,10 +275,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="Comma-separated upstream addresses (host:port, [v6]:port, or socket paths "
            "for -outType=unix) to balance requests over"),
     S("outType", choice(*ADDR_TYPES), "teleport", section="Upstream",
-      not_yet=("https", "teleport", "teleports"),
-      help="Type of the upstreams: " + ", ".join(ADDR_TYPES) + "\n"
-           "The default (teleport) is the original's and is not implemented yet: "
-           "pass -outType=http or -outType=unix."),
+      not_yet=("https", "teleports"),
+      help="Type of the upstreams: " + ", ".join(ADDR_TYPES)),
     S("outTimeout", positive_duration, "3s", section="Upstream",
       meta="duration",
       help="Deadline for each request sent upstream; after it the client gets 504"),
@@ -304,20 +302,17 @@ SETTINGS: tuple[Setting, ...] = (
     S("inGetOnly", parse_bool, "false", section="Limits", meta="bool",
       help="Refuse every request method but GET (http listeners)"),
     # -- Teleport ------------------------------------------------------------
-    S("inCompress", choice("auto", *CODECS), "flate", section="Teleport", implemented=False,
+    S("inCompress", choice("auto", *CODECS), "flate", section="Teleport",
       help="Compression of responses sent to teleport clients: auto, " + ", ".join(CODECS) + "\n"
            "auto answers in the client's codec. zstd and brotli work only between two "
            "httptp of ours."),
-    S("outCompress", choice(*CODECS), "flate", section="Teleport", implemented=False,
+    S("outCompress", choice(*CODECS), "flate", section="Teleport",
       help="Compression of requests sent to teleport upstreams: " + ", ".join(CODECS)),
     S("inDelay", parse_duration, "0", section="Teleport", meta="duration",
-      implemented=False,
       help="How long a teleport listener may wait to batch responses into one write"),
     S("outDelay", parse_duration, "0", section="Teleport", meta="duration",
-      implemented=False,
       help="How long a teleport client may wait to batch requests into one write"),
     S("outConnsPerAddr", int_at_least(1), "1", section="Teleport", meta="int",
-      implemented=False,
       help="Number of teleport connections to each upstream address\n"
            "The original opened one connection whatever this said; httptp opens N."),
     # -- TLS -----------------------------------------------------------------

@@ -463,3 +463,75 @@ def load(host, port, *, threads=8, duration=3.0, max_requests=100000, path="/",
     for t in ts:
         t.join(duration + 30)
     return res
+
+
+class Relay:
+    """A TCP relay on loopback that counts connections and the bytes each way:
+    put it on a teleport leg to see what really crosses the wire."""
+
+    def __init__(self, target: str):
+        host, _, port = target.rpartition(":")
+        self.target = (host.strip("[]"), int(port))
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+        self.connections = 0
+        self.up_bytes = 0        # client → target
+        self.down_bytes = 0      # target → client
+        self.lock = threading.Lock()
+        self._pairs: list = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                t = socket.create_connection(self.target, timeout=5)
+                t.settimeout(None)
+            except OSError:
+                c.close()
+                continue
+            with self.lock:
+                self.connections += 1
+                self._pairs.append((c, t))
+            threading.Thread(target=self._pipe, args=(c, t, "up_bytes"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(t, c, "down_bytes"), daemon=True).start()
+
+    def _pipe(self, src, dst, counter):
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self.lock:
+                    setattr(self, counter, getattr(self, counter) + len(data))
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def cut(self):
+        """Reset every relayed connection (a network failure mid-stream)."""
+        with self.lock:
+            pairs, self._pairs = self._pairs, []
+        for pair in pairs:
+            for s in pair:
+                try:
+                    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+                    s.close()
+                except OSError:
+                    pass
+
+    def close(self):
+        self.sock.close()
+        self.cut()

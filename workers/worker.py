@@ -31,7 +31,7 @@ import gevent.event
 from gevent import socket
 
 from httptp import stats as S
-from httptp.errors import ServiceUnavailable
+from httptp.errors import MethodNotAllowed, ServiceUnavailable
 from httptp.http import writer
 from httptp.http.parser import select_backend
 from httptp.io.http_client import readable
@@ -60,11 +60,31 @@ class Worker:
         self.is_unix = listener.family == _stdsocket.AF_UNIX
         self.allow = None if self.is_unix else AllowList.from_networks(config.in_allow_ip)
         self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
+        self.teleport = self._teleport_server() if config.in_type in ("teleport", "teleports") else None
         self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
         self.conns: dict = {}      # greenlet -> ClientConnection
         self.draining = False
         self._ppid = os.getppid()
         self._done = gevent.event.Event()
+
+    def _teleport_server(self):
+        from httptp.io.teleport_server import TeleportServer
+        from httptp.teleport.handshake import BY_NAME
+        cfg = self.config
+        compress = cfg.in_compress if cfg.in_compress == "auto" else BY_NAME[cfg.in_compress]
+        # -concurrency caps running handlers (429 beyond), as the original's
+        # teleport server does; split between the workers.
+        return TeleportServer(self._teleport_request, compress=compress, delay=cfg.in_delay,
+                              concurrency=self.max_conns, max_header_size=cfg.in_max_header_size,
+                              stats=self.stats, block=self.block, log=self.log)
+
+    def _teleport_request(self, head, body: bytes, peer: str):
+        """One request from a teleport peer.  -clientIPHeader is not touched: the
+        peer is the other httptp, and the first hop already set it."""
+        self.stats.q[self.base + S.IN_REQUEST_START] += 1
+        if self.get_only and head.method != b"GET":
+            return self.proxy.answer_error(MethodNotAllowed())
+        return self.proxy.answer(head, body, None)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -96,6 +116,8 @@ class Worker:
             self.listener.close()   # our copy; the master's keeps the queue alive
         except OSError:
             pass
+        if self.teleport is not None:
+            self.teleport.drain()   # stop reading frames; answer what is in flight
         self._close_idle()
         gevent.spawn(self._finish_drain)
 
@@ -104,7 +126,7 @@ class Worker:
         request already sits in the socket buffer is left to be served (with
         ``Connection: close``) instead of being cut mid-race."""
         for g, conn in list(self.conns.items()):
-            if conn.idle and not readable(conn.sock):
+            if conn is not None and conn.idle and not readable(conn.sock):
                 g.kill(block=False)
 
     def _finish_drain(self) -> None:
@@ -161,12 +183,15 @@ class Worker:
                     continue
                 client_ip = ip.encode("ascii")
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            if len(self.conns) >= self.max_conns:
+            g = gevent.Greenlet(self._handle, sock, client_ip)
+            if self.teleport is not None:
+                self.conns[g] = None     # -concurrency counts its handlers instead
+            elif len(self.conns) >= self.max_conns:
                 q[b + S.IN_REQUEST_OVERLOAD] += 1
                 gevent.spawn(_refuse, sock, q, b)
                 continue
-            g = gevent.Greenlet(self._handle, sock, client_ip)
-            self.conns[g] = ClientConnection(sock, client_ip, self)
+            else:
+                self.conns[g] = ClientConnection(sock, client_ip, self)
             g.start()
 
     def _handle(self, sock, client_ip) -> None:
@@ -174,7 +199,11 @@ class Worker:
         q, b = self.stats.q, self.base
         q[b + S.IN_CONNS] += 1
         try:
-            self.conns[g].serve()
+            conn = self.conns[g]
+            if conn is None:
+                self.teleport.handle(sock, client_ip.decode("ascii"))
+            else:
+                conn.serve()
         except gevent.GreenletExit:
             pass
         except Exception as e:  # a bug: log it once, never show the client a traceback

@@ -21,6 +21,7 @@ from gevent.lock import BoundedSemaphore
 
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ProtocolError, UpstreamError
+from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, ResponseHead
 
 _POLLIN_OR_HUP = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -122,14 +123,19 @@ class HTTPUpstream:
 
     # -- exchange -------------------------------------------------------------------
 
-    def exchange(self, request: bytes, method: bytes, deadline: float, retry_stale: bool) -> Response:
-        """Send ``request`` (complete bytes) and return the complete response.
+    def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
+                 retry_stale: bool) -> Response:
+        """Send one request (``headers`` already without hop-by-hop and framing
+        headers) and return the complete response.
 
         ``retry_stale``: when a *reused* connection fails before any response
         byte arrives, try once more on a fresh connection (a keep-alive race
         with the upstream closing it).  Raises UpstreamError; the caller's
         timeout (gevent.Timeout) may interrupt at any point.
         """
+        request = writer.request_head(method, target, headers, len(body))
+        if body:
+            request += body
         remaining = deadline - time.monotonic()
         if remaining <= 0 or not self._slots.acquire(timeout=remaining):
             raise GatewayTimeout("no free upstream connection before the deadline")

@@ -16,13 +16,27 @@ import gevent
 
 from httptp import stats as S
 from httptp.balancer import Balancer
-from httptp.errors import BadGateway, GatewayTimeout, ProxyError, UpstreamError
+from httptp.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError, UpstreamError
 from httptp.http import policy, writer
-from httptp.io.http_client import HTTPUpstream
+from httptp.io.http_client import HTTPUpstream, Response
+from httptp.io.teleport_server import Answer
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
+# A Go teleport peer never reads a body after GET or HEAD (PROTOCOL.md §1.4):
+# the stream would lose sync, so such a request is refused here.
+_NO_BODY_OVER_TELEPORT = frozenset((b"GET", b"HEAD"))
+_TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
+
+
+def _teleport_refuses(head, headers: list, body: bytes) -> str | None:
+    """Why a request cannot cross a teleport link to a Go peer, or None."""
+    if body and head.method in _NO_BODY_OVER_TELEPORT:
+        return "a GET or HEAD request with a body cannot be sent over teleport"
+    if head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers):
+        return "a request without Host cannot be sent over teleport"
+    return None
 
 
 class _UpstreamTimeout(Exception):
@@ -42,12 +56,9 @@ class Proxy:
         # between the workers.
         per_addr = math.ceil(config.concurrency / n_out)
         per_worker = max(1, math.ceil(per_addr / max(1, config.workers)))
-        self.upstreams = [
-            HTTPUpstream(addr, parser_module=parser_module,
-                         max_header_size=config.out_max_header_size, max_conns=per_worker,
-                         idle_timeout=config.out_idle_timeout, stats=stats, block=block)
-            for addr in config.upstreams
-        ]
+        self.out_teleport = config.out_type in ("teleport", "teleports")
+        self.upstreams = [self._upstream(addr, per_worker, stats, block, parser_module)
+                          for addr in config.upstreams]
         self.balancer = Balancer(stats, block, list(upstream_ids),
                                  max_fails=config.out_max_fails,
                                  fail_timeout=config.out_fail_timeout)
@@ -55,26 +66,28 @@ class Proxy:
         self._single = len(self.upstreams) == 1
         self._log_errors = config.log_all_errors
 
+    def _upstream(self, addr, per_worker: int, stats, block: int, parser_module):
+        cfg = self.config
+        if self.out_teleport:
+            from httptp.io.teleport_upstream import TeleportUpstream
+            from httptp.teleport.handshake import BY_NAME
+            conns = cfg.out_conns_per_addr
+            return TeleportUpstream(addr, conns=conns, compress=BY_NAME[cfg.out_compress],
+                                    delay=cfg.out_delay,
+                                    max_pending=max(2, math.ceil(per_worker / conns) + 1),
+                                    max_header_size=cfg.out_max_header_size, stats=stats,
+                                    block=block, log=self.log)
+        return HTTPUpstream(addr, parser_module=parser_module,
+                            max_header_size=cfg.out_max_header_size, max_conns=per_worker,
+                            idle_timeout=cfg.out_idle_timeout, stats=stats, block=block)
+
     def forward(self, head, body: bytes, client_ip: bytes | None, keep_alive: bool) -> tuple[bytes, bool]:
-        """Proxy one request; return (response bytes, keep the client connection)."""
-        q, b = self._q, self._base
-        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
-        request = writer.request_head(head.method, head.target, headers, len(body))
-        if body:
-            request += body
-        try:
-            resp = self._exchange(request, head.method)
-        except ProxyError as err:
-            if err.status == 504:
-                q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
-            else:
-                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+        """HTTP in: proxy one request; return (response bytes, keep the client connection)."""
+        resp = self.proxy(head, body, client_ip)
+        if resp.__class__ is not Response:
             keep_alive = keep_alive and head.version != b"1.0"  # the cached answers say no keep-alive
-            return writer.error_response(err, keep_alive), keep_alive
+            return writer.error_response(resp, keep_alive), keep_alive
         rh = resp.head
-        q[b + S.IN_REQUEST_SUCCESS] += 1
-        if rh.status != 200:
-            q[b + S.IN_REQUEST_NON200] += 1
         out_headers = policy.forward_response_headers(rh.headers)
         if keep_alive and head.version == b"1.0":
             out_headers.append(_KEEP_ALIVE)   # HTTP/1.0 keeps a connection only when told
@@ -85,7 +98,44 @@ class Proxy:
             data = writer.response(rh.status, rh.reason, out_headers, resp.body, keep_alive)
         return data, keep_alive
 
-    def _exchange(self, request: bytes, method: bytes):
+    def answer(self, head, body: bytes, client_ip: bytes | None) -> Answer:
+        """Teleport in: proxy one request; the answer is framed by the teleport
+        server, always with the Content-Length of the bytes it carries (a HEAD
+        answer carries none: PROTOCOL.md §1.9)."""
+        resp = self.proxy(head, body, client_ip)
+        if resp.__class__ is not Response:
+            return self.answer_error(resp)
+        rh = resp.head
+        return Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
+                      b"" if head.method == b"HEAD" else resp.body)
+
+    @staticmethod
+    def answer_error(err: ProxyError) -> Answer:
+        return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, (err.body + "\n").encode())
+
+    def proxy(self, head, body: bytes, client_ip: bytes | None):
+        """The upstream Response, or the ProxyError to answer with; counted either way."""
+        q, b = self._q, self._base
+        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
+        if self.out_teleport:
+            refused = _teleport_refuses(head, headers, body)
+            if refused:
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+                return BadRequest(refused)
+        try:
+            resp = self._exchange(head.method, head.target, headers, body)
+        except ProxyError as err:
+            if err.status == 504:
+                q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
+            else:
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+            return err
+        q[b + S.IN_REQUEST_SUCCESS] += 1
+        if resp.head.status != 200:
+            q[b + S.IN_REQUEST_NON200] += 1
+        return resp
+
+    def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes) -> Response:
         """Pick, exchange, release; retry an idempotent request once elsewhere."""
         deadline = time.monotonic() + self.timeout
         idempotent = method in IDEMPOTENT
@@ -98,7 +148,7 @@ class Proxy:
                 upstream = self.upstreams[lease.index]
                 t0 = time.monotonic()
                 try:
-                    resp = upstream.exchange(request, method, deadline, idempotent)
+                    resp = upstream.exchange(method, target, headers, body, deadline, idempotent)
                 except UpstreamError as e:
                     lease.release(False, time.monotonic() - t0)
                     tried.add(lease.index)

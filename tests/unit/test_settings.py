@@ -18,7 +18,7 @@ from httptp.netaddr import Address
 from httptp.settings import SETTINGS, parse_bool, parse_duration
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
-OK = ["-outType=http"]          # the original's default outType (teleport) is refused for now
+OK = ["-outType=http"]          # a config that needs no teleport peer
 
 
 def load(*argv, env=None):
@@ -349,13 +349,10 @@ def test_config_file_missing(tmp_path):
 
 # --- check_implemented, diff ------------------------------------------------
 
-def test_default_out_type_is_refused_with_a_hint():
+def test_default_out_type_is_teleport_and_runs():
     c = load()
-    with pytest.raises(ConfigError) as info:
-        check_implemented(c)
-    msg = str(info.value)
-    assert msg.startswith("-outType: teleport")
-    assert "not implemented yet" in msg and "-outType=http or -outType=unix" in msg
+    assert c.out_type == "teleport" and c.in_type == "http"
+    check_implemented(c)
 
 
 @pytest.mark.parametrize("argv", [[], ["-inType=unix", "-in=/tmp/x.sock", "-outType=unix",
@@ -368,18 +365,12 @@ def test_implemented_configs_pass(argv):
 
 
 @pytest.mark.parametrize("argv, start", [
-    (["-inType=teleport"], "-inType: teleport is not implemented yet"),
     (["-inType=https"], "-inType: https is not implemented yet"),
     (["-inType=teleports"], "-inType: teleports is not implemented yet"),
     (["-outType=teleports"], "-outType: teleports is not implemented yet"),
     (["-outType=https"], "-outType: https is not implemented yet"),
     (["-inTLSCert=a.pem", "-inTLSKey=a.key"], "-inTLSCert: a.pem is not implemented yet"),
     (["-inTLSSessionTicketKey=s"], "-inTLSSessionTicketKey: s is not implemented yet"),
-    (["-inDelay=1ms"], "-inDelay: 1ms is not implemented yet"),
-    (["-outDelay=2s"], "-outDelay: 2s is not implemented yet"),
-    (["-outConnsPerAddr=4"], "-outConnsPerAddr: 4 is not implemented yet"),
-    (["-inCompress=none"], "-inCompress: none is not implemented yet"),
-    (["-outCompress=snappy"], "-outCompress: snappy is not implemented yet"),
 ])
 def test_not_implemented(argv, start):
     with pytest.raises(ConfigError) as info:
@@ -437,14 +428,14 @@ def test_cli_config_error(capsys):
 
 
 def test_cli_not_implemented(capsys):
-    assert cli.main([]) == 2
-    assert capsys.readouterr().err.startswith("httptp: -outType: teleport")
+    assert cli.main(["-outType=teleports"]) == 2
+    assert capsys.readouterr().err.startswith("httptp: -outType: teleports")
 
 
 def test_cli_check_config(capsys):
     assert cli.main([*OK, "-checkConfig"]) == 0
     assert capsys.readouterr().out == "configuration OK\n"
-    assert cli.main([*OK, "-checkConfig=false", "-inDelay=1s"]) == 2
+    assert cli.main([*OK, "-checkConfig=false", "-inType=https"]) == 2
 
 
 def run(*args):

@@ -1,0 +1,43 @@
+"""A teleport ``-out`` address as the pipeline sees it: like ``HTTPUpstream``.
+
+``-outConnsPerAddr N`` opens N real teleport connections to the address (the
+Go original appended the same client N times and so still opened one).  The
+balancer picks the address, by its health and load; inside the address the
+connection with the fewest pending requests takes the request.
+"""
+
+from __future__ import annotations
+
+from httptp.io.teleport_client import TeleportClient
+
+
+class TeleportUpstream:
+    def __init__(self, address, *, conns: int, compress: int, delay: float, max_pending: int,
+                 max_header_size: int, stats, block: int, log):
+        self.address = address
+        self.name = str(address)
+        self.clients = [
+            TeleportClient(address, compress=compress, delay=delay, max_pending=max_pending,
+                           max_header_size=max_header_size, stats=stats, block=block, log=log)
+            for _ in range(conns)
+        ]
+
+    def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
+                 retry_stale: bool):
+        clients = self.clients
+        client = clients[0]
+        if len(clients) > 1:
+            least = client.pending
+            for c in clients:
+                p = c.pending
+                if p < least:
+                    client, least = c, p
+        return client.request(method, target, headers, body, deadline)
+
+    @property
+    def pending(self) -> int:
+        return sum(c.pending for c in self.clients)
+
+    def close(self) -> None:
+        for c in self.clients:
+            c.close()
