@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps bench bench-deps clean
+.PHONY: venv run test test-deps bench bench-bandwidth bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: venv test-deps
 
 bench: venv bench-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/http_vs_nginx.py
+
+# Plain HTTP bytes against teleport bytes on OpenRTB-like traffic (no apt tools).
+bench-bandwidth: venv
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/rtb_bandwidth.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -31,7 +31,8 @@ Codecs (byte values in ``handshake.Compress``):
   CRC.  The decoder walks chunk headers itself (identifier first, reserved
   types 0x02-0x7f refused, chunks split across feeds) and hands complete
   chunks to cramjam, which checks each CRC and skips 0x80-0xfe.
-- zstd (ours): one zstandard frame that never ends, level 3, a
+- zstd (ours): one zstandard frame that never ends, level 6 (see
+  ``ZSTD_LEVEL``), a
   ``COMPRESSOBJ_FLUSH_BLOCK`` per batch; ``decompressobj`` reads it in pieces.
 - brotli (ours): one brotli stream that never ends, quality 5 (see
   ``BROTLI_QUALITY``), ``flush()`` per batch.
@@ -47,7 +48,13 @@ from httptp.teleport.handshake import Compress
 SNAPPY_MAX_BLOCK = 65536
 SNAPPY_STREAM_ID = b"\xff\x06\x00\x00sNaPpY"
 FLATE_LEVEL = 6
-ZSTD_LEVEL = 3
+# zstd level 6, not the usual 3: the flush at every batch ends a zstd block,
+# and small blocks cost zstd more than deflate (tables per block), so at
+# level 3 flate out-packed zstd on RTB-like responses.  Measured on the bench's
+# replay (ratio at µs per batch, requests / responses): flate-6 6.57@83 /
+# 7.16@30; zstd-3 7.11@20 / 6.50@8; zstd-6 8.02@49 / 7.31@18.  Level 6 beats
+# flate on ratio and CPU both ways (docs/benchmarks.md).
+ZSTD_LEVEL = 6
 # Measured on ~1.45 KB JSON POST frames, one stream, a flush per message
 # (ratio, compress MB/s): flate-6 7.6 / 70; brotli q4 7.1 / 75, q5 8.0 / 55,
 # q6 8.2 / 46.  q4 packs worse than flate, which defeats choosing brotli; q6
