@@ -67,7 +67,8 @@ offset     field                   kind      writer
 7          STARTED                 float     master: monotonic time of the claim
 8 .. 31    COUNTERS (24)           counter   worker, in ``COUNTERS`` order
 32, 33     inConns, outConns       gauge     worker
-34 .. 39   reserved
+34, 35     in/outTeleportErrors    counter   worker
+36 .. 39   reserved
 40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
@@ -145,6 +146,9 @@ IN_CONNS_REJECTED_BY_ALLOW_LIST = 31
 # Block gauges (zeroed on claim and release).
 IN_CONNS = 32
 OUT_CONNS = 33
+# More counters, after the gauges (the original's block above stays put).
+IN_TELEPORT_ERRORS = 34             # teleport clients: bad handshake, corrupt stream, bad frame
+OUT_TELEPORT_ERRORS = 35            # teleport upstreams: the same, seen from our client
 BLOCK_HEADER_WORDS = 40             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
@@ -183,6 +187,8 @@ COUNTERS = (
     ("inRequestBadRequest", IN_REQUEST_BAD_REQUEST, "counter"),
     ("inRequestOverload", IN_REQUEST_OVERLOAD, "counter"),
     ("inConnsRejectedByAllowList", IN_CONNS_REJECTED_BY_ALLOW_LIST, "counter"),
+    ("inTeleportErrors", IN_TELEPORT_ERRORS, "counter"),
+    ("outTeleportErrors", OUT_TELEPORT_ERRORS, "counter"),
 )
 GAUGES = (IN_CONNS, OUT_CONNS)
 _FIRST, _LAST = IN_REQUEST_START, OUT_CONNS + 1     # the slice holding every COUNTERS word

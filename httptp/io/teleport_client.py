@@ -297,6 +297,8 @@ class _Link:
         try:
             comp, decomp = self._connect()
         except Exception as e:
+            if isinstance(e, TeleportError):
+                client._q[client._base + S.OUT_TELEPORT_ERRORS] += 1
             client._remember_failure(e)
             self.fail(error_text(e), sticky=True)
             return
@@ -411,6 +413,8 @@ class _Link:
         except _Closed as e:
             self.fail(str(e), quiet=not calls)
         except Exception as e:
+            if isinstance(e, TeleportError):
+                q[b + S.OUT_TELEPORT_ERRORS] += 1
             self.fail(error_text(e))
 
     # -- the end -------------------------------------------------------------

@@ -101,7 +101,7 @@ class _Conn:
             try:
                 theirs, tls = handshake.decode(data)
             except HandshakeError as e:
-                q[b + S.IN_READ_ERROR] += 1
+                q[b + S.IN_TELEPORT_ERRORS] += 1
                 srv._log(f"teleport client {self.peer}: {e}")
                 return
             ours = theirs if srv.compress is None else srv.compress
@@ -155,6 +155,9 @@ class _Conn:
         except (_stdsocket.timeout, TimeoutError, _Closed):
             self._close()
         except (OSError, TeleportError) as e:
+            if isinstance(e, TeleportError):
+                srv = self.server
+                srv._q[srv._base + S.IN_TELEPORT_ERRORS] += 1
             self.server._log(f"teleport client {self.peer}: {error_text(e)}")
             self._close()
         except Exception as e:           # a bug: say it once, never leave the socket open

@@ -620,6 +620,48 @@ def test_tls_request_to_plain_server_gets_flag_0_and_close(servers):
     assert len(logs) == 1 and "TLS" in logs[0]
 
 
+def test_protocol_errors_are_counted_on_both_ends():
+    """A bad handshake and a corrupt stream each count once as a teleport error,
+    on the server (inTeleportErrors) and on the client (outTeleportErrors)."""
+    stats = Stats.create(2)
+    ts = TeleportServer(lambda head, body, peer: Answer(200, b"OK", [], b"x"),
+                        compress=Compress.FLATE, stats=stats, block=1, log=_Sink())
+    lsock, g = _serve_ts(ts)
+    addr = "127.0.0.1:%d" % lsock.getsockname()[1]
+    q, s = stats.q, stats.block_base(1)
+    try:
+        def bad_hello():
+            c = socket.create_connection(("127.0.0.1", lsock.getsockname()[1]), timeout=3)
+            c.sendall(b"httpteleporX\x00\x01\x00")
+            read_until_closed(c)
+            c.close()
+        run(bad_hello)
+        wait_for(lambda: q[s + S.IN_TELEPORT_ERRORS] == 1, what="a counted handshake error")
+
+        def garbage():
+            c, _ = raw_connect(addr, Compress.NONE)
+            c.sendall(b"\x01\x00\x00\x00NOT HTTP AT ALL\r\n\r\n")
+            read_until_closed(c)
+            c.close()
+        run(garbage)
+        wait_for(lambda: q[s + S.IN_TELEPORT_ERRORS] == 2, what="a counted framing error")
+    finally:
+        lsock.close()
+        g.kill()
+
+
+def test_client_counts_a_server_that_speaks_garbage(fakes):
+    stats = Stats.create(1)
+    fake = fakes(respond=lambda req_id, head, body: b"\x01\x00\x00\x00HTTP/9.9 what\r\n\r\n")
+    tc = TeleportClient(fake.addr, compress=Compress.NONE, stats=stats, block=0, log=_Sink())
+    try:
+        with pytest.raises(UpstreamError):
+            run(lambda: tc.request(b"GET", b"/", [(b"Host", b"a")], b"", time.monotonic() + 3))
+        assert stats.q[stats.block_base(0) + S.OUT_TELEPORT_ERRORS] == 1
+    finally:
+        tc.close()
+
+
 @pytest.mark.parametrize("codec", [Compress.NONE, Compress.FLATE, Compress.SNAPPY])
 def test_garbage_after_handshake_closes_server_connection_logged_once(servers, codec):
     logs = _Sink()
