@@ -191,7 +191,7 @@ COUNTERS = (
     ("outTeleportErrors", OUT_TELEPORT_ERRORS, "counter"),
 )
 GAUGES = (IN_CONNS, OUT_CONNS)
-_FIRST, _LAST = IN_REQUEST_START, OUT_CONNS + 1     # the slice holding every COUNTERS word
+_FIRST, _LAST = IN_REQUEST_START, OUT_TELEPORT_ERRORS + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 
 
