@@ -32,6 +32,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import rtb  # noqa: E402
 
+from httptp.relay import Relay  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 LISTEN_RE = re.compile(r"listening on (\S+?):(\d+)")
 HANDSHAKE = 15                       # "httpteleport" + version, codec, flags
@@ -96,79 +98,6 @@ class Proc:
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(5)
-
-
-class Relay:
-    """A counting TCP relay on loopback (two threads per connection).  With
-    ``capture`` it also keeps each direction's reads, for the codec replay."""
-
-    def __init__(self, target: str, capture=False):
-        host, _, port = target.rpartition(":")
-        self.target = (host, int(port))
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
-        self.connections = 0
-        self.bytes = {"up": 0, "down": 0}                    # up: towards the target
-        self.capture = {"up": [], "down": []} if capture else None
-        self.lock = threading.Lock()
-        self._socks: list = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                t = socket.create_connection(self.target, timeout=5)
-                t.settimeout(None)
-            except OSError:
-                c.close()
-                continue
-            for s in (c, t):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self.lock:
-                self.connections += 1
-                self._socks += [c, t]
-            threading.Thread(target=self._pipe, args=(c, t, "up"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(t, c, "down"), daemon=True).start()
-
-    def _pipe(self, src, dst, way):
-        cap = self.capture[way] if self.capture is not None else None
-        kept = 0
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                with self.lock:
-                    self.bytes[way] += len(data)
-                if cap is not None and kept < CAPTURE_LIMIT:
-                    cap.append(data)
-                    kept += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
-        with self.lock:
-            socks, self._socks = self._socks, []
-        for s in socks:
-            try:
-                s.close()
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- load
@@ -236,7 +165,7 @@ def load(addr: str, bodies: list[bytes], threads: int, seconds: float) -> dict:
 def run_chain(httptp, bidder_addr, codec, delay, bodies, args, capture=False) -> dict:
     b = Proc([httptp, "-inType=teleport", "-in=127.0.0.1:0", "-outType=http", f"-out={bidder_addr}",
               f"-inCompress={codec}", f"-inDelay={delay}", "-workers=1"], "B")
-    tele = Relay(b.addr, capture=capture)
+    tele = Relay(b.addr, capture_limit=CAPTURE_LIMIT if capture else 0)
     a = None
     plain = None
     try:
@@ -248,7 +177,8 @@ def run_chain(httptp, bidder_addr, codec, delay, bodies, args, capture=False) ->
         time.sleep(0.3)                   # let the last bytes cross the relays
         cpu_a, cpu_b = a.cpu_seconds(), b.cpu_seconds()
         res.update(cpu=cpu_a + cpu_b - cpu0, cpu_a=cpu_a, cpu_b=cpu_b,
-                   plain=dict(plain.bytes), tele=dict(tele.bytes), tele_conns=tele.connections,
+                   plain={"up": plain.up_bytes, "down": plain.down_bytes},
+                   tele={"up": tele.up_bytes, "down": tele.down_bytes}, tele_conns=tele.connections,
                    capture=tele.capture)
         res["log"] = [ln for ln in a.lines + b.lines
                       if "Traceback" in ln or "rror" in ln or " 50" in ln][:10]

@@ -15,9 +15,11 @@ _RST = b"\x01\x00\x00\x00\x00\x00\x00\x00"   # struct linger {on, 0 s}: close wi
 
 class Relay:
     """Listen on 127.0.0.1:<free port> and relay each connection to ``target``
-    (``host:port``), counting connections and bytes in each direction."""
+    (``host:port``), counting connections and bytes in each direction.  With
+    ``capture_limit`` it also keeps up to that many bytes of each direction's
+    reads in ``capture["up"]`` / ``capture["down"]`` (one item per read)."""
 
-    def __init__(self, target: str):
+    def __init__(self, target: str, capture_limit: int = 0):
         host, _, port = target.rpartition(":")
         self.target = (host.strip("[]"), int(port))
         self.sock = socket.socket()
@@ -28,6 +30,8 @@ class Relay:
         self.connections = 0
         self.up_bytes = 0        # client → target
         self.down_bytes = 0      # target → client
+        self.capture_limit = capture_limit
+        self.capture = {"up": [], "down": []} if capture_limit else None
         self.lock = threading.Lock()
         self._pairs: list = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -48,13 +52,18 @@ class Relay:
             except OSError:
                 c.close()
                 continue
+            for s in (c, t):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self.lock:
                 self.connections += 1
                 self._pairs.append((c, t))
-            threading.Thread(target=self._pipe, args=(c, t, "up_bytes"), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(t, c, "down_bytes"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(c, t, "up"), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(t, c, "down"), daemon=True).start()
 
-    def _pipe(self, src, dst, counter: str) -> None:
+    def _pipe(self, src, dst, way: str) -> None:
+        counter = way + "_bytes"
+        kept = self.capture[way] if self.capture is not None else None
+        room = self.capture_limit
         try:
             while True:
                 data = src.recv(65536)
@@ -62,6 +71,9 @@ class Relay:
                     break
                 with self.lock:
                     setattr(self, counter, getattr(self, counter) + len(data))
+                if kept is not None and room > 0:
+                    kept.append(data)
+                    room -= len(data)
                 dst.sendall(data)
         except OSError:
             pass

@@ -40,6 +40,7 @@ Codecs (byte values in ``handshake.Compress``):
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 from httptp.teleport import CodecError
@@ -77,6 +78,29 @@ class Compressor:
         return b""
 
 
+class _StreamCompressor(Compressor):
+    """A library stream compressor: ``compress`` feeds ``self._compress``; a
+    batch flush calls ``self._flush`` only when something was fed since the
+    last one (an empty flush would still cost the peer a block)."""
+
+    _compress = _flush = None     # bound methods, set by the subclass
+
+    def __init__(self):
+        self._dirty = False
+
+    def compress(self, data: bytes) -> bytes:
+        if not data:
+            return b""
+        self._dirty = True
+        return self._compress(data)
+
+    def flush(self) -> bytes:
+        if not self._dirty:
+            return b""
+        self._dirty = False
+        return self._flush()
+
+
 class Decompressor:
     """One direction's incoming stream (identity: the ``none`` codec)."""
 
@@ -88,22 +112,12 @@ class Decompressor:
         return data
 
 
-class _FlateCompressor(Compressor):
+class _FlateCompressor(_StreamCompressor):
     def __init__(self, level: int | None):
-        self._z = zlib.compressobj(FLATE_LEVEL if level is None else level, zlib.DEFLATED, -15)
-        self._dirty = False
-
-    def compress(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        self._dirty = True
-        return self._z.compress(data)
-
-    def flush(self) -> bytes:
-        if not self._dirty:
-            return b""
-        self._dirty = False
-        return self._z.flush(zlib.Z_SYNC_FLUSH)
+        super().__init__()
+        z = zlib.compressobj(FLATE_LEVEL if level is None else level, zlib.DEFLATED, -15)
+        self._compress = z.compress
+        self._flush = functools.partial(z.flush, zlib.Z_SYNC_FLUSH)
 
 
 class _FlateDecompressor(Decompressor):
@@ -189,25 +203,13 @@ class _SnappyDecompressor(Decompressor):
         return pos
 
 
-class _ZstdCompressor(Compressor):
+class _ZstdCompressor(_StreamCompressor):
     def __init__(self, level: int | None):
         import zstandard
-        level = ZSTD_LEVEL if level is None else level
-        self._z = zstandard.ZstdCompressor(level=level).compressobj()
-        self._mode = zstandard.COMPRESSOBJ_FLUSH_BLOCK
-        self._dirty = False
-
-    def compress(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        self._dirty = True
-        return self._z.compress(data)
-
-    def flush(self) -> bytes:
-        if not self._dirty:
-            return b""
-        self._dirty = False
-        return self._z.flush(self._mode)
+        super().__init__()
+        z = zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level).compressobj()
+        self._compress = z.compress
+        self._flush = functools.partial(z.flush, zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
 
 class _ZstdDecompressor(Decompressor):
@@ -223,23 +225,13 @@ class _ZstdDecompressor(Decompressor):
             raise CodecError(f"zstd: {e}") from None
 
 
-class _BrotliCompressor(Compressor):
+class _BrotliCompressor(_StreamCompressor):
     def __init__(self, level: int | None):
         import brotli
-        self._z = brotli.Compressor(quality=BROTLI_QUALITY if level is None else level)
-        self._dirty = False
-
-    def compress(self, data: bytes) -> bytes:
-        if not data:
-            return b""
-        self._dirty = True
-        return self._z.process(data)
-
-    def flush(self) -> bytes:
-        if not self._dirty:
-            return b""
-        self._dirty = False
-        return self._z.flush()
+        super().__init__()
+        z = brotli.Compressor(quality=BROTLI_QUALITY if level is None else level)
+        self._compress = z.process
+        self._flush = z.flush
 
 
 class _BrotliDecompressor(Decompressor):
