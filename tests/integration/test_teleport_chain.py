@@ -257,3 +257,24 @@ def test_go_client_stream_replayed_into_our_teleport_server(case):
             for i, e in enumerate(spec["exchanges"])}
     assert got == want
     assert up.requests == len(spec["exchanges"])
+
+
+def test_term_on_teleport_listener_finishes_inflight_requests(chain_factory):
+    import signal
+    import threading
+    slow = Upstream(handler=lambda m, p, h, b: Reply(body=b"slow " + p, delay=1.0))
+    ch = chain_factory(upstream=slow)
+    results = []
+
+    def one(i):
+        results.append(get(ch.conn(), f"/s{i}")[::2])
+    ts = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in ts:
+        t.start()
+    time.sleep(0.4)
+    ch.b.signal(signal.SIGTERM)
+    for t in ts:
+        t.join(15)
+    assert sorted(results) == [(200, b"slow /s%d" % i) for i in range(4)]
+    assert ch.b.wait(15) == 0
+    assert "Traceback" not in ch.b.output
