@@ -61,8 +61,19 @@ class Config:
     in_tls_cert: tuple[str, ...]
     in_tls_key: tuple[str, ...]
     in_tls_session_ticket_key: str
+    in_tls_allow_plaintext: bool
+    out_tls_ca: str
+    out_tls_server_name: str
+    out_tls_insecure: bool
+    out_tls_cert: str
+    out_tls_key: str
     autocert_cache_dir: str
     autocert_host_regexp: str
+    autocert_http_addr: str
+    autocert_directory: str
+    autocert_directory_ca: str
+    autocert_email: str
+    autocert_renew_before: float
     workers: int
     graceful_timeout: float
     http_parser: str

@@ -45,7 +45,11 @@ ORIGINAL = {
 }
 OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "config": "",
         "checkConfig": "false", "inHeaderTimeout": "10s", "inIdleTimeout": "60s",
-        "outMaxFails": "3", "outFailTimeout": "5s", "outIdleTimeout": "10s"}
+        "outMaxFails": "3", "outFailTimeout": "5s", "outIdleTimeout": "10s",
+        "inTLSAllowPlaintext": "false", "outTLSCA": "", "outTLSServerName": "",
+        "outTLSInsecure": "false", "outTLSCert": "", "outTLSKey": "", "autocertHTTPAddr": ":80",
+        "autocertDirectory": "https://acme-v02.api.letsencrypt.org/directory",
+        "autocertDirectoryCA": "", "autocertEmail": "", "autocertRenewBefore": "720h"}
 
 
 def test_table_has_the_original_flags_and_defaults():
@@ -380,9 +384,11 @@ def test_not_implemented(argv, start):
 
 def test_not_yet_active():
     assert NOT_YET_ACTIVE == {"expvarAddr", "autocertCacheDir", "autocertHostRegexp",
-                              "logAllErrors"}
+                              "autocertHTTPAddr", "autocertDirectory", "autocertDirectoryCA",
+                              "autocertEmail", "autocertRenewBefore"}
     assert inactive_in_use(load(*OK)) == ["-expvarAddr=localhost:8040"]
-    assert inactive_in_use(load(*OK, "-expvarAddr=", "-logAllErrors")) == ["-logAllErrors"]
+    # autocert settings only matter for https without certificates
+    assert inactive_in_use(load(*OK, "-expvarAddr=", "-autocertEmail=a@b.c")) == []
 
 
 def test_diff_and_restart_needed():
