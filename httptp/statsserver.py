@@ -1,0 +1,79 @@
+"""The stats server: /expvar, /prometheus and /healthz on -expvarAddr.
+
+Runs in a helper child of the master (never in the master, which runs no
+threads; never in a worker, so a busy worker cannot slow the numbers down), on
+a listening socket the master bound before forking.  Plain blocking
+http.server with a thread per request: its load is a scraper every few seconds.
+"""
+
+from __future__ import annotations
+
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs, urlsplit
+
+from httptp.exposition import Exposition
+from httptp.stats import STATE_READY
+
+HEARTBEAT_STALE = 10.0      # a worker silent this long does not count as healthy
+
+
+def healthy_workers(stats, now: float | None = None) -> int:
+    now = time.monotonic() if now is None else now
+    ready = 0
+    for block in stats.blocks_in_use():
+        info = stats.block_info(block)
+        if info["state"] == STATE_READY and now - info["heartbeat"] < HEARTBEAT_STALE:
+            ready += 1
+    return ready
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = "httptp"
+    sys_version = ""
+    exposition: Exposition        # set on the class made by make_server
+
+    def do_GET(self):
+        url = urlsplit(self.path)
+        exp = self.exposition
+        if url.path == "/expvar":
+            regexp = parse_qs(url.query).get("r", [None])[0]
+            try:
+                body = exp.expvar(regexp)
+            except ValueError as e:
+                return self._send(400, f"{e}\n".encode(), "text/plain; charset=utf-8")
+            return self._send(200, body, "application/json; charset=utf-8")
+        if url.path == "/prometheus":
+            return self._send(200, exp.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
+        if url.path == "/healthz":
+            ready = healthy_workers(exp.stats)
+            if ready:
+                return self._send(200, f"ok: {ready} workers ready\n".encode(), "text/plain; charset=utf-8")
+            return self._send(503, b"no worker is ready\n", "text/plain; charset=utf-8")
+        self._send(400, b"unsupported path\n", "text/plain; charset=utf-8")
+
+    def _send(self, status: int, body: bytes, ctype: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):     # scrapes are not news
+        pass
+
+
+def make_server(sock, stats, cmdline: list[str] | None = None) -> ThreadingHTTPServer:
+    """An HTTP server on the already listening ``sock``."""
+    handler = type("StatsHandler", (_Handler,), {"exposition": Exposition(stats, cmdline)})
+    server = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.daemon_threads = True
+    return server
+
+
+def serve(sock, stats, cmdline: list[str] | None = None) -> None:
+    """Serve until the process is told to stop (the helper's main)."""
+    make_server(sock, stats, cmdline).serve_forever(poll_interval=0.5)
