@@ -533,8 +533,28 @@ def markdown() -> str:
     return "\n".join(out)
 
 
+def example_config() -> str:
+    """The text of deploy/httptp.conf.example: every key, commented out at its default."""
+    out = ["# httptp configuration file (httptp -config=/etc/httptp/httptp.conf)",
+           "# Generated from httptp/settings.py: python -m httptp.settings --example",
+           "# Every key is shown commented out at its default; uncomment what you change.",
+           "# Format: docs/config-file.md; every key: docs/settings.md.", ""]
+    section = None
+    for s in SETTINGS:
+        if not s.in_file:
+            continue
+        if s.section != section:
+            section = s.section
+            out += ["", f"# --- {section} " + "-" * max(3, 60 - len(section))]
+        out.append(f"# {s.summary}")
+        out.append(f"#{s.name} = {s.default}".rstrip())
+    return "\n".join(out) + "\n"
+
+
 if __name__ == "__main__":
     if sys.argv[1:] == ["--markdown"]:
         sys.stdout.write(markdown())
+    elif sys.argv[1:] == ["--example"]:
+        sys.stdout.write(example_config())
     else:
         sys.stdout.write(help_text())
