@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = load_config(args, os.environ)
         check_implemented(config)
+        # Certificates are read and checked here, before anything binds (exit 2).
+        from httptp.tls import build as build_tls
+        tls = build_tls(config)
     except settings.HelpRequested:
         sys.stdout.write(settings.help_text())
         return 0
@@ -34,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(inactive), file=sys.stderr)
     # Imported here: the supervisor is heavy and the config tests must not need it.
     from httptp.supervisor.arbiter import Arbiter
-    return Arbiter(config, reload_config=lambda: load_config(args, os.environ)).run()
+    return Arbiter(config, reload_config=lambda: load_config(args, os.environ), tls=tls).run()
 
 
 def _check_only(args: list[str]) -> bool:

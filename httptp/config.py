@@ -62,6 +62,7 @@ class Config:
     in_tls_key: tuple[str, ...]
     in_tls_session_ticket_key: str
     in_tls_allow_plaintext: bool
+    in_tls_client_ca: str
     out_tls_ca: str
     out_tls_server_name: str
     out_tls_insecure: bool

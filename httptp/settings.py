@@ -248,7 +248,6 @@ SETTINGS: tuple[Setting, ...] = (
            "or a socket path for -inType=unix\n"
            "Port 0 picks a free port. Unlike the original (tcp4 only), IPv6 addresses work."),
     S("inType", choice(*ADDR_TYPES), "http", section="Listener", reloadable=False,
-      not_yet=("https", "teleports"),
       help="Type of the listener: " + ", ".join(ADDR_TYPES)),
     S("reusePort", parse_bool, "false", section="Listener", reloadable=False, meta="bool",
       help="Let other processes (another httptp) listen on the same TCP port (SO_REUSEPORT)\n"
@@ -275,7 +274,6 @@ SETTINGS: tuple[Setting, ...] = (
       help="Comma-separated upstream addresses (host:port, [v6]:port, or socket paths "
            "for -outType=unix) to balance requests over"),
     S("outType", choice(*ADDR_TYPES), "teleport", section="Upstream",
-      not_yet=("https", "teleports"),
       help="Type of the upstreams: " + ", ".join(ADDR_TYPES)),
     S("outTimeout", positive_duration, "3s", section="Upstream",
       meta="duration",
@@ -316,54 +314,52 @@ SETTINGS: tuple[Setting, ...] = (
       help="Number of teleport connections to each upstream address\n"
            "The original opened one connection whatever this said; httptp opens N."),
     # -- TLS -----------------------------------------------------------------
-    S("inTLSCert", comma_list, "", section="TLS", meta="list", implemented=False,
+    S("inTLSCert", comma_list, "", section="TLS", meta="list",
       help="Comma-separated TLS certificate files for https/teleports listeners, "
            "chosen by SNI\n"
            "Must pair up with -inTLSKey. Empty with -inType=https turns on autocert."),
-    S("inTLSKey", comma_list, "", section="TLS", meta="list", implemented=False,
+    S("inTLSKey", comma_list, "", section="TLS", meta="list",
       help="Comma-separated TLS key files, one for each -inTLSCert"),
-    S("inTLSSessionTicketKey", parse_string, "", section="TLS", implemented=False,
+    S("inTLSSessionTicketKey", parse_string, "", section="TLS",
       help="Secret for TLS session tickets (its SHA-256 is the key); empty picks a random one\n"
            "Set it to let sessions resume across workers and restarts."),
     S("inTLSAllowPlaintext", parse_bool, "false", section="TLS", meta="bool", ours=True,
-      implemented=False,
       help="Let a teleports listener also accept teleport clients that do not ask for TLS\n"
            "The original always accepted them; httptp refuses them unless this is set."),
-    S("outTLSCA", parse_string, "", section="TLS", meta="file", ours=True, implemented=False,
+    S("outTLSCA", parse_string, "", section="TLS", meta="file", ours=True,
       field="out_tls_ca", env="HTTPTP_OUT_TLS_CA",
       help="PEM file of CA certificates that upstream certificates (https, teleports) must "
-           "chain to; empty uses the system roots"),
-    S("outTLSServerName", parse_string, "", section="TLS", ours=True, implemented=False,
+           "chain to; empty uses the system roots\n"
+           "When given, only these CAs are trusted (the system roots are not)."),
+    S("outTLSServerName", parse_string, "", section="TLS", ours=True,
       help="Name to send as SNI and to verify upstream certificates against; empty uses the "
            "host of each -out address"),
     S("outTLSInsecure", parse_bool, "false", section="TLS", meta="bool", ours=True,
-      implemented=False,
       help="Do not verify upstream certificates (testing only: logged as a warning)"),
-    S("outTLSCert", parse_string, "", section="TLS", meta="file", ours=True, implemented=False,
+    S("outTLSCert", parse_string, "", section="TLS", meta="file", ours=True,
       help="Client certificate file presented to https/teleports upstreams (mutual TLS)"),
-    S("outTLSKey", parse_string, "", section="TLS", meta="file", ours=True, implemented=False,
+    S("outTLSKey", parse_string, "", section="TLS", meta="file", ours=True,
       help="Key file of -outTLSCert"),
+    S("inTLSClientCA", parse_string, "", section="TLS", meta="file", ours=True,
+      field="in_tls_client_ca", env="HTTPTP_IN_TLS_CLIENT_CA",
+      help="PEM file of CA certificates: https/teleports listeners then require client "
+           "certificates signed by them (mutual TLS); empty asks for none"),
     S("autocertCacheDir", parse_string, "autocert-cache", section="TLS",
-      implemented=False, refuse=False,
       help="Directory where Let's Encrypt certificates are kept (autocert)"),
     S("autocertHostRegexp", parse_regexp, "^.*$", section="TLS",
-      implemented=False, refuse=False,
       help="Regexp the SNI host name must match to get an autocert certificate"),
-    S("autocertHTTPAddr", parse_string, ":80", section="TLS", ours=True, implemented=False,
-      refuse=False, reloadable=False,
+    S("autocertHTTPAddr", parse_string, ":80", section="TLS", ours=True, reloadable=False,
       help="Address answering ACME HTTP-01 challenges (and redirecting other requests to "
            "https) when autocert is on; empty disables HTTP-01"),
     S("autocertDirectory", parse_string, "https://acme-v02.api.letsencrypt.org/directory",
-      section="TLS", ours=True, implemented=False, refuse=False,
+      section="TLS", ours=True,
       help="ACME directory URL of the certificate authority"),
     S("autocertDirectoryCA", parse_string, "", section="TLS", meta="file", ours=True,
-      implemented=False, refuse=False,
       help="PEM file of CA certificates to trust for the ACME directory (a private or test CA)"),
-    S("autocertEmail", parse_string, "", section="TLS", ours=True, implemented=False,
-      refuse=False,
+    S("autocertEmail", parse_string, "", section="TLS", ours=True,
       help="Contact e-mail for the ACME account; empty registers without one"),
     S("autocertRenewBefore", positive_duration, "720h", section="TLS", meta="duration",
-      ours=True, implemented=False, refuse=False,
+      ours=True,
       help="Renew an autocert certificate when it expires within this time"),
     # -- Process -------------------------------------------------------------
     S("workers", parse_workers, "auto", section="Process", meta="int", ours=True,

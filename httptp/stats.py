@@ -68,7 +68,8 @@ offset     field                   kind      writer
 8 .. 31    COUNTERS (24)           counter   worker, in ``COUNTERS`` order
 32, 33     inConns, outConns       gauge     worker
 34, 35     in/outTeleportErrors    counter   worker
-36 .. 39   reserved
+36         inTLSHandshakeErrors    counter   worker
+37 .. 39   reserved
 40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
@@ -149,6 +150,7 @@ OUT_CONNS = 33
 # More counters, after the gauges (the original's block above stays put).
 IN_TELEPORT_ERRORS = 34             # teleport clients: bad handshake, corrupt stream, bad frame
 OUT_TELEPORT_ERRORS = 35            # teleport upstreams: the same, seen from our client
+IN_TLS_HANDSHAKE_ERRORS = 36        # https/teleports listeners: failed or timed-out TLS handshakes
 BLOCK_HEADER_WORDS = 40             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
@@ -189,9 +191,10 @@ COUNTERS = (
     ("inConnsRejectedByAllowList", IN_CONNS_REJECTED_BY_ALLOW_LIST, "counter"),
     ("inTeleportErrors", IN_TELEPORT_ERRORS, "counter"),
     ("outTeleportErrors", OUT_TELEPORT_ERRORS, "counter"),
+    ("inTLSHandshakeErrors", IN_TLS_HANDSHAKE_ERRORS, "counter"),
 )
 GAUGES = (IN_CONNS, OUT_CONNS)
-_FIRST, _LAST = IN_REQUEST_START, OUT_TELEPORT_ERRORS + 1  # the slice holding every COUNTERS word
+_FIRST, _LAST = IN_REQUEST_START, IN_TLS_HANDSHAKE_ERRORS + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 
 

@@ -38,6 +38,7 @@ from typing import Callable
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
 from httptp.supervisor.signals import SIGNALS, SignalQueue
+from httptp.supervisor import helpers as helper_procs
 from httptp.supervisor.sockets import ListenError, open_listeners
 
 STABLE_AFTER = 5.0         # a worker that lived this long is respawned at once
@@ -82,8 +83,11 @@ class Arbiter:
 
     ``reload_config()`` returns a fresh Config on HUP (or raises).
     ``worker_main`` is called in each forked child as ``worker_main(config,
-    listener, stats, block, slot, generation, upstream_ids) -> exit code``;
+    listener, stats, block, slot, generation, upstream_ids) -> exit code``,
+    plus ``tls=`` (an ``httptp.tls.TLS``) when the configuration uses TLS;
     by default ``httptp.workers.worker.run``, imported in the child.
+    ``tls`` is what ``httptp.tls.build(config)`` returned (built before binding,
+    so certificate errors stop the start); a HUP rebuilds it from the new config.
     ``stats`` is an existing ``httptp.stats.Stats`` to use instead of a new map.
     """
 
@@ -92,8 +96,10 @@ class Arbiter:
     ready_timeout = 10.0       # READY=1 to systemd after this even if not all are ready
 
     def __init__(self, config, reload_config: Callable[[], object],
-                 worker_main: Callable[..., int] | None = None, *, stats=None) -> None:
+                 worker_main: Callable[..., int] | None = None, *, stats=None,
+                 tls=None) -> None:
         self.config = config
+        self.tls = tls                            # httptp.tls.TLS or None: inherited by the fork
         self.reload_config = reload_config
         self.worker_main = worker_main
         self.stats = stats
@@ -108,9 +114,12 @@ class Arbiter:
         self.stop_deadline = math.inf
         self.rolling = False                      # a HUP is replacing workers
         self.pending: int | None = None           # pid of the new worker it waits for
-        self.previous = None                      # (config, upstream_ids) before the HUP
+        self.previous = None                      # (config, upstream_ids, tls) before the HUP
         self.reload_again = False
         self.ready_deadline: float | None = None  # until READY=1 was sent
+        self.helpers = helper_procs.Helpers(log, in_child=self._helper_child,
+                                            fork_guard=self.signals.blocked)
+        self.autocert_sock = None                 # -autocertHTTPAddr, bound before any fork
 
     # -- main loop ---------------------------------------------------------------
 
@@ -137,6 +146,7 @@ class Arbiter:
         self.max_slots = max(1, (self.stats.max_blocks - 1) // 2)
         self.upstream_ids = self.stats.assign_upstreams(_upstream_names(config))
         log(f"listening on {self.listeners.name} pid={os.getpid()}")
+        self.sync_helpers()
         self._set_title()
         for index in range(config.workers):
             self.slots[index] = Slot(index)
@@ -144,7 +154,7 @@ class Arbiter:
         self.ready_deadline = time.monotonic() + self.ready_timeout
 
     def loop(self) -> None:
-        while not (self.stopping and not self.workers):
+        while not (self.stopping and not self.workers and not self.helpers.alive()):
             for signum in self.signals.wait(self._timeout()):
                 self.dispatch(signum)
             self.reap()
@@ -156,7 +166,8 @@ class Arbiter:
 
     def _timeout(self) -> float:
         busy = (self.stopping or self.rolling or self.ready_deadline is not None
-                or any(s.respawn_at is not None for s in self.slots.values()))
+                or any(s.respawn_at is not None for s in self.slots.values())
+                or self.helpers.busy())
         return 0.05 if busy else 1.0
 
     def dispatch(self, signum: int) -> None:
@@ -167,6 +178,7 @@ class Arbiter:
     def tick(self, now: float) -> None:
         """Periodic work, after signals and reaping."""
         self.check_workers(now)
+        self.helpers.tick(now)
         if not self.stopping:
             for slot in list(self.slots.values()):
                 if slot.respawn_at is not None and now >= slot.respawn_at:
@@ -196,6 +208,9 @@ class Arbiter:
         """Close what the master owns; runs once, whatever way ``run()`` ends."""
         for worker in self.workers.values():   # only after a bug or "gave up"
             _kill(worker.pid, signal.SIGKILL)
+        self.helpers.kill_all()
+        if self.autocert_sock is not None:
+            self.autocert_sock.close()
         if self.listeners is not None:
             self.listeners.close()
         self.signals.close()
@@ -278,10 +293,13 @@ class Arbiter:
         try:
             self.signals.reset_in_child()
             self.listeners.keep_only(slot)
+            if self.autocert_sock is not None:   # the ACME helper's, not a worker's
+                self.autocert_sock.close()
             proctitle.set_title(f"httptp: worker {slot} gen {generation} [{self.config.in_addr}]")
             main = self.worker_main or _default_worker_main()
+            extra = {"tls": self.tls} if self.tls is not None else {}
             code = main(self.config, listener, self.stats, block, slot, generation,
-                        list(self.upstream_ids))
+                        list(self.upstream_ids), **extra)
         except SystemExit as exc:
             code = exc.code
         except BaseException as exc:
@@ -313,6 +331,8 @@ class Arbiter:
             if worker is not None:
                 self.stats.release_block(worker.block)
                 self.on_exit(worker, _describe_status(status))
+            else:
+                self.helpers.reaped(pid, _describe_status(status))
 
     def on_exit(self, worker: Worker, how: str) -> None:
         """Log one line for a dead worker; replace it if its slot still needs it."""
@@ -422,16 +442,18 @@ class Arbiter:
             refused = _restart_needed(self.config, new)
             if refused:
                 raise ValueError(f"changing {refused} needs a restart")
+            tls = _build_tls(new)      # certificates read again: renewed files are picked up
             upstream_ids = self.stats.assign_upstreams(_upstream_names(new))
         except (Exception, SystemExit) as err:
             log(f"reload failed, keeping the running configuration: {_one_line(err)}")
             return
         systemd.reloading("reloading")
-        self.previous = (self.config, self.upstream_ids)
-        self.config, self.upstream_ids = new, upstream_ids
+        self.previous = (self.config, self.upstream_ids, self.tls)
+        self.config, self.upstream_ids, self.tls = new, upstream_ids, tls
         self.generation += 1
         self._set_title()
         log(f"reloading: replacing the workers with generation {self.generation}")
+        self.sync_helpers()
         self.rolling = True
         self.resize(new.workers)
         self.roll()
@@ -490,12 +512,45 @@ class Arbiter:
         """Keep serving with what runs; later respawns use the old configuration."""
         self.rolling = False
         self.reload_again = False
-        self.config, self.upstream_ids = self.previous
+        self.config, self.upstream_ids, self.tls = self.previous
         self.previous = None
         self.generation += 1   # the old configuration, respawned from now on, gets its own number
+        self.sync_helpers()
         self._set_title()
         log(f"reload aborted, keeping the running workers: {reason}")
         systemd.ready(self._status())
+
+    # -- helper processes (ACME) ------------------------------------------------------
+
+    def sync_helpers(self) -> None:
+        """Run the ACME helper iff autocert is on (-inType=https, no -inTLSCert).
+
+        The -autocertHTTPAddr socket is bound here, before the first fork, and
+        kept for the master's lifetime.  At start a bind error stops httptp
+        (ListenError); on a HUP it is logged and HTTP-01 stays off.
+        """
+        if self.stopping:
+            return
+        config = self.config
+        if not helper_procs.autocert_enabled(config):
+            self.helpers.remove(helper_procs.ACME)
+            return
+        try:
+            helper_procs.make_cache_dir(config.autocert_cache_dir)
+            if self.autocert_sock is None and config.autocert_http_addr:
+                self.autocert_sock = helper_procs.open_http_socket(config.autocert_http_addr)
+        except ListenError as err:
+            if not self.workers:
+                raise
+            log(f"{err}")
+        self.helpers.ensure(helper_procs.ACME,
+                            helper_procs.acme_main(config, self.autocert_sock),
+                            key=helper_procs.acme_key(config))
+
+    def _helper_child(self, name: str) -> None:
+        """First thing in a new helper child: worker signals, no proxy listeners."""
+        self.signals.reset_in_child()
+        self.listeners.keep_only(-1)        # TCP: close every slot's copy; unix: nothing
 
     # -- stop (TERM, INT, QUIT) -------------------------------------------------------
 
@@ -519,6 +574,7 @@ class Arbiter:
         log(f"{how}: {signum.name} to {len(self.workers)} workers, SIGKILL after {grace:g} s")
         for worker in self.workers.values():
             self._tell(worker, signum, grace)
+        self.helpers.stop(signum, grace)
         self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
         self.listeners.close()
 
@@ -554,6 +610,14 @@ class Arbiter:
 def _default_worker_main():
     from httptp.workers.worker import run   # in the child only: it imports gevent
     return run
+
+
+def _build_tls(config):
+    """The TLS objects of ``config`` (None if it uses no TLS); raises ConfigError."""
+    if getattr(config, "in_type", None) is None:
+        return None
+    from httptp.tls import build   # stdlib ssl and ctypes only: no gevent, no threads
+    return build(config, log=log)
 
 
 def _restart_needed(old, new) -> str:

@@ -34,10 +34,12 @@ from httptp import stats as S
 from httptp.errors import MethodNotAllowed, ServiceUnavailable
 from httptp.http import writer
 from httptp.http.parser import select_backend
+from httptp.certstore import offers_acme_tls
 from httptp.io.http_client import readable
 from httptp.io.http_server import ClientConnection
 from httptp.io.pipeline import Proxy, stderr_log
 from httptp.netaddr import AllowList
+from httptp.tls import error_text as tls_error_text
 
 
 HEARTBEAT_INTERVAL = 1.0
@@ -45,8 +47,12 @@ HEARTBEAT_INTERVAL = 1.0
 
 class Worker:
     def __init__(self, config, listener, stats, block: int, slot: int, generation: int,
-                 upstream_ids: list[int]):
+                 upstream_ids: list[int], tls=None):
         self.config = config
+        if tls is not None:
+            tls.for_worker()          # gevent-cooperative sockets from the master's contexts
+        self.tls = tls
+        self.server_tls = tls.server if tls is not None else None
         self.stats = stats
         self.block = block
         self.base = stats.block_base(block)
@@ -54,7 +60,8 @@ class Worker:
         self.generation = generation
         self.log = stderr_log(f"httptp: worker {slot}: ")
         self.parser_module = select_backend(config.http_parser)
-        self.proxy = Proxy(config, stats, block, upstream_ids, self.parser_module, self.log)
+        self.proxy = Proxy(config, stats, block, upstream_ids, self.parser_module, self.log,
+                           tls=tls)
         self.get_only = config.in_get_only
         self.log_all_errors = config.log_all_errors
         self.is_unix = listener.family == _stdsocket.AF_UNIX
@@ -76,7 +83,9 @@ class Worker:
         # teleport server does; split between the workers.
         return TeleportServer(self._teleport_request, compress=compress, delay=cfg.in_delay,
                               concurrency=self.max_conns, max_header_size=cfg.in_max_header_size,
-                              stats=self.stats, block=self.block, log=self.log)
+                              stats=self.stats, block=self.block, log=self.log,
+                              tls=self.server_tls,
+                              allow_plaintext=cfg.in_tls_allow_plaintext)
 
     def _teleport_request(self, head, body: bytes, peer: str):
         """One request from a teleport peer.  -clientIPHeader is not touched: the
@@ -101,9 +110,12 @@ class Worker:
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
         acceptor = gevent.spawn(self._accept_loop)
+        rotate = gevent.spawn(self.server_tls.rotate_forever) if self.server_tls else None
         self._done.wait()
         acceptor.kill(block=False)
         beat.kill(block=False)
+        if rotate is not None:
+            rotate.kill(block=False)
         self.proxy.close()
         return 0
 
@@ -202,8 +214,13 @@ class Worker:
             conn = self.conns[g]
             if conn is None:
                 self.teleport.handle(sock, client_ip.decode("ascii"))
-            else:
+            elif self.server_tls is None:
                 conn.serve()
+            else:
+                tls_sock = self._tls_accept(sock, client_ip)
+                if tls_sock is not None:
+                    sock = conn.sock = tls_sock
+                    conn.serve()
         except gevent.GreenletExit:
             pass
         except Exception as e:  # a bug: log it once, never show the client a traceback
@@ -212,6 +229,55 @@ class Worker:
             q[b + S.IN_CONNS] -= 1
             del self.conns[g]
             sock.close()
+
+
+    def _tls_accept(self, sock, client_ip: bytes):
+        """https: the TLS handshake, bounded by -inHeaderTimeout.  None (counted,
+        closed by the caller, no traceback) when it fails: a scanner, a timeout,
+        or plain HTTP on the https port, which gets nginx's 400 first."""
+        q, b = self.stats.q, self.base
+        deadline = time.monotonic() + self.config.in_header_timeout
+        failed = None
+        tls_sock = None
+        try:
+            sock.settimeout(self.config.in_header_timeout)
+            first = sock.recv(1, socket.MSG_PEEK)
+            if not first:
+                return None                     # connected and left: not an error
+            if first != b"\x16":               # not a TLS handshake record
+                failed = "not a TLS handshake"
+                if first.isalpha():
+                    failed = "plain HTTP request on the https port"
+                    sock.settimeout(1.0)
+                    sock.recv(65536)            # consume the request: no reset on close
+                    sock.sendall(_PLAIN_HTTP_ON_HTTPS)
+                    sock.shutdown(socket.SHUT_WR)
+                return None
+            if self.server_tls.autocert is not None and offers_acme_tls(
+                    sock.recv(4096, socket.MSG_PEEK)):
+                tls_sock = self.server_tls.wrap_challenge(sock)   # a TLS-ALPN-01 validation
+            else:
+                tls_sock = self.server_tls.wrap(sock)
+            tls_sock.settimeout(max(0.001, deadline - time.monotonic()))
+            tls_sock.do_handshake()
+            tls_sock.settimeout(None)
+            return tls_sock
+        except (OSError, ValueError) as e:      # ssl.SSLError, timeouts, resets
+            failed = tls_error_text(e)
+            return None
+        finally:
+            if failed is not None:
+                if tls_sock is not None:
+                    tls_sock.close()
+                q[b + S.IN_TLS_HANDSHAKE_ERRORS] += 1
+                if self.log_all_errors:
+                    self.log(f"client {client_ip.decode()}: TLS handshake failed: {failed}")
+
+
+_PLAIN_HTTP_BODY = b"The plain HTTP request was sent to HTTPS port\n"
+_PLAIN_HTTP_ON_HTTPS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                        b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PLAIN_HTTP_BODY)
+                        + _PLAIN_HTTP_BODY)
 
 
 def _refuse(sock, q, b) -> None:
@@ -227,11 +293,12 @@ def _refuse(sock, q, b) -> None:
 
 
 def run(config, listener, stats, block: int, slot: int, generation: int,
-        upstream_ids: list[int]) -> int:
-    """Entry point in the forked child; returns the exit status."""
+        upstream_ids: list[int], tls=None) -> int:
+    """Entry point in the forked child; returns the exit status.  ``tls`` is the
+    master's ``httptp.tls.TLS`` (contexts built before the fork), or None."""
     import gevent.event  # noqa: F401  (after fork: no hub was inherited)
     try:
-        worker = Worker(config, listener, stats, block, slot, generation, upstream_ids)
+        worker = Worker(config, listener, stats, block, slot, generation, upstream_ids, tls)
     except Exception as e:
         sys.stderr.write(f"httptp: worker {slot}: cannot start: {e}\n")
         return 3

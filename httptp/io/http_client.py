@@ -1,6 +1,8 @@
 """Keep-alive connection pools for http and unix upstreams.
 
-One ``HTTPUpstream`` per ``-out`` address per worker.  An exchange takes an idle
+One ``HTTPUpstream`` per ``-out`` address per worker (https: each new
+connection does its TLS handshake right after the TCP connect, within the
+dial timeout; a failed handshake counts as ``outDialError``).  An exchange takes an idle
 pooled connection (or dials a new one), writes the whole request, and reads the
 whole response through the sans-IO ``ResponseParser``.  The caller (the
 pipeline) bounds the exchange with ``-outTimeout``; any exception that escapes an
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import select
 import socket as _stdsocket
+import ssl
 import time
 
 from gevent import socket
@@ -23,6 +26,7 @@ from httptp import stats as S
 from httptp.errors import GatewayTimeout, ProtocolError, UpstreamError
 from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, ResponseHead
+from httptp.tls import error_text as tls_error_text
 
 _POLLIN_OR_HUP = select.POLLIN | select.POLLHUP | select.POLLERR
 _RECV_SIZE = 65536
@@ -52,8 +56,11 @@ class HTTPUpstream:
     """A pool of keep-alive connections to one upstream address."""
 
     def __init__(self, address, *, parser_module, max_header_size: int, max_conns: int,
-                 idle_timeout: float, stats, block: int):
+                 idle_timeout: float, stats, block: int, tls_context=None,
+                 server_hostname: str | None = None):
         self.address = address
+        self._tls = tls_context            # a gevent (cooperative) SSLContext, or None
+        self._server_hostname = server_hostname
         self.name = str(address)
         self._parser_module = parser_module
         self._max_header_size = max_header_size
@@ -80,10 +87,19 @@ class HTTPUpstream:
             else:
                 sock = socket.create_connection((addr.host, addr.port), timeout=timeout)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            sock.settimeout(None)
         except OSError as e:
             q[b + S.OUT_DIAL_ERROR] += 1
             raise UpstreamError(f"cannot connect to {self.name}: {_oserror_text(e)}") from None
+        if self._tls is not None:
+            try:
+                # the handshake runs within the socket's (dial) timeout
+                sock = self._tls.wrap_socket(sock, server_hostname=self._server_hostname)
+            except (OSError, ValueError) as e:
+                sock.close()
+                q[b + S.OUT_DIAL_ERROR] += 1
+                raise UpstreamError(f"TLS handshake with {self.name} failed: "
+                                    f"{tls_error_text(e)}") from None
+        sock.settimeout(None)
         q[b + S.OUT_DIAL_SUCCESS] += 1
         q[b + S.OUT_CONNS] += 1
         return _Conn(sock, self._parser_module.ResponseParser(self._max_header_size))
@@ -97,7 +113,7 @@ class HTTPUpstream:
             # An idle upstream connection should have nothing to read.  If it is
             # readable the server closed it (EOF) or sent junk: drop it rather
             # than lose the request on it.  poll(0) never blocks the hub.
-            if now - conn.idle_since > self._idle_timeout or readable(conn.sock):
+            if now - conn.idle_since > self._idle_timeout or _stale(conn.sock):
                 self._close(conn)
                 continue
             return conn, True
@@ -209,6 +225,27 @@ def readable(sock) -> bool:
     p = select.poll()
     p.register(sock.fileno(), _POLLIN_OR_HUP)
     return bool(p.poll(0))
+
+
+def _stale(sock) -> bool:
+    """An idle pooled connection that the upstream closed or wrote junk on.
+
+    On TLS a readable socket may hold only TLS records that carry no data
+    (TLS 1.3 session tickets): read without waiting to tell them apart."""
+    if not readable(sock):
+        return False
+    if not hasattr(sock, "pending"):       # plain socket
+        return True
+    sock.settimeout(0.0)
+    try:
+        sock.recv(1)                       # data or EOF: stale either way
+        return True
+    except ssl.SSLWantReadError:
+        return False                       # only non-data records were read
+    except OSError:
+        return True
+    finally:
+        sock.settimeout(None)
 
 
 def _oserror_text(e: OSError) -> str:

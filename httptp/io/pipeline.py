@@ -44,9 +44,13 @@ class _UpstreamTimeout(Exception):
 
 
 class Proxy:
-    def __init__(self, config, stats, block: int, upstream_ids: list[int], parser_module, log):
+    def __init__(self, config, stats, block: int, upstream_ids: list[int], parser_module, log,
+                 tls=None):
         self.config = config
         self.log = log
+        # https/teleports out: the master's client context (already cooperative)
+        self.tls_context = tls.client if tls is not None else None
+        self.tls_server_name = tls.server_name if tls is not None else ""
         self._q = stats.q
         self._base = stats.block_base(block)
         self.timeout = config.out_timeout
@@ -76,10 +80,19 @@ class Proxy:
                                     delay=cfg.out_delay,
                                     max_pending=max(2, math.ceil(per_worker / conns) + 1),
                                     max_header_size=cfg.out_max_header_size, stats=stats,
-                                    block=block, log=self.log)
+                                    block=block, log=self.log, tls_context=self.tls_context,
+                                    server_hostname=self._server_name(addr))
         return HTTPUpstream(addr, parser_module=parser_module,
                             max_header_size=cfg.out_max_header_size, max_conns=per_worker,
-                            idle_timeout=cfg.out_idle_timeout, stats=stats, block=block)
+                            idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
+                            tls_context=self.tls_context,
+                            server_hostname=self._server_name(addr))
+
+    def _server_name(self, addr) -> str | None:
+        """SNI and verification name: -outTLSServerName, else the -out host."""
+        if self.tls_context is None:
+            return None
+        return self.tls_server_name or (addr.host if addr.kind == "tcp" else None)
 
     def forward(self, head, body: bytes, client_ip: bytes | None, keep_alive: bool) -> tuple[bytes, bool]:
         """HTTP in: proxy one request; return (response bytes, keep the client connection)."""

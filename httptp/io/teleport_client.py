@@ -46,6 +46,7 @@ from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request
 from httptp.teleport.handshake import Compress, HEADER_SIZE
+from httptp.tls import error_text as _tls_text
 
 MAX_ID = 0xFFFFFFFF
 HANDSHAKE_TIMEOUT = 3.0     # one deadline for the whole handshake, both directions (§1.2)
@@ -361,9 +362,14 @@ class _Link:
             if tls_context is not None:
                 if not tls:
                     raise TeleportError("the server refused TLS")
-                host = addr.host if addr.kind == "tcp" else None
-                sock = tls_context.wrap_socket(sock, server_hostname=host)
+                try:
+                    sock = tls_context.wrap_socket(sock, server_hostname=client.server_hostname)
+                except OSError as e:
+                    q[b + S.OUT_DIAL_ERROR] += 1
+                    raise UpstreamError(f"TLS handshake failed: {_tls_text(e)}") from None
                 self.sock = sock
+            elif tls:
+                raise TeleportError("the server requires TLS (use -outType=teleports)")
         except OSError as e:
             raise UpstreamError(f"handshake failed: {error_text(e)}") from None
         finally:
@@ -457,7 +463,7 @@ class TeleportClient:
                  max_pending: int = 1000, max_header_size: int = 4096,
                  read_timeout: float = 120.0, write_timeout: float = 5.0,
                  dial_timeout: float = 3.0, stats=None, block: int | None = None, log=None,
-                 tls_context=None):
+                 tls_context=None, server_hostname: str | None = None):
         if isinstance(address, str):
             address = parse_address(address, "tcp")
         self.address: Address = address
@@ -470,7 +476,13 @@ class TeleportClient:
         self.write_timeout = write_timeout
         self.dial_timeout = dial_timeout
         self.log = log
+        if tls_context is not None:
+            from httptp.tls import cooperative
+            tls_context = cooperative(tls_context)   # gevent SSLSockets from a stdlib context
         self.tls_context = tls_context
+        # SNI and the name the certificate is checked against (teleports, PROTOCOL §2)
+        self.server_hostname = server_hostname or (
+            self.address.host if self.address.kind == "tcp" else None)
         self._q, self._base = counters(stats, block)
         self._link: _Link | None = None
         self._next_id = 1

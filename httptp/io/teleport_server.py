@@ -8,8 +8,17 @@ connection's greenlet.  That greenlet
 
 1. reads the client's 15-byte header within ``handshake_timeout`` (a peer that
    says nothing is closed silently), then writes ours: our codec, or the
-   client's with ``compress="auto"``.  A client asking for TLS gets flag 0 and
-   the connection closes (TLS comes later);
+   client's with ``compress="auto"``.  TLS (PROTOCOL.md §1.2, §2):
+
+   * no ``tls`` (a plain ``teleport`` listener), client flag 1: we answer
+     flag 0 and close, as the original does;
+   * ``tls`` given, client flag 1: we answer flag 1 and run the server side of
+     the TLS handshake, still within ``handshake_timeout``; both compression
+     streams then run inside TLS;
+   * ``tls`` given, client flag 0: the original accepts plaintext here; we do
+     only with ``allow_plaintext`` (-inTLSAllowPlaintext).  Otherwise we
+     answer flag 1 ("this listener needs TLS": a client of ours reports that),
+     log one line and close;
 2. starts a writer greenlet (``BatchWriter``: the same batching as the client,
    ``-inDelay``) and becomes the reader: recv → decompress → frame requests;
 3. for each request frame runs the handler in a greenlet of its own; the
@@ -40,6 +49,7 @@ from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_response
 from httptp.teleport.handshake import BY_NAME, Compress, HEADER_SIZE
+from httptp.tls import error_text as tls_error_text
 
 _RECV_SIZE = 65536
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
@@ -105,7 +115,8 @@ class _Conn:
                 srv._log(f"teleport client {self.peer}: {e}")
                 return
             ours = theirs if srv.compress is None else srv.compress
-            reply = handshake.encode(ours, False)
+            refuse_plain = not tls and srv.tls is not None and not srv.allow_plaintext
+            reply = handshake.encode(ours, srv.tls is not None and (tls or refuse_plain))
             try:
                 sock.sendall(reply)
             except OSError:
@@ -113,10 +124,28 @@ class _Conn:
                 return
             q[b + S.IN_WRITE_CALLS] += 1
             q[b + S.IN_BYTES_WRITTEN] += HEADER_SIZE
-            if tls:
+            if tls and srv.tls is None:
                 srv._log(f"teleport client {self.peer} asked for TLS, which this listener "
                          "does not offer; closing")
                 return
+            if refuse_plain:
+                q[b + S.IN_TELEPORT_ERRORS] += 1
+                srv._log(f"teleport client {self.peer} did not ask for TLS, which this "
+                         "listener requires (-inTLSAllowPlaintext accepts it); closing")
+                return
+            if tls:
+                tls_sock = None
+                try:
+                    tls_sock = srv.tls.wrap(sock)
+                    tls_sock.do_handshake()
+                except (OSError, ValueError, _Timeout) as e:
+                    q[b + S.IN_TLS_HANDSHAKE_ERRORS] += 1
+                    srv._log(f"teleport client {self.peer}: TLS handshake failed: "
+                             f"{tls_error_text(e)}")
+                    if tls_sock is not None:
+                        tls_sock.close()
+                    return
+                sock = self.sock = tls_sock
         except (_Timeout, _Closed):
             return                       # said nothing (in time): close silently
         finally:
@@ -257,8 +286,10 @@ class TeleportServer:
                  concurrency: int = 10000, max_header_size: int = 4096,
                  read_timeout: float = 120.0, write_timeout: float = 5.0,
                  handshake_timeout: float = 3.0, stats=None, block: int | None = None,
-                 log=None):
+                 log=None, tls=None, allow_plaintext: bool = False):
         self.handler = handler
+        self.tls = tls                    # httptp.tls.ServerTLS (teleports) or None
+        self.allow_plaintext = allow_plaintext
         if isinstance(compress, str):
             if compress == "auto":
                 self.compress = None

@@ -13,12 +13,14 @@ from httptp.io.teleport_client import TeleportClient
 
 class TeleportUpstream:
     def __init__(self, address, *, conns: int, compress: int, delay: float, max_pending: int,
-                 max_header_size: int, stats, block: int, log):
+                 max_header_size: int, stats, block: int, log, tls_context=None,
+                 server_hostname: str | None = None):
         self.address = address
         self.name = str(address)
         self.clients = [
             TeleportClient(address, compress=compress, delay=delay, max_pending=max_pending,
-                           max_header_size=max_header_size, stats=stats, block=block, log=log)
+                           max_header_size=max_header_size, stats=stats, block=block, log=log,
+                           tls_context=tls_context, server_hostname=server_hostname)
             for _ in range(conns)
         ]
 
