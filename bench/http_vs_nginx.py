@@ -112,7 +112,8 @@ def main() -> int:
         for parser in args.parsers.split(","):
             port = free_port()
             procs.append(subprocess.Popen([httptp, f"-in=127.0.0.1:{port}", f"-out=127.0.0.1:{up_port}",
-                                           "-outType=http", f"-workers={w}", f"-httpParser={parser}"],
+                                           "-outType=http", f"-workers={w}", f"-httpParser={parser}",
+                                           "-expvarAddr="],
                                           stderr=subprocess.DEVNULL))
             wait_port(port)
             targets[f"httptp -workers={w} {parser}"] = port

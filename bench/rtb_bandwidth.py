@@ -164,13 +164,13 @@ def load(addr: str, bodies: list[bytes], threads: int, seconds: float) -> dict:
 
 def run_chain(httptp, bidder_addr, codec, delay, bodies, args, capture=False) -> dict:
     b = Proc([httptp, "-inType=teleport", "-in=127.0.0.1:0", "-outType=http", f"-out={bidder_addr}",
-              f"-inCompress={codec}", f"-inDelay={delay}", "-workers=1"], "B")
+              f"-inCompress={codec}", f"-inDelay={delay}", "-workers=1", "-expvarAddr="], "B")
     tele = Relay(b.addr, capture_limit=CAPTURE_LIMIT if capture else 0)
     a = None
     plain = None
     try:
         a = Proc([httptp, "-in=127.0.0.1:0", "-outType=teleport", f"-out={tele.addr}",
-                  f"-outCompress={codec}", f"-outDelay={delay}", "-workers=1"], "A")
+                  f"-outCompress={codec}", f"-outDelay={delay}", "-workers=1", "-expvarAddr="], "A")
         plain = Relay(a.addr)
         cpu0 = a.cpu_seconds() + b.cpu_seconds()
         res = load(plain.addr, bodies, args.concurrency, args.seconds)

@@ -78,6 +78,8 @@ class Config:
     workers: int
     graceful_timeout: float
     http_parser: str
+    access_log: str
+    log_format: str
     config_file: str | None
     in_header_timeout: float
     in_idle_timeout: float
@@ -193,7 +195,19 @@ def _build(values: dict[str, Any]) -> Config:
     fields_["listen"] = _listen_address(values["in"], values["inType"])
     fields_["upstreams"] = tuple(_address("out", text, values["outType"])
                                  for text in fields_["out"])
+    _check_writable("accessLog", fields_["access_log"])
     return Config(**fields_)
+
+
+def _check_writable(flag: str, path: str) -> None:
+    """A log file every worker will append to must open now, not fail in each
+    worker (which would then respawn for ever)."""
+    if not path or path == "-":
+        return
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    except OSError as e:
+        raise ConfigError(f"-{flag}: cannot open {path}: {e.strerror or e}") from None
 
 
 def _split_out(text: str) -> tuple[str, ...]:

@@ -6,8 +6,9 @@
 The bidder is a small RTB-like upstream (JSON bid requests in, a bid or a 204
 no-bid out).  The demo first pushes a bounded burst of bid requests through the
 chain and prints what crossed each leg, then keeps serving until Ctrl-C, with a
-line whenever traffic moved.  A listens on 127.0.0.1:8080 (DEMO_IN), the codec
-is zstd (DEMO_CODEC).  Everything stays on 127.0.0.1.
+line whenever traffic moved.  A listens on 127.0.0.1:8080 (DEMO_IN) with its
+stats on 127.0.0.1:8040 (DEMO_STATS: /expvar, /prometheus), the codec is zstd
+(DEMO_CODEC).  Everything stays on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def _report(plain: Relay, tele: Relay) -> str:
 def main() -> int:
     in_addr = os.environ.get("DEMO_IN", "127.0.0.1:8080")
     codec = os.environ.get("DEMO_CODEC", "zstd")
+    stats_addr = os.environ.get("DEMO_STATS", "127.0.0.1:8040")
     bidder = ThreadingHTTPServer(("127.0.0.1", 0), _Bidder)
     bidder.daemon_threads = True
     threading.Thread(target=bidder.serve_forever, daemon=True).start()
@@ -172,11 +174,12 @@ def main() -> int:
     procs = []
     try:
         b, b_addr = _start(exe, "-inType=teleport", f"-inCompress={codec}", "-outType=http",
-                           f"-out={plain.addr}", "-workers=1")
+                           f"-out={plain.addr}", "-workers=1", "-expvarAddr=")
         procs.append(b)
         tele = Relay(b_addr)
         a, a_addr = _start(exe, f"-in={in_addr}", "-outType=teleport", f"-outCompress={codec}",
-                           f"-out={tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2")
+                           f"-out={tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2",
+                           f"-expvarAddr={stats_addr}")
         procs.append(a)
         host, _, port = a_addr.rpartition(":")
         print(f"demo: chain up: client → A {a_addr} (http → teleport, {codec}) → B {b_addr} "

@@ -15,6 +15,8 @@ class ProxyError(Exception):
     reason = "Internal Server Error"
     body = "internal error"
     close = True            # close the client connection after answering
+    upstream = ""           # the upstream that failed, if any (access log)
+    upstream_time = 0.0
 
     def __init__(self, detail: str = ""):
         super().__init__(detail or self.body)

@@ -372,6 +372,12 @@ SETTINGS: tuple[Setting, ...] = (
       help="HTTP/1.1 parser: auto, httptools, h11 (auto: httptools when installed)"),
     S("logAllErrors", parse_bool, "false", section="Process", meta="bool",
       help="Log every error met while serving clients, not only unexpected ones"),
+    S("accessLog", parse_string, "", section="Process", meta="file", ours=True,
+      help="Access log file, one line per request (- is stderr); empty turns it off\n"
+           "nginx's combined format plus upstream= and upstream_time=, or JSON with "
+           "-logFormat=json. USR1 reopens it (logrotate)."),
+    S("logFormat", choice("text", "json"), "text", section="Process", ours=True,
+      help="Format of the error log (stderr) and the access log: text or json"),
     S("config", parse_string, "", section="Process", ours=True, in_file=False,
       reloadable=False, field="config_file", meta="file",
       help="Config file with lines 'flagName = value' (see docs/config-file.md)"),
@@ -380,7 +386,6 @@ SETTINGS: tuple[Setting, ...] = (
       help="Check the configuration, print 'configuration OK' and exit"),
     # -- Stats ---------------------------------------------------------------
     S("expvarAddr", parse_string, "localhost:8040", section="Stats", reloadable=False,
-      implemented=False, refuse=False,
       help="Address of the stats server (/expvar, /prometheus); empty disables it"),
 )
 del S

@@ -35,6 +35,7 @@ import traceback
 from dataclasses import dataclass
 from typing import Callable
 
+from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
 from httptp.supervisor.signals import SIGNALS, SignalQueue
@@ -48,10 +49,17 @@ QUIT_GRACE = 1.0           # QUIT: how long workers get before SIGKILL
 REAP_GRACE = 5.0           # after the last SIGKILL, how long we wait to reap
 
 
+_log = error_logger("", "text")
+
+
 def log(message: str) -> None:
-    """One line on stderr, where supervisord and journald collect it."""
-    sys.stderr.write(f"httptp: {message}\n")
-    sys.stderr.flush()
+    """One line on stderr, where supervisord and journald collect it (-logFormat)."""
+    _log(message)
+
+
+def set_log_format(fmt: str) -> None:
+    global _log
+    _log = error_logger("master" if fmt == "json" else "", fmt)
 
 
 @dataclass
@@ -99,6 +107,7 @@ class Arbiter:
                  worker_main: Callable[..., int] | None = None, *, stats=None,
                  tls=None) -> None:
         self.config = config
+        set_log_format(getattr(config, "log_format", "text"))
         self.tls = tls                            # httptp.tls.TLS or None: inherited by the fork
         self.reload_config = reload_config
         self.worker_main = worker_main
@@ -120,6 +129,7 @@ class Arbiter:
         self.helpers = helper_procs.Helpers(log, in_child=self._helper_child,
                                             fork_guard=self.signals.blocked)
         self.autocert_sock = None                 # -autocertHTTPAddr, bound before any fork
+        self.stats_sock = None                    # -expvarAddr, bound before any fork
 
     # -- main loop ---------------------------------------------------------------
 
@@ -209,8 +219,9 @@ class Arbiter:
         for worker in self.workers.values():   # only after a bug or "gave up"
             _kill(worker.pid, signal.SIGKILL)
         self.helpers.kill_all()
-        if self.autocert_sock is not None:
-            self.autocert_sock.close()
+        for sock in (self.autocert_sock, self.stats_sock):
+            if sock is not None:
+                sock.close()
         if self.listeners is not None:
             self.listeners.close()
         self.signals.close()
@@ -293,8 +304,9 @@ class Arbiter:
         try:
             self.signals.reset_in_child()
             self.listeners.keep_only(slot)
-            if self.autocert_sock is not None:   # the ACME helper's, not a worker's
-                self.autocert_sock.close()
+            for sock in (self.autocert_sock, self.stats_sock):   # the helpers', not a worker's
+                if sock is not None:
+                    sock.close()
             proctitle.set_title(f"httptp: worker {slot} gen {generation} [{self.config.in_addr}]")
             main = self.worker_main or _default_worker_main()
             extra = {"tls": self.tls} if self.tls is not None else {}
@@ -532,6 +544,7 @@ class Arbiter:
         if self.stopping:
             return
         config = self.config
+        self._sync_stats_helper()
         if not helper_procs.autocert_enabled(config):
             self.helpers.remove(helper_procs.ACME)
             return
@@ -546,6 +559,21 @@ class Arbiter:
         self.helpers.ensure(helper_procs.ACME,
                             helper_procs.acme_main(config, self.autocert_sock),
                             key=helper_procs.acme_key(config))
+
+    def _sync_stats_helper(self) -> None:
+        """The stats server runs in a helper child iff -expvarAddr is set (a HUP
+        cannot change it: restart_needed).  Bound before the first fork; a bind
+        error stops the start with one line."""
+        addr = getattr(self.config, "expvar_addr", "")
+        if not addr:
+            return
+        if self.stats_sock is None:
+            self.stats_sock = helper_procs.open_http_socket(addr, "-expvarAddr")
+            host, port = self.stats_sock.getsockname()[:2]
+            log(f"stats on http://{host}:{port}/expvar and /prometheus")
+        self.helpers.ensure(helper_procs.STATS,
+                            helper_procs.stats_main(self.stats, self.stats_sock, list(sys.argv)),
+                            key=addr)
 
     def _helper_child(self, name: str) -> None:
         """First thing in a new helper child: worker signals, no proxy listeners."""

@@ -19,6 +19,8 @@ The master stays synchronous: no thread and no gevent here.  A helper child
 may start threads (the ACME helper does); it starts from the master's state at
 fork time, with the worker signal dispositions reset by ``in_child``.
 
+The stats helper (``stats_main``) serves -expvarAddr from the shared memory.
+
 The ACME helper: ``autocert_enabled(config)`` says whether it runs
 (``-inType=https`` with no ``-inTLSCert``); ``open_http_socket`` binds the
 ``-autocertHTTPAddr`` socket in the master before any fork, so the port is
@@ -254,10 +256,11 @@ def acme_key(config) -> tuple:
             config.autocert_email, config.autocert_renew_before, config.in_addr)
 
 
-def open_http_socket(text: str):
-    """Bind and listen on ``-autocertHTTPAddr``; None when it is empty.
+def open_http_socket(text: str, flag: str = "-autocertHTTPAddr"):
+    """Bind and listen on a helper's address (``-autocertHTTPAddr``,
+    ``-expvarAddr``); None when it is empty.
 
-    Raises ``ListenError`` with the operator's one-line reason.
+    Raises ``ListenError`` with the operator's one-line reason, naming ``flag``.
     """
     from httptp.netaddr import parse_address
     from httptp.supervisor.sockets import ListenError, resolve, tcp_listener
@@ -266,15 +269,29 @@ def open_http_socket(text: str):
     try:
         address = parse_address(text, "http", allow_port0=True)
     except ValueError as err:
-        raise ListenError(f"-autocertHTTPAddr: {err}") from None
+        raise ListenError(f"{flag}: {err}") from None
     try:
         family, sockaddr = resolve(address.host, address.port)
         return tcp_listener(family, sockaddr, reuse_port=False, backlog=128)
     except ListenError as err:
-        raise ListenError(str(err).replace("-in:", "-autocertHTTPAddr:", 1)) from None
+        raise ListenError(str(err).replace("-in:", f"{flag}:", 1)) from None
     except OSError as err:
-        raise ListenError(f"-autocertHTTPAddr: cannot listen on {text}: "
+        raise ListenError(f"{flag}: cannot listen on {text}: "
                           f"{err.strerror or err}") from None
+
+
+STATS = "stats"
+
+
+def stats_main(stats, sock, cmdline: list[str]) -> Callable[[], int]:
+    """What the stats helper child runs: /expvar, /prometheus, /healthz on the
+    -expvarAddr socket, read from the shared memory (DESIGN.md §7)."""
+    def main() -> int:
+        from httptp.statsserver import serve
+        proctitle.set_title(f"httptp: stats [{sock.getsockname()[0]}:{sock.getsockname()[1]}]")
+        serve(sock, stats, cmdline)
+        return 0
+    return main
 
 
 def make_cache_dir(path: str) -> None:

@@ -227,6 +227,8 @@ class HttpTp:
         self.args = [HTTPTP, f"-workers={workers}", *args]
         if not any(a.startswith("-in=") or a == "-in" for a in args):
             self.args.append("-in=127.0.0.1:0")
+        if not any(a.startswith("-expvarAddr") for a in args):
+            self.args.append("-expvarAddr=")     # many httptp run at once: no shared stats port
         e = dict(os.environ)
         e.update(env or {})
         self.proc = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -281,8 +283,17 @@ class HttpTp:
         # fall back: at least the master is up; requests will queue on the sockets
 
     def worker_pids(self) -> list[int]:
+        """The master's worker children (not its helpers: stats, ACME), by title."""
         out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True)
-        return [int(x) for x in out.stdout.split()]
+        pids = []
+        for pid in map(int, out.stdout.split()):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    if f.read().startswith(b"httptp: worker "):
+                        pids.append(pid)
+            except OSError:
+                pass
+        return pids
 
     def signal(self, sig):
         os.kill(self.proc.pid, sig)

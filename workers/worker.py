@@ -10,7 +10,7 @@ signal handlers through gevent:
   ``Connection: close``, exit 0 when none is left or ``-gracefulTimeout`` passed;
 * QUIT: exit at once;
 * INT and HUP: ignored (Ctrl-C reaches the whole process group; the master decides);
-* USR1: reopen log files (nothing to reopen while we log to stderr);
+* USR1: reopen the access log (logrotate);
 * the master going away (our parent pid changes) drains us too.
 
 A heartbeat greenlet writes the time into our shared-memory block every second;
@@ -37,7 +37,8 @@ from httptp.http.parser import select_backend
 from httptp.certstore import offers_acme_tls
 from httptp.io.http_client import readable
 from httptp.io.http_server import ClientConnection
-from httptp.io.pipeline import Proxy, stderr_log
+from httptp.io.pipeline import Proxy
+from httptp.logs import AccessLog, error_logger
 from httptp.netaddr import AllowList
 from httptp.tls import error_text as tls_error_text
 
@@ -58,10 +59,11 @@ class Worker:
         self.base = stats.block_base(block)
         self.slot = slot
         self.generation = generation
-        self.log = stderr_log(f"httptp: worker {slot}: ")
+        self.log = error_logger(f"worker {slot}", config.log_format)
+        self.access_log = AccessLog(config.access_log, config.log_format) if config.access_log else None
         self.parser_module = select_backend(config.http_parser)
         self.proxy = Proxy(config, stats, block, upstream_ids, self.parser_module, self.log,
-                           tls=tls)
+                           tls=tls, access_log=self.access_log)
         self.get_only = config.in_get_only
         self.log_all_errors = config.log_all_errors
         self.is_unix = listener.family == _stdsocket.AF_UNIX
@@ -93,7 +95,7 @@ class Worker:
         self.stats.q[self.base + S.IN_REQUEST_START] += 1
         if self.get_only and head.method != b"GET":
             return self.proxy.answer_error(MethodNotAllowed())
-        return self.proxy.answer(head, body, None)
+        return self.proxy.answer(head, body, None, peer.encode("ascii", "replace"))
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -102,10 +104,7 @@ class Worker:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGQUIT, self._quit)
-        # USR1 reopens log files; workers write only to the inherited stderr
-        # today, so there is nothing to reopen yet, but the default action
-        # (terminate) must never apply.
-        gevent.signal_handler(signal.SIGUSR1, lambda: None)
+        gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
         stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
@@ -118,6 +117,14 @@ class Worker:
             rotate.kill(block=False)
         self.proxy.close()
         return 0
+
+    def _reopen_logs(self) -> None:
+        """USR1 (logrotate): reopen the access log; stderr belongs to the master."""
+        if self.access_log is not None:
+            try:
+                self.access_log.reopen()
+            except OSError as e:
+                self.log(f"cannot reopen the access log {self.access_log.path}: {e.strerror}")
 
     def drain(self) -> None:
         if self.draining:

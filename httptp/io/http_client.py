@@ -36,11 +36,13 @@ _DIAL_TIMEOUT = 3.0
 class Response:
     """A complete upstream response: head and the whole body."""
 
-    __slots__ = ("head", "body")
+    __slots__ = ("head", "body", "upstream", "upstream_time")
 
     def __init__(self, head: ResponseHead, body: bytes):
         self.head = head
         self.body = body
+        self.upstream = ""           # set by the pipeline: who answered, and how fast
+        self.upstream_time = 0.0
 
 
 class _Conn:

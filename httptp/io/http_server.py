@@ -143,8 +143,10 @@ class ClientConnection:
     def serve(self) -> None:
         worker = self.worker
         q, b = self._q, self._base
+        head = None
         try:
             while True:
+                head = None          # an error before the next head has no request line
                 head = self._next_head()
                 if head is None:
                     return
@@ -165,20 +167,25 @@ class ClientConnection:
                 if not keep_alive:
                     return
         except ProxyError as err:
-            self._answer_error(err)
+            self._answer_error(err, head)
         except (_Closed, _Idle):
             pass
         except socket.timeout:
             pass
 
-    def _answer_error(self, err: ProxyError) -> None:
+    def _answer_error(self, err: ProxyError, head) -> None:
+        """Answer a request httptp refuses itself (4xx), then the connection closes."""
         q, b = self._q, self._base
         q[b + S.IN_REQUEST_BAD_REQUEST] += 1
-        if self.worker.log_all_errors:
-            self.worker.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
-                            f"{err.status} {err.detail or err.body}")
+        worker = self.worker
+        if worker.log_all_errors:
+            worker.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
+                       f"{err.status} {err.detail or err.body}")
+        data = writer.error_response(err, False)
+        if worker.access_log is not None:
+            worker.access_log.log(self.client_ip, head, err.status, len(err.body) + 1, "", 0.0)
         try:
-            self._send(writer.error_response(err, False))
+            self._send(data)
         except _Closed:
             pass
 

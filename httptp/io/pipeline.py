@@ -9,7 +9,6 @@ expected failure: upstream errors become 502, timeouts 504, each counted.
 from __future__ import annotations
 
 import math
-import sys
 import time
 
 import gevent
@@ -45,9 +44,10 @@ class _UpstreamTimeout(Exception):
 
 class Proxy:
     def __init__(self, config, stats, block: int, upstream_ids: list[int], parser_module, log,
-                 tls=None):
+                 tls=None, access_log=None):
         self.config = config
         self.log = log
+        self.access_log = access_log
         # https/teleports out: the master's client context (already cooperative)
         self.tls_context = tls.client if tls is not None else None
         self.tls_server_name = tls.server_name if tls is not None else ""
@@ -111,11 +111,11 @@ class Proxy:
             data = writer.response(rh.status, rh.reason, out_headers, resp.body, keep_alive)
         return data, keep_alive
 
-    def answer(self, head, body: bytes, client_ip: bytes | None) -> Answer:
+    def answer(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None) -> Answer:
         """Teleport in: proxy one request; the answer is framed by the teleport
         server, always with the Content-Length of the bytes it carries (a HEAD
         answer carries none: PROTOCOL.md §1.9)."""
-        resp = self.proxy(head, body, client_ip)
+        resp = self.proxy(head, body, client_ip, peer)
         if resp.__class__ is not Response:
             return self.answer_error(resp)
         rh = resp.head
@@ -126,8 +126,10 @@ class Proxy:
     def answer_error(err: ProxyError) -> Answer:
         return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, (err.body + "\n").encode())
 
-    def proxy(self, head, body: bytes, client_ip: bytes | None):
-        """The upstream Response, or the ProxyError to answer with; counted either way."""
+    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None):
+        """The upstream Response, or the ProxyError to answer with; counted and
+        access-logged either way (``peer`` names the client in the log when no
+        client-IP header is to be set, e.g. a teleport peer)."""
         q, b = self._q, self._base
         headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
         if self.out_teleport:
@@ -142,10 +144,17 @@ class Proxy:
                 q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
             else:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+            if self.access_log is not None:
+                self.access_log.log(client_ip or peer, head, err.status, len(err.body) + 1,
+                                    err.upstream, err.upstream_time)
             return err
         q[b + S.IN_REQUEST_SUCCESS] += 1
         if resp.head.status != 200:
             q[b + S.IN_REQUEST_NON200] += 1
+        if self.access_log is not None:
+            self.access_log.log(client_ip or peer, head, resp.head.status,
+                                0 if head.method == b"HEAD" else len(resp.body),
+                                resp.upstream, resp.upstream_time)
         return resp
 
     def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes) -> Response:
@@ -170,16 +179,18 @@ class Proxy:
                     if (idempotent and e.sent_nothing_back and len(tried) == 1
                             and not self._single):
                         continue
-                    raise BadGateway(str(e)) from None
+                    raise _from(BadGateway(str(e)), upstream, t0) from None
                 except (_UpstreamTimeout, GatewayTimeout):
                     lease.release(False, time.monotonic() - t0)
                     if self._log_errors:
                         self.log(f"upstream {upstream.name}: timed out after {self.timeout}s")
-                    raise GatewayTimeout() from None
+                    raise _from(GatewayTimeout(), upstream, t0) from None
                 except BaseException:
                     lease.release(False, time.monotonic() - t0)
                     raise
-                lease.release(True, time.monotonic() - t0)
+                elapsed = time.monotonic() - t0
+                lease.release(True, elapsed)
+                resp.upstream, resp.upstream_time = upstream.name, elapsed
                 return resp
         finally:
             timer.close()
@@ -189,8 +200,7 @@ class Proxy:
             u.close()
 
 
-def stderr_log(prefix: str):
-    def log(msg: str) -> None:
-        sys.stderr.write(f"{prefix}{msg}\n")
-        sys.stderr.flush()
-    return log
+def _from(err: ProxyError, upstream, t0: float) -> ProxyError:
+    """``err`` with the upstream it came from, for the access log."""
+    err.upstream, err.upstream_time = upstream.name, time.monotonic() - t0
+    return err

@@ -84,3 +84,45 @@ def test_counters_add_up_across_workers():
     per_block = [int(kv.split("=")[1]) for kv in m.group(4).split()]
     assert sum(per_block) == 600
     assert len(per_block) == 2 and min(per_block) > 0   # both workers served
+
+
+def test_stats_server_sums_workers_and_survives_a_killed_worker():
+    """-expvarAddr: /expvar counts are exact over 2 workers, also after kill -9 of
+    one; /prometheus parses; /healthz answers."""
+    import http.client
+    import json
+    import os
+    import re
+    import signal
+    from prometheus_client.parser import text_string_to_metric_families
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", "-expvarAddr=127.0.0.1:0", workers=2) as p:
+            t0 = time.monotonic()
+            while "stats on http://" not in p.output and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            port = int(re.search(r"stats on http://127\.0\.0\.1:(\d+)/", p.output).group(1))
+
+            def get(path):
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", path)
+                r = c.getresponse()
+                return r.status, r.read()
+            assert load(p.host, p.port, threads=8, max_requests=300, duration=20).ok == 300
+            stats = json.loads(get("/expvar")[1])
+            assert stats["inRequestStart"] == stats["inRequestSuccess"] == 300
+            os.kill(p.worker_pids()[0], signal.SIGKILL)
+            t0 = time.monotonic()
+            while len(p.worker_pids()) < 2 and time.monotonic() - t0 < 10:
+                time.sleep(0.05)
+            assert load(p.host, p.port, threads=8, max_requests=200, duration=20).ok == 200
+            stats = json.loads(get("/expvar")[1])
+            assert stats["inRequestSuccess"] == 500          # never goes backwards
+            assert stats["workerRestarts"] >= 1
+            status, text = get("/prometheus")
+            assert status == 200 and b"inRequestSuccess 500\n" in text
+            names = {f.name for f in text_string_to_metric_families(text.decode())}
+            assert "httptp_upstream_requests" in names
+            assert get("/healthz")[0] == 200
+    finally:
+        up.close()

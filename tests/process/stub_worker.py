@@ -68,6 +68,8 @@ def answer(conn: socket.socket, generation: int) -> None:
 
 def main() -> int:
     args = sys.argv[1:]
+    if not any(a.startswith("-expvarAddr") for a in args):
+        args.append("-expvarAddr=")     # no stats helper unless a test asks for one
 
     def reload_config():
         with open(os.environ["STUB_RELOAD_FILE"]) as f:

@@ -15,7 +15,7 @@ import pytest
 
 @pytest.mark.timeout(90)
 def test_demo_shows_the_bandwidth_saved_and_stops_on_ctrl_c():
-    env = dict(os.environ, DEMO_IN="127.0.0.1:0")
+    env = dict(os.environ, DEMO_IN="127.0.0.1:0", DEMO_STATS="127.0.0.1:0")
     proc = subprocess.Popen([sys.executable, "-m", "httptp.demo"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
     lines = []

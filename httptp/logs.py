@@ -1,0 +1,116 @@
+"""Log lines: the error log (stderr) and the access log (-accessLog).
+
+Formats (-logFormat):
+
+* ``text`` (default). Error log: ``httptp: <who>: <message>``. Access log,
+  nginx's "combined" plus the upstream:
+  ``client - - [29/Nov/2026:10:40:00 +0000] "GET /p HTTP/1.1" 200 1234 "referer"
+  "user agent" upstream=10.0.0.1:80 upstream_time=0.003``
+* ``json``: one JSON object a line. Error log:
+  ``{"time": "...", "level": "info", "who": "worker 0", "msg": "..."}``. Access log:
+  ``{"time", "client", "method", "target", "protocol", "status", "bytes",
+  "referer", "user_agent", "upstream", "upstream_time"}``.
+
+The access log is written with one ``write()`` per line on an ``O_APPEND``
+descriptor, so the lines of all workers interleave whole. USR1 reopens it
+(logrotate: rename, then ``kill -USR1 <master>``). ``-`` means stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+FORMATS = ("text", "json")
+
+
+def _iso(now: float) -> str:
+    """RFC 3339 UTC with milliseconds: 2026-11-29T10:40:00.123Z."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % int(now % 1 * 1000)
+
+
+def error_logger(who: str, fmt: str = "text"):
+    """A ``log(message)`` for stderr, in the chosen format."""
+    if fmt == "json":
+        def log(message: str) -> None:
+            sys.stderr.write(json.dumps({"time": _iso(time.time()), "who": who,
+                                         "msg": message}) + "\n")
+            sys.stderr.flush()
+    else:
+        prefix = f"httptp: {who}: " if who else "httptp: "
+
+        def log(message: str) -> None:
+            sys.stderr.write(prefix + message + "\n")
+            sys.stderr.flush()
+    return log
+
+
+def _header(headers: list, name: bytes) -> str:
+    for n, v in headers:
+        if len(n) == len(name) and n.lower() == name:
+            return v.decode("latin-1")
+    return ""
+
+
+class AccessLog:
+    """One line per answered request; ``path`` "-" is stderr."""
+
+    def __init__(self, path: str, fmt: str = "text"):
+        self.path = path
+        self.fmt = fmt
+        self.fd = -1
+        self.reopen()
+
+    def reopen(self) -> None:
+        """Open the path again (USR1, after logrotate renamed the file)."""
+        if self.path == "-":
+            self.fd = 2
+            return
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        old, self.fd = self.fd, fd
+        if old > 2:
+            os.close(old)
+
+    def close(self) -> None:
+        if self.fd > 2:
+            os.close(self.fd)
+        self.fd = -1
+
+    def log(self, client: bytes | None, head, status: int, size: int, upstream: str,
+            upstream_time: float) -> None:
+        now = time.time()
+        client_s = client.decode("ascii") if client else "-"
+        if head is None:
+            method = target = protocol = ""
+            referer = agent = ""
+        else:
+            method, target = head.method.decode("latin-1"), head.target.decode("latin-1")
+            protocol = "HTTP/" + head.version.decode("ascii")
+            referer = _header(head.headers, b"referer")
+            agent = _header(head.headers, b"user-agent")
+        if self.fmt == "json":
+            line = json.dumps({"time": _iso(now), "client": client_s, "method": method,
+                               "target": target, "protocol": protocol, "status": status,
+                               "bytes": size, "referer": referer, "user_agent": agent,
+                               "upstream": upstream or None,
+                               "upstream_time": round(upstream_time, 6)}) + "\n"
+        else:
+            request = f"{method} {target} {protocol}" if method else "-"
+            stamp = time.strftime("%d/%b/%Y:%H:%M:%S +0000", time.gmtime(now))
+            line = (f'{client_s} - - [{stamp}] "{_quote(request)}" {status} {size} '
+                    f'"{_quote(referer) or "-"}" "{_quote(agent) or "-"}" '
+                    f"upstream={upstream or '-'} upstream_time={upstream_time:.3f}\n")
+        try:
+            os.write(self.fd, line.encode("utf-8", "replace"))
+        except OSError:
+            pass     # a full disk must not take the proxy down
+
+
+def _quote(text: str) -> str:
+    """Escape what would break the line's fields, as nginx does (\\xHH)."""
+    if '"' not in text and "\\" not in text and text.isprintable():
+        return text
+    return "".join(c if c.isprintable() and c not in '"\\' else "\\x%02X" % (ord(c) & 0xFF)
+                   for c in text)

@@ -1,0 +1,91 @@
+"""Access log, -logFormat json, USR1 reopen after logrotate: real processes and files."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from tests.helpers import HttpTp, Upstream, get, load, raw_exchange, run_httptp
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def _lines(path) -> list[str]:
+    try:
+        with open(path) as f:
+            return f.read().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def _wait_lines(path, n, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while len(_lines(path)) < n and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return _lines(path)
+
+
+def test_access_log_text_has_combined_fields_upstream_and_refusals(tmp_path):
+    up = Upstream(name="u")
+    log = tmp_path / "access.log"
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", f"-accessLog={log}", workers=2) as p:
+            c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+            get(c, "/a?b=1", headers={"User-Agent": "probe/1.0", "Referer": "http://r/"})
+            raw_exchange((p.host, p.port), b"GET / HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n")
+            lines = _wait_lines(log, 2)
+    finally:
+        up.close()
+    ok = next(l for l in lines if "/a?b=1" in l)
+    assert ok.startswith("127.0.0.1 - - [")
+    assert '"GET /a?b=1 HTTP/1.1" 200 1 "http://r/" "probe/1.0" upstream=' + up.addr in ok
+    assert " upstream_time=" in ok
+    bad = next(l for l in lines if " 400 " in l)
+    assert '"-" 400' in bad and "upstream=-" in bad
+
+
+def test_json_logs_and_usr1_reopens_a_rotated_access_log(tmp_path):
+    up = Upstream(name="u")
+    log = tmp_path / "access.log"
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", f"-accessLog={log}", "-logFormat=json",
+                    workers=2) as p:
+            stop = threading.Event()
+            sent = []
+
+            def client():
+                c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+                while not stop.is_set() and len(sent) < 3000:
+                    sent.append(get(c, f"/r{len(sent)}")[0])
+            t = threading.Thread(target=client)
+            t.start()
+            time.sleep(0.5)
+            os.rename(log, tmp_path / "access.log.1")     # logrotate
+            p.signal(signal.SIGUSR1)
+            time.sleep(0.5)
+            stop.set()
+            t.join(10)
+            assert any("reopen" in l for l in p.lines)
+            # master lines are JSON too
+            master = [json.loads(l) for l in p.lines if l.startswith("{")]
+            assert any("listening on" in m["msg"] for m in master)
+        lines = _lines(tmp_path / "access.log.1") + _lines(log)
+    finally:
+        up.close()
+    assert _lines(log), "nothing was written to the reopened file"
+    records = [json.loads(l) for l in lines]
+    assert len(records) == len(sent) == sent.count(200)   # no line lost, none doubled
+    r = records[0]
+    assert r["status"] == 200 and r["upstream"] == up.addr and r["method"] == "GET"
+
+
+def test_access_log_that_cannot_be_opened_fails_at_start(tmp_path):
+    r = run_httptp("-outType=http", f"-accessLog={tmp_path}/no/such/dir/access.log")
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("httptp: -accessLog: cannot open")
