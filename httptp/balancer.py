@@ -68,8 +68,10 @@ EWMA then moves toward its current latency.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 
-from .stats import (IN_USE, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA, UP_EWMA_T,
+from .stats import (IN_USE, LATENCY_BUCKETS, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA,
+                    UP_EWMA_T, UP_HIST, UP_HIST_SUM,
                     UP_FAILURES, UP_INFLIGHT, UP_PENALTY, UP_PENALTY_T, UP_PROBING,
                     UP_REQUESTS, UP_REVIVED, Stats)
 
@@ -297,6 +299,8 @@ class Balancer:
         e = d[b + UP_EWMA]
         d[b + UP_EWMA] = e + ALPHA * (latency - e) if e else latency
         d[b + UP_EWMA_T] = now
+        q[b + UP_HIST + bisect_left(LATENCY_BUCKETS, latency)] += 1
+        d[b + UP_HIST_SUM] += latency
         if probe:
             d[b + UP_REVIVED] = now         # first: makes every older ejection stale
             d[b + UP_EJECT] = 0.0

@@ -22,9 +22,11 @@ import re
 import sys
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily,
+                                   InfoMetricFamily)
 
 import httptp
+from httptp.stats import LATENCY_BUCKETS
 
 # expvar name -> (metric name, kind, help, labels).  Metrics that share a name
 # differ by label values; one family per metric name.
@@ -69,6 +71,18 @@ _METRICS = {
                          "Teleport protocol errors (bad handshake, corrupt stream, bad frame)",
                          {"side": "in"}),
     "outTeleportErrors": ("httptp_teleport_errors", "counter", "", {"side": "out"}),
+    "inTLSHandshakeErrors": ("httptp_tls_handshake_errors", "counter",
+                             "TLS handshakes that failed or timed out on https/teleports listeners",
+                             {}),
+    "teleportSentPlainBytes": ("httptp_teleport_bytes", "counter",
+                               "Teleport payload bytes before and after the codec, by direction",
+                               {"direction": "sent", "stage": "plain"}),
+    "teleportSentCompressedBytes": ("httptp_teleport_bytes", "counter", "",
+                                    {"direction": "sent", "stage": "compressed"}),
+    "teleportReceivedPlainBytes": ("httptp_teleport_bytes", "counter", "",
+                                   {"direction": "received", "stage": "plain"}),
+    "teleportReceivedCompressedBytes": ("httptp_teleport_bytes", "counter", "",
+                                        {"direction": "received", "stage": "compressed"}),
     "workerRestarts": ("httptp_worker_restarts", "counter", "Worker processes replaced after dying", {}),
 }
 
@@ -91,6 +105,15 @@ class StatsCollector:
                 fam = families[name] = cls(name, help_ or name, labels=list(labels))
             fam.add_metric(list(labels.values()), totals[expvar])
         yield from families.values()
+        ratio = GaugeMetricFamily("httptp_teleport_compression_ratio",
+                                  "Teleport plain bytes per compressed byte so far, by direction",
+                                  labels=["direction"])
+        for direction, plain, packed in (
+                ("sent", "teleportSentPlainBytes", "teleportSentCompressedBytes"),
+                ("received", "teleportReceivedPlainBytes", "teleportReceivedCompressedBytes")):
+            if totals.get(packed):
+                ratio.add_metric([direction], totals[plain] / totals[packed])
+        yield ratio
         yield from self._upstreams()
         workers = GaugeMetricFamily("httptp_workers", "Worker processes running")
         workers.add_metric([], len(self.stats.blocks_in_use()))
@@ -113,8 +136,12 @@ class StatsCollector:
         ejected = GaugeMetricFamily("httptp_upstream_ejected",
                                     "1 while the upstream is ejected by the health checks",
                                     labels=["upstream"])
-        latency = GaugeMetricFamily("httptp_upstream_latency_seconds",
-                                    "Response time EWMA of an upstream", labels=["upstream"])
+        ewma = GaugeMetricFamily("httptp_upstream_latency_ewma_seconds",
+                                 "Response time EWMA of an upstream (what the balancer weighs)",
+                                 labels=["upstream"])
+        latency = HistogramMetricFamily("httptp_upstream_latency_seconds",
+                                        "Response time of successful requests to an upstream",
+                                        labels=["upstream"])
         for idx, name in sorted(names.items()):
             u = per.get(idx)
             if u is None:
@@ -123,8 +150,13 @@ class StatsCollector:
             fail.add_metric([name], u["failures"])
             inflight.add_metric([name], u["inflight"])
             ejected.add_metric([name], 1 if u["ejected"] else 0)
-            latency.add_metric([name], u["ewma"])
-        return req, fail, inflight, ejected, latency
+            ewma.add_metric([name], u["ewma"])
+            cumulative, buckets = 0, []
+            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), u["latency_buckets"]):
+                cumulative += n
+                buckets.append((_bound(bound), cumulative))
+            latency.add_metric([name], buckets, u["latency_sum"])
+        return req, fail, inflight, ejected, ewma, latency
 
 
 class Exposition:
@@ -161,3 +193,7 @@ class Exposition:
         for name, value in sorted(self._integers().items()):
             compat.append(f"# TYPE {name} counter\n{name} {value}\n")
         return "".join(compat).encode() + generate_latest(self.registry)
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)

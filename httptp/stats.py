@@ -69,11 +69,13 @@ offset     field                   kind      writer
 32, 33     inConns, outConns       gauge     worker
 34, 35     in/outTeleportErrors    counter   worker
 36         inTLSHandshakeErrors    counter   worker
-37 .. 39   reserved
+37 .. 40   teleport{Sent,Received}{Plain,Compressed}Bytes   counter   worker: teleport
+                                               payload before and after the codec
+41 .. 47   reserved
 40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
-Per upstream (offsets relative to ``upstream_base(b, u)``; 128 bytes each):
+Per upstream (offsets relative to ``upstream_base(b, u)``; 256 bytes each):
 
 ======  ============  =======  =====================================================
 offset  field         kind     meaning
@@ -90,6 +92,10 @@ offset  field         kind     meaning
 9       UP_REVIVED    float    monotonic time of this block's last successful probe
 10      UP_EWMA_T     float    monotonic time of the last latency sample in UP_EWMA
 11..15  reserved
+16..28  UP_HIST       counter  latency histogram of successful requests: one word per
+                               bucket of ``LATENCY_BUCKETS``, then +Inf (not cumulative)
+29      UP_HIST_SUM   float    sum of those latencies, seconds (a counter)
+30..31  reserved
 ======  ============  =======  =====================================================
 
 ``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
@@ -105,7 +111,7 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 1
+LAYOUT_VERSION = 2
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
@@ -151,13 +157,25 @@ OUT_CONNS = 33
 IN_TELEPORT_ERRORS = 34             # teleport clients: bad handshake, corrupt stream, bad frame
 OUT_TELEPORT_ERRORS = 35            # teleport upstreams: the same, seen from our client
 IN_TLS_HANDSHAKE_ERRORS = 36        # https/teleports listeners: failed or timed-out TLS handshakes
-BLOCK_HEADER_WORDS = 40             # admin + counters + gauges + spare, 64-byte aligned
+# Teleport payload bytes of this process, both roles: what went into our
+# compressors and came out of them (sent), what went into our decompressors
+# and came out (received).  The ratio plain/compressed is the saving.
+TELEPORT_SENT_PLAIN = 37
+TELEPORT_SENT_COMPRESSED = 38
+TELEPORT_RECEIVED_COMPRESSED = 39
+TELEPORT_RECEIVED_PLAIN = 40
+BLOCK_HEADER_WORDS = 48             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
 UP_INFLIGHT, UP_REQUESTS, UP_FAILURES, UP_CONSEC, UP_EWMA = 0, 1, 2, 3, 4
 UP_PENALTY, UP_PENALTY_T, UP_EJECT, UP_PROBING, UP_REVIVED = 5, 6, 7, 8, 9
 UP_EWMA_T = 10
-UP_WORDS = 16
+# Latency histogram of successful requests (counters: kept across claims):
+# one word per bucket (not cumulative; the exposition accumulates) and the sum.
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+UP_HIST = 16                        # 12 bounded buckets, then +Inf at UP_HIST + 12
+UP_HIST_SUM = UP_HIST + len(LATENCY_BUCKETS) + 1    # float, seconds
+UP_WORDS = 32
 # Zeroed on claim/release: everything except the counters and UP_REVIVED.
 UP_GAUGES = (UP_INFLIGHT, UP_CONSEC, UP_EWMA, UP_EWMA_T, UP_PENALTY, UP_PENALTY_T, UP_EJECT,
              UP_PROBING)
@@ -192,9 +210,13 @@ COUNTERS = (
     ("inTeleportErrors", IN_TELEPORT_ERRORS, "counter"),
     ("outTeleportErrors", OUT_TELEPORT_ERRORS, "counter"),
     ("inTLSHandshakeErrors", IN_TLS_HANDSHAKE_ERRORS, "counter"),
+    ("teleportSentPlainBytes", TELEPORT_SENT_PLAIN, "counter"),
+    ("teleportSentCompressedBytes", TELEPORT_SENT_COMPRESSED, "counter"),
+    ("teleportReceivedCompressedBytes", TELEPORT_RECEIVED_COMPRESSED, "counter"),
+    ("teleportReceivedPlainBytes", TELEPORT_RECEIVED_PLAIN, "counter"),
 )
 GAUGES = (IN_CONNS, OUT_CONNS)
-_FIRST, _LAST = IN_REQUEST_START, IN_TLS_HANDSHAKE_ERRORS + 1  # the slice holding every COUNTERS word
+_FIRST, _LAST = IN_REQUEST_START, TELEPORT_RECEIVED_PLAIN + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 
 
@@ -445,10 +467,14 @@ class Stats:
                 continue
             inflight = requests = failures = probing = 0
             ejects, ewmas, revived = [], [], 0.0
+            hist, hist_sum = [0] * (len(LATENCY_BUCKETS) + 1), 0.0
             for block in range(self.max_blocks):
                 b = self.upstream_base(block, u)
                 requests += q[b + UP_REQUESTS]
                 failures += q[b + UP_FAILURES]
+                for i, n in enumerate(q[b + UP_HIST:b + UP_HIST + len(hist)]):
+                    hist[i] += n
+                hist_sum += d[b + UP_HIST_SUM]
                 revived = max(revived, d[b + UP_REVIVED])
                 if not q[self.block_base(block) + IN_USE]:
                     continue
@@ -461,5 +487,6 @@ class Stats:
             result[u] = {"name": name, "listed": state == NAME_LISTED, "inflight": inflight,
                          "requests": requests, "failures": failures, "ejected": ejected,
                          "ewma": sum(ewmas) / len(ewmas) if ewmas else 0.0,
-                         "eject_until": max(ejects, default=0.0) if ejected else 0.0}
+                         "eject_until": max(ejects, default=0.0) if ejected else 0.0,
+                         "latency_buckets": hist, "latency_sum": hist_sum}
         return result

@@ -164,18 +164,18 @@ class BatchWriter:
                 if chunk:
                     out.append(chunk)
                 if unflushed >= BATCH_BYTES or (flush_at and time.monotonic() >= flush_at):
-                    self._flush(out)
+                    self._flush(out, unflushed)
                     out = []
                     unflushed = 0
             if unflushed:
                 if delay <= 0:
-                    self._flush(out)
+                    self._flush(out, unflushed)
                     out = []
                     unflushed = 0
                     continue
                 left = flush_at - time.monotonic()
                 if left <= 0 or self.stopping:
-                    self._flush(out)
+                    self._flush(out, unflushed)
                     out = []
                     unflushed = 0
                     continue
@@ -187,7 +187,8 @@ class BatchWriter:
             wake.clear()
             wake.wait()
 
-    def _flush(self, out: list) -> None:
+    def _flush(self, out: list, plain: int) -> None:
+        """End a batch: ``plain`` frame bytes went into the compressor for it."""
         tail = self.comp.flush()
         if tail:
             out.append(tail)
@@ -196,6 +197,8 @@ class BatchWriter:
         if not data:
             return
         q, b = self.q, self.base
+        q[b + S.TELEPORT_SENT_PLAIN] += plain
+        q[b + S.TELEPORT_SENT_COMPRESSED] += len(data)
         if self.in_calls:
             f_err, f_calls, f_bytes = S.IN_WRITE_ERROR, S.IN_WRITE_CALLS, S.IN_BYTES_WRITTEN
         else:
@@ -410,7 +413,10 @@ class _Link:
                 if not data:
                     raise _Closed("connection closed by the server")
                 q[b + S.OUT_BYTES_READ] += len(data)
-                for req_id, head, body in feed(decompress(data)):
+                plain = decompress(data)
+                q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
+                q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
+                for req_id, head, body in feed(plain):
                     call = calls.pop(req_id, None)
                     if call is None:
                         late_heads.discard(req_id)

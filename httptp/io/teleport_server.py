@@ -216,7 +216,10 @@ class _Conn:
             if not data:
                 raise _Closed()
             q[b + S.IN_BYTES_READ] += len(data)
-            for req_id, head, body in feed(decompress(data)):
+            plain = decompress(data)
+            q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
+            q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
+            for req_id, head, body in feed(plain):
                 if srv._busy >= srv.concurrency:
                     q[b + S.IN_REQUEST_OVERLOAD] += 1
                     if req_id:

@@ -106,3 +106,29 @@ def test_counters_never_go_backwards_when_a_block_is_reused(stats):
     stats.release_block(block)              # the worker died and was reaped
     stats.claim_block(0, 0, 2)              # its replacement
     assert json.loads(exp.expvar())["inRequestStart"] == before
+
+
+def test_latency_histogram_and_teleport_ratio(stats):
+    from httptp.balancer import Balancer
+    block = stats.blocks_in_use()[0]
+    bal = Balancer(stats, block, [0, 1])
+    for latency in (0.0005, 0.003, 0.003, 0.2):
+        lease = bal.pick()
+        lease.release(True, latency)
+    base = stats.block_base(block)
+    stats.q[base + S.TELEPORT_SENT_PLAIN] += 8000
+    stats.q[base + S.TELEPORT_SENT_COMPRESSED] += 1000
+    text = Exposition(stats).prometheus().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    hist = families["httptp_upstream_latency_seconds"]
+    counts = {}
+    for sample in hist.samples:
+        if sample.name.endswith("_count"):
+            counts[sample.labels["upstream"]] = sample.value
+    assert sum(counts.values()) == 4
+    inf = [s.value for s in hist.samples if s.labels.get("le") == "+Inf"]
+    assert sum(inf) == 4
+    le_5ms = sum(s.value for s in hist.samples if s.labels.get("le") == "0.005")
+    assert le_5ms == 3
+    ratio = families["httptp_teleport_compression_ratio"].samples
+    assert [(s.labels["direction"], s.value) for s in ratio] == [("sent", 8.0)]

@@ -34,7 +34,10 @@ def stats(clock):
 def test_layout_is_aligned_and_small():
     s = Stats.create(256, 64)
     try:
-        assert len(s.q) * 8 < 4 * 1024 * 1024
+        # the extreme case (256 blocks x 64 upstreams, 256 bytes each with the
+        # latency histogram); the master usually makes 64 blocks, ~1 MiB, and
+        # pages never touched are never faulted in
+        assert len(s.q) * 8 < 5 * 1024 * 1024
         for block in (0, 1, 255):
             assert s.block_base(block) % 8 == 0            # 64-byte aligned
             assert s.upstream_base(block, 63) % 8 == 0
@@ -46,7 +49,7 @@ def test_layout_is_aligned_and_small():
 
 def test_counter_indexes_are_unique_and_inside_the_block_header():
     fields = [field for _, field, _ in st.COUNTERS]
-    assert len(set(fields)) == len(fields) == 29
+    assert len(set(fields)) == len(fields) == 33
     assert all(st.STARTED < f < st.BLOCK_HEADER_WORDS for f in fields)
     gauges = {name for name, _, kind in st.COUNTERS if kind == "gauge"}
     assert gauges == {"inConns", "outConns"}
