@@ -7,7 +7,8 @@ Formats (-logFormat):
   ``client - - [29/Nov/2026:10:40:00 +0000] "GET /p HTTP/1.1" 200 1234 "referer"
   "user agent" upstream=10.0.0.1:80 upstream_time=0.003``
 * ``json``: one JSON object a line. Error log:
-  ``{"time": "...", "level": "info", "who": "worker 0", "msg": "..."}``. Access log:
+  ``{"time": "...", "who": "worker 0", "msg": "..."}`` (``who`` is ``master``
+  for the master). Access log:
   ``{"time", "client", "method", "target", "protocol", "status", "bytes",
   "referer", "user_agent", "upstream", "upstream_time"}``.
 
