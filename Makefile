@@ -20,13 +20,13 @@ run: venv
 
 # Debian tools the tests drive as real peers.  Installed when missing and we
 # may (root with apt); otherwise the tests that need them skip and say why.
-APT_TEST_PKGS := slowhttptest pebble
+APT_TEST_PKGS := slowhttptest pebble prometheus
 test-deps:
 	@missing=""; for p in $(APT_TEST_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \
-	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null) \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null) \
 	      || echo "warning: apt-get could not install$$missing; those tests will skip"; \
 	  else echo "note:$$missing not installed and apt not usable; those tests will skip"; fi; \
 	fi

@@ -132,3 +132,20 @@ def test_latency_histogram_and_teleport_ratio(stats):
     assert le_5ms == 3
     ratio = families["httptp_teleport_compression_ratio"].samples
     assert [(s.labels["direction"], s.value) for s in ratio] == [("sent", 8.0)]
+
+
+@pytest.mark.skipif(not __import__("shutil").which("promtool"),
+                    reason="promtool (Debian package prometheus) not installed")
+def test_promtool_accepts_every_httptp_metric(stats):
+    """Prometheus' own linter on our metrics (names, units, HELP).  The
+    original's block before them is camelCase without _total by design: it
+    keeps dashboards built on the Go httptp working."""
+    import subprocess
+    from httptp.balancer import Balancer
+    lease = Balancer(stats, stats.blocks_in_use()[0], [0, 1]).pick()
+    lease.release(True, 0.002)
+    text = Exposition(stats).prometheus().decode()
+    ours = text[text.index("# HELP httptp_"):]
+    r = subprocess.run(["promtool", "check", "metrics"], input=ours, capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
