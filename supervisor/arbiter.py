@@ -32,12 +32,13 @@ import signal
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
+from httptp.supervisor.procs import Backoff, flush_std as _flush_std, kill as _kill
 from httptp.supervisor.signals import SIGNALS, SignalQueue
 from httptp.supervisor import helpers as helper_procs
 from httptp.supervisor.sockets import ListenError, open_listeners
@@ -82,8 +83,9 @@ class Worker:
 class Slot:
     index: int
     pid: int | None = None         # the worker serving this slot
-    failures: int = 0              # young deaths in a row, for the back-off
     respawn_at: float | None = None
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(STABLE_AFTER, BACKOFF_FIRST, BACKOFF_MAX))
 
 
 class Arbiter:
@@ -326,7 +328,7 @@ class Arbiter:
         slot.respawn_at = None
         worker = self.spawn(slot.index)
         if worker is None:
-            slot.respawn_at = time.monotonic() + self._backoff(slot, 0.0)
+            slot.respawn_at = time.monotonic() + slot.backoff.next(0.0)
         else:
             slot.pid = worker.pid
 
@@ -364,19 +366,11 @@ class Arbiter:
             log(f"{worker.label} {how}; its replacement is already starting")
             return
         lived = time.monotonic() - worker.started
-        delay = self._backoff(slot, lived)
+        delay = slot.backoff.next(lived)
         self.stats.incr_restarts()
         when = "now" if delay == 0 else f"in {delay:g} s"
         log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}")
         slot.respawn_at = time.monotonic() + delay
-
-    def _backoff(self, slot: Slot, lived: float) -> float:
-        if lived >= STABLE_AFTER:
-            slot.failures = 0
-            return 0.0
-        delay = min(BACKOFF_FIRST * 2 ** slot.failures, BACKOFF_MAX)
-        slot.failures += 1
-        return delay
 
     def check_workers(self, now: float) -> None:
         """Notice readiness from the stats blocks; SIGKILL stuck workers."""
@@ -658,13 +652,6 @@ def _upstream_names(config) -> list[str]:
     return [str(address) for address in config.upstreams]
 
 
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass   # exited, not reaped yet: the loop will reap it
-
-
 def _describe_status(status: int) -> str:
     code = os.waitstatus_to_exitcode(status)
     if code < 0:
@@ -692,12 +679,3 @@ def _report_crash(slot: int, exc: BaseException) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
     log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}")
-
-
-def _flush_std() -> None:
-    """Flush before fork (no duplicated output) and before ``os._exit`` (no lost output)."""
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass

@@ -34,13 +34,13 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
 from httptp.supervisor import proctitle
+from httptp.supervisor.procs import Backoff, flush_std as _flush_std, kill as _kill
 
 STABLE_AFTER = 10.0
 BACKOFF_FIRST = 0.5
@@ -55,12 +55,13 @@ class Helper:
     key: object = None
     pid: int | None = None
     started: float = 0.0
-    failures: int = 0
     respawn_at: float | None = None
     deadline: float = math.inf          # SIGKILL after this (set when told to stop)
     killed: bool = False
     retired: bool = False               # stopped for good: never respawned
     replacement: tuple | None = field(default=None)   # (main, key) to start after the exit
+    backoff: Backoff = field(
+        default_factory=lambda: Backoff(STABLE_AFTER, BACKOFF_FIRST, BACKOFF_MAX))
 
 
 class Helpers:
@@ -153,7 +154,7 @@ class Helpers:
             self.log(f"{self._label(helper, pid)} {how}")
             del self.helpers[helper.name]
         else:
-            delay = self._backoff(helper, lived)
+            delay = helper.backoff.next(lived)
             when = "now" if delay == 0 else f"in {delay:g} s"
             self.log(f"{self._label(helper, pid)} {how} after {lived:.1f} s; respawning {when}")
             helper.respawn_at = time.monotonic() + delay
@@ -180,7 +181,7 @@ class Helpers:
     def _replace(self, helper: Helper) -> None:
         helper.main, helper.key = helper.replacement
         helper.replacement = None
-        helper.failures = 0
+        helper.backoff.failures = 0
         self._spawn(helper)
 
     def _spawn(self, helper: Helper) -> None:
@@ -192,7 +193,7 @@ class Helpers:
                 if pid == 0:
                     self._child(helper)
         except OSError as err:
-            delay = self._backoff(helper, 0.0)
+            delay = helper.backoff.next(0.0)
             self.log(f"cannot start the {helper.name} helper: fork: {err}; retrying in {delay:g} s")
             helper.respawn_at = time.monotonic() + delay
             return
@@ -224,14 +225,6 @@ class Helpers:
     def _tell(self, helper: Helper, signum: int, grace: float) -> None:
         helper.deadline = min(helper.deadline, time.monotonic() + grace)
         _kill(helper.pid, signum)
-
-    def _backoff(self, helper: Helper, lived: float) -> float:
-        if lived >= STABLE_AFTER:
-            helper.failures = 0
-            return 0.0
-        delay = min(BACKOFF_FIRST * 2 ** helper.failures, BACKOFF_MAX)
-        helper.failures += 1
-        return delay
 
     @staticmethod
     def _label(helper: Helper, pid: int | None = None) -> str:
@@ -323,18 +316,3 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
-
-
-def _kill(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def _flush_std() -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError, AttributeError):
-            pass

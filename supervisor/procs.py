@@ -1,0 +1,41 @@
+"""Small process helpers shared by the master's worker and helper supervision."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+class Backoff:
+    """Respawn delay of one supervised child: at once after a child that lived
+    ``stable_after`` seconds, else ``first``, doubling up to ``maximum``."""
+
+    __slots__ = ("stable_after", "first", "maximum", "failures")
+
+    def __init__(self, stable_after: float, first: float, maximum: float):
+        self.stable_after, self.first, self.maximum = stable_after, first, maximum
+        self.failures = 0
+
+    def next(self, lived: float) -> float:
+        if lived >= self.stable_after:
+            self.failures = 0
+            return 0.0
+        delay = min(self.first * 2 ** self.failures, self.maximum)
+        self.failures += 1
+        return delay
+
+
+def kill(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass   # exited, not reaped yet: the loop will reap it
+
+
+def flush_std() -> None:
+    """Flush before fork (no duplicated output) and before ``os._exit`` (no lost output)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
