@@ -282,7 +282,7 @@ def _show(setting: settings.Setting, value: Any) -> str:
 
 def _not_yet_value(s: settings.Setting, value: str) -> str:
     usable = [f"-{s.name}={v}" for v in s.choices if v not in s.not_yet]
-    default = f" (it is the default, as in the original)" if value == s.default else ""
+    default = " (it is the default, as in the original)" if value == s.default else ""
     return (f"-{s.name}: {value}{default} is not implemented yet; "
             f"pass {' or '.join(usable)}")
 

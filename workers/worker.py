@@ -303,7 +303,6 @@ def run(config, listener, stats, block: int, slot: int, generation: int,
         upstream_ids: list[int], tls=None) -> int:
     """Entry point in the forked child; returns the exit status.  ``tls`` is the
     master's ``httptp.tls.TLS`` (contexts built before the fork), or None."""
-    import gevent.event  # noqa: F401  (after fork: no hub was inherited)
     try:
         worker = Worker(config, listener, stats, block, slot, generation, upstream_ids, tls)
     except Exception as e:

@@ -10,7 +10,7 @@ A message is always: one head event, zero or more ``Data``, one ``EndOfMessage``
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
