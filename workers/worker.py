@@ -207,7 +207,7 @@ class Worker:
                 self.conns[g] = None     # -concurrency counts its handlers instead
             elif len(self.conns) >= self.max_conns:
                 q[b + S.IN_REQUEST_OVERLOAD] += 1
-                gevent.spawn(_refuse, sock, q, b)
+                gevent.spawn(self._refuse, sock, client_ip)
                 continue
             else:
                 self.conns[g] = ClientConnection(sock, client_ip, self)
@@ -237,6 +237,24 @@ class Worker:
             del self.conns[g]
             sock.close()
 
+
+    def _refuse(self, sock, client_ip: bytes) -> None:
+        """Over -concurrency: answer 503 and close without reading the request
+        (on an https port after the TLS handshake, so the client can read it)."""
+        if self.server_tls is not None:
+            tls_sock = self._tls_accept(sock, client_ip)
+            if tls_sock is None:
+                sock.close()
+                return
+            sock = tls_sock
+        try:
+            sock.settimeout(1.0)
+            sock.sendall(writer.error_response(ServiceUnavailable(), False))
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        finally:
+            sock.close()
 
     def _tls_accept(self, sock, client_ip: bytes):
         """https: the TLS handshake, bounded by -inHeaderTimeout.  None (counted,
@@ -285,18 +303,6 @@ _PLAIN_HTTP_BODY = b"The plain HTTP request was sent to HTTPS port\n"
 _PLAIN_HTTP_ON_HTTPS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; charset=utf-8\r\n"
                         b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(_PLAIN_HTTP_BODY)
                         + _PLAIN_HTTP_BODY)
-
-
-def _refuse(sock, q, b) -> None:
-    """Over -concurrency: answer 503 and close without reading the request."""
-    try:
-        sock.settimeout(1.0)
-        sock.sendall(writer.error_response(ServiceUnavailable(), False))
-        sock.shutdown(socket.SHUT_WR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
 
 
 def run(config, listener, stats, block: int, slot: int, generation: int,

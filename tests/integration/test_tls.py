@@ -567,3 +567,22 @@ def test_reload_keeps_old_tls_when_new_certificate_is_bad(certs, tmp_path, upstr
         assert "reload failed, keeping the running configuration: -inTLSKey: cannot read" in p.output
         data = https_get(p.port, certs.client_context())[0]
         assert data.startswith(b"HTTP/1.1 200")
+
+
+def test_over_concurrency_on_https_answers_503_inside_tls(certs, server_pair):
+    slow = Upstream(handler=lambda m, p, h, b: Reply(delay=1.0))
+    try:
+        with HttpTp("-inType=https", *tls_args(server_pair), "-outType=http", f"-out={slow.addr}",
+                    "-concurrency=1", workers=1) as p:
+            ctx = certs.client_context()
+            busy = ctx.wrap_socket(socket.create_connection(("127.0.0.1", p.port), timeout=5),
+                                   server_hostname="localhost")
+            busy.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            time.sleep(0.2)
+            data, _, _ = https_get(p.port, ctx)
+            assert data.startswith(b"HTTP/1.1 503 "), data
+            assert busy.recv(65536).startswith(b"HTTP/1.1 200 ")
+            busy.close()
+            no_traceback(p)
+    finally:
+        slow.close()
