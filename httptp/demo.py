@@ -1,14 +1,19 @@
 """`make run`: a teleport chain on one machine, and the bandwidth it saves.
 
-    curl ─▶ A: httptp http → teleport ─▶ [relay: counts the teleport leg] ─▶
-            B: httptp teleport → http ─▶ [relay: counts plain HTTP] ─▶ bidder
+    clients ─▶ A: httptp http → teleport ─▶ [relay: counts the teleport leg] ─▶
+               B: httptp teleport → http ─▶ [relay: counts plain HTTP] ─▶ bidder
 
 The bidder is a small RTB-like upstream (JSON bid requests in, a bid or a 204
-no-bid out).  The demo first pushes a bounded burst of bid requests through the
-chain and prints what crossed each leg, then keeps serving until Ctrl-C, with a
-line whenever traffic moved.  A listens on 127.0.0.1:8080 (DEMO_IN) with its
-stats on 127.0.0.1:8040 (DEMO_STATS: /expvar, /prometheus), the codec is zstd
-(DEMO_CODEC).  Everything stays on 127.0.0.1.
+no-bid out).  For each codec (DEMO_CODECS, default zstd first, then flate,
+snappy, brotli, none) the demo starts a fresh A/B pair of real `httptp`
+processes on the same bidder and drives it for DEMO_SECONDS (default 4 s, at
+most DEMO_REQUESTS requests) with DEMO_CLIENTS keep-alive client threads
+posting bid requests.  Every second it prints a live line: codec, progress,
+req/s and p99 latency over the last second, and the bytes saved on the
+teleport leg so far.  Then a summary table per codec, and the DEMO_CODEC
+(zstd) chain keeps serving on DEMO_IN (127.0.0.1:8080) with its stats on
+DEMO_STATS (127.0.0.1:8040: /expvar, /prometheus) until Ctrl-C.
+Everything stays on 127.0.0.1 and every phase is bounded.
 """
 
 from __future__ import annotations
@@ -28,14 +33,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from httptp.relay import Relay
 
-BURST = 2000            # requests in the opening burst
-BURST_CLIENTS = 16
+CODECS = ("zstd", "flate", "snappy", "brotli", "none")
+SECONDS = 4.0           # load per codec
+MAX_REQUESTS = 20000    # and at most this many requests per codec
+CLIENTS = 8             # keep-alive client threads
+BAR = 10                # progress bar width
 
 
 class _Bidder(BaseHTTPRequestHandler):
     """Answers a bid for ~40% of requests, 204 otherwise (as exchanges do)."""
 
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True     # headers and body go out in two writes
 
     def do_POST(self):
         n = int(self.headers.get("Content-Length") or 0)
@@ -98,117 +107,329 @@ def bid_request(rng: random.Random) -> bytes:
     }).encode()
 
 
-def _burst(host: str, port: int) -> tuple[int, int, float]:
-    """POST BURST bid requests over keep-alive connections; (ok, failed, seconds)."""
-    ok = failed = 0
-    lock = threading.Lock()
-    tickets = iter(range(BURST))
+# ---------------------------------------------------------------- httptp pairs
 
-    def client(seed):
-        nonlocal ok, failed
-        rng = random.Random(seed)
-        conn = http.client.HTTPConnection(host, port, timeout=10)
-        while True:
-            with lock:
-                if next(tickets, None) is None:
-                    break
-            try:
-                conn.request("POST", "/openrtb2/auction", body=bid_request(rng),
-                             headers={"Content-Type": "application/json"})
-                r = conn.getresponse()
-                r.read()
-                good = r.status in (200, 204)
-            except (OSError, http.client.HTTPException):
-                conn.close()
-                conn = http.client.HTTPConnection(host, port, timeout=10)
-                good = False
-            with lock:
-                ok, failed = ok + good, failed + (not good)
-        conn.close()
-
-    t0 = time.monotonic()
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(BURST_CLIENTS)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return ok, failed, time.monotonic() - t0
+# httptp's routine chatter; anything else it says (errors, warnings) is shown.
+_QUIET = re.compile(r"httptp: (worker |ready|stats |graceful stop|fast stop|stopped:|listening on)")
 
 
-def _start(exe: str, *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([exe, "-in=127.0.0.1:0", *args] if not any(a.startswith("-in=") for a in args)
-                            else [exe, *args], stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        line = proc.stderr.readline()
-        m = re.search(r"listening on (\S+) pid=", line)
-        if m:
-            threading.Thread(target=_echo, args=(proc.stderr,), daemon=True).start()
-            return proc, m.group(1)
-        if not line and proc.poll() is not None:
-            break
-    raise SystemExit(f"demo: httptp did not start: {' '.join(args)}")
-
-
-def _echo(stream) -> None:
+def _echo(stream, chain: "_Chain") -> None:
     for line in stream:
-        if "ready" not in line and "worker" not in line:
+        m = re.search(r"stats on (http://\S+?)/expvar", line)
+        if m:
+            chain.stats_url = m.group(1)
+        if not _QUIET.search(line):
             sys.stderr.write(line)
 
 
-def _report(plain: Relay, tele: Relay) -> str:
-    ratio = plain.total_bytes / tele.total_bytes if tele.total_bytes else 0.0
-    return (f"plain HTTP {plain.total_bytes:>12,} B   teleport {tele.total_bytes:>11,} B   "
-            f"saved {100 * (1 - 1 / ratio) if ratio else 0:5.1f}%  ({ratio:.1f}x smaller)")
+def _start(exe: str, chain: "_Chain", *args: str) -> tuple[subprocess.Popen, str]:
+    """Start one httptp; return it and its listen address once its workers are ready."""
+    if not any(a.startswith("-in=") for a in args):
+        args = ("-in=127.0.0.1:0", *args)
+    proc = subprocess.Popen([exe, *args], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    chain.procs.append(proc)
+    addr = None
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        if not line and proc.poll() is not None:
+            break
+        m = re.search(r"listening on (\S+) pid=", line)
+        if m:
+            addr = m.group(1)
+        m = re.search(r"stats on (http://\S+?)/expvar", line)
+        if m:
+            chain.stats_url = m.group(1)
+        if addr and line.startswith("httptp: ready"):
+            threading.Thread(target=_echo, args=(proc.stderr, chain), daemon=True).start()
+            return proc, addr
+        if not _QUIET.search(line) and line:
+            sys.stderr.write(line)
+    raise SystemExit(f"demo: httptp did not start: {' '.join(args)}")
+
+
+class _Chain:
+    """A → [teleport relay] → B → [plain relay] → bidder, for one codec."""
+
+    def __init__(self, exe: str, codec: str, bidder: str, in_addr: str = "127.0.0.1:0", stats: str = ""):
+        self.codec, self.procs, self.stats_url = codec, [], ""
+        self.plain = Relay(bidder)
+        self.tele = None
+        _, b_addr = _start(exe, self, "-inType=teleport", f"-inCompress={codec}", "-outType=http",
+                           f"-out={self.plain.addr}", "-workers=1", "-expvarAddr=")
+        self.b_addr = b_addr
+        self.tele = Relay(b_addr)
+        _, self.a_addr = _start(exe, self, f"-in={in_addr}", "-outType=teleport", f"-outCompress={codec}",
+                                f"-out={self.tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2",
+                                f"-expvarAddr={stats}")
+
+    def alive(self) -> bool:
+        return all(p.poll() is None for p in self.procs)
+
+    def bytes(self) -> tuple[int, int]:
+        return self.plain.total_bytes, self.tele.total_bytes if self.tele else 0
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):             # A first, then B
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in self.procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self.plain.close()
+        if self.tele:
+            self.tele.close()
+
+
+# ------------------------------------------------------------------ the load
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "kB", "MB"):
+        if n < 1000 or unit == "MB":
+            digits = 0 if unit == "B" or n >= 100 else 1 if n >= 10 else 2
+            return f"{n:.{digits}f} {unit}"
+        n /= 1000
+    return ""
+
+
+def _saved(plain: int, tele: int) -> str:
+    pct = 100 * (1 - tele / plain) if plain else 0.0
+    return f"plain {plain:>11,} B → teleport {tele:>10,} B  saved {pct:5.1f}%"
+
+
+class _Load:
+    """Keep-alive client threads posting bid requests until a deadline or a request cap."""
+
+    def __init__(self, addr: str, seconds: float, cap: int, clients: int, stop: threading.Event):
+        self.host, _, port = addr.rpartition(":")
+        self.port = int(port)
+        self.seconds, self.cap, self.stop = seconds, cap, stop
+        self.lock = threading.Lock()
+        self.issued = self.ok = self.failed = 0
+        self.window: list[float] = []       # latencies (s) since the last tick
+        self.all: list[float] = []
+        self.t0 = time.monotonic()
+        self.deadline = self.t0 + seconds
+        self.threads = [threading.Thread(target=self._client, args=(random.randrange(1 << 30),), daemon=True)
+                        for _ in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, seed: int) -> None:
+        rng = random.Random(seed)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+        try:
+            while not self.stop.is_set() and time.monotonic() < self.deadline:
+                with self.lock:
+                    if self.issued >= self.cap:
+                        break
+                    self.issued += 1
+                body = bid_request(rng)
+                t = time.perf_counter()
+                try:
+                    conn.request("POST", "/openrtb2/auction", body=body,
+                                 headers={"Content-Type": "application/json"})
+                    r = conn.getresponse()
+                    r.read()
+                    good = r.status in (200, 204)
+                except (OSError, http.client.HTTPException):
+                    conn.close()
+                    conn = http.client.HTTPConnection(self.host, self.port, timeout=10)
+                    good = False
+                took = time.perf_counter() - t
+                with self.lock:
+                    if good:
+                        self.ok += 1
+                        self.window.append(took)
+                        self.all.append(took)
+                    else:
+                        self.failed += 1
+        finally:
+            conn.close()
+
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self.threads)
+
+    def tick(self) -> list[float]:
+        with self.lock:
+            w, self.window = self.window, []
+        return w
+
+    def progress(self) -> float:
+        return min(1.0, max((time.monotonic() - self.t0) / self.seconds, self.issued / self.cap))
+
+
+def _bar(frac: float) -> str:
+    utf = (getattr(sys.stdout, "encoding", "") or "").lower().replace("-", "") == "utf8"
+    full, empty = ("█", "░") if utf else ("#", ".")
+    n = int(round(frac * BAR))
+    return full * n + empty * (BAR - n)
+
+
+def _run_phase(chain: _Chain, seconds: float, cap: int, clients: int, stop: threading.Event,
+               tty: bool) -> dict:
+    p0, t0 = chain.bytes()
+    load = _Load(chain.a_addr, seconds, cap, clients, stop)
+
+    def line(frac, rate, p99, err, done=False):
+        plain, tele = chain.bytes()
+        plain, tele = plain - p0, tele - t0
+        pct = 100 * (1 - tele / plain) if plain else 0.0
+        text = (f"{chain.codec:<6} {_bar(frac)} {'done' if done else f'{100 * frac:3.0f}%'} "
+                f"{rate:5.0f} req/s  p99 {1000 * p99:4.1f} ms  "
+                f"saved {pct:4.1f}%: {_size(plain)} → {_size(tele)}" + (f"  {err} failed" if err else ""))
+        if tty:
+            return "\r" + text[:shutil.get_terminal_size((100, 24)).columns - 1] + "\x1b[K"
+        return text + "\n"
+
+    last = load.t0
+    while True:
+        while load.running() and time.monotonic() < last + 1.0:
+            time.sleep(0.02)
+        if not load.running():
+            break
+        now = time.monotonic()
+        if now >= load.deadline - 0.1 or load.issued >= load.cap:
+            time.sleep(0.02)                   # ending: the phase's closing line follows
+            continue
+        w = load.tick()
+        print(line(load.progress(), len(w) / (now - last), _pct(w, 0.99), load.failed), end="", flush=True)
+        last = now
+    took = time.monotonic() - load.t0
+    plain, tele = chain.bytes()
+    plain, tele = plain - p0, tele - t0
+    res = {"codec": chain.codec, "ok": load.ok, "failed": load.failed, "seconds": took,
+           "rps": load.ok / took if took else 0.0, "p50": _pct(load.all, 0.50), "p99": _pct(load.all, 0.99),
+           "plain": plain, "tele": tele}
+    if not stop.is_set():                      # the closing line: the whole phase
+        print(line(1.0, res["rps"], res["p99"], load.failed, done=True) + ("\n" if tty else ""),
+              end="", flush=True)
+    return res
+
+
+def _table(results: list[dict]) -> str:
+    head = (f"{'codec':<7}{'requests':>9}{'failed':>7}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}"
+            f"{'plain B/req':>12}{'teleport B/req':>15}{'ratio':>7}{'saved':>8}")
+    rows = [head, "-" * len(head)]
+    for r in results:
+        n = r["ok"] or 1
+        ratio = r["plain"] / r["tele"] if r["tele"] else 0.0
+        saved = 100 * (1 - r["tele"] / r["plain"]) if r["plain"] else 0.0
+        rows.append(f"{r['codec']:<7}{r['ok']:>9,}{r['failed']:>7}{r['rps']:>8.0f}{1000 * r['p50']:>8.1f}"
+                    f"{1000 * r['p99']:>8.1f}{r['plain'] / n:>12,.0f}{r['tele'] / n:>15,.0f}"
+                    f"{ratio:>6.1f}x{saved:>7.1f}%")
+    return "\n".join(rows)
+
+
+# ------------------------------------------------------------------ the demo
+
+def _env_number(name: str, default, kind):
+    raw = os.environ.get(name, "")
+    try:
+        value = kind(raw) if raw else default
+    except ValueError:
+        raise SystemExit(f"demo: {name}={raw!r} is not a number")
+    if value <= 0:
+        raise SystemExit(f"demo: {name} must be positive")
+    return value
 
 
 def main() -> int:
     in_addr = os.environ.get("DEMO_IN", "127.0.0.1:8080")
     codec = os.environ.get("DEMO_CODEC", "zstd")
     stats_addr = os.environ.get("DEMO_STATS", "127.0.0.1:8040")
+    default_codecs = ",".join([codec] + [c for c in CODECS if c != codec])
+    codecs = [c.strip() for c in os.environ.get("DEMO_CODECS", default_codecs).split(",") if c.strip()]
+    for c in [codec, *codecs]:
+        if c not in CODECS:
+            raise SystemExit(f"demo: unknown codec {c!r} (one of {', '.join(CODECS)})")
+    seconds = _env_number("DEMO_SECONDS", SECONDS, float)
+    cap = _env_number("DEMO_REQUESTS", MAX_REQUESTS, int)
+    clients = min(_env_number("DEMO_CLIENTS", CLIENTS, int), 256)
+    tty = sys.stdout.isatty()
+
     bidder = ThreadingHTTPServer(("127.0.0.1", 0), _Bidder)
     bidder.daemon_threads = True
     threading.Thread(target=bidder.serve_forever, daemon=True).start()
-    plain = Relay("127.0.0.1:%d" % bidder.server_address[1])
+    bidder_addr = "127.0.0.1:%d" % bidder.server_address[1]
     exe = shutil.which("httptp") or os.path.join(os.path.dirname(sys.executable), "httptp")
-    procs = []
+    stop = threading.Event()
+    serving: _Chain | None = None           # the DEMO_CODEC chain on DEMO_IN: kept to the end
+    chains: list[_Chain] = []
+    results: list[dict] = []
+    base = (0, 0)
+    summarized = False
+
+    def start_serving() -> _Chain:
+        chain = _Chain(exe, codec, bidder_addr, in_addr, stats_addr)
+        chains.append(chain)
+        return chain
+
+    def terminate(signum, frame):
+        raise KeyboardInterrupt                 # TERM stops the demo like Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
+    began = time.monotonic()
     try:
-        b, b_addr = _start(exe, "-inType=teleport", f"-inCompress={codec}", "-outType=http",
-                           f"-out={plain.addr}", "-workers=1", "-expvarAddr=")
-        procs.append(b)
-        tele = Relay(b_addr)
-        a, a_addr = _start(exe, f"-in={in_addr}", "-outType=teleport", f"-outCompress={codec}",
-                           f"-out={tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2",
-                           f"-expvarAddr={stats_addr}")
-        procs.append(a)
-        host, _, port = a_addr.rpartition(":")
-        print(f"demo: chain up: client → A {a_addr} (http → teleport, {codec}) → B {b_addr} "
-              f"(teleport → http) → bidder", flush=True)
-        print(f"demo: sending {BURST} RTB-like bid requests through it ...", flush=True)
-        ok, failed, took = _burst(host, int(port))
-        print(f"demo: {ok} answered, {failed} failed in {took:.1f}s", flush=True)
-        print(f"demo: {_report(plain, tele)}", flush=True)
-        print(f"demo: serving; try   curl -i http://{a_addr}/hello   (Ctrl-C stops)", flush=True)
-        last = (plain.total_bytes, tele.total_bytes)
-        while all(p.poll() is None for p in procs):
+        print(f"demo: RTB-like bidder on {bidder_addr}; {len(codecs)} load phase(s) of {seconds:g} s "
+              f"(≤{cap:,} requests) with {clients} keep-alive clients", flush=True)
+        print("demo: chain per codec: clients → A (http → teleport) → [teleport leg] → "
+              "B (teleport → http) → [plain leg] → bidder", flush=True)
+        for c in codecs:
+            if c == codec and serving is None:
+                chain = serving = start_serving()
+            else:
+                chain = _Chain(exe, c, bidder_addr)
+                chains.append(chain)
+            results.append(_run_phase(chain, seconds, cap, clients, stop, tty))
+            if not chain.alive():
+                raise SystemExit(f"demo: httptp ({c}) exited during the load")
+            if chain is not serving:
+                chains.remove(chain)
+                chain.stop()
+        print(f"\ndemo: {len(results)} phase(s) in {time.monotonic() - began:.1f} s; bytes are counted "
+              "on the wire of each leg, both directions", flush=True)
+        print(_table(results), flush=True)
+        summarized = True
+        if serving is None:
+            serving = start_serving()
+        base = serving.bytes()
+        stats = serving.stats_url or ""
+        print(f"\ndemo: serving ({codec}); try   curl -i http://{serving.a_addr}/hello   (Ctrl-C stops)",
+              flush=True)
+        if stats:
+            print(f"demo: stats: {stats}/expvar   {stats}/prometheus", flush=True)
+        last = base
+        while serving.alive():
             time.sleep(2)
-            now = (plain.total_bytes, tele.total_bytes)
+            now = serving.bytes()
             if now != last:
-                print(f"demo: {_report(plain, tele)}", flush=True)
+                print(f"demo: since serving: {_saved(now[0] - base[0], now[1] - base[1])}", flush=True)
                 last = now
+        print("demo: httptp exited", file=sys.stderr, flush=True)
         return 1
     except KeyboardInterrupt:
-        print(f"\ndemo: stopping. {_report(plain, tele) if len(procs) == 2 else ''}", flush=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):      # a second Ctrl-C must not break the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        stop.set()
+        print("\ndemo: stopping.", flush=True)
+        if results and not summarized:
+            print(_table(results), flush=True)
         return 0
     finally:
-        for p in procs:
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(40)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        stop.set()
+        for chain in chains:
+            chain.stop()
         bidder.shutdown()
 
 

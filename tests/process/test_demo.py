@@ -1,7 +1,9 @@
-"""`make run` runs `python -m httptp.demo`: the chain must come up, save bytes, stop on Ctrl-C."""
+"""`make run` runs `python -m httptp.demo`: a load phase per codec with live lines,
+a summary table, then the zstd chain serving until Ctrl-C."""
 
 from __future__ import annotations
 
+import http.client
 import os
 import re
 import signal
@@ -9,29 +11,66 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
+CODECS = ("zstd", "flate")
+# e.g. "zstd   █████░░░░░  51%  1394 req/s  p99 11.2 ms  saved 84.8%: 1.63 MB → 248 kB"
+LIVE = re.compile(r"^(\w+)\s+\S+\s+(\d+%|done)\s+(\d+) req/s\s+p99\s+([\d.]+) ms\s+saved\s+([\d.]+)%: ")
+# e.g. "zstd       2,849      0    1420     5.3    11.3       1,137            173   6.6x   84.8%"
+ROW = re.compile(r"^(\w+)\s+([\d,]+)\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d,]+)\s+([\d,]+)\s+([\d.]+)x\s+([\d.]+)%$")
 
-@pytest.mark.timeout(90)
+
+@pytest.mark.timeout(60)
 def test_demo_shows_the_bandwidth_saved_and_stops_on_ctrl_c():
-    env = dict(os.environ, DEMO_IN="127.0.0.1:0", DEMO_STATS="127.0.0.1:0")
+    env = dict(os.environ, DEMO_IN="127.0.0.1:0", DEMO_STATS="127.0.0.1:0", DEMO_SECONDS="2",
+               DEMO_CODECS=",".join(CODECS))
     proc = subprocess.Popen([sys.executable, "-m", "httptp.demo"], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
-    lines = []
+    lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not any("serving; try" in l for l in lines):
+        deadline = time.monotonic() + 35
+        while time.monotonic() < deadline and not any("serving (zstd)" in l for l in lines):
             assert proc.poll() is None, "".join(lines)
             time.sleep(0.1)
         out = "".join(lines)
-        assert "2000 answered, 0 failed" in out, out
-        ratio = float(re.search(r"\(([\d.]+)x smaller\)", out).group(1))
-        assert ratio > 3, out
+        assert "serving (zstd)" in out, out
+
+        live = [m.groups() for m in map(LIVE.match, lines) if m]
+        for codec in CODECS:
+            mine = [g for g in live if g[0] == codec]
+            assert any(g[1].endswith("%") for g in mine), f"no per-second line for {codec}:\n{out}"
+            assert any(g[1] == "done" for g in mine), f"no closing line for {codec}:\n{out}"
+            assert all(int(g[2]) > 0 and float(g[3]) > 0 for g in mine), out
+
+        rows = {m.group(1): m.groups() for m in map(ROW.match, (l.rstrip("\n") for l in lines)) if m}
+        assert set(rows) == set(CODECS), out
+        for codec, (_, requests, failed, rps, p50, p99, plain, tele, ratio, saved) in rows.items():
+            assert int(requests.replace(",", "")) > 100, out
+            assert int(failed) == 0, out
+            assert float(p50) <= float(p99), out
+            assert int(plain.replace(",", "")) > int(tele.replace(",", "")), out
+        assert float(rows["zstd"][8]) > 3, out
+        assert float(rows["zstd"][9]) > 66, out
+
+        # the chain left serving answers curl, and its stats server is up
+        addr = re.search(r"curl -i http://(\S+)/hello", out).group(1)
+        host, _, port = addr.rpartition(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.request("GET", "/hello")
+        resp = conn.getresponse()
+        assert resp.status == 200 and b"demo bidder" in resp.read()
+        conn.close()
+        stats = re.search(r"stats: (http://\S+)/expvar", out).group(1)
+        with urllib.request.urlopen(stats + "/expvar", timeout=10) as r:
+            assert r.status == 200
+
         os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C reaches the whole group
-        assert proc.wait(45) == 0, "".join(lines)
-        assert "Traceback" not in "".join(lines)
+        assert proc.wait(20) == 0, "".join(lines)
+        time.sleep(0.2)
+        assert "Traceback" not in "".join(lines), "".join(lines)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
