@@ -22,6 +22,11 @@ class ProxyError(Exception):
         super().__init__(detail or self.body)
         self.detail = detail
 
+    @property
+    def payload(self) -> bytes:
+        """The body as sent to the client: the short text and a newline."""
+        return (self.body + "\n").encode()
+
 
 class BadRequest(ProxyError):
     status, reason, body = 400, "Bad Request", "bad request"

@@ -67,11 +67,13 @@ class Worker:
         self.get_only = config.in_get_only
         self.log_all_errors = config.log_all_errors
         self.is_unix = listener.family == _stdsocket.AF_UNIX
-        self.allow = None if self.is_unix else AllowList.from_networks(config.in_allow_ip)
+        # checked at accept, before any byte is read; None: nothing to check
+        self.allow = (AllowList.from_networks(config.in_allow_ip)
+                      if config.in_allow_ip and not self.is_unix else None)
         self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
         self.teleport = self._teleport_server() if config.in_type in ("teleport", "teleports") else None
         self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
-        self.conns: dict = {}      # greenlet -> ClientConnection
+        self.conns: dict = {}      # greenlet -> ClientConnection (None: a teleport connection)
         self.draining = False
         self._ppid = os.getppid()
         self._done = gevent.event.Event()

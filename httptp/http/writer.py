@@ -73,7 +73,7 @@ def error_response(err: ProxyError, keep_alive: bool) -> bytes:
     key = (err.__class__, err.status, keep_alive)
     data = _errors.get(key)
     if data is None:
-        body = (err.body + "\n").encode()
+        body = err.payload
         headers = [(b"Content-Type", b"text/plain; charset=utf-8")]
         data = response(err.status, err.reason.encode("latin-1"), headers, body, keep_alive)
         _errors[key] = data

@@ -183,7 +183,7 @@ class ClientConnection:
                        f"{err.status} {err.detail or err.body}")
         data = writer.error_response(err, False)
         if worker.access_log is not None:
-            worker.access_log.log(self.client_ip, head, err.status, len(err.body) + 1, "", 0.0)
+            worker.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0)
         try:
             self._send(data)
         except _Closed:

@@ -124,7 +124,7 @@ class Proxy:
 
     @staticmethod
     def answer_error(err: ProxyError) -> Answer:
-        return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, (err.body + "\n").encode())
+        return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, err.payload)
 
     def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None):
         """The upstream Response, or the ProxyError to answer with; counted and
@@ -145,7 +145,7 @@ class Proxy:
             else:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
             if self.access_log is not None:
-                self.access_log.log(client_ip or peer, head, err.status, len(err.body) + 1,
+                self.access_log.log(client_ip or peer, head, err.status, len(err.payload),
                                     err.upstream, err.upstream_time)
             return err
         q[b + S.IN_REQUEST_SUCCESS] += 1
