@@ -35,16 +35,20 @@ def _iso(now: float) -> str:
 def error_logger(who: str, fmt: str = "text"):
     """A ``log(message)`` for stderr, in the chosen format."""
     if fmt == "json":
-        def log(message: str) -> None:
-            sys.stderr.write(json.dumps({"time": _iso(time.time()), "who": who,
-                                         "msg": message}) + "\n")
-            sys.stderr.flush()
+        def line(message: str) -> str:
+            return json.dumps({"time": _iso(time.time()), "who": who, "msg": message}) + "\n"
     else:
         prefix = f"httptp: {who}: " if who else "httptp: "
 
-        def log(message: str) -> None:
-            sys.stderr.write(prefix + message + "\n")
+        def line(message: str) -> str:
+            return prefix + message + "\n"
+
+    def log(message: str) -> None:
+        try:
+            sys.stderr.write(line(message))
             sys.stderr.flush()
+        except (OSError, ValueError):
+            pass    # stderr gone (a closed pipe): logging must never take the caller down
     return log
 
 

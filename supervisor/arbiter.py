@@ -38,7 +38,7 @@ from typing import Callable
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
-from httptp.supervisor.procs import Backoff, flush_std as _flush_std, kill as _kill
+from httptp.supervisor.procs import Backoff, die_with_parent, flush_std as _flush_std, kill as _kill
 from httptp.supervisor.signals import SIGNALS, SignalQueue
 from httptp.supervisor import helpers as helper_procs
 from httptp.supervisor.sockets import ListenError, open_listeners
@@ -305,6 +305,7 @@ class Arbiter:
         code = 1
         try:
             self.signals.reset_in_child()
+            die_with_parent(signal.SIGTERM)
             self.listeners.keep_only(slot)
             for sock in (self.autocert_sock, self.stats_sock):   # the helpers', not a worker's
                 if sock is not None:
@@ -572,6 +573,7 @@ class Arbiter:
     def _helper_child(self, name: str) -> None:
         """First thing in a new helper child: worker signals, no proxy listeners."""
         self.signals.reset_in_child()
+        die_with_parent(signal.SIGTERM)
         self.listeners.keep_only(-1)        # TCP: close every slot's copy; unix: nothing
 
     # -- stop (TERM, INT, QUIT) -------------------------------------------------------

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import sys
+
+PR_SET_PDEATHSIG = 1
 
 
 class Backoff:
@@ -39,3 +42,14 @@ def flush_std() -> None:
             stream.flush()
         except (OSError, ValueError, AttributeError):
             pass
+
+
+def die_with_parent(signum: int) -> None:
+    """In a forked child: have the kernel send ``signum`` when the master dies,
+    even by SIGKILL (Linux prctl PR_SET_PDEATHSIG).  A worker then drains (TERM)
+    instead of living on as an orphan; the caller still checks getppid() once,
+    for a master that died before this call."""
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
+    except (OSError, AttributeError):
+        pass    # not Linux: workers still notice through their heartbeat

@@ -167,9 +167,9 @@ class Worker:
         stats, block = self.stats, self.block
         while True:
             stats.beat(block, time.monotonic())
-            if os.getppid() != self._ppid:
+            if os.getppid() != self._ppid and not self.draining:
+                self.drain()            # first: the log below may fail with the master gone
                 self.log("master went away; draining")
-                self.drain()
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     # -- accepting -------------------------------------------------------------

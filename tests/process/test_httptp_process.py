@@ -203,3 +203,26 @@ def test_bad_values_fail_before_binding_with_one_line():
         assert r.returncode == 2, (args, r.stderr)
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(f"httptp: {flag}:"), (args, r.stderr)
+
+
+def test_workers_and_helpers_exit_when_the_master_is_killed():
+    """kill -9 of the master: no orphan keeps the port or the stats socket."""
+    up = Upstream()
+    try:
+        p = HttpTp(f"-out={up.addr}", "-outType=http", "-expvarAddr=127.0.0.1:0", workers=2)
+        try:
+            assert _wait(lambda: "stats on http://" in p.output)
+            out = subprocess.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True)
+            children = [int(x) for x in out.stdout.split()]
+            assert len(children) == 3          # 2 workers + the stats helper
+            os.kill(p.proc.pid, signal.SIGKILL)
+            p.proc.wait(5)
+
+            def gone():
+                return all(not os.path.exists(f"/proc/{pid}") or
+                           open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in children)
+            assert _wait(gone, timeout=10), children
+        finally:
+            p.kill()
+    finally:
+        up.close()
