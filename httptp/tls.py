@@ -101,7 +101,13 @@ def _ssl_lib():
 
 
 def _ssl_ctx_pointer(ctx: ssl.SSLContext) -> int:
-    """The ``SSL_CTX *`` of a Python SSLContext (first field after PyObject_HEAD)."""
+    """The ``SSL_CTX *`` of a Python SSLContext (first field after PyObject_HEAD).
+
+    That layout is CPython's (Modules/_ssl.c, PySSLContext); elsewhere the
+    memory read would be meaningless, so refuse instead of guessing.  The
+    options comparison below then checks the pointer before it is used."""
+    if sys.implementation.name != "cpython":
+        raise TicketKeyError(f"not CPython ({sys.implementation.name})")
     ptr = ctypes.c_void_p.from_address(id(ctx) + object.__basicsize__).value
     if not ptr or _ssl_lib().SSL_CTX_get_options(ptr) != ctx.options:
         raise TicketKeyError("cannot find the SSL_CTX of a Python SSLContext")
