@@ -33,9 +33,13 @@ Rules
   consecutive-failure count.  Success resets the count and feeds the latency to
   the EWMA.  Failure latency never reaches the EWMA: a dead upstream that fails
   fast must not look fast.
-* **Ejection.**  When this block's consecutive failures reach ``max_fails``
-  (0 disables ejection) it sets its eject_until = now + ``fail_timeout`` (not
-  extended while already running).  An upstream is out for everyone while ANY
+* **Ejection.**  When the failures in a row of ALL blocks reach ``max_fails``
+  (0 disables ejection) this block sets its eject_until = now + ``fail_timeout``
+  (not extended while already running).  A block's run counts only while its
+  last failure is younger than ``fail_timeout`` (nginx's max_fails within
+  fail_timeout), and a success resets it.  Counting over all blocks matters:
+  the summed penalty steers every worker away after a failure or two, so one
+  block alone would seldom reach ``max_fails``.  An upstream is out for everyone while ANY
   in-use block has a valid eject_until > now, or any block has probing = 1.
 * **Probe.**  Once every valid eject_until has passed, exactly one process
   probes: the block holding the largest eject_until (ties: lowest block
@@ -107,7 +111,7 @@ class Lease:
         if balancer is None:
             raise RuntimeError("lease released twice")
         self._balancer = None
-        balancer._release(self._base, self._probe, ok, latency)
+        balancer._release(self.index, self._base, self._probe, ok, latency)
 
 
 class Balancer:
@@ -139,7 +143,8 @@ class Balancer:
         """Re-read the other in-use blocks (at most every ``refresh`` seconds)."""
         self._next_refresh = now + self._refresh_every
         q, d, n = self._q, self._d, self._n
-        inflight, penalty, probing = [0] * n, [0.0] * n, [0] * n
+        inflight, penalty, probing, consec = [0] * n, [0.0] * n, [0] * n, [0] * n
+        window = self._fail_timeout
         ewma_sum, ewma_cnt, sampled = [0.0] * n, [0] * n, [0.0] * n
         revived = [d[b + UP_REVIVED] for b in self._bases]
         ejects = []
@@ -161,12 +166,16 @@ class Balancer:
                     if d[b + UP_EWMA_T] > sampled[i]:
                         sampled[i] = d[b + UP_EWMA_T]
                 probing[i] |= q[b + UP_PROBING]
+                c = q[b + UP_CONSEC]
+                if c and now - d[b + UP_PENALTY_T] < window:   # recent failures only
+                    consec[i] += c
                 if d[b + UP_REVIVED] > revived[i]:
                     revived[i] = d[b + UP_REVIVED]
                 until = d[b + UP_EJECT]
                 if until and (until > now or not draining):
                     ejects.append((i, block, until))
         self._o_inflight, self._o_penalty, self._o_probing = inflight, penalty, probing
+        self._o_consec = consec
         self._o_ewma = [s / c if c else 0.0 for s, c in zip(ewma_sum, ewma_cnt)]
         self._o_sampled = sampled
         self._o_eject, self._o_holder = self._valid_ejections(ejects, revived)
@@ -188,6 +197,8 @@ class Balancer:
             if d[b + UP_EJECT] and d[b + UP_EJECT] <= revived[i]:
                 d[b + UP_EJECT] = 0.0
                 self._q[b + UP_CONSEC] = 0
+            if self._q[b + UP_CONSEC] and d[b + UP_PENALTY_T] <= revived[i]:
+                self._q[b + UP_CONSEC] = 0      # failures before a good probe: forgiven
             if d[b + UP_PENALTY] and d[b + UP_PENALTY_T] <= revived[i]:
                 d[b + UP_PENALTY] = 0.0
 
@@ -284,13 +295,13 @@ class Balancer:
 
     # -- free -----------------------------------------------------------------------
 
-    def _release(self, b: int, probe: bool, ok: bool, latency: float) -> None:
+    def _release(self, i: int, b: int, probe: bool, ok: bool, latency: float) -> None:
         now = self._clock()
         self._q[b + UP_INFLIGHT] -= 1
         if ok:
             self._succeeded(b, probe, latency, now)
         else:
-            self._failed(b, probe, now)
+            self._failed(i, b, probe, now)
 
     def _succeeded(self, b: int, probe: bool, latency: float, now: float) -> None:
         q, d = self._q, self._d
@@ -308,17 +319,24 @@ class Balancer:
             q[b + UP_PROBING] = 0
             self._next_refresh = now        # re-filter the others' now-stale ejections
 
-    def _failed(self, b: int, probe: bool, now: float) -> None:
+    def _failed(self, i: int, b: int, probe: bool, now: float) -> None:
         q, d = self._q, self._d
         q[b + UP_FAILURES] += 1
+        last = d[b + UP_PENALTY_T]
         p = d[b + UP_PENALTY]
         if p:
-            p *= 0.5 ** ((now - d[b + UP_PENALTY_T]) / self._halflife)
+            p *= 0.5 ** ((now - last) / self._halflife)
         d[b + UP_PENALTY] = p + 1.0 if p + 1.0 < PENALTY_MAX else PENALTY_MAX
         d[b + UP_PENALTY_T] = now
-        consec = q[b + UP_CONSEC] + 1
+        # failures in a row, within -outFailTimeout of each other (nginx's
+        # max_fails within fail_timeout), counted over ALL workers: the
+        # summed penalty steers every worker away after a failure or two, so
+        # one worker alone would seldom see max_fails and a dead upstream
+        # would be avoided but never ejected, probed or quickly reinstated.
+        consec = (q[b + UP_CONSEC] if now - last < self._fail_timeout else 0) + 1
         q[b + UP_CONSEC] = consec
-        if probe or (0 < self._max_fails <= consec and d[b + UP_EJECT] <= now):
+        if probe or (0 < self._max_fails <= consec + self._o_consec[i]
+                     and d[b + UP_EJECT] <= now):
             d[b + UP_EJECT] = now + self._fail_timeout
         if probe:
             q[b + UP_PROBING] = 0           # after the new eject_until: never a gap

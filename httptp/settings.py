@@ -279,7 +279,9 @@ SETTINGS: tuple[Setting, ...] = (
       meta="duration",
       help="Deadline for each request sent upstream; after it the client gets 504"),
     S("outMaxFails", int_at_least(1), "3", section="Upstream", meta="int", ours=True,
-      help="Consecutive failures that eject an upstream from the balancer"),
+      help="Failures in a row that eject an upstream from the balancer\n"
+           "Counted over all workers; a failure older than -outFailTimeout starts the "
+           "count again (as nginx's max_fails within fail_timeout)."),
     S("outFailTimeout", positive_duration, "5s", section="Upstream",
       meta="duration", ours=True,
       help="How long an ejected upstream rests before a single probe request is sent to it"),

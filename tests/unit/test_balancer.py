@@ -316,3 +316,22 @@ def test_one_slow_sample_does_not_starve_an_equal_upstream(stats, clock):
         clock.advance(0.01)
         lease.release(True, 1 * MS)
     assert seen[first] > 0, seen
+
+
+def test_failures_split_over_workers_eject_at_max_fails_in_total(stats, clock):
+    """The penalty steers both workers away after a failure or two; the run of
+    failures is counted over all of them, so a dead upstream is still ejected."""
+    a, b = workers(stats, clock)
+    fail(a, 0, 2)
+    clock.advance(0.01)              # b's snapshot of a refreshes
+    fail(b, 0, 1)                    # 2 + 1 = max_fails
+    assert stats.upstream_totals()[0]["ejected"] is True
+
+
+def test_old_failures_do_not_count_toward_ejection(stats, clock):
+    a, b = workers(stats, clock)
+    fail(a, 0, 2)
+    clock.advance(6.0)               # longer than fail_timeout (5 s)
+    fail(b, 0, 1)
+    fail(a, 0, 1)                    # its own run restarted too
+    assert stats.upstream_totals()[0]["ejected"] is False
