@@ -81,6 +81,15 @@ def counters(stats, block):
     return stats.q, stats.block_base(block or 0)
 
 
+def least_pending(clients: list) -> "TeleportClient":
+    """The connection with the fewest requests in flight (the first on a tie)."""
+    return clients[0] if len(clients) == 1 else min(clients, key=_pending)
+
+
+def _pending(client) -> int:
+    return client.pending
+
+
 def error_text(e: BaseException) -> str:
     if isinstance(e, (_stdsocket.timeout, TimeoutError)):
         return "timed out"

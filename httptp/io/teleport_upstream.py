@@ -8,7 +8,7 @@ connection with the fewest pending requests takes the request.
 
 from __future__ import annotations
 
-from httptp.io.teleport_client import TeleportClient
+from httptp.io.teleport_client import TeleportClient, least_pending
 
 
 class TeleportUpstream:
@@ -26,15 +26,7 @@ class TeleportUpstream:
 
     def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
                  retry_stale: bool):
-        clients = self.clients
-        client = clients[0]
-        if len(clients) > 1:
-            least = client.pending
-            for c in clients:
-                p = c.pending
-                if p < least:
-                    client, least = c, p
-        return client.request(method, target, headers, body, deadline)
+        return least_pending(self.clients).request(method, target, headers, body, deadline)
 
     @property
     def pending(self) -> int:

@@ -37,7 +37,7 @@ import gevent
 from gevent import socket
 
 from httptp.errors import GatewayTimeout, UpstreamError
-from httptp.io.teleport_client import TeleportClient
+from httptp.io.teleport_client import TeleportClient, least_pending
 from httptp.io.teleport_server import Answer, TeleportServer
 from httptp.netaddr import Address, parse_address
 from httptp.teleport.handshake import BY_NAME, Compress
@@ -204,7 +204,7 @@ class Client:
             body = body.encode()
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         clients = self._clients
-        c = clients[0] if len(clients) == 1 else min(clients, key=_pending)
+        c = least_pending(clients)
         resp = c.request(_b(method).upper(), _b(path), hdrs, body, deadline)
         h = resp.head
         return Response(h.status, h.reason.decode("latin-1"),
@@ -232,10 +232,6 @@ class Client:
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _pending(c: TeleportClient) -> int:
-    return c.pending
 
 
 # --------------------------------------------------------------------------- server
