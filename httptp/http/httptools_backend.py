@@ -219,11 +219,7 @@ class ResponseParser:
     def feed(self, data: bytes) -> list:
         """Parse ``data`` (``b""`` is EOF) and return the events it completes."""
         if self._done:
-            if self._method is None:
-                raise ProtocolError("response without a request")
-            if data and self._head is not None:
-                self._head.keep_alive = False
-            return []
+            return _p.feed_after_response(self._method, self._head, data)
         events = self._events = []
         if not data:
             return self._eof(events)

@@ -90,6 +90,17 @@ class _Framing:
         self.expect = False
 
 
+def feed_after_response(method: bytes | None, head: ResponseHead | None, data: bytes) -> list:
+    """A ResponseParser's ``feed`` once its response is complete (both back-ends):
+    no more events, and any byte after the response means the upstream
+    connection must not be reused."""
+    if method is None:
+        raise ProtocolError("response without a request")
+    if data and head is not None:
+        head.keep_alive = False
+    return []
+
+
 def scan_headers(headers: list) -> _Framing:
     """One pass: block size, framing, Host count, Connection tokens, Expect.
 
