@@ -9,32 +9,8 @@ import pytest
 
 from httptp import stats as st
 from httptp.balancer import Balancer
-from httptp.stats import Stats
 
 MS = 0.001
-
-
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def stats(clock):
-    s = Stats.create(4, 8, clock=clock)
-    yield s
-    s.close()
 
 
 def workers(stats, clock, names=("a", "b"), count=2, **kw):

@@ -11,26 +11,6 @@ from httptp import stats as st
 from httptp.stats import Stats
 
 
-class Clock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-
-@pytest.fixture
-def clock():
-    return Clock()
-
-
-@pytest.fixture
-def stats(clock):
-    s = Stats.create(4, 8, clock=clock)
-    yield s
-    s.close()
-
-
 def test_layout_is_aligned_and_small():
     s = Stats.create(256, 64)
     try:
