@@ -170,6 +170,17 @@ class Upstream:
     def revive(self):
         self.dead = False
 
+    def close_idle(self):
+        """Close every open connection without a word, as an upstream's
+        keep-alive timeout does (FIN, no Connection: close)."""
+        with self.lock:
+            conns = list(self._conns)
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
     def close(self):
         self._stop = True
         try:

@@ -19,13 +19,14 @@ import socket as _stdsocket
 import ssl
 import time
 
-from gevent import socket
+from gevent import get_hub, socket
 from gevent.lock import BoundedSemaphore
 
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ProtocolError, UpstreamError
 from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, ResponseHead
+from httptp.io.sockio import is_plain, recv_after_wait, send_all
 from httptp.tls import error_text as tls_error_text
 
 _POLLIN_OR_HUP = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -46,12 +47,35 @@ class Response:
 
 
 class _Conn:
-    __slots__ = ("sock", "parser", "idle_since")
+    """One upstream connection.  While it is idle in the pool a read watcher
+    (the hub's epoll) marks it ``stirred`` if the upstream writes or closes,
+    as nginx's keepalive cache does: no syscall on the reuse path."""
+
+    __slots__ = ("sock", "parser", "plain", "idle_since", "stirred", "_watch")
 
     def __init__(self, sock, parser):
         self.sock = sock
         self.parser = parser
+        self.plain = is_plain(sock)
         self.idle_since = 0.0
+        self.stirred = False
+        self._watch = get_hub().loop.io(sock.fileno(), 1)
+
+    def idle(self, now: float) -> None:
+        self.idle_since = now
+        self.stirred = False
+        self._watch.start(self._stir)
+
+    def busy(self) -> None:
+        self._watch.stop()
+
+    def _stir(self) -> None:
+        self.stirred = True
+        self._watch.stop()
+
+    def close(self) -> None:
+        self._watch.close()
+        self.sock.close()
 
 
 class HTTPUpstream:
@@ -112,22 +136,23 @@ class HTTPUpstream:
         now = time.monotonic()
         while idle:
             conn = idle.pop()
-            # An idle upstream connection should have nothing to read.  If it is
-            # readable the server closed it (EOF) or sent junk: drop it rather
-            # than lose the request on it.  poll(0) never blocks the hub.
-            if now - conn.idle_since > self._idle_timeout or _stale(conn.sock):
+            conn.busy()
+            # An idle upstream connection should have nothing to read.  If it
+            # became readable the server closed it (EOF) or sent junk: drop it
+            # rather than lose the request on it.
+            if now - conn.idle_since > self._idle_timeout or (conn.stirred and _stale(conn.sock)):
                 self._close(conn)
                 continue
             return conn, True
         return self._dial(timeout), False
 
     def _put(self, conn: _Conn) -> None:
-        conn.idle_since = time.monotonic()
+        conn.idle(time.monotonic())
         self._idle.append(conn)
 
     def _close(self, conn: _Conn) -> None:
         try:
-            conn.sock.close()
+            conn.close()
         finally:
             self._q[self._base + S.OUT_CONNS] -= 1
 
@@ -176,7 +201,7 @@ class HTTPUpstream:
         ok = False
         try:
             try:
-                sock.sendall(request)
+                send_all(sock, request)
             except OSError as e:
                 q[b + S.OUT_WRITE_ERROR] += 1
                 raise UpstreamError(f"write to {self.name} failed: {_oserror_text(e)}") from None
@@ -186,9 +211,14 @@ class HTTPUpstream:
             parser.start(method)
             head = None
             chunks = []
+            wait_first = conn.plain     # the upstream has not answered yet: wait, then read
             while True:
                 try:
-                    data = sock.recv(_RECV_SIZE)
+                    if wait_first:
+                        wait_first = False
+                        data = recv_after_wait(sock, _RECV_SIZE)
+                    else:
+                        data = sock.recv(_RECV_SIZE)
                 except OSError as e:
                     q[b + S.OUT_READ_ERROR] += 1
                     raise UpstreamError(f"read from {self.name} failed: {_oserror_text(e)}",

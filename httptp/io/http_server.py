@@ -32,6 +32,8 @@ from httptp import stats as S
 from httptp.errors import ProtocolError, ProxyError, RequestTimeout, MethodNotAllowed
 from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
+from httptp.io.sockio import is_plain, recv_after_wait, send_all
+from httptp.io.timers import Deadline
 
 _RECV_SIZE = 65536
 
@@ -46,7 +48,7 @@ class _Idle(Exception):
 
 class ClientConnection:
     __slots__ = ("sock", "worker", "proxy", "client_ip", "parser", "_events", "idle",
-                 "_q", "_base", "_first")
+                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer")
 
     def __init__(self, sock, client_ip: bytes | None, worker):
         self.sock = sock
@@ -60,6 +62,9 @@ class ClientConnection:
         self._q = worker.stats.q
         self._base = worker.base
         self._first = True
+        self._plain = False       # set by serve(): https swaps in the TLS socket first
+        self._idle_timer = None
+        self._out_timer = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -78,24 +83,47 @@ class ClientConnection:
         q[b + S.IN_BYTES_READ] += len(data)
         return data
 
+    def _wait_request(self) -> bytes:
+        """The first bytes of the next request on a kept-alive plain connection.
+
+        The client sends it only after reading our last response, so it is
+        not there yet: wait for it (``recv_after_wait``) under the idle
+        timeout, which raises _Idle."""
+        timer = self._idle_timer
+        timer.arm()
+        try:
+            data = recv_after_wait(self.sock, _RECV_SIZE)
+        except OSError:
+            self._q[self._base + S.IN_READ_ERROR] += 1
+            raise _Closed() from None
+        finally:
+            timer.disarm()
+        q, b = self._q, self._base
+        q[b + S.IN_READ_CALLS] += 1
+        q[b + S.IN_BYTES_READ] += len(data)
+        return data
+
     def _next_head(self) -> RequestHead | None:
         """The next request head, or None when the client closed cleanly."""
         events = self._events
         cfg = self.worker.config
         started = None
         while not events:
-            if started is None:
-                timeout = cfg.in_header_timeout if self._first else cfg.in_idle_timeout
+            if started is None and not self._first and self._plain:
+                data = self._wait_request()
             else:
-                timeout = started + cfg.in_header_timeout - time.monotonic()
-                if timeout <= 0:
-                    raise RequestTimeout()
-            try:
-                data = self._recv(timeout)
-            except socket.timeout:
                 if started is None:
-                    raise _Idle() from None
-                raise RequestTimeout() from None
+                    timeout = cfg.in_header_timeout if self._first else cfg.in_idle_timeout
+                else:
+                    timeout = started + cfg.in_header_timeout - time.monotonic()
+                    if timeout <= 0:
+                        raise RequestTimeout()
+                try:
+                    data = self._recv(timeout)
+                except socket.timeout:
+                    if started is None:
+                        raise _Idle() from None
+                    raise RequestTimeout() from None
             if started is None:
                 started = time.monotonic()
                 self.idle = False
@@ -131,7 +159,7 @@ class ClientConnection:
     def _send(self, data: bytes) -> None:
         q, b = self._q, self._base
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except OSError:
             q[b + S.IN_WRITE_ERROR] += 1
             raise _Closed() from None
@@ -143,6 +171,11 @@ class ClientConnection:
     def serve(self) -> None:
         worker = self.worker
         q, b = self._q, self._base
+        self._plain = is_plain(self.sock)
+        # re-armed for every request of this connection (httptp.io.timers)
+        if self._plain:
+            self._idle_timer = Deadline(worker.config.in_idle_timeout, _Idle)
+        self._out_timer = self.proxy.exchange_timer()
         head = None
         try:
             while True:
@@ -157,7 +190,8 @@ class ClientConnection:
                 if head.expect_continue and (head.content_length or head.chunked) and not self._events:
                     self._send(writer.CONTINUE_100)
                 body = self._read_body(head)
-                data, keep_alive = self.proxy.forward(head, body, self.client_ip, keep_alive)
+                data, keep_alive = self.proxy.forward(head, body, self.client_ip, keep_alive,
+                                                      self._out_timer)
                 if worker.draining:
                     keep_alive = False  # the response was built before the drain began
                     data = _force_close(data)
@@ -172,6 +206,10 @@ class ClientConnection:
             pass
         except socket.timeout:
             pass
+        finally:
+            self._out_timer.close()
+            if self._idle_timer is not None:
+                self._idle_timer.close()
 
     def _answer_error(self, err: ProxyError, head) -> None:
         """Answer a request httptp refuses itself (4xx), then the connection closes."""

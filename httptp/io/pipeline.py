@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 
-import gevent
 
 from httptp import stats as S
 from httptp.balancer import Balancer
@@ -19,6 +18,7 @@ from httptp.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError, Up
 from httptp.http import policy, writer
 from httptp.io.http_client import HTTPUpstream, Response
 from httptp.io.teleport_server import Answer
+from httptp.io.timers import Deadline
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -39,7 +39,7 @@ def _teleport_refuses(head, headers: list, body: bytes) -> str | None:
 
 
 class _UpstreamTimeout(Exception):
-    """Raised by gevent.Timeout inside an exchange: -outTimeout passed."""
+    """Raised by the exchange Deadline: -outTimeout passed."""
 
 
 class Proxy:
@@ -94,9 +94,15 @@ class Proxy:
             return None
         return self.tls_server_name or (addr.host if addr.kind == "tcp" else None)
 
-    def forward(self, head, body: bytes, client_ip: bytes | None, keep_alive: bool) -> tuple[bytes, bool]:
-        """HTTP in: proxy one request; return (response bytes, keep the client connection)."""
-        resp = self.proxy(head, body, client_ip)
+    def exchange_timer(self) -> Deadline:
+        """A -outTimeout timer for one client connection to re-arm per request."""
+        return Deadline(self.timeout, _UpstreamTimeout)
+
+    def forward(self, head, body: bytes, client_ip: bytes | None, keep_alive: bool,
+                timer: Deadline | None = None) -> tuple[bytes, bool]:
+        """HTTP in: proxy one request; return (response bytes, keep the client
+        connection).  ``timer``: this connection's ``exchange_timer()``."""
+        resp = self.proxy(head, body, client_ip, None, timer)
         if resp.__class__ is not Response:
             keep_alive = keep_alive and head.version != b"1.0"  # the cached answers say no keep-alive
             return writer.error_response(resp, keep_alive), keep_alive
@@ -126,7 +132,8 @@ class Proxy:
     def answer_error(err: ProxyError) -> Answer:
         return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, err.payload)
 
-    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None):
+    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None,
+              timer: Deadline | None = None):
         """The upstream Response, or the ProxyError to answer with; counted and
         access-logged either way (``peer`` names the client in the log when no
         client-IP header is to be set, e.g. a teleport peer)."""
@@ -138,7 +145,7 @@ class Proxy:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(refused)
         try:
-            resp = self._exchange(head.method, head.target, headers, body)
+            resp = self._exchange(head.method, head.target, headers, body, timer)
         except ProxyError as err:
             if err.status == 504:
                 q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
@@ -157,13 +164,16 @@ class Proxy:
                                 resp.upstream, resp.upstream_time)
         return resp
 
-    def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes) -> Response:
+    def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes,
+                  timer: Deadline | None = None) -> Response:
         """Pick, exchange, release; retry an idempotent request once elsewhere."""
         deadline = time.monotonic() + self.timeout
         idempotent = method in IDEMPOTENT
         tried = set()
-        timer = gevent.Timeout(self.timeout, _UpstreamTimeout)
-        timer.start()
+        own_timer = timer is None
+        if own_timer:
+            timer = self.exchange_timer()
+        timer.arm()
         try:
             while True:
                 lease = self.balancer.pick(tried)
@@ -193,7 +203,10 @@ class Proxy:
                 resp.upstream, resp.upstream_time = upstream.name, elapsed
                 return resp
         finally:
-            timer.close()
+            if own_timer:
+                timer.close()
+            else:
+                timer.disarm()
 
     def close(self) -> None:
         for u in self.upstreams:

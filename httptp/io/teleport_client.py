@@ -40,6 +40,7 @@ from gevent import socket
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, UpstreamError
 from httptp.io.http_client import Response
+from httptp.io.sockio import send_all
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import TeleportError
 from httptp.teleport import handshake
@@ -215,7 +216,7 @@ class BatchWriter:
         timer = gevent.Timeout(self.write_timeout, _Timeout("write timed out"))
         timer.start()
         try:
-            self.sock.sendall(data)
+            send_all(self.sock, data)
         except (OSError, _Timeout):
             q[b + f_err] += 1
             raise

@@ -47,6 +47,22 @@ def test_keepalive_reused_on_both_legs(upstream, parser):
     assert upstream.connections == 1
 
 
+def test_pooled_connection_closed_by_upstream_is_not_used(upstream, parser):
+    # An upstream's keep-alive timeout closes the pooled connection silently.
+    # The hub's watcher on idle connections must notice, so a POST (never
+    # retried: not idempotent) goes out on a fresh connection instead of 502.
+    with proxy(upstream, parser) as p:
+        c = http.client.HTTPConnection(p.host, p.port, timeout=5)
+        for i in range(3):
+            status, _, body = get(c, f"/p{i}", method="POST", body=b"x" * 100)
+            assert status == 200 and body == b"u1"
+            upstream.close_idle()
+            time.sleep(0.2)
+        c.close()
+    assert upstream.requests == 3
+    assert upstream.connections == 3
+
+
 def test_forwarded_bytes_hop_by_hop_removed_and_client_ip(upstream, parser):
     with proxy(upstream, parser, "-clientIPHeader=X-Real-IP") as p:
         req = (b"GET /path?q=1 HTTP/1.1\r\nHost: example.com\r\nConnection: keep-alive, X-Drop\r\n"
