@@ -1,0 +1,157 @@
+"""Microseconds of CPU per proxied request, in one process, without wrk's noise.
+
+A client greenlet and an upstream greenlet talk to a real httptp worker object
+(``ClientConnection`` + ``Proxy``, http in, unix-socket http out) over unix
+sockets, all on one gevent hub.  The same client and upstream are then run
+directly against each other; the difference is what the proxy costs per
+request.  It is a profiling aid: run it under py-spy or with ``--profile``
+(cProfile, sorted by own time) to see where the hot path spends its time.
+
+    python bench/hotpath.py [--requests N] [--conns C] [--parser httptools|h11] [--profile]
+
+Nothing here touches the network: the sockets are unix sockets in a temp dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import gevent
+from gevent import socket
+
+BODY = b'{"id":"%s","seatbid":[{"bid":[{"id":"1","impid":"1","price":0.42,"adm":"%s"}]}]}' % (
+    b"a" * 32, b"x" * 1900)
+RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 11:00:00 GMT\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
+            % len(BODY) + BODY)
+REQUEST = (b"GET /bid?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
+           b"Accept: */*\r\n\r\n")
+
+
+def upstream_server(path: str) -> gevent.Greenlet:
+    """A keep-alive upstream that answers every request head with RESPONSE."""
+    lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    lsock.bind(path)
+    lsock.listen(128)
+
+    def conn(sock):
+        buf = b""
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return
+            buf += data
+            while True:
+                end = buf.find(b"\r\n\r\n")
+                if end < 0:
+                    break
+                buf = buf[end + 4:]
+                sock.sendall(RESPONSE)
+
+    def accept():
+        while True:
+            s, _ = lsock.accept()
+            gevent.spawn(conn, s)
+    return gevent.spawn(accept)
+
+
+def client(connect, n: int) -> None:
+    """One keep-alive client: ``n`` requests, each response read whole
+    (Content-Length framing, as both the upstream and the proxy send)."""
+    sock = connect()
+    buf = b""
+    for _ in range(n):
+        sock.sendall(REQUEST)
+        while True:
+            end = buf.find(b"\r\n\r\n")
+            if end >= 0:
+                if not buf.startswith(b"HTTP/1.1 200 "):
+                    raise SystemExit(f"hotpath: unexpected response {buf[:end].decode()!r}")
+                at = buf.find(b"Content-Length: ", 0, end) + 16
+                total = end + 4 + int(buf[at:buf.index(b"\r\n", at)])
+                if len(buf) >= total:
+                    buf = buf[total:]
+                    break
+            data = sock.recv(65536)
+            if not data:
+                raise SystemExit("hotpath: the connection closed early")
+            buf += data
+    sock.close()
+
+
+def run_clients(connect, conns: int, per_conn: int) -> float:
+    t0 = time.process_time()
+    gevent.joinall([gevent.spawn(client, connect, per_conn) for _ in range(conns)], raise_error=True)
+    return time.process_time() - t0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=60000)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--parser", default="httptools")
+    ap.add_argument("--profile", action="store_true", help="cProfile the proxied run")
+    args = ap.parse_args()
+
+    from httptp.config import load_config
+    from httptp.io.http_server import ClientConnection
+    from httptp.stats import Stats
+    from httptp.supervisor.arbiter import _upstream_names
+    from httptp.workers.worker import Worker
+
+    tmp = tempfile.mkdtemp(prefix="httptp-hotpath-")
+    up_path, in_path = os.path.join(tmp, "up.sock"), os.path.join(tmp, "in.sock")
+    upstream_server(up_path)
+    cfg = load_config([f"-in={in_path}", "-inType=unix", f"-out={up_path}", "-outType=unix",
+                       "-workers=1", "-expvarAddr=", f"-httpParser={args.parser}",
+                       "-logAllErrors"], {})
+    stats = Stats.create(max_blocks=4)
+    ids = stats.assign_upstreams(_upstream_names(cfg))
+    block = stats.claim_block(os.getpid(), 0, 0)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(in_path)
+    listener.listen(128)
+    worker = Worker(cfg, listener, stats, block, 0, 0, list(ids))
+    lsock = worker.listener         # the worker owns it now; we accept for it
+
+    def accept():
+        while True:
+            s, _ = lsock.accept()
+            gevent.spawn(ClientConnection(s, None, worker).serve)
+    gevent.spawn(accept)
+
+    def connect_to(path):
+        def connect():
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(path)
+            return s
+        return connect
+
+    per_conn = max(1, args.requests // args.conns)
+    n = per_conn * args.conns
+    run_clients(connect_to(in_path), args.conns, 200)      # warm up pools and caches
+    direct = run_clients(connect_to(up_path), args.conns, per_conn)
+    prof = None
+    if args.profile:
+        import cProfile
+        prof = cProfile.Profile()
+        prof.enable()
+    proxied = run_clients(connect_to(in_path), args.conns, per_conn)
+    if prof is not None:
+        prof.disable()
+    print(f"{n} requests on {args.conns} connections, parser {args.parser}")
+    print(f"  client+upstream only : {direct / n * 1e6:6.1f} us CPU/request")
+    print(f"  through the proxy    : {proxied / n * 1e6:6.1f} us CPU/request")
+    print(f"  the proxy's share    : {(proxied - direct) / n * 1e6:6.1f} us CPU/request")
+    if prof is not None:
+        import pstats
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(30)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
