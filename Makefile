@@ -34,8 +34,12 @@ test-deps:
 test: venv test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider
 
+# httptp against nginx on issue 6's five measurements (bench/suite.py, ~10 min);
+# writes its section of docs/benchmarks.md and docs/bench.png.
+# BENCH_ARGS passes options, e.g. make bench BENCH_ARGS="--quick" or "--only http,post".
+BENCH_ARGS ?=
 bench: venv bench-deps
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/http_vs_nginx.py
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/suite.py $(BENCH_ARGS)
 
 # Plain HTTP bytes against teleport bytes on OpenRTB-like traffic (no apt tools).
 bench-bandwidth: venv
@@ -44,6 +48,12 @@ bench-bandwidth: venv
 clean:
 	rm -rf $(VENV) build *.egg-info
 
-bench-deps:
+# What the bench drives: wrk and nginx from apt when missing (root with apt),
+# matplotlib (the plot) from the `bench` extra into the venv.
+bench-deps: venv
 	@command -v wrk >/dev/null 2>&1 && { command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; } || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null)
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing wrk nginx-light"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends wrk nginx-light >/dev/null; \
+	  else echo "bench: wrk and nginx are needed: apt-get install wrk nginx-light (as root)"; exit 1; fi
+	@$(BIN)/python -c "import matplotlib" 2>/dev/null || $(BIN)/pip install -q -e '.[bench]'

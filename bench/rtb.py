@@ -86,6 +86,11 @@ ADVERTISERS = ["acme-shoes.com", "brightbank.com", "cloudhost.io", "fastcars.de"
                "hotelnow.com", "kitchenpro.co.uk", "mobigame.net", "sunnytravel.fr", "techmart.com"]
 
 
+# The headers an exchange sends with each bid request.
+HEADERS = {"Content-Type": "application/json", "X-Openrtb-Version": "2.5",
+           "User-Agent": "rtb-exchange/1.0"}
+
+
 class Traffic:
     """Seeded generator of OpenRTB 2.5 bid requests (JSON bytes)."""
 

@@ -22,7 +22,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,8 +37,6 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 LISTEN_RE = re.compile(r"listening on (\S+?):(\d+)")
 HANDSHAKE = 15                       # "httpteleport" + version, codec, flags
 CAPTURE_LIMIT = 32 * 1024 * 1024     # bytes of plain teleport stream kept for the replay
-HEADERS = {"Content-Type": "application/json", "X-Openrtb-Version": "2.5",
-           "User-Agent": "rtb-exchange/1.0"}
 
 
 # --------------------------------------------------------------------------- processes
@@ -128,7 +125,7 @@ def load(addr: str, bodies: list[bytes], threads: int, seconds: float) -> dict:
             try:
                 if conn is None:
                     conn = http.client.HTTPConnection(host, int(port), timeout=10)
-                conn.request("POST", "/openrtb2/auction", body=body, headers=HEADERS)
+                conn.request("POST", "/openrtb2/auction", body=body, headers=rtb.HEADERS)
                 r = conn.getresponse()
                 data = r.read()
             except (OSError, http.client.HTTPException) as e:
