@@ -175,7 +175,7 @@ class ResponseParser:
     """One response at a time from an upstream connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_method", "_buf", "_p", "_events", "_reason", "_headers",
-                 "_head", "_mode", "_done", "_msg_done")
+                 "_head", "_mode", "_done", "_msg_done", "_left")
 
     def __init__(self, max_header_size: int):
         self._max_head = max_header_size
@@ -184,6 +184,7 @@ class ResponseParser:
         self._p = None
         self._done = True
         self._head = None
+        self._left = -1
 
     def start(self, method: bytes):
         """Expect the response to a request with ``method`` (HEAD has no body)."""
@@ -192,6 +193,7 @@ class ResponseParser:
         self._p = None
         self._head = None
         self._done = False
+        self._left = -1
 
     # -- llhttp callbacks ------------------------------------------------------
     def on_status(self, reason: bytes):
@@ -223,9 +225,16 @@ class ResponseParser:
         events = self._events = []
         if not data:
             return self._eof(events)
+        if self._left >= 0:
+            self._content(data)
+            return events
         try:
             if self._head is None:
                 data = self._feed_head(data)
+                if self._left >= 0:
+                    if data:
+                        self._content(data)
+                    return events
             if data and not self._done:
                 self._p.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:
@@ -270,7 +279,25 @@ class ResponseParser:
                 head.keep_alive = False
             return b""
         self._mode = mode
+        if mode == _p.FRAMED and not head.chunked:    # Content-Length: counted here, not by llhttp
+            self._left = head.content_length
         return buf
+
+    def _content(self, data: bytes) -> None:
+        """Body bytes of a Content-Length response (``data`` is not empty)."""
+        left = self._left
+        n = len(data)
+        if n < left:
+            self._left = left - n
+            self._events.append(Data(data))
+            return
+        if n > left:                    # bytes after the response: do not reuse
+            self._head.keep_alive = False
+            data = data[:left]
+        self._events.append(Data(data))
+        self._events.append(END)
+        self._left = -1
+        self._done = True
 
     def _parse_head(self, block: bytes):
         self._reason = b""
@@ -283,6 +310,7 @@ class ResponseParser:
 
     def _eof(self, events: list) -> list:
         self._done = True
+        self._left = -1
         if self._head is not None and self._mode == _p.UNTIL_CLOSE:
             events.append(END)
             return events

@@ -71,6 +71,12 @@ _CL, _TE, _HOST, _CONN, _EXPECT = 1, 2, 3, 4, 5
 _SPECIAL = {b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST,
             b"connection": _CONN, b"expect": _EXPECT}
 _SPECIAL_LENS = frozenset(len(k) for k in _SPECIAL)
+# The spellings seen on nearly every message, looked up as they come.
+_SPECIAL_EXACT = {spelling: kind for name, kind in _SPECIAL.items()
+                  for spelling in (name, name.title(), name.upper())}
+_KEEP_ALIVE, _CLOSE = object(), object()
+_CONN_VALUES = {b"keep-alive": _KEEP_ALIVE, b"Keep-Alive": _KEEP_ALIVE, b"close": _CLOSE,
+                b"Close": _CLOSE}
 _OWS = b" \t"
 _MAX_CL_DIGITS = 18   # < 2**63: llhttp rejects longer values itself, so h11 must too
 
@@ -109,13 +115,16 @@ def scan_headers(headers: list) -> _Framing:
     """
     f = _Framing()
     size = 0
+    exact = _SPECIAL_EXACT
     for name, value in headers:
-        size += len(name) + len(value) + 4          # "name: value\r\n"
-        if len(name) not in _SPECIAL_LENS:
-            continue
-        kind = _SPECIAL.get(name.lower())
+        size += len(name) + len(value)
+        kind = exact.get(name)              # the usual spellings: no lower()
         if kind is None:
-            continue
+            if len(name) not in _SPECIAL_LENS:
+                continue
+            kind = _SPECIAL.get(name.lower())
+            if kind is None:
+                continue
         if kind == _CL:
             if f.content_length is not None:
                 raise ProtocolError("duplicate Content-Length")
@@ -130,17 +139,23 @@ def scan_headers(headers: list) -> _Framing:
         elif kind == _HOST:
             f.hosts += 1
         elif kind == _CONN:
-            for token in value.lower().split(b","):
-                token = token.strip(_OWS)
-                if token == b"close":
-                    f.close = True
-                elif token == b"keep-alive":
-                    f.keep_alive = True
+            token = _CONN_VALUES.get(value)
+            if token is _KEEP_ALIVE:
+                f.keep_alive = True
+            elif token is _CLOSE:
+                f.close = True
+            elif token is None:
+                for token in value.lower().split(b","):
+                    token = token.strip(_OWS)
+                    if token == b"close":
+                        f.close = True
+                    elif token == b"keep-alive":
+                        f.keep_alive = True
         elif value.strip(_OWS).lower() == b"100-continue":
             f.expect = True
     if f.chunked and f.content_length is not None:
         raise ProtocolError("both Content-Length and Transfer-Encoding")
-    f.size += size
+    f.size += size + 4 * len(headers)       # "name: value\r\n" each
     return f
 
 
