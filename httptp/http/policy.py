@@ -29,9 +29,13 @@ def connection_tokens(headers: list) -> frozenset:
     return frozenset(tokens)
 
 
+# Connection values that name nothing beyond the hop-by-hop set (nearly all).
+_NOTHING_MORE = frozenset((b"keep-alive", b"Keep-Alive", b"close", b"Close"))
+
+
 def _drop_set(headers: list, base: frozenset) -> frozenset:
-    for name, _ in headers:
-        if len(name) == 10 and name.lower() == b"connection":
+    for name, value in headers:
+        if len(name) == 10 and value not in _NOTHING_MORE and name.lower() == b"connection":
             return base | connection_tokens(headers)
     return base
 
