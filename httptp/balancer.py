@@ -210,6 +210,11 @@ class Balancer:
         if now >= self._next_refresh:
             self._refresh(now)
         n = self._n
+        if n == 1:      # nothing to score: only ejection and probing matter
+            b = self._bases[0]
+            eu, oe = self._d[b + UP_EJECT], self._o_eject[0]
+            out = eu or oe or self._o_probing[0] or self._q[b + UP_PROBING]
+            return self._lease(0, b, bool(out) and self._ejection_end(0, b, eu, oe, now) is None)
         if tried and len(tried) >= n and all(i in tried for i in range(n)):
             tried = ()
         start = self._rr

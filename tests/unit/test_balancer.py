@@ -311,3 +311,19 @@ def test_old_failures_do_not_count_toward_ejection(stats, clock):
     fail(b, 0, 1)
     fail(a, 0, 1)                    # its own run restarted too
     assert stats.upstream_totals()[0]["ejected"] is False
+
+
+def test_single_upstream_fails_open_and_probes_once(stats, clock):
+    """One upstream (pick's shortcut): every pick goes there, ejected or not,
+    but after the cool-down exactly one pick over all workers is the probe."""
+    a, b = workers(stats, clock, names=("only",))
+    eject(a, 0)
+    assert stats.upstream_totals()[0]["ejected"] is True
+    assert [a.pick().probe for _ in range(3)] == [False] * 3   # fail open, no probe yet
+    clock.advance(5.1)
+    assert b.pick().probe is False                             # A holds the ejection
+    probe = a.pick()
+    assert probe.index == 0 and probe.probe is True
+    assert [x.pick().probe for x in (a, b, a, b)] == [False] * 4  # one trial only
+    probe.release(True, 1 * MS)
+    assert stats.upstream_totals()[0]["ejected"] is False
