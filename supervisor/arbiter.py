@@ -38,7 +38,8 @@ from typing import Callable
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
-from httptp.supervisor.procs import Backoff, die_with_parent, flush_std as _flush_std, kill as _kill
+from httptp.supervisor.procs import (Backoff, die_with_parent, flush_std as _flush_std, kill as _kill,
+                                     raise_open_files)
 from httptp.supervisor.signals import SIGNALS, SignalQueue
 from httptp.supervisor import helpers as helper_procs
 from httptp.supervisor.sockets import ListenError, open_listeners
@@ -158,6 +159,9 @@ class Arbiter:
         self.max_slots = max(1, (self.stats.max_blocks - 1) // 2)
         self.upstream_ids = self.stats.assign_upstreams(_upstream_names(config))
         log(f"listening on {self.listeners.name} pid={os.getpid()}")
+        warning = raise_open_files(config.concurrency, config.workers)
+        if warning:
+            log(f"warning: {warning}")
         self.sync_helpers()
         self._set_title()
         for index in range(config.workers):

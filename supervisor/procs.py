@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import math
 import os
+import resource
 import sys
 
 PR_SET_PDEATHSIG = 1
@@ -53,3 +55,27 @@ def die_with_parent(signum: int) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signum)
     except (OSError, AttributeError):
         pass    # not Linux: workers still notice through their heartbeat
+
+
+def raise_open_files(concurrency: int, workers: int) -> str | None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (as Go's runtime does for
+    the original httptp); forked workers inherit it.  Returns a warning when a
+    worker's share of ``-concurrency`` still needs more descriptors than that:
+    past the limit accept() fails with EMFILE and clients wait unanswered."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        return None
+    share = math.ceil(concurrency / max(1, workers))
+    if share + 64 <= soft:
+        return None
+    return (f"the open-file limit is {soft:,} per process, but each worker may hold "
+            f"{share:,} client connections (-concurrency={concurrency:,} over "
+            f"{workers} workers) plus its upstream connections; past the limit new "
+            f"connections wait unanswered.  Raise it (LimitNOFILE= in the systemd unit, "
+            f"minfds= for supervisord, ulimit -n) or lower -concurrency")
