@@ -26,7 +26,7 @@ from __future__ import annotations
 import time
 from collections import deque
 
-from gevent import socket
+from gevent import get_hub, socket
 
 from httptp import stats as S
 from httptp.errors import ProtocolError, ProxyError, RequestTimeout, MethodNotAllowed
@@ -48,7 +48,7 @@ class _Idle(Exception):
 
 class ClientConnection:
     __slots__ = ("sock", "worker", "proxy", "client_ip", "parser", "_events", "idle",
-                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer")
+                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer", "_hold")
 
     def __init__(self, sock, client_ip: bytes | None, worker):
         self.sock = sock
@@ -65,6 +65,7 @@ class ClientConnection:
         self._plain = False       # set by serve(): https swaps in the TLS socket first
         self._idle_timer = None
         self._out_timer = None
+        self._hold = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -175,7 +176,13 @@ class ClientConnection:
         # re-armed for every request of this connection (httptp.io.timers)
         if self._plain:
             self._idle_timer = Deadline(worker.config.in_idle_timeout, _Idle)
+            # While the upstream answers, nothing reads this socket; libev then
+            # drops its interest in the fd, and re-adding it for the next
+            # request costs an epoll_ctl per request.  A watcher held over the
+            # exchange keeps the interest (it stops itself if it fires).
+            self._hold = get_hub().loop.io(self.sock.fileno(), 1)
         self._out_timer = self.proxy.exchange_timer()
+        hold = self._hold
         head = None
         try:
             while True:
@@ -190,8 +197,12 @@ class ClientConnection:
                 if head.expect_continue and (head.content_length or head.chunked) and not self._events:
                     self._send(writer.CONTINUE_100)
                 body = self._read_body(head)
+                if hold is not None:
+                    hold.start(hold.stop)
                 data, keep_alive = self.proxy.forward(head, body, self.client_ip, keep_alive,
                                                       self._out_timer)
+                if hold is not None:
+                    hold.stop()
                 if worker.draining:
                     keep_alive = False  # the response was built before the drain began
                     data = _force_close(data)
@@ -210,6 +221,8 @@ class ClientConnection:
             self._out_timer.close()
             if self._idle_timer is not None:
                 self._idle_timer.close()
+                hold.stop()
+                hold.close()
 
     def _answer_error(self, err: ProxyError, head) -> None:
         """Answer a request httptp refuses itself (4xx), then the connection closes."""
