@@ -174,7 +174,7 @@ class HTTPUpstream:
         ``retry_stale``: when a *reused* connection fails before any response
         byte arrives, try once more on a fresh connection (a keep-alive race
         with the upstream closing it).  Raises UpstreamError; the caller's
-        timeout (gevent.Timeout) may interrupt at any point.
+        -outTimeout (a Deadline) may interrupt at any point.
         """
         request = writer.request_head(method, target, headers, len(body))
         if body:
