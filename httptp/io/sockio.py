@@ -48,7 +48,7 @@ def is_plain(sock) -> bool:
 def recv_after_wait(sock, size: int, hub=None) -> bytes:
     """Wait until the plain gevent socket ``sock`` is readable, then ``recv``.
 
-    No timeout of its own (the caller's ``gevent.Timeout`` bounds it); closing
+    No timeout of its own (the caller's Deadline or gevent.Timeout bounds it); closing
     the socket from another greenlet ends the wait with an OSError, as for
     gevent's ``recv``."""
     (hub or get_hub()).wait(sock._read_event)
