@@ -17,7 +17,8 @@ pool, measured in the same run.
               bidder-like upstream (~60% 204, else a ~530 B bid): httptp http →
               http and the zstd chain, against nginx; link against plain bytes.
   4 idle      N (100,000) idle keep-alive client connections held on httptp
-              -workers=2 by bench/idle_conns.py: memory per connection (PSS of
+              (-workers: at least 2, and as many as RLIMIT_NOFILE needs for N)
+              by bench/idle_conns.py: memory per connection (PSS of
               the workers with them minus before, over N), and req/s of 64 busy
               connections while they are held against without them.
   5 latency   p50/p99 at ~1K req/s (wrk -t1 -c10, 10 ms between requests on a
