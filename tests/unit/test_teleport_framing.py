@@ -299,3 +299,73 @@ def test_request_ids_that_look_like_crlf():
         frames = read("request", data, pieces)
         assert [(i, b) for i, _, b in frames] == \
             [(0x0A0D0A0D, b"\r\n\r\n"), (0x0D0A0D0A, b"\r\n\r\n"), (0, b"\r\n\r\n"), (0x0A0D0000, b"\r\n\r\n")]
+
+
+@pytest.mark.parametrize("msg, what", [
+    (b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n", "malformed request line b'GET /a b HTTP/1.1'"),
+    (b"GET / HTTP/1.1\r\nHost: h\r\nBad Name: x\r\n\r\n", "malformed header line b'Bad Name: x'"),
+])
+def test_malformed_request_errors_name_the_line(msg, what):
+    with pytest.raises(FramingError) as info:
+        read("request", frame(1, msg))
+    assert str(info.value) == what
+
+
+@pytest.mark.parametrize("msg, what", [
+    (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "malformed status line b'HTTP/1.1 2000 OK'"),
+    (b"HTTP/1.1 200 OK\r\nX\x01: y\r\n\r\n", "malformed header line b'X\\x01: y'"),
+])
+def test_malformed_response_errors_name_the_line(msg, what):
+    with pytest.raises(FramingError) as info:
+        read("response", frame(1, msg))
+    assert str(info.value) == what
+
+
+def test_header_values_keep_inner_whitespace_and_drop_outer():
+    values = [b"a", b" a", b"a ", b"\ta\t", b"a b", b"a \t b", b"  ", b"\t", b"", b"\x80\xff",
+              b" x\ty ", b":", b": :"]
+    head = b"GET / HTTP/1.1\r\nHost: h\r\n" + b"".join(b"X%d:%s\r\n" % (i, v)
+                                                    for i, v in enumerate(values)) + b"\r\n"
+    [(_, h, _)] = read("request", frame(1, head))
+    assert h.headers[1:] == [(b"X%d" % i, v.strip(b" \t")) for i, v in enumerate(values)]
+
+
+# --- remembered header blocks (the same headers, another Content-Length) -----
+
+def test_repeated_heads_with_other_lengths(monkeypatch):
+    from httptp.teleport import framing
+    monkeypatch.setattr(framing, "HEAD_CACHE_SIZE", 2)          # cleared as it fills, too
+    hdrs = [(b"Host", b"h"), (b"Content-Type", b"application/json")]
+    bodies = [b"x" * n for n in (0, 1, 10, 1, 0, 300, 10)]
+    data = b"".join(encode_request(i + 1, b"POST", b"/%d" % i, hdrs, body)
+                    for i, body in enumerate(bodies))
+    data += encode_request(99, b"GET", b"/g", hdrs, b"") * 2
+    frames = read("request", data, 7)
+    assert [(i, h.target, h.content_length, b) for i, h, b in frames[:-2]] == \
+        [(i + 1, b"/%d" % i, len(body), body) for i, body in enumerate(bodies)]
+    assert [h.headers for _, h, _ in frames[:-2]] == \
+        [hdrs + [(b"Content-Length", b"%d" % len(body))] for body in bodies]
+    assert [(h.headers, h.content_length) for _, h, _ in frames[-2:]] == [(hdrs, None)] * 2
+    frames[0][1].headers.append((b"X", b"y"))                  # each head owns its list
+    assert frames[3][1].headers == hdrs + [(b"Content-Length", b"1")]
+    assert frames[-1][1].headers is not frames[-2][1].headers
+
+
+@pytest.mark.parametrize("first, msg, what", [
+    # the last line conflicts before the end-of-block check
+    (None, b"POST / HTTP/1.1\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n"
+     b"Content-Length: 3\r\n\r\n", "conflicting Content-Length headers"),
+    (b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+     "both Content-Length and Transfer-Encoding"),
+    (b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nok",
+     b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n",
+     "conflicting Content-Length headers"),
+])
+def test_a_remembered_block_keeps_the_errors_of_the_whole(first, msg, what):
+    """The block without its last Content-Length line is remembered; the
+    whole block's own error still wins, remembered (``first``) or not."""
+    for data in [frame(1, msg)] + ([frame(1, first) + frame(2, msg)] if first else []):
+        with pytest.raises(FramingError) as info:
+            read("request", data)
+        assert str(info.value) == what
