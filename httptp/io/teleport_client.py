@@ -24,7 +24,13 @@ original's "sticky" error).
 
 Sockets come from ``gevent.socket`` explicitly (no monkey-patching).  The
 socket's own timeout is the read timeout (idle connections end after it);
-each write runs under a ``gevent.Timeout`` of ``write_timeout``.
+each write runs under a ``Deadline`` of ``write_timeout`` (one timer per
+writer, re-armed per write).
+
+Per request the hot path allocates only the frame and a ``_Call`` with a
+gevent ``Waiter``: the reader stores the answer on the call and wakes the
+waiter with one hub callback, and the pipeline's own -outTimeout timer bounds
+the wait (``interrupted_at_deadline``), so no timer is created per request.
 """
 
 from __future__ import annotations
@@ -35,12 +41,14 @@ from collections import deque
 
 import gevent
 import gevent.event
-from gevent import socket
+from gevent import get_hub, socket
+from gevent.hub import Waiter
 
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, UpstreamError
 from httptp.io.http_client import Response
 from httptp.io.sockio import send_all
+from httptp.io.timers import Deadline
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import TeleportError
 from httptp.teleport import handshake
@@ -116,6 +124,12 @@ class BatchWriter:
       the flush back), or at the next item boundary after that moment;
     * whenever ``BATCH_BYTES`` of frame input are unflushed (Go's full buffer).
 
+    While a batch waits for its delay, ``put`` only queues: the writer is not
+    woken per item (a switch and a timed wait per request) but once, by the
+    timer, and then frames the whole backlog into that batch; ``put`` wakes it
+    early only when the backlog would fill ``BATCH_BYTES`` (``size`` tells an
+    item's frame bytes) or on ``stop``.
+
     ``run`` returns when ``stop`` was called and everything queued is flushed;
     it raises on a write error or a write timeout (the owner closes the link).
     In a cooperative hub the queue only grows while this greenlet yields, i.e.
@@ -123,7 +137,7 @@ class BatchWriter:
     """
 
     __slots__ = ("sock", "comp", "delay", "write_timeout", "queue", "wake", "q", "base",
-                 "in_calls", "stopping")
+                 "in_calls", "stopping", "_fields", "_timer", "_room")
 
     def __init__(self, sock, comp, *, delay: float, write_timeout: float, q, base: int,
                  in_calls: bool):
@@ -136,9 +150,18 @@ class BatchWriter:
         self.q, self.base = q, base
         self.in_calls = in_calls           # counters: IN_* (server) or OUT_* (client)
         self.stopping = False
+        self._fields = ((S.IN_WRITE_ERROR, S.IN_WRITE_CALLS, S.IN_BYTES_WRITTEN) if in_calls else
+                        (S.OUT_WRITE_ERROR, S.OUT_WRITE_CALLS, S.OUT_BYTES_WRITTEN))
+        self._timer: Deadline | None = None     # write_timeout, armed around each write
+        self._room: int | None = None   # sleeping on the delay: frame bytes before a full batch
 
     def put(self, item) -> None:
         self.queue.append(item)
+        room = self._room
+        if room is not None:
+            room = self._room = room - self.size(item)
+            if room > 0:
+                return                  # the delay timer takes it with its batch
         self.wake.set()
 
     def stop(self) -> None:
@@ -150,11 +173,24 @@ class BatchWriter:
     def frame(self, item):
         return item
 
+    def size(self, item) -> int:
+        """The frame bytes ``item`` will add (for the full-batch rule)."""
+        return len(item)
+
     def flushing(self) -> None:
         """Called just before a batch goes to the socket."""
 
     # the loop ---------------------------------------------------------------
     def run(self) -> None:
+        # One timer for the life of the loop, re-armed (full period) per write:
+        # a gevent.Timeout per flush costs an allocation and ~2 us.
+        self._timer = Deadline(self.write_timeout, _Timeout("write timed out"))
+        try:
+            self._run()
+        finally:
+            self._timer.close()
+
+    def _run(self) -> None:
         queue, wake, comp = self.queue, self.wake, self.comp
         compress = comp.compress
         frame = self.frame
@@ -162,9 +198,12 @@ class BatchWriter:
         out: list = []
         unflushed = 0          # frame bytes fed to the compressor since the last flush
         flush_at = 0.0
+        backlog = 0            # items queued while the batch slept: they belong to it
         while True:
             while queue:
                 data = frame(queue.popleft())
+                if backlog:
+                    backlog -= 1
                 if data is None:
                     continue
                 if not unflushed:
@@ -173,7 +212,8 @@ class BatchWriter:
                 chunk = compress(data)
                 if chunk:
                     out.append(chunk)
-                if unflushed >= BATCH_BYTES or (flush_at and time.monotonic() >= flush_at):
+                if unflushed >= BATCH_BYTES or (
+                        not backlog and flush_at and time.monotonic() >= flush_at):
                     self._flush(out, unflushed)
                     out = []
                     unflushed = 0
@@ -189,8 +229,11 @@ class BatchWriter:
                     out = []
                     unflushed = 0
                     continue
+                self._room = BATCH_BYTES - unflushed
                 wake.clear()
                 wake.wait(left)
+                self._room = None
+                backlog = len(queue)
                 continue
             if self.stopping:
                 return
@@ -207,23 +250,21 @@ class BatchWriter:
         if not data:
             return
         q, b = self.q, self.base
+        size = len(data)
         q[b + S.TELEPORT_SENT_PLAIN] += plain
-        q[b + S.TELEPORT_SENT_COMPRESSED] += len(data)
-        if self.in_calls:
-            f_err, f_calls, f_bytes = S.IN_WRITE_ERROR, S.IN_WRITE_CALLS, S.IN_BYTES_WRITTEN
-        else:
-            f_err, f_calls, f_bytes = S.OUT_WRITE_ERROR, S.OUT_WRITE_CALLS, S.OUT_BYTES_WRITTEN
-        timer = gevent.Timeout(self.write_timeout, _Timeout("write timed out"))
-        timer.start()
+        q[b + S.TELEPORT_SENT_COMPRESSED] += size
+        f_err, f_calls, f_bytes = self._fields
+        timer = self._timer
+        timer.arm()
         try:
             send_all(self.sock, data)
         except (OSError, _Timeout):
             q[b + f_err] += 1
             raise
         finally:
-            timer.close()
+            timer.disarm()
         q[b + f_calls] += 1
-        q[b + f_bytes] += len(data)
+        q[b + f_bytes] += size
 
 
 def read_exactly(sock, n: int) -> bytes:
@@ -241,16 +282,41 @@ def read_exactly(sock, n: int) -> bytes:
 # --------------------------------------------------------------------------- client
 
 class _Call:
-    __slots__ = ("id", "method", "frame", "deadline", "result", "sent", "cancelled")
+    """One request on a link.  Its outcome (``value`` or ``error``) is stored
+    here; ``waiter`` only wakes the requesting greenlet.  A gevent ``Waiter``
+    plus a hub callback is what ``AsyncResult`` does underneath, without its
+    link list and notifier per request."""
 
-    def __init__(self, req_id: int, method: bytes, frame: bytes, deadline: float):
+    __slots__ = ("id", "method", "frame", "deadline", "waiter", "done", "value", "error",
+                 "sent", "cancelled")
+
+    def __init__(self, req_id: int, method: bytes, frame: bytes, deadline: float, hub):
         self.id = req_id
         self.method = method
         self.frame = frame
         self.deadline = deadline
-        self.result = gevent.event.AsyncResult()
+        self.waiter = Waiter(hub)
+        self.done = False           # value or error is set
+        self.value = None
+        self.error = None
         self.sent = False
         self.cancelled = False
+
+    def resolve(self, value) -> None:
+        """Give the call its answer (from any greenlet but the hub)."""
+        if not self.done:
+            self.done = True
+            self.value = value
+            w = self.waiter
+            w.hub.loop.run_callback(w.switch, None)
+
+    def reject(self, error: BaseException) -> None:
+        """Fail the call with ``error`` (from any greenlet but the hub)."""
+        if not self.done:
+            self.done = True
+            self.error = error
+            w = self.waiter
+            w.hub.loop.run_callback(w.switch, None)
 
 
 class _LinkWriter(BatchWriter):
@@ -268,12 +334,16 @@ class _LinkWriter(BatchWriter):
             # Expired while queued: never sent (PROTOCOL §1.7).
             self.link.calls.pop(call.id, None)
             call.cancelled = True
-            call.result.set_exception(GatewayTimeout("teleport: timed out before it was sent"))
+            call.reject(GatewayTimeout("teleport: timed out before it was sent"))
             return None
         data = call.frame
         call.frame = None
         self.batch.append(call)
         return data
+
+    def size(self, call: _Call) -> int:
+        frame = call.frame
+        return len(frame) if frame is not None else 0
 
     def flushing(self) -> None:
         for call in self.batch:
@@ -294,16 +364,18 @@ class _Link:
         self.dead = False
         self.connected = False
         self.error: str | None = None
+        self.hub = get_hub()
         self._reader_g = None
         self._writer_g = gevent.spawn(self._run_writer)
 
     # -- queueing ------------------------------------------------------------
     def put(self, call: _Call) -> None:
         self.calls[call.id] = call
-        self.queue.append(call)          # the writer adopts this deque once connected
         w = self.writer
         if w is not None:
-            w.wake.set()
+            w.put(call)
+        else:
+            self.queue.append(call)      # the writer adopts this deque once connected
 
     # -- greenlets -----------------------------------------------------------
     def _run_writer(self) -> None:
@@ -431,7 +503,7 @@ class _Link:
                     if call is None:
                         late_heads.discard(req_id)
                         continue
-                    call.result.set(Response(head, body))
+                    call.resolve(Response(head, body))
         except _Closed as e:
             self.fail(str(e), quiet=not calls)
         except Exception as e:
@@ -468,8 +540,7 @@ class _Link:
             if client.log is not None:
                 client.log(msg)
         for call in calls:
-            if not call.result.ready():
-                call.result.set_exception(UpstreamError(msg, sent_nothing_back=not call.sent))
+            call.reject(UpstreamError(msg, sent_nothing_back=not call.sent))
 
 
 class TeleportClient:
@@ -517,12 +588,17 @@ class TeleportClient:
         self._sticky_until = time.monotonic() + STICKY_FOR
 
     def request(self, method: bytes, target: bytes, headers: list, body: bytes,
-                deadline: float) -> Response:
+                deadline: float, *, interrupted_at_deadline: bool = False) -> Response:
         """Send one request and wait for its response until ``deadline``
         (``time.monotonic()`` seconds).  Raises ``UpstreamError`` (connection
         failed, too many pending requests, client closed), ``GatewayTimeout``
         (deadline passed) or ``ValueError`` (a request the codec refuses: a
-        GET/HEAD with a body, no Host)."""
+        GET/HEAD with a body, no Host).
+
+        ``interrupted_at_deadline``: the caller has a timer of its own that
+        raises in this greenlet at ``deadline`` (the pipeline's -outTimeout
+        ``Deadline``), so no timer is started here; its exception propagates
+        and the request is forgotten as on a timeout."""
         if self._closed:
             raise UpstreamError(f"teleport client for {self.name} is closed")
         if self._sticky is not None:
@@ -538,29 +614,36 @@ class TeleportClient:
         req_id = self._next_id
         self._next_id = req_id + 1 if req_id < MAX_ID else 1
         frame = encode_request(req_id, method, target, headers, body)
-        call = _Call(req_id, method, frame, deadline)
         if req_id in calls:
             # The id space wrapped onto a request still waiting (4G requests
             # ago): the original drops the connection (PROTOCOL §1.5).
             link.fail("request ID overflow")
             raise UpstreamError(f"teleport connection to {self.name} failed: request ID overflow")
+        call = _Call(req_id, method, frame, deadline, link.hub)
         link.put(call)
-        result = call.result
+        timer = None
         try:
-            result.wait(max(0.0, deadline - time.monotonic()))
+            left = deadline - time.monotonic()
+            if left > 0:
+                if not interrupted_at_deadline:
+                    timer = link.hub.loop.timer(left)
+                    timer.start(call.waiter.switch, None)
+                call.waiter.get()
         finally:
-            if not result.ready():
+            if timer is not None:
+                timer.close()
+            if not call.done:
                 call.cancelled = True
                 # A HEAD already in the stream gets an answer whose Content-Length
                 # announces no body: the reader must still know it was a HEAD.
                 if calls.pop(req_id, None) is not None and call.frame is None \
                         and method == b"HEAD":
                     link.late_heads.add(req_id)
-        if not result.ready():
+        if not call.done:
             raise GatewayTimeout("teleport: timed out")
-        if result.successful():
-            return result.value
-        raise result.exception
+        if call.error is not None:
+            raise call.error
+        return call.value
 
     def close(self) -> None:
         """Close the connection; waiting requests fail with UpstreamError."""

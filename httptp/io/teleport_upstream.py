@@ -4,6 +4,10 @@
 Go original appended the same client N times and so still opened one).  The
 balancer picks the address, by its health and load; inside the address the
 connection with the fewest pending requests takes the request.
+
+``exchange`` is called by ``Proxy._exchange`` with its -outTimeout
+``Deadline`` armed for the same ``deadline``, which interrupts the waiting
+greenlet: the teleport client starts no timer of its own per request.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ class TeleportUpstream:
 
     def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
                  retry_stale: bool):
-        return least_pending(self.clients).request(method, target, headers, body, deadline)
+        return least_pending(self.clients).request(method, target, headers, body, deadline,
+                                                   interrupted_at_deadline=True)
 
     @property
     def pending(self) -> int:

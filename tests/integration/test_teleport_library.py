@@ -925,3 +925,126 @@ def test_get_with_body_is_refused(servers, clients):
     with pytest.raises(ValueError):
         c.do("GET", "/", body=b"no")
     assert c.do("GET", "/", host="still.ok").body == b"still.ok"
+
+
+# --------------------------------------------------------------------------- hot-path machinery
+
+def test_caller_timer_ends_the_wait_and_the_late_answer_is_dropped(fakes):
+    """``interrupted_at_deadline``: the client starts no timer; the caller's
+    (the pipeline's -outTimeout Deadline) ends the wait, the request is
+    forgotten, and its late answer is read and dropped."""
+    from httptp.io.timers import Deadline
+
+    class Interrupted(Exception):
+        pass
+
+    def respond(req_id, head, body):
+        if head.target == b"/slow":
+            gevent.sleep(0.2)
+        return encode_response(req_id, 200, b"OK", [], head.target)
+    fake = fakes(respond=respond)
+    tc = TeleportClient(fake.addr)
+
+    def req(target, seconds):
+        timer = Deadline(seconds, Interrupted)
+        timer.arm()
+        try:
+            return tc.request(b"GET", target, [(b"Host", b"a")], b"",
+                              time.monotonic() + seconds, interrupted_at_deadline=True)
+        finally:
+            timer.close()
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(Interrupted):
+            run(lambda: req(b"/slow", 0.05))
+        assert time.monotonic() - t0 < 0.15 and tc.pending == 0
+        gevent.sleep(0.3)                     # the late answer arrives and is dropped
+        got = concurrently(lambda i: run(lambda: req(b"/n%d" % i, 2.0)).body, 10)
+        assert got == [b"/n%d" % i for i in range(10)]
+    finally:
+        tc.close()
+
+
+def test_handler_greenlets_are_reused_and_capped(monkeypatch):
+    """Handlers run in parked greenlets when there are some; no more than
+    MAX_IDLE_HANDLERS stay parked after a burst."""
+    from httptp.io import teleport_server as tsm
+    monkeypatch.setattr(tsm, "MAX_IDLE_HANDLERS", 4)
+    release = gevent.event.Event()
+    seen = []
+
+    def handler(head, body, peer):
+        seen.append(gevent.getcurrent())
+        if head.target == b"/hold":
+            release.wait(5)
+        return Answer(200, b"OK", [], head.target)
+    ts = TeleportServer(handler, compress=Compress.NONE)
+    lsock, accept_g = _serve_ts(ts)
+    tc = TeleportClient("127.0.0.1:%d" % lsock.getsockname()[1], compress=Compress.NONE)
+
+    def get(target):
+        return tc.request(b"GET", target, [(b"Host", b"a")], b"", time.monotonic() + 5).body
+    try:
+        held = [gevent.spawn(get, b"/hold") for _ in range(10)]
+        wait_for(lambda: ts.busy == 10, what="10 running handlers")
+        release.set()
+        gevent.joinall(held, timeout=5)
+        assert [g.value for g in held] == [b"/hold"] * 10
+        wait_for(lambda: len(ts._idle) == 4, what="4 parked handlers")
+        assert len(set(seen)) == 10
+        del seen[:]
+        assert [run(get, b"/n%d" % i) for i in range(20)] == [b"/n%d" % i for i in range(20)]
+        assert len(set(seen)) <= 4 and len(ts._idle) == 4     # served by the parked ones
+    finally:
+        tc.close()
+        lsock.close()
+        accept_g.kill()
+
+
+def test_batch_delay_backlog_fills_a_batch_early():
+    """With a 1 s delay, requests queued while a batch waits are framed when
+    it flushes; when they add up to 64 KiB the batch leaves at once."""
+    stats = Stats.create(2)
+    ts = TeleportServer(lambda head, body, peer: Answer(200, b"OK", [], b"%d" % len(body)),
+                        compress=Compress.NONE)
+    lsock, accept_g = _serve_ts(ts)
+    tc = TeleportClient("127.0.0.1:%d" % lsock.getsockname()[1], compress=Compress.NONE,
+                        delay=1.0, stats=stats, block=0)
+    base = stats.block_base(0)
+
+    def post(i):
+        return tc.request(b"POST", b"/", [(b"Host", b"a")], b"x" * 8000,
+                          time.monotonic() + 5).body
+    try:
+        run(lambda: tc.request(b"GET", b"/", [(b"Host", b"a")], b"", time.monotonic() + 5))
+        before = stats.q[base + S.OUT_WRITE_CALLS]
+        t0 = time.monotonic()
+        posts = [gevent.spawn(post, 0)]             # starts a batch that waits 1 s
+        gevent.sleep(0.05)
+        posts += [gevent.spawn(post, i) for i in range(1, 12)]    # 96 KB in all
+        wait_for(lambda: sum(g.dead for g in posts) >= 8, timeout=0.8, what="a full batch")
+        assert time.monotonic() - t0 < 0.8
+        gevent.joinall(posts, timeout=3)
+        assert [g.value for g in posts] == [b"8000"] * 12
+        assert stats.q[base + S.OUT_WRITE_CALLS] - before == 2     # the full one, the rest
+    finally:
+        tc.close()
+        lsock.close()
+        accept_g.kill()
+
+
+def test_request_that_times_out_while_its_batch_waits_is_never_sent(fakes):
+    fake = fakes()
+    tc = TeleportClient(fake.addr, delay=0.2)
+    try:
+        def req(target, seconds):
+            return tc.request(b"GET", target, [(b"Host", b"a")], b"", time.monotonic() + seconds)
+        assert run(lambda: req(b"/warm", 2.0)).body == b"/warm"        # id 1: connected
+        first = gevent.spawn(req, b"/first", 2.0)       # id 2 starts a batch that waits 0.2 s
+        gevent.sleep(0.01)
+        with pytest.raises(GatewayTimeout):
+            run(lambda: req(b"/late", 0.05))             # id 3, queued behind it, expires first
+        assert first.get(timeout=2).body == b"/first"
+        assert fake.ids == [1, 2]
+    finally:
+        tc.close()
