@@ -27,6 +27,7 @@ _KEEP_ALIVE = (b"Connection", b"keep-alive")
 # the stream would lose sync, so such a request is refused here.
 _NO_BODY_OVER_TELEPORT = frozenset((b"GET", b"HEAD"))
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
+_MAX_SPARE_TIMERS = 1024
 
 
 def _teleport_refuses(head, headers: list, body: bytes) -> str | None:
@@ -69,6 +70,7 @@ class Proxy:
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
         self._single = len(self.upstreams) == 1
         self._log_errors = config.log_all_errors
+        self._spare_timers: list[Deadline] = []   # for callers without their own (teleport in)
 
     def _upstream(self, addr, per_worker: int, stats, block: int, parser_module):
         cfg = self.config
@@ -171,8 +173,9 @@ class Proxy:
         idempotent = method in IDEMPOTENT
         tried = set()
         own_timer = timer is None
-        if own_timer:
-            timer = self.exchange_timer()
+        if own_timer:       # a Deadline arms on whichever greenlet calls: any spare one will do
+            spare = self._spare_timers
+            timer = spare.pop() if spare else self.exchange_timer()
         timer.arm()
         try:
             while True:
@@ -203,14 +206,18 @@ class Proxy:
                 resp.upstream, resp.upstream_time = upstream.name, elapsed
                 return resp
         finally:
+            timer.disarm()
             if own_timer:
-                timer.close()
-            else:
-                timer.disarm()
+                if len(self._spare_timers) < _MAX_SPARE_TIMERS:
+                    self._spare_timers.append(timer)
+                else:
+                    timer.close()
 
     def close(self) -> None:
         for u in self.upstreams:
             u.close()
+        while self._spare_timers:
+            self._spare_timers.pop().close()
 
 
 def _from(err: ProxyError, upstream, t0: float) -> ProxyError:
