@@ -348,7 +348,7 @@ def part_idle(b: Bench, g: h.Group) -> Part:
                             f"kept spare, {workers} workers can hold {conns:,} connections, so that many were "
                             "opened (`--idle-workers` spreads them over more workers)")
     s = h.start_httptp(g, f"httptp -workers={workers}", "-outType=http", f"-out=127.0.0.1:{b.upstream.port}",
-                       f"-workers={workers}", f"-concurrency={max(250000, 3 * conns)}", "-inIdleTimeout=10m",
+                       f"-workers={workers}", f"-concurrency={conns + 1000 * workers}", "-inIdleTimeout=10m",
                        "-expvarAddr=127.0.0.1:0")
     busy = Target(s.name, s.url, [s])
     h.wrk(busy.url, 1, conns=cfg.conns)                        # warm-up: pools, buffers, code
