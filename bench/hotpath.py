@@ -59,27 +59,35 @@ def upstream_server(path: str) -> gevent.Greenlet:
     return gevent.spawn(accept)
 
 
+def read_response(sock, buf: bytes) -> bytes:
+    """Read one whole response (Content-Length framing as both the upstream and
+    the proxy send it; 204 and 304 have none) after ``buf``; return what
+    follows it.  Anything but 200/204/304 stops the run."""
+    while True:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            if buf.startswith(b"HTTP/1.1 204 ") or buf.startswith(b"HTTP/1.1 304 "):
+                total = end + 4
+            elif buf.startswith(b"HTTP/1.1 200 "):
+                at = buf.find(b"Content-Length: ", 0, end) + 16
+                total = end + 4 + int(buf[at:buf.index(b"\r\n", at)])
+            else:
+                raise SystemExit(f"hotpath: unexpected response {buf[:end].decode()!r}")
+            if len(buf) >= total:
+                return buf[total:]
+        data = sock.recv(65536)
+        if not data:
+            raise SystemExit("hotpath: the connection closed early")
+        buf += data
+
+
 def client(connect, n: int) -> None:
-    """One keep-alive client: ``n`` requests, each response read whole
-    (Content-Length framing, as both the upstream and the proxy send)."""
+    """One keep-alive client: ``n`` requests, each response read whole."""
     sock = connect()
     buf = b""
     for _ in range(n):
         sock.sendall(REQUEST)
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                if not buf.startswith(b"HTTP/1.1 200 "):
-                    raise SystemExit(f"hotpath: unexpected response {buf[:end].decode()!r}")
-                at = buf.find(b"Content-Length: ", 0, end) + 16
-                total = end + 4 + int(buf[at:buf.index(b"\r\n", at)])
-                if len(buf) >= total:
-                    buf = buf[total:]
-                    break
-            data = sock.recv(65536)
-            if not data:
-                raise SystemExit("hotpath: the connection closed early")
-            buf += data
+        buf = read_response(sock, buf)
     sock.close()
 
 

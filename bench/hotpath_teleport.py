@@ -46,14 +46,9 @@ import gevent
 from gevent import socket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from hotpath import REQUEST as GET_REQUEST, RESPONSE as GET_RESPONSE  # noqa: E402
+from hotpath import read_response  # noqa: E402
 
-GET_BODY = b'{"id":"%s","seatbid":[{"bid":[{"id":"1","impid":"1","price":0.42,"adm":"%s"}]}]}' % (
-    b"a" * 32, b"x" * 1900)
-GET_RESPONSE = (b"HTTP/1.1 200 OK\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 11:00:00 GMT\r\n"
-                b"Content-Type: application/json\r\nContent-Length: %d\r\nConnection: keep-alive\r\n\r\n"
-                % len(GET_BODY) + GET_BODY)
-GET_REQUEST = (b"GET /bid?x=1 HTTP/1.1\r\nHost: 127.0.0.1:8080\r\nUser-Agent: wrk\r\n"
-               b"Accept: */*\r\n\r\n")
 NO_BID = (b"HTTP/1.1 204 No Content\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 11:00:00 GMT\r\n"
           b"Connection: keep-alive\r\n\r\n")
 # The suite's nginx bidder: the ids change with every answer.
@@ -144,23 +139,7 @@ def client(connect, requests: list[bytes], cursor: list, n: int) -> None:
     for _ in range(n):
         i = cursor[0] = (cursor[0] + 1) % count
         sock.sendall(requests[i])
-        while True:
-            end = buf.find(b"\r\n\r\n")
-            if end >= 0:
-                if buf.startswith(b"HTTP/1.1 204 ") or buf.startswith(b"HTTP/1.1 304 "):
-                    total = end + 4
-                elif buf.startswith(b"HTTP/1.1 200 "):
-                    at = buf.find(b"Content-Length: ", 0, end) + 16
-                    total = end + 4 + int(buf[at:buf.index(b"\r\n", at)])
-                else:
-                    raise SystemExit(f"hotpath: unexpected response {buf[:end].decode()!r}")
-                if len(buf) >= total:
-                    buf = buf[total:]
-                    break
-            data = sock.recv(65536)
-            if not data:
-                raise SystemExit("hotpath: the connection closed early")
-            buf += data
+        buf = read_response(sock, buf)
     sock.close()
 
 
