@@ -90,16 +90,10 @@ def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
             break
     else:
         raise ValueError("missing Host")
-    parts = [req_id.to_bytes(4, "little"), method, b" ", target, b" HTTP/1.1\r\n"]
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    if method in _NO_BODY_METHODS:
-        if body:
-            raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
-        parts.append(b"\r\n")
-    else:
-        parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
-    return b"".join(parts)
+    if method in _NO_BODY_METHODS and body:
+        raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
+    return _frame([req_id.to_bytes(4, "little"), method, b" ", target, b" HTTP/1.1\r\n"],
+                  headers, body, method not in _NO_BODY_METHODS)
 
 
 def encode_response(req_id: int, status: int, reason: bytes, headers: list,
@@ -117,15 +111,23 @@ def encode_response(req_id: int, status: int, reason: bytes, headers: list,
             reason = HTTPStatus(status).phrase.encode()
         except ValueError:
             reason = b"Unknown"
-    parts = [req_id.to_bytes(4, "little"), b"HTTP/1.1 %d " % status, reason, b"\r\n"]
+    has_body = not (status < 200 or status == 204 or status == 304)
+    if body and not has_body:
+        raise ValueError(f"a {status} response cannot carry a body")
+    return _frame([req_id.to_bytes(4, "little"), b"HTTP/1.1 %d " % status, reason, b"\r\n"],
+                  headers, body, has_body)
+
+
+def _frame(parts: list, headers: list, body: bytes, has_body: bool) -> bytes:
+    """``parts`` (id and start line), then ``headers``, then Content-Length
+    (last: the readers' header-block memory relies on it) and ``body`` when
+    the message has one, else just the empty line."""
     for name, value in headers:
         parts += (name, b": ", value, b"\r\n")
-    if status < 200 or status == 204 or status == 304:
-        if body:
-            raise ValueError(f"a {status} response cannot carry a body")
-        parts.append(b"\r\n")
-    else:
+    if has_body:
         parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
+    else:
+        parts.append(b"\r\n")
     return b"".join(parts)
 
 
