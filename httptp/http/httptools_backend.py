@@ -34,7 +34,18 @@ _SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\
               False: b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"}
 
 
-class RequestParser:
+class _Headers:
+    """The llhttp header callback both parsers share."""
+
+    __slots__ = ()
+
+    def on_header(self, name: bytes, value: bytes):
+        if value and value[-1] in _OWS:         # llhttp keeps trailing OWS, h11 does not
+            value = value.rstrip(b" \t")
+        self._headers.append((name, value))
+
+
+class RequestParser(_Headers):
     """Requests from a client connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_max_body", "_p", "_events", "_target", "_headers",
@@ -67,11 +78,6 @@ class RequestParser:
 
     def on_url(self, url: bytes):
         self._target += url
-
-    def on_header(self, name: bytes, value: bytes):
-        if value and value[-1] in _OWS:         # llhttp keeps trailing OWS, h11 does not
-            value = value.rstrip(b" \t")
-        self._headers.append((name, value))
 
     def on_headers_complete(self):
         if self._synthetic:
@@ -171,7 +177,7 @@ class RequestParser:
         return []
 
 
-class ResponseParser:
+class ResponseParser(_Headers):
     """One response at a time from an upstream connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_method", "_buf", "_p", "_events", "_reason", "_headers",
@@ -179,12 +185,8 @@ class ResponseParser:
 
     def __init__(self, max_header_size: int):
         self._max_head = max_header_size
-        self._method = None
-        self._buf = b""
-        self._p = None
-        self._done = True
-        self._head = None
-        self._left = -1
+        self.start(None)
+        self._done = True               # no request outstanding yet
 
     def start(self, method: bytes):
         """Expect the response to a request with ``method`` (HEAD has no body)."""
@@ -198,11 +200,6 @@ class ResponseParser:
     # -- llhttp callbacks ------------------------------------------------------
     def on_status(self, reason: bytes):
         self._reason += reason
-
-    def on_header(self, name: bytes, value: bytes):
-        if value and value[-1] in _OWS:
-            value = value.rstrip(b" \t")
-        self._headers.append((name, value))
 
     def on_body(self, data: bytes):
         self._events.append(Data(data))
