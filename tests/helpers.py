@@ -21,6 +21,18 @@ from dataclasses import dataclass, field
 HTTPTP = shutil.which("httptp") or os.path.join(os.path.dirname(sys.executable), "httptp")
 
 
+def wait_until(predicate, timeout=10.0, step=0.02):
+    """Poll ``predicate`` until it returns something true (returned) or
+    ``timeout`` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(step)
+    return False
+
+
 # --------------------------------------------------------------------------- upstream
 
 @dataclass

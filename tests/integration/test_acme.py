@@ -30,7 +30,7 @@ from cryptography import x509  # noqa: E402
 
 from httptp import acme as hacme  # noqa: E402
 from httptp.certstore import AutocertStore, client_hello_alpn, offers_acme_tls  # noqa: E402
-from tests.helpers import HttpTp, Upstream  # noqa: E402
+from tests.helpers import HttpTp, Upstream, wait_until  # noqa: E402
 
 PEBBLE = shutil.which("pebble")
 CHALLTESTSRV = shutil.which("pebble-challtestsrv")
@@ -50,13 +50,10 @@ def free_port() -> int:
 
 
 def wait_for(pred, timeout: float, step: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = pred()
-        if value:
-            return value
-        time.sleep(step)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    value = wait_until(pred, timeout, step)
+    if not value:
+        raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+    return value
 
 
 def _port_open(port: int) -> bool:

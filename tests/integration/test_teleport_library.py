@@ -132,15 +132,20 @@ class _Sink(list):
 LOG_SINK = _Sink()
 
 
+def _drive(one, n, concurrent):
+    """``one(i)`` for i in range(n): all at once, or one after the other."""
+    if concurrent:
+        concurrently(one, n)
+    else:
+        run(lambda: [one(i) for i in range(n)])
+
+
 def do_get(c, n, concurrent):
     def one(i):
         r = c.do("GET", "/aaa", host=f"foobar{i}.com")
         assert r.status == 200, r
         assert r.body == f"foobar{i}.com".encode()
-    if concurrent:
-        concurrently(one, n)
-    else:
-        run(lambda: [one(i) for i in range(n)])
+    _drive(one, n, concurrent)
 
 
 def do_post(c, n, concurrent):
@@ -148,20 +153,14 @@ def do_post(c, n, concurrent):
         body = f"body number {i}".encode()
         r = c.do("POST", "/", body=body, host="foobar.com")
         assert r.status == 200 and r.body == body
-    if concurrent:
-        concurrently(one, n)
-    else:
-        run(lambda: [one(i) for i in range(n)])
+    _drive(one, n, concurrent)
 
 
 def do_sleep(c, n, concurrent):
     def one(i):
         r = c.do("GET", "/sleep", host="foobar.com")
         assert r.status == 200 and r.body.startswith(b"slept for "), r.body
-    if concurrent:
-        concurrently(one, n)
-    else:
-        run(lambda: [one(i) for i in range(n)])
+    _drive(one, n, concurrent)
 
 
 def raw_connect(addr: str, codec=Compress.NONE, tls=False, timeout=5.0):

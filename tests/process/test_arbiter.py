@@ -17,19 +17,12 @@ import time
 
 import pytest
 
+from tests.helpers import wait_until
+
 pytestmark = pytest.mark.timeout(60)
 
 STUB = os.path.join(os.path.dirname(__file__), "stub_worker.py")
 LISTEN_RE = re.compile(r"^httptp: listening on (\S+) pid=(\d+)$")
-
-
-def wait_until(predicate, timeout=10.0, step=0.02):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return False
 
 
 class Master:

@@ -12,18 +12,9 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, Reply, Upstream, get, load
+from tests.helpers import HttpTp, Reply, Upstream, get, load, wait_until
 
 pytestmark = pytest.mark.timeout(90)
-
-
-def _wait(pred, timeout=10.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(step)
-    return False
 
 
 def test_kill9_worker_under_load_loses_nothing_and_comes_back():
@@ -42,7 +33,7 @@ def test_kill9_worker_under_load_loses_nothing_and_comes_back():
             res = box["r"]
             assert res.failed == 0, (res.statuses, res.errors[:5])
             assert res.ok > 100
-            assert _wait(lambda: len(p.worker_pids()) == 2 and pids[0] not in p.worker_pids())
+            assert wait_until(lambda: len(p.worker_pids()) == 2 and pids[0] not in p.worker_pids())
             assert pids[1] in p.worker_pids()
             # the replacement serves
             c = http.client.HTTPConnection(p.host, p.port, timeout=5)
@@ -69,7 +60,7 @@ def test_hup_under_load_replaces_workers_with_zero_failures(tmp_path):
             res = box["r"]
             assert res.failed == 0, (res.statuses, res.errors[:5])
             assert res.ok > 100
-            assert _wait(lambda: len(p.worker_pids()) == 2 and not old & set(p.worker_pids()))
+            assert wait_until(lambda: len(p.worker_pids()) == 2 and not old & set(p.worker_pids()))
     finally:
         up.close()
 
@@ -83,7 +74,7 @@ def test_hup_with_invalid_config_keeps_serving(tmp_path):
             old = p.worker_pids()
             conf.write_text("outType = nonsense\n")
             p.signal(signal.SIGHUP)
-            assert _wait(lambda: "reload failed" in p.output), p.output
+            assert wait_until(lambda: "reload failed" in p.output), p.output
             assert p.worker_pids() == old
             c = http.client.HTTPConnection(p.host, p.port, timeout=5)
             assert get(c)[0] == 200
@@ -131,9 +122,9 @@ def test_ttin_ttou_change_worker_count():
     try:
         with HttpTp(f"-out={up.addr}", "-outType=http", workers=1) as p:
             p.signal(signal.SIGTTIN)
-            assert _wait(lambda: len(p.worker_pids()) == 2)
+            assert wait_until(lambda: len(p.worker_pids()) == 2)
             p.signal(signal.SIGTTOU)
-            assert _wait(lambda: len(p.worker_pids()) == 1)
+            assert wait_until(lambda: len(p.worker_pids()) == 1)
             c = http.client.HTTPConnection(p.host, p.port, timeout=5)
             assert get(c)[0] == 200
     finally:
@@ -211,7 +202,7 @@ def test_workers_and_helpers_exit_when_the_master_is_killed():
     try:
         p = HttpTp(f"-out={up.addr}", "-outType=http", "-expvarAddr=127.0.0.1:0", workers=2)
         try:
-            assert _wait(lambda: "stats on http://" in p.output)
+            assert wait_until(lambda: "stats on http://" in p.output)
             out = subprocess.run(["pgrep", "-P", str(p.proc.pid)], capture_output=True, text=True)
             children = [int(x) for x in out.stdout.split()]
             assert len(children) == 3          # 2 workers + the stats helper
@@ -221,7 +212,7 @@ def test_workers_and_helpers_exit_when_the_master_is_killed():
             def gone():
                 return all(not os.path.exists(f"/proc/{pid}") or
                            open(f"/proc/{pid}/stat").read().split()[2] == "Z" for pid in children)
-            assert _wait(gone, timeout=10), children
+            assert wait_until(gone, timeout=10), children
         finally:
             p.kill()
     finally:

@@ -227,21 +227,21 @@ def test_scenario(sc: Scenario):
 
 # --------------------------------------------------------------------------- metrics drift
 
-def documented_metrics(text: str) -> tuple[set[str], set[str]]:
-    """(compatibility names, httptp_* names) from the first column of the tables."""
+def _split_names(names) -> tuple[set[str], set[str]]:
+    """(compatibility names, httptp_* names)."""
     compat, ours = set(), set()
-    for m in re.finditer(r"^\|\s*`([A-Za-z0-9_]+)`", text, flags=re.M):
-        name = m.group(1)
+    for name in names:
         (ours if name.startswith("httptp_") else compat).add(name)
     return compat, ours
+
+
+def documented_metrics(text: str) -> tuple[set[str], set[str]]:
+    """(compatibility names, httptp_* names) from the first column of the tables."""
+    return _split_names(re.findall(r"^\|\s*`([A-Za-z0-9_]+)`", text, flags=re.M))
 
 
 def live_metrics(body: str) -> tuple[set[str], set[str]]:
-    compat, ours = set(), set()
-    for m in re.finditer(r"^# TYPE (\S+) \S+$", body, flags=re.M):
-        name = m.group(1)
-        (ours if name.startswith("httptp_") else compat).add(name)
-    return compat, ours
+    return _split_names(re.findall(r"^# TYPE (\S+) \S+$", body, flags=re.M))
 
 
 def test_metrics_doc_matches_live_prometheus():

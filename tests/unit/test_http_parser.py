@@ -377,12 +377,7 @@ def resp(backend):
 
 def response_of(parser, method, *chunks, eof=False):
     parser.start(method)
-    events = []
-    for chunk in chunks:
-        events += parser.feed(chunk)
-    if eof:
-        events += parser.feed(b"")
-    return events
+    return parse_all(parser, *chunks, eof=eof)
 
 
 def test_response_content_length(resp):
