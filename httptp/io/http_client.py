@@ -98,7 +98,9 @@ class HTTPUpstream:
 
     # -- pool -------------------------------------------------------------------
 
-    def _dial(self, timeout: float) -> _Conn:
+    def _dial(self, deadline: float) -> _Conn:
+        """A new connection, dialled within _DIAL_TIMEOUT and the exchange's deadline."""
+        timeout = min(_DIAL_TIMEOUT, max(0.001, deadline - time.monotonic()))
         q, b = self._q, self._base
         addr = self.address
         try:
@@ -130,7 +132,7 @@ class HTTPUpstream:
         q[b + S.OUT_CONNS] += 1
         return _Conn(sock, self._parser_module.ResponseParser(self._max_header_size))
 
-    def _take(self, timeout: float) -> tuple[_Conn, bool]:
+    def _take(self, deadline: float) -> tuple[_Conn, bool]:
         """An idle connection that is still open, or a new one.  Returns (conn, reused)."""
         idle = self._idle
         now = time.monotonic()
@@ -144,7 +146,7 @@ class HTTPUpstream:
                 self._close(conn)
                 continue
             return conn, True
-        return self._dial(timeout), False
+        return self._dial(deadline), False
 
     def _put(self, conn: _Conn) -> None:
         conn.idle(time.monotonic())
@@ -183,13 +185,13 @@ class HTTPUpstream:
         if remaining <= 0 or not self._slots.acquire(timeout=remaining):
             raise GatewayTimeout("no free upstream connection before the deadline")
         try:
-            conn, reused = self._take(min(_DIAL_TIMEOUT, max(0.001, deadline - time.monotonic())))
+            conn, reused = self._take(deadline)
             try:
                 return self._exchange_on(conn, request, method)
             except UpstreamError as e:
                 if not (reused and retry_stale and e.sent_nothing_back):
                     raise
-            conn, _ = self._dial(min(_DIAL_TIMEOUT, max(0.001, deadline - time.monotonic()))), False
+            conn = self._dial(deadline)
             return self._exchange_on(conn, request, method)
         finally:
             self._slots.release()
