@@ -119,3 +119,55 @@ def _quote(text: str) -> str:
         return text
     return "".join(c if c.isprintable() and c not in '"\\' else "\\x%02X" % (ord(c) & 0xFF)
                    for c in text)
+
+
+class RateLimitedLog:
+    """Say the first occurrence of a thing at once, then a count per period.
+
+    For refusals an operator must see (a misconfigured partner, a peer over a
+    limit) that can also come thousands of times a second.  ``say(key,
+    message)`` logs ``message`` at once when ``key`` has been quiet; further
+    calls with the same key within ``period`` are only counted.  ``flush()``,
+    called every second or so (a worker's heartbeat), logs
+    ``"<message> (N more in the last 60 s)"`` for each key whose period has
+    ended with something counted, and forgets keys that stayed quiet a whole
+    period.  At most ``max_keys`` keys are tracked; beyond that, new keys are
+    counted under one ``"other"`` line, so a scan from many addresses cannot
+    grow this table.  No clock of its own beyond ``clock``; no I/O but ``log``.
+    """
+
+    def __init__(self, log, period: float = 60.0, *, max_keys: int = 1024,
+                 clock=time.monotonic):
+        self._log = log
+        self.period = period
+        self.max_keys = max_keys
+        self._clock = clock
+        self._keys: dict = {}        # key -> [period end, count since, last message]
+
+    def say(self, key, message: str) -> None:
+        entry = self._keys.get(key)
+        if entry is None:
+            if len(self._keys) >= self.max_keys:
+                key, message = _OTHER, "more refusals of other kinds or peers"
+                entry = self._keys.get(key)
+            if entry is None:
+                self._keys[key] = [self._clock() + self.period, 0, message]
+                self._log(message)
+                return
+        entry[1] += 1
+        entry[2] = message
+
+    def flush(self) -> None:
+        now = self._clock()
+        for key, entry in list(self._keys.items()):
+            if now < entry[0]:
+                continue
+            if entry[1]:
+                self._log(f"{entry[2]} ({entry[1]} more in the last "
+                          f"{self.period:g} s)")
+                entry[0], entry[1] = now + self.period, 0
+            else:
+                del self._keys[key]
+
+
+_OTHER = object()
