@@ -47,6 +47,7 @@ class Config:
     in_max_body_size: int
     in_max_header_size: int
     out_max_header_size: int
+    out_max_body_size: int
     in_get_only: bool
     in_allow_ip: tuple[Network, ...]
     client_ip_header: str

@@ -82,5 +82,14 @@ class UpstreamError(Exception):
         self.sent_nothing_back = sent_nothing_back
 
 
+class ResponseTooLarge(UpstreamError):
+    """An upstream response over -outMaxHeaderSize or -outMaxBodySize: the
+    client gets 502, the upstream connection is closed (never retried: the
+    upstream did answer)."""
+
+    def __init__(self, detail: str):
+        super().__init__(detail, sent_nothing_back=False)
+
+
 class ConfigError(Exception):
     """A bad option value: one line naming the flag; the command exits 2."""

@@ -83,6 +83,10 @@ _METRICS = {
                                    {"direction": "received", "stage": "plain"}),
     "teleportReceivedCompressedBytes": ("httptp_teleport_bytes", "counter", "",
                                         {"direction": "received", "stage": "compressed"}),
+    "inRequestTooLarge": ("httptp_too_large", "counter",
+                          "Messages refused for a size limit: requests (413, 431, or a teleport "
+                          "connection closed) and upstream responses (502)", {"side": "in"}),
+    "outResponseTooLarge": ("httptp_too_large", "counter", "", {"side": "out"}),
     "workerRestarts": ("httptp_worker_restarts", "counter", "Worker processes replaced after dying", {}),
 }
 

@@ -127,10 +127,11 @@ class RateLimitedLog:
     For refusals an operator must see (a misconfigured partner, a peer over a
     limit) that can also come thousands of times a second.  ``say(key,
     message)`` logs ``message`` at once when ``key`` has been quiet; further
-    calls with the same key within ``period`` are only counted.  ``flush()``,
-    called every second or so (a worker's heartbeat), logs
-    ``"<message> (N more in the last 60 s)"`` for each key whose period has
-    ended with something counted, and forgets keys that stayed quiet a whole
+    calls with the same key within ``period`` are only counted.  The first
+    call after the period logs again, with ``"(N more in the last 60 s)"``
+    when some were counted.  ``flush()``, called every second or so (a
+    worker's heartbeat), logs that count as soon as a period ends, without
+    waiting for another call, and forgets keys that stayed quiet a whole
     period.  At most ``max_keys`` keys are tracked; beyond that, new keys are
     counted under one ``"other"`` line, so a scan from many addresses cannot
     grow this table.  No clock of its own beyond ``clock``; no I/O but ``log``.
@@ -154,6 +155,13 @@ class RateLimitedLog:
                 self._keys[key] = [self._clock() + self.period, 0, message]
                 self._log(message)
                 return
+        now = self._clock()
+        if now >= entry[0]:
+            counted = entry[1]
+            entry[0], entry[1], entry[2] = now + self.period, 0, message
+            self._log(f"{message} ({counted} more in the last {self.period:g} s)" if counted
+                      else message)
+            return
         entry[1] += 1
         entry[2] = message
 

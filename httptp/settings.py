@@ -294,11 +294,21 @@ SETTINGS: tuple[Setting, ...] = (
            "Also caps the connections to each upstream at "
            "ceil(concurrency / number of upstreams)."),
     S("inMaxBodySize", size_or_default(4194304), "4194304", section="Limits", meta="int",
-      help="Maximum request body size in bytes (http listeners); 0 means the default"),
+      help="Maximum request body size in bytes; 0 means the default\n"
+           "Over it: 413. On teleport listeners too: a body with a Content-Length is "
+           "skipped and its request answered 413; any other (chunked) body closes the "
+           "connection."),
     S("inMaxHeaderSize", size_or_default(4096), "4096", section="Limits", meta="int",
-      help="Maximum request header size in bytes; 0 means the default"),
+      help="Maximum request header size in bytes; 0 means the default\n"
+           "Over it: 431 (http), or the teleport connection is closed."),
     S("outMaxHeaderSize", size_or_default(4096), "4096", section="Limits", meta="int",
-      help="Maximum upstream response header size in bytes; 0 means the default"),
+      help="Maximum upstream response header size in bytes; 0 means the default\n"
+           "Over it: 502 for the client, and the upstream connection is closed."),
+    S("outMaxBodySize", size_or_default(67108864), "67108864", section="Limits", meta="int",
+      ours=True,
+      help="Maximum upstream response body size in bytes; 0 means the default\n"
+           "Over it: 502 for the client, and the upstream connection is closed (a "
+           "teleport connection is redialled). Responses are held whole today."),
     S("inGetOnly", parse_bool, "false", section="Limits", meta="bool",
       help="Refuse every request method but GET (http listeners)"),
     # -- Teleport ------------------------------------------------------------

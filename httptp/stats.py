@@ -71,7 +71,9 @@ offset     field                   kind      writer
 36         inTLSHandshakeErrors    counter   worker
 37 .. 40   teleport{Sent,Received}{Plain,Compressed}Bytes   counter   worker: teleport
                                                payload before and after the codec
-41 .. 47   reserved
+41, 42     inRequestTooLarge,      counter   worker: messages refused for a size limit
+           outResponseTooLarge
+43 .. 47   reserved
 40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
@@ -111,7 +113,7 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
@@ -164,6 +166,11 @@ TELEPORT_SENT_PLAIN = 37
 TELEPORT_SENT_COMPRESSED = 38
 TELEPORT_RECEIVED_COMPRESSED = 39
 TELEPORT_RECEIVED_PLAIN = 40
+# Messages refused for a size limit: requests over -inMaxHeaderSize or
+# -inMaxBodySize (413/431 on http, 413 or a closed connection on teleport),
+# responses over -outMaxHeaderSize or -outMaxBodySize (502).
+IN_REQUEST_TOO_LARGE = 41
+OUT_RESPONSE_TOO_LARGE = 42
 BLOCK_HEADER_WORDS = 48             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
@@ -214,9 +221,11 @@ COUNTERS = (
     ("teleportSentCompressedBytes", TELEPORT_SENT_COMPRESSED, "counter"),
     ("teleportReceivedCompressedBytes", TELEPORT_RECEIVED_COMPRESSED, "counter"),
     ("teleportReceivedPlainBytes", TELEPORT_RECEIVED_PLAIN, "counter"),
+    ("inRequestTooLarge", IN_REQUEST_TOO_LARGE, "counter"),
+    ("outResponseTooLarge", OUT_RESPONSE_TOO_LARGE, "counter"),
 )
 GAUGES = (IN_CONNS, OUT_CONNS)
-_FIRST, _LAST = IN_REQUEST_START, TELEPORT_RECEIVED_PLAIN + 1  # the slice holding every COUNTERS word
+_FIRST, _LAST = IN_REQUEST_START, OUT_RESPONSE_TOO_LARGE + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 
 

@@ -500,3 +500,13 @@ def load(host, port, *, threads=8, duration=3.0, max_requests=100000, path="/",
 
 
 from httptp.relay import Relay  # noqa: E402,F401  (shared with the demo)
+
+
+def decompress_all(dec, data: bytes) -> bytes:
+    """Feed ``data`` to a teleport ``Decompressor`` and join every slice it
+    gives (tests only: a driver checks its limits between slices)."""
+    dec.feed(data)
+    out = []
+    while plain := dec.read():
+        out.append(plain)
+    return b"".join(out)

@@ -31,14 +31,14 @@ import gevent.event
 from gevent import socket
 
 from httptp import stats as S
-from httptp.errors import MethodNotAllowed, ServiceUnavailable
+from httptp.errors import MethodNotAllowed, PayloadTooLarge, ServiceUnavailable
 from httptp.http import writer
 from httptp.http.parser import select_backend
 from httptp.certstore import offers_acme_tls
 from httptp.io.http_client import readable
 from httptp.io.http_server import ClientConnection
 from httptp.io.pipeline import Proxy
-from httptp.logs import AccessLog, error_logger
+from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
 from httptp.tls import error_text as tls_error_text
 
@@ -60,10 +60,13 @@ class Worker:
         self.slot = slot
         self.generation = generation
         self.log = error_logger(f"worker {slot}", config.log_format)
+        # refusals an operator must see, whatever -logAllErrors says: the
+        # first at once, then a count a minute (flushed by the heartbeat)
+        self.refusals = RateLimitedLog(self.log)
         self.access_log = AccessLog(config.access_log, config.log_format) if config.access_log else None
         self.parser_module = select_backend(config.http_parser)
         self.proxy = Proxy(config, stats, block, upstream_ids, self.parser_module, self.log,
-                           tls=tls, access_log=self.access_log)
+                           tls=tls, access_log=self.access_log, refusals=self.refusals)
         self.get_only = config.in_get_only
         self.log_all_errors = config.log_all_errors
         self.is_unix = listener.family == _stdsocket.AF_UNIX
@@ -87,9 +90,13 @@ class Worker:
         # teleport server does; split between the workers.
         return TeleportServer(self._teleport_request, compress=compress, delay=cfg.in_delay,
                               concurrency=self.max_conns, max_header_size=cfg.in_max_header_size,
+                              max_body_size=cfg.in_max_body_size,
                               stats=self.stats, block=self.block, log=self.log,
                               tls=self.server_tls,
-                              allow_plaintext=cfg.in_tls_allow_plaintext)
+                              allow_plaintext=cfg.in_tls_allow_plaintext,
+                              refusals=self.refusals, refused=self._teleport_refused,
+                              limit_names={"header": "-inMaxHeaderSize",
+                                           "body": "-inMaxBodySize"})
 
     def _teleport_request(self, head, body: bytes, peer: str):
         """One request from a teleport peer.  -clientIPHeader is not touched: the
@@ -98,6 +105,12 @@ class Worker:
         if self.get_only and head.method != b"GET":
             return self.proxy.answer_error(MethodNotAllowed())
         return self.proxy.answer(head, body, None, peer.encode("ascii", "replace"))
+
+    def _teleport_refused(self, head, peer: str, status: int) -> None:
+        """A teleport request httptp answered itself (413): its access-log line."""
+        if self.access_log is not None:
+            self.access_log.log(peer.encode("ascii", "replace"), head, status,
+                                len(PayloadTooLarge().payload), "", 0.0)
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -167,6 +180,7 @@ class Worker:
         stats, block = self.stats, self.block
         while True:
             stats.beat(block, time.monotonic())
+            self.refusals.flush()
             if os.getppid() != self._ppid and not self.draining:
                 self.drain()            # first: the log below may fail with the master gone
                 self.log("master went away; draining")

@@ -4,7 +4,11 @@ One ``HTTPUpstream`` per ``-out`` address per worker (https: each new
 connection does its TLS handshake right after the TCP connect, within the
 dial timeout; a failed handshake counts as ``outDialError``).  An exchange takes an idle
 pooled connection (or dials a new one), writes the whole request, and reads the
-whole response through the sans-IO ``ResponseParser``.  The caller (the
+whole response through the sans-IO ``ResponseParser``.  A response over
+``max_header_size`` or ``max_body_size`` (-outMaxHeaderSize, -outMaxBodySize;
+checked on the announced Content-Length first, then on the bytes as they come)
+raises ``ResponseTooLarge``, counted in ``outResponseTooLarge``; the connection
+is closed, so at most the limit plus one read is ever held.  The caller (the
 pipeline) bounds the exchange with ``-outTimeout``; any exception that escapes an
 exchange, the timeout included, closes the connection instead of pooling it,
 so a half-read response can never be read by the next request.
@@ -23,7 +27,7 @@ from gevent import get_hub, socket
 from gevent.lock import BoundedSemaphore
 
 from httptp import stats as S
-from httptp.errors import GatewayTimeout, ProtocolError, UpstreamError
+from httptp.errors import GatewayTimeout, ProtocolError, ResponseTooLarge, UpstreamError
 from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, ResponseHead
 from httptp.io.sockio import is_plain, recv_after_wait, send_all
@@ -83,13 +87,14 @@ class HTTPUpstream:
 
     def __init__(self, address, *, parser_module, max_header_size: int, max_conns: int,
                  idle_timeout: float, stats, block: int, tls_context=None,
-                 server_hostname: str | None = None):
+                 server_hostname: str | None = None, max_body_size: int = 64 << 20):
         self.address = address
         self._tls = tls_context            # a gevent (cooperative) SSLContext, or None
         self._server_hostname = server_hostname
         self.name = str(address)
         self._parser_module = parser_module
         self._max_header_size = max_header_size
+        self._max_body_size = max_body_size
         self._idle: list[_Conn] = []
         self._slots = BoundedSemaphore(max_conns)
         self._idle_timeout = idle_timeout
@@ -213,6 +218,8 @@ class HTTPUpstream:
             parser.start(method)
             head = None
             chunks = []
+            size = 0
+            max_body = self._max_body_size
             wait_first = conn.plain     # the upstream has not answered yet: wait, then read
             while True:
                 try:
@@ -232,14 +239,27 @@ class HTTPUpstream:
                 try:
                     events = parser.feed(data)
                 except ProtocolError as e:
+                    if e.status == 431:
+                        q[b + S.OUT_RESPONSE_TOO_LARGE] += 1
+                        raise ResponseTooLarge(
+                            f"response header block over the limit of {self._max_header_size} "
+                            "bytes (-outMaxHeaderSize)") from None
                     raise UpstreamError(f"bad response from {self.name}: {e.detail or e}",
                                         sent_nothing_back=got == 0) from None
                 for ev in events:
                     cls = ev.__class__
                     if cls is Data:
+                        size += len(ev.data)
+                        if size > max_body:
+                            self._too_large(None)
                         chunks.append(ev.data)
                     elif cls is ResponseHead:
                         head = ev
+                        announced = ev.content_length
+                        if announced is not None and announced > max_body and \
+                                method != b"HEAD" and ev.status >= 200 and \
+                                ev.status not in (204, 304):
+                            self._too_large(announced)
                     elif cls is EndOfMessage:
                         ok = head is not None and head.keep_alive
                         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -252,6 +272,15 @@ class HTTPUpstream:
                 self._put(conn)
             else:
                 self._close(conn)
+
+
+    def _too_large(self, announced: int | None):
+        """Count and raise: the body announced ``announced`` bytes (its
+        Content-Length), or grew over the limit as it came (None)."""
+        self._q[self._base + S.OUT_RESPONSE_TOO_LARGE] += 1
+        size = "" if announced is None else f"of {announced} bytes "
+        raise ResponseTooLarge(f"response body {size}is over the limit of "
+                               f"{self._max_body_size} bytes (-outMaxBodySize)")
 
 
 def readable(sock) -> bool:

@@ -14,11 +14,13 @@ import time
 
 from httptp import stats as S
 from httptp.balancer import Balancer
-from httptp.errors import BadGateway, BadRequest, GatewayTimeout, ProxyError, UpstreamError
+from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, ResponseTooLarge,
+                           UpstreamError)
 from httptp.http import policy, writer
 from httptp.io.http_client import HTTPUpstream, Response
 from httptp.io.teleport_server import Answer
 from httptp.io.timers import Deadline
+from httptp.logs import RateLimitedLog
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -45,9 +47,12 @@ class _UpstreamTimeout(Exception):
 
 class Proxy:
     def __init__(self, config, stats, block: int, upstream_ids: list[int], parser_module, log,
-                 tls=None, access_log=None):
+                 tls=None, access_log=None, refusals: RateLimitedLog | None = None):
         self.config = config
         self.log = log
+        # responses over -outMax*Size: logged whatever -logAllErrors says,
+        # rate-limited per upstream (the worker's heartbeat flushes it)
+        self.refusals = refusals if refusals is not None else RateLimitedLog(log)
         self.access_log = access_log
         # https/teleports out: the master's client context (already cooperative)
         self.tls_context = tls.client if tls is not None else None
@@ -81,11 +86,13 @@ class Proxy:
             return TeleportUpstream(addr, conns=conns, compress=BY_NAME[cfg.out_compress],
                                     delay=cfg.out_delay,
                                     max_pending=max(2, math.ceil(per_worker / conns) + 1),
-                                    max_header_size=cfg.out_max_header_size, stats=stats,
+                                    max_header_size=cfg.out_max_header_size,
+                                    max_body_size=cfg.out_max_body_size, stats=stats,
                                     block=block, log=self.log, tls_context=self.tls_context,
                                     server_hostname=self._server_name(addr))
         return HTTPUpstream(addr, parser_module=parser_module,
-                            max_header_size=cfg.out_max_header_size, max_conns=per_worker,
+                            max_header_size=cfg.out_max_header_size,
+                            max_body_size=cfg.out_max_body_size, max_conns=per_worker,
                             idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
                             tls_context=self.tls_context,
                             server_hostname=self._server_name(addr))
@@ -185,9 +192,14 @@ class Proxy:
                 try:
                     resp = upstream.exchange(method, target, headers, body, deadline, idempotent)
                 except UpstreamError as e:
-                    lease.release(False, time.monotonic() - t0)
+                    # too large: the upstream answered, it is not failing
+                    too_large = e.__class__ is ResponseTooLarge
+                    lease.release(too_large, time.monotonic() - t0)
                     tried.add(lease.index)
-                    if self._log_errors:
+                    if too_large:
+                        self.refusals.say(upstream.name, f"upstream {upstream.name}: {e}; "
+                                                         "answered 502")
+                    elif self._log_errors:
                         self.log(f"upstream {upstream.name}: {e}")
                     if (idempotent and e.sent_nothing_back and len(tried) == 1
                             and not self._single):

@@ -15,6 +15,13 @@ lazily by the first request:
   one resolves the waiter with its id; an unknown id (a request that timed
   out) is read completely and thrown away.
 
+A response over ``max_header_size`` or ``max_body_size`` (-outMaxHeaderSize,
+-outMaxBodySize) ends the link like any framing error (the stream cannot be
+trusted to stay in sync); its own call fails with ``ResponseTooLarge`` (502),
+and the refusal is counted in ``outResponseTooLarge``.  Decompression is read
+in slices, and the reader yields to other greenlets every ``YIELD_SLICES``
+slices, so a peer's bomb never holds more than one slice nor the hub for long.
+
 Any IO, codec or framing error ends the link: the socket is closed and every
 call still in the id map fails with ``UpstreamError`` (``sent_nothing_back``
 true only for calls whose bytes never reached the socket).  That is logged
@@ -45,12 +52,12 @@ from gevent import get_hub, socket
 from gevent.hub import Waiter
 
 from httptp import stats as S
-from httptp.errors import GatewayTimeout, UpstreamError
+from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.io.http_client import Response
 from httptp.io.sockio import send_all
 from httptp.io.timers import Deadline
 from httptp.netaddr import Address, parse_address
-from httptp.teleport import TeleportError
+from httptp.teleport import FrameTooLarge, TeleportError
 from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request
@@ -62,6 +69,9 @@ HANDSHAKE_TIMEOUT = 3.0     # one deadline for the whole handshake, both directi
 STICKY_FOR = 1.0            # after a failed dial/handshake, fail fast this long
 BATCH_BYTES = 65536         # Go's WriteBufferSize: this much unflushed input forces a flush
 _RECV_SIZE = 65536
+# Decompressed slices handled before the reader lets other greenlets run
+# (16 x 256 KiB: a few ms of work at most).
+YIELD_SLICES = 16
 
 
 class _Timeout(Exception):
@@ -475,9 +485,9 @@ class _Link:
                 return call.method == b"HEAD"
             return req_id in late_heads
 
-        reader = FrameReader("response", client.max_header_size, is_head)
+        reader = FrameReader("response", client.max_header_size, is_head, client.max_body_size)
         feed = reader.feed
-        decompress = decomp.decompress
+        feed_codec, read_codec = decomp.feed, decomp.read
         try:
             while True:
                 try:
@@ -495,17 +505,31 @@ class _Link:
                 if not data:
                     raise _Closed("connection closed by the server")
                 q[b + S.OUT_BYTES_READ] += len(data)
-                plain = decompress(data)
                 q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
-                q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
-                for req_id, head, body in feed(plain):
-                    call = calls.pop(req_id, None)
-                    if call is None:
-                        late_heads.discard(req_id)
-                        continue
-                    call.resolve(Response(head, body))
+                feed_codec(data)
+                slices = 0
+                while plain := read_codec():
+                    q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
+                    for req_id, head, body in feed(plain):
+                        call = calls.pop(req_id, None)
+                        if call is None:
+                            late_heads.discard(req_id)
+                            continue
+                        call.resolve(Response(head, body))
+                    slices += 1
+                    if slices == YIELD_SLICES:
+                        slices = 0
+                        gevent.sleep(0)
         except _Closed as e:
             self.fail(str(e), quiet=not calls)
+        except FrameTooLarge as e:
+            q[b + S.OUT_RESPONSE_TOO_LARGE] += 1
+            text = f"response {e} ({client.limit_names[e.what]})"
+            call = calls.pop(e.req_id, None) if e.req_id is not None else None
+            if call is not None:
+                call.reject(ResponseTooLarge(text))
+            # the refused call carries the news (the pipeline logs it, rate-limited)
+            self.fail(text, quiet=True)
         except Exception as e:
             if isinstance(e, TeleportError):
                 q[b + S.OUT_TELEPORT_ERRORS] += 1
@@ -548,9 +572,10 @@ class TeleportClient:
 
     def __init__(self, address, *, compress: int = Compress.FLATE, delay: float = 0.0,
                  max_pending: int = 1000, max_header_size: int = 4096,
-                 read_timeout: float = 120.0, write_timeout: float = 5.0,
-                 dial_timeout: float = 3.0, stats=None, block: int | None = None, log=None,
-                 tls_context=None, server_hostname: str | None = None):
+                 max_body_size: int = 64 << 20, read_timeout: float = 120.0,
+                 write_timeout: float = 5.0, dial_timeout: float = 3.0, stats=None,
+                 block: int | None = None, log=None, tls_context=None,
+                 server_hostname: str | None = None, limit_names: dict | None = None):
         if isinstance(address, str):
             address = parse_address(address, "tcp")
         self.address: Address = address
@@ -559,6 +584,9 @@ class TeleportClient:
         self.delay = delay
         self.max_pending = max_pending
         self.max_header_size = max_header_size
+        self.max_body_size = max_body_size
+        self.limit_names = limit_names or {"header": "max_header_size",
+                                           "body": "max_body_size"}
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.dial_timeout = dial_timeout

@@ -20,7 +20,8 @@ connection's greenlet.  That greenlet
      answer flag 1 ("this listener needs TLS": a client of ours reports that),
      log one line and close;
 2. starts a writer greenlet (``BatchWriter``: the same batching as the client,
-   ``-inDelay``) and becomes the reader: recv → decompress → frame requests;
+   ``-inDelay``) and becomes the reader: recv → decompress (in slices, yielding
+   to other connections every ``YIELD_SLICES`` of them) → frame requests;
 3. for each request frame runs the handler in a greenlet of its own; the
    answer is encoded with the request's id and queued to the writer, so
    responses go out in completion order.  Handler greenlets are kept for the
@@ -30,6 +31,14 @@ connection's greenlet.  That greenlet
    woken for ~1 us.  Id 0 is fire-and-forget: the handler
    runs, nothing is written.  When ``concurrency`` handlers are already running
    the request is answered at once with 429 and never reaches the handler.
+
+Size limits (``max_header_size``, ``max_body_size``: -inMaxHeaderSize and
+-inMaxBodySize in a worker) are the frame reader's: a request whose
+Content-Length is over the limit is answered 413 at once and its body skipped
+as it arrives; a header block or a chunked body over a limit closes the
+connection.  Each refusal is counted (``inRequestTooLarge``) and logged with
+the peer's address, rate-limited per peer (``refusals``), and reported to
+``refused(head, peer, status)`` when given (the worker's access log).
 
 An idle connection ends silently after ``read_timeout``.  Any IO, codec or
 framing error closes the connection; answers of handlers still running on it
@@ -49,9 +58,11 @@ from gevent.hub import Waiter
 from greenlet import greenlet as _RawGreenlet
 
 from httptp import stats as S
-from httptp.io.teleport_client import (BatchWriter, _Closed, _Timeout, counters, error_text,
-                                       read_exactly)
-from httptp.teleport import HandshakeError, TeleportError
+from httptp.errors import PayloadTooLarge
+from httptp.io.teleport_client import (YIELD_SLICES, BatchWriter, _Closed, _Timeout, counters,
+                                       error_text, read_exactly)
+from httptp.logs import RateLimitedLog
+from httptp.teleport import FrameTooLarge, HandshakeError, TeleportError
 from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_response
@@ -78,6 +89,7 @@ class Answer:
 
 
 INTERNAL_ERROR = Answer(500, b"Internal Server Error", _TEXT_PLAIN, b"internal error\n")
+_TOO_LARGE = PayloadTooLarge()
 
 
 class _Drain(Exception):
@@ -191,6 +203,12 @@ class _Conn:
             pass
         except (_stdsocket.timeout, TimeoutError, _Closed):
             self._close()
+        except FrameTooLarge as e:
+            srv = self.server
+            srv._q[srv._base + S.IN_REQUEST_TOO_LARGE] += 1
+            srv._refuse_log(self.peer, f"teleport client {self.peer}: request "
+                            f"{e} ({srv.limit_names[e.what]}); closing the connection")
+            self._close()
         except (OSError, TeleportError) as e:
             if isinstance(e, TeleportError):
                 srv = self.server
@@ -208,8 +226,8 @@ class _Conn:
         srv = self.server
         q, b = srv._q, srv._base
         sock = self.sock
-        feed = FrameReader("request", srv.max_header_size, None).feed
-        decompress = decomp.decompress
+        feed = FrameReader("request", srv.max_header_size, None, srv.max_body_size).feed
+        feed_codec, read_codec = decomp.feed, decomp.read
         dispatch = srv._dispatch
         while not self.draining:
             try:
@@ -223,19 +241,46 @@ class _Conn:
             if not data:
                 raise _Closed()
             q[b + S.IN_BYTES_READ] += len(data)
-            plain = decompress(data)
             q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
-            q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
-            for req_id, head, body in feed(plain):
-                if srv._busy >= srv.concurrency:
-                    q[b + S.IN_REQUEST_OVERLOAD] += 1
-                    if req_id:
-                        self.writer.put(encode_response(req_id, 429, b"Too Many Requests",
-                                                        _TEXT_PLAIN, srv._busy_body))
-                    continue
-                srv._busy += 1
-                self.inflight += 1
-                dispatch((self, req_id, head, body))
+            feed_codec(data)
+            slices = 0
+            while plain := read_codec():
+                q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
+                for req_id, head, body in feed(plain):
+                    if body is None:
+                        self._too_large(req_id, head)
+                        continue
+                    if srv._busy >= srv.concurrency:
+                        q[b + S.IN_REQUEST_OVERLOAD] += 1
+                        if req_id:
+                            self.writer.put(encode_response(req_id, 429, b"Too Many Requests",
+                                                            _TEXT_PLAIN, srv._busy_body))
+                        continue
+                    srv._busy += 1
+                    self.inflight += 1
+                    dispatch((self, req_id, head, body))
+                slices += 1
+                if slices == YIELD_SLICES:      # a bomb must not hold the hub
+                    slices = 0
+                    gevent.sleep(0)
+
+    def _too_large(self, req_id: int, head) -> None:
+        """A request whose Content-Length is over max_body_size: 413 now (its
+        body is being skipped by the reader)."""
+        srv = self.server
+        q, b = srv._q, srv._base
+        q[b + S.IN_REQUEST_BAD_REQUEST] += 1
+        q[b + S.IN_REQUEST_TOO_LARGE] += 1
+        srv._refuse_log(self.peer, (
+            f"teleport client {self.peer}: {head.method.decode('latin-1')} "
+            f"{head.target[:200].decode('latin-1')}: body of {head.content_length} bytes is over "
+            f"the limit of {srv.max_body_size} ({srv.limit_names['body']}); answered 413"))
+        if srv.refused is not None:
+            srv.refused(head, self.peer, 413)
+        if req_id:
+            err = _TOO_LARGE
+            self.writer.put(encode_response(req_id, err.status, err.reason.encode(),
+                                            _TEXT_PLAIN, err.payload))
 
     def _run(self, req_id: int, head, body: bytes) -> None:
         srv = self.server
@@ -294,9 +339,11 @@ class TeleportServer:
 
     def __init__(self, handler, *, compress: int | str = Compress.FLATE, delay: float = 0.0,
                  concurrency: int = 10000, max_header_size: int = 4096,
-                 read_timeout: float = 120.0, write_timeout: float = 5.0,
-                 handshake_timeout: float = 3.0, stats=None, block: int | None = None,
-                 log=None, tls=None, allow_plaintext: bool = False):
+                 max_body_size: int = 4 << 20, read_timeout: float = 120.0,
+                 write_timeout: float = 5.0, handshake_timeout: float = 3.0, stats=None,
+                 block: int | None = None, log=None, tls=None, allow_plaintext: bool = False,
+                 refusals: RateLimitedLog | None = None, refused=None,
+                 limit_names: dict | None = None):
         self.handler = handler
         self.tls = tls                    # httptp.tls.ServerTLS (teleports) or None
         self.allow_plaintext = allow_plaintext
@@ -314,6 +361,14 @@ class TeleportServer:
         self.delay = delay
         self.concurrency = concurrency
         self.max_header_size = max_header_size
+        self.max_body_size = max_body_size
+        # refusals over a limit: logged rate-limited per peer address (the
+        # owner calls refusals.flush() now and then for the counts)
+        self.refusals = refusals if refusals is not None else (
+            RateLimitedLog(log) if log is not None else None)
+        self.refused = refused            # refused(head, peer, status), e.g. an access log
+        self.limit_names = limit_names or {"header": "max_header_size",
+                                           "body": "max_body_size"}
         self.read_timeout = read_timeout
         self.write_timeout = write_timeout
         self.handshake_timeout = handshake_timeout
@@ -329,6 +384,10 @@ class TeleportServer:
     def _log(self, msg: str) -> None:
         if self.log is not None:
             self.log(msg)
+
+    def _refuse_log(self, peer: str, msg: str) -> None:
+        if self.refusals is not None:
+            self.refusals.say(peer.rsplit(":", 1)[0], msg)
 
     # -- handler greenlets ---------------------------------------------------
     def _dispatch(self, job: tuple) -> None:

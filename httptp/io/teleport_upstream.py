@@ -14,17 +14,20 @@ from __future__ import annotations
 
 from httptp.io.teleport_client import TeleportClient, least_pending
 
+_LIMIT_NAMES = {"header": "-outMaxHeaderSize", "body": "-outMaxBodySize"}
+
 
 class TeleportUpstream:
     def __init__(self, address, *, conns: int, compress: int, delay: float, max_pending: int,
-                 max_header_size: int, stats, block: int, log, tls_context=None,
-                 server_hostname: str | None = None):
+                 max_header_size: int, max_body_size: int, stats, block: int, log,
+                 tls_context=None, server_hostname: str | None = None):
         self.address = address
         self.name = str(address)
         self.clients = [
             TeleportClient(address, compress=compress, delay=delay, max_pending=max_pending,
-                           max_header_size=max_header_size, stats=stats, block=block, log=log,
-                           tls_context=tls_context, server_hostname=server_hostname)
+                           max_header_size=max_header_size, max_body_size=max_body_size,
+                           stats=stats, block=block, log=log, tls_context=tls_context,
+                           server_hostname=server_hostname, limit_names=_LIMIT_NAMES)
             for _ in range(conns)
         ]
 

@@ -36,7 +36,21 @@ class FramingError(TeleportError):
     """The decompressed stream does not frame as id + HTTP/1.1 message."""
 
 
-__all__ = ["TeleportError", "HandshakeError", "CodecError", "FramingError",
+class FrameTooLarge(FramingError):
+    """A frame is over the reader's limits: ``what`` is ``"header"`` or
+    ``"body"``, ``size`` the size announced or reached so far, ``limit`` the
+    limit, ``req_id`` the frame's id (None before its 4 bytes were read)."""
+
+    def __init__(self, what: str, size: int, limit: int, req_id: int | None = None):
+        super().__init__(f"header block over the limit of {limit} bytes" if what == "header"
+                         else f"body of {size} bytes is over the limit of {limit} bytes")
+        self.what = what
+        self.size = size
+        self.limit = limit
+        self.req_id = req_id
+
+
+__all__ = ["TeleportError", "HandshakeError", "CodecError", "FramingError", "FrameTooLarge",
            "Client", "Server"]
 
 

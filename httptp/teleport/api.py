@@ -157,6 +157,10 @@ class Client:
     for responses; every codec is understood).  ``delay``: batch requests for
     up to this many seconds to compress better (0 sends at once).
     ``max_pending``: requests in flight before ``do`` fails at once.
+    ``max_header_size``, ``max_body_size``: bytes of one response's header
+    block and body; a response over them fails its request with
+    ``UpstreamError`` (``httptp.errors.ResponseTooLarge``) and the connection
+    is closed and reopened.
     ``timeout``: default per-request timeout in seconds.  ``conns``: open this
     many connections and send each request on the least busy one (one
     connection is one CPU's worth of compression on the server).
@@ -168,8 +172,8 @@ class Client:
 
     def __init__(self, addr: str, *, compress="flate", delay: float = 0.0,
                  max_pending: int = 1000, timeout: float = 3.0, conns: int = 1,
-                 max_header_size: int = 65536, read_timeout: float = 120.0,
-                 write_timeout: float = 5.0, log=None):
+                 max_header_size: int = 65536, max_body_size: int = 64 << 20,
+                 read_timeout: float = 120.0, write_timeout: float = 5.0, log=None):
         if conns < 1:
             raise ValueError("conns must be at least 1")
         self.address = _address(addr)
@@ -178,7 +182,8 @@ class Client:
         codec = _codec(compress)
         self._clients = [
             TeleportClient(self.address, compress=codec, delay=delay, max_pending=max_pending,
-                           max_header_size=max_header_size, read_timeout=read_timeout,
+                           max_header_size=max_header_size, max_body_size=max_body_size,
+                           read_timeout=read_timeout,
                            write_timeout=write_timeout, dial_timeout=min(3.0, timeout), log=log)
             for _ in range(conns)
         ]
@@ -248,18 +253,24 @@ class Server:
 
     ``compress``: the codec of our responses, or ``"auto"`` to answer each
     client in the codec it writes with.  ``delay``: batch responses for up to
-    this many seconds.  ``concurrency``: handlers running at once, over all
+    this many seconds.  ``max_header_size``, ``max_body_size``: bytes of one
+    request's header block and body; a request whose Content-Length is over
+    ``max_body_size`` is answered 413 without calling the handler (its body is
+    skipped), anything else over a limit closes the connection.  Either is
+    logged once per peer a minute.  ``concurrency``: handlers running at once, over all
     connections; beyond it requests are answered 429 without calling the
     handler.  ``log``: a callable taking one line (default: stderr).
     """
 
     def __init__(self, handler, *, compress="flate", delay: float = 0.0,
                  concurrency: int = 10000, max_header_size: int = 65536,
-                 read_timeout: float = 120.0, write_timeout: float = 5.0, log=_stderr_log):
+                 max_body_size: int = 64 << 20, read_timeout: float = 120.0,
+                 write_timeout: float = 5.0, log=_stderr_log):
         self.handler = handler
         self._ts = TeleportServer(self._answer, compress=_codec(compress, allow_auto=True),
                                   delay=delay, concurrency=concurrency,
-                                  max_header_size=max_header_size, read_timeout=read_timeout,
+                                  max_header_size=max_header_size,
+                                  max_body_size=max_body_size, read_timeout=read_timeout,
                                   write_timeout=write_timeout, log=log)
         self.log = log
         self.address: str | None = None

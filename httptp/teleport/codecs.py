@@ -5,9 +5,30 @@ Theory of operation
 A `Compressor` lives as long as its connection: ``compress(data)`` may buffer
 and return ``b""``; ``flush()`` ends a batch, after which everything given so
 far is decodable by the peer (PROTOCOL.md §1.3, §1.6).  A `Decompressor` takes
-the peer's stream in arbitrary pieces and returns whatever plain bytes they
-complete; corrupt input raises `CodecError` and the connection is dropped.
-Compression boundaries are unrelated to frame boundaries.
+the peer's stream in arbitrary pieces (``feed``) and hands the plain bytes out
+in slices of at most about ``MAX_SLICE`` (``read``, until it returns ``b""``);
+corrupt input raises `CodecError` and the connection is dropped.  Compression
+boundaries are unrelated to frame boundaries.
+
+Bounded output
+--------------
+A peer controls the ratio: 64 KiB of flate expand to 64 MiB, of zstd or
+brotli to gigabytes.  So no call ever turns one wire read into more than one
+slice: the caller checks its limits on each slice before it asks for the next
+(and may yield to other work between slices), and a decompressor holds at most
+one read of input plus its codec's window.  How each codec is sliced:
+
+- flate: zlib's ``max_length``; the rest waits in ``unconsumed_tail``.
+- zstd: python-zstandard has no output bound, but the format does: a block
+  decodes to at most 128 KiB, and its 3-byte header tells its type and size.
+  We walk the frame and block headers and hand zstd whole blocks, no more
+  than fill a slice (RLE and raw blocks by their exact size, compressed ones
+  at 128 KiB).  The window is capped at ``ZSTD_MAX_WINDOW`` (a frame that
+  asks for more is refused: it would make us allocate it).
+- brotli: ``process(..., output_buffer_limit=...)``, then ``process(b"")``
+  until it gives nothing more (brotli 1.2 keeps undelivered output).
+- snappy: whole chunks (64 KiB of plain bytes at most each), up to a slice.
+- none: the input itself, cut into slices.
 
 Codecs (byte values in ``handshake.Compress``):
 
@@ -64,6 +85,16 @@ BROTLI_QUALITY = 5
 # golang/snappy's reader refuses any chunk longer than its buffer:
 # maxEncodedLen(65536) + 4-byte checksum.
 SNAPPY_MAX_CHUNK = 32 + SNAPPY_MAX_BLOCK + SNAPPY_MAX_BLOCK // 6 + 4
+# Plain bytes one ``read`` returns, at most (brotli may return up to twice
+# its ask, so it asks for half).  Big enough that a normal wire read (64 KiB
+# of input, one recv) is one slice at the usual ratios.
+MAX_SLICE = 256 * 1024
+# The largest zstd window we accept (8 MiB: zstd levels up to 19 use at most
+# that; our level 6 uses 2 MiB).  zstd's own default, 128 MiB, would let a
+# peer make us allocate that much for its connection.
+ZSTD_MAX_WINDOW = 1 << 23
+ZSTD_BLOCK_MAX = 128 * 1024
+_ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 
 
 class Compressor:
@@ -102,14 +133,30 @@ class _StreamCompressor(Compressor):
 
 
 class Decompressor:
-    """One direction's incoming stream (identity: the ``none`` codec)."""
+    """One direction's incoming stream (identity: the ``none`` codec).
 
-    def decompress(self, data: bytes) -> bytes:
-        """Feed compressed bytes; return the plain bytes they complete.
+    ``feed(data)`` adds compressed bytes; ``read()`` returns the next slice of
+    plain bytes (at most about ``MAX_SLICE``), ``b""`` once everything fed so
+    far is out.  Read until ``b""`` before the next feed: that is what keeps
+    the input held to one feed.  Raises CodecError on corrupt input; the
+    stream is then unusable.
+    """
 
-        Raises CodecError on corrupt input; the stream is then unusable.
-        """
-        return data
+    __slots__ = ("_in",)
+
+    def __init__(self):
+        self._in = b""
+
+    def feed(self, data: bytes) -> None:
+        self._in = self._in + data if self._in else data
+
+    def read(self) -> bytes:
+        data = self._in
+        if len(data) <= MAX_SLICE:
+            self._in = b""
+            return data
+        self._in = data[MAX_SLICE:]
+        return data[:MAX_SLICE]
 
 
 class _FlateCompressor(_StreamCompressor):
@@ -121,18 +168,34 @@ class _FlateCompressor(_StreamCompressor):
 
 
 class _FlateDecompressor(Decompressor):
-    def __init__(self):
-        self._z = zlib.decompressobj(-15)
+    __slots__ = ("_z", "_more")
 
-    def decompress(self, data: bytes) -> bytes:
-        try:
-            out = self._z.decompress(data)
-        except zlib.error as e:
-            raise CodecError(f"flate: {e}") from None
-        if self._z.eof:
-            # Go never writes a final block: a peer that does is not a teleport.
-            raise CodecError("flate: unexpected end of stream")
-        return out
+    def __init__(self):
+        super().__init__()
+        self._z = zlib.decompressobj(-15)
+        self._more = False
+
+    def feed(self, data: bytes) -> None:
+        if data:
+            self._in = self._in + data if self._in else data
+            self._more = True
+
+    def read(self) -> bytes:
+        z = self._z
+        while self._more:
+            try:
+                out = z.decompress(self._in, MAX_SLICE)
+            except zlib.error as e:
+                raise CodecError(f"flate: {e}") from None
+            if z.eof:
+                # Go never writes a final block: a peer that does is not a teleport.
+                raise CodecError("flate: unexpected end of stream")
+            self._in = z.unconsumed_tail
+            # a full slice may leave output inside zlib even with no input left
+            self._more = bool(self._in) or len(out) == MAX_SLICE
+            if out:
+                return out
+        return b""
 
 
 class _SnappyCompressor(Compressor):
@@ -163,33 +226,42 @@ class _SnappyDecompressor(Decompressor):
     """Once the identifier is seen it stays at the front of the buffer, so the
     complete chunks can go to cramjam as one valid stream without a copy."""
 
+    __slots__ = ("_unframe", "_error", "_buf", "_base")
+
     def __init__(self):
         import cramjam
+        super().__init__()
         self._unframe = cramjam.snappy.decompress
         self._error = cramjam.DecompressionError
         self._buf = bytearray()
         self._base = 0                  # 10 once the identifier is at buf[:10]
 
-    def decompress(self, data: bytes) -> bytes:
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def read(self) -> bytes:
         buf = self._buf
-        buf += data
-        end = self._complete_chunks()
-        if end == self._base:
-            return b""
-        with memoryview(buf) as view, view[:end] as chunks:
-            try:
-                out = bytes(self._unframe(chunks))
-            except self._error as e:
-                raise CodecError(str(e)) from None
-        buf[:end] = SNAPPY_STREAM_ID
-        self._base = len(SNAPPY_STREAM_ID)
-        return out
+        while True:
+            end = self._complete_chunks()
+            if end == self._base:
+                return b""
+            with memoryview(buf) as view, view[:end] as chunks:
+                try:
+                    out = bytes(self._unframe(chunks))
+                except self._error as e:
+                    raise CodecError(str(e)) from None
+            buf[:end] = SNAPPY_STREAM_ID
+            self._base = len(SNAPPY_STREAM_ID)
+            if out:
+                return out
 
     def _complete_chunks(self) -> int:
-        """Return the end offset of the complete chunks in the buffer."""
+        """The end offset of the complete chunks at the front of the buffer
+        that decode to one slice at most (at least one chunk)."""
         buf, pos, n = self._buf, self._base, len(self._buf)
         if pos == 0 and n >= 4 and buf[:4] != SNAPPY_STREAM_ID[:4]:
             raise CodecError("snappy: stream does not start with the stream identifier")
+        budget = 0
         while pos + 4 <= n:
             kind = buf[pos]
             if 0x02 <= kind <= 0x7F:
@@ -199,6 +271,11 @@ class _SnappyDecompressor(Decompressor):
                 raise CodecError(f"snappy: chunk of {size} bytes is too long")
             if pos + 4 + size > n:
                 break
+            # plain bytes it may give: 0x00 at most a block, 0x01 its data
+            out = SNAPPY_MAX_BLOCK if kind == 0x00 else size - 4 if kind == 0x01 else 0
+            if budget and budget + out > MAX_SLICE:
+                break
+            budget += out
             pos += 4 + size
         return pos
 
@@ -213,16 +290,80 @@ class _ZstdCompressor(_StreamCompressor):
 
 
 class _ZstdDecompressor(Decompressor):
+    """Whole blocks to zstd, a slice's worth at a time (module docstring).
+
+    The buffer always starts at a unit boundary: the frame header first, then
+    block after block.  The walk only decides where to cut; zstd itself checks
+    everything it is given."""
+
+    __slots__ = ("_z", "_error", "_buf", "_in_frame")
+
     def __init__(self):
         import zstandard
-        self._z = zstandard.ZstdDecompressor().decompressobj()
+        super().__init__()
+        self._z = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
         self._error = zstandard.ZstdError
+        self._buf = bytearray()
+        self._in_frame = False
 
-    def decompress(self, data: bytes) -> bytes:
-        try:
-            return self._z.decompress(data)
-        except self._error as e:
-            raise CodecError(f"zstd: {e}") from None
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def read(self) -> bytes:
+        buf = self._buf
+        while True:
+            end = self._walk()
+            if not end:
+                return b""
+            with memoryview(buf) as view, view[:end] as units:
+                try:
+                    out = self._z.decompress(units)
+                except self._error as e:
+                    raise CodecError(f"zstd: {e}") from None
+            del buf[:end]
+            if out:
+                return out
+
+    def _walk(self) -> int:
+        """Where to cut: after the frame header (if not given yet) and the
+        whole blocks that decode to one slice at most (at least one)."""
+        buf = self._buf
+        n = len(buf)
+        pos = 0
+        if not self._in_frame:
+            if n < 5:
+                return 0
+            if buf[:4] != _ZSTD_MAGIC:
+                raise CodecError("zstd: stream does not start with a zstd frame")
+            fhd = buf[4]
+            if fhd & 0x08:
+                raise CodecError("zstd: reserved bit set in the frame header")
+            single = fhd & 0x20
+            pos = (5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+                   + ((1 if single else 0), 2, 4, 8)[fhd >> 6])
+            if n < pos:
+                return 0
+            self._in_frame = True
+        budget = 0
+        while pos + 3 <= n:
+            header = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
+            if header & 1:
+                # our streams never end; a peer that ends one is not a teleport
+                raise CodecError("zstd: unexpected end of stream")
+            kind = header >> 1 & 3
+            size = header >> 3
+            if kind == 3:
+                raise CodecError("zstd: reserved block type")
+            if size > ZSTD_BLOCK_MAX:
+                raise CodecError(f"zstd: block of {size} bytes is too long")
+            if pos + 3 + (1 if kind == 1 else size) > n:
+                break
+            out = ZSTD_BLOCK_MAX if kind == 2 else size     # RLE and raw: exactly size
+            if budget and budget + out > MAX_SLICE:
+                break
+            budget += out
+            pos += 3 + (1 if kind == 1 else size)
+        return pos
 
 
 class _BrotliCompressor(_StreamCompressor):
@@ -235,30 +376,39 @@ class _BrotliCompressor(_StreamCompressor):
 
 
 class _BrotliDecompressor(Decompressor):
+    """brotli 1.2 hands out what ``output_buffer_limit`` allows (it may go
+    up to twice that) and keeps the rest: ``process(b"")`` drains it, and new
+    input may be given only once ``can_accept_more_data()``."""
+
+    __slots__ = ("_z", "_error")
+
     def __init__(self):
         import brotli
+        super().__init__()
         self._z = brotli.Decompressor()
         self._error = brotli.error
 
-    def decompress(self, data: bytes) -> bytes:
-        # brotli 1.2 returns at most ~32 KiB per process() call and keeps the
-        # rest (can_accept_more_data() stays True regardless): drain it.
-        process = self._z.process
-        try:
-            out = process(data)
+    def read(self) -> bytes:
+        z = self._z
+        while True:
+            data = b""
+            if self._in and z.can_accept_more_data():
+                data, self._in = self._in, b""
+            try:
+                out = z.process(data, output_buffer_limit=MAX_SLICE // 2)
+            except self._error as e:
+                raise CodecError(f"brotli: {e}") from None
+            if z.is_finished():
+                raise CodecError("brotli: unexpected end of stream")
             if out:
-                more = process(b"")
-                if more:
-                    parts = [out, more]
-                    while more:
-                        more = process(b"")
-                        parts.append(more)
-                    out = b"".join(parts)
-        except self._error as e:
-            raise CodecError(f"brotli: {e}") from None
-        if self._z.is_finished():
-            raise CodecError("brotli: unexpected end of stream")
-        return out
+                return out
+            if not data:
+                if self._in and not z.can_accept_more_data():
+                    # nothing out, and it still will not take input: never
+                    # seen; refuse rather than spin
+                    raise CodecError("brotli: decoder stalled")
+                if not self._in:
+                    return b""
 
 
 def compressor(c: int, level: int | None = None) -> Compressor:

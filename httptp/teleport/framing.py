@@ -29,6 +29,17 @@ The reader keeps one bytearray and an offset: the header search resumes where
 the last one stopped, bodies are sliced out once, consumed bytes are dropped
 once per ``feed``.
 
+Limits: a peer decides how much it sends, so the reader bounds what it holds
+to one header block (``max_header_size``) or one body (``max_body_size``)
+plus the feed at hand, and checks both as bytes arrive, before buffering
+them (the decompressor hands them out in slices: ``codecs``).  Over a limit:
+
+- a request body with a Content-Length: the frame comes out with body
+  ``None`` (the server answers 413 for that id) and the body is skipped as
+  it arrives, never held, so the stream stays in sync;
+- anything else (a header block, a chunked body, any response): raises
+  `FrameTooLarge`, a `FramingError`, and the connection is dropped.
+
 Header blocks repeat: a peer sends the same headers with every request or
 answer, only the Content-Length differs, and our encoders write it last.  So
 the reader remembers, per connection, what a header block without that last
@@ -47,7 +58,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 from httptp.http.events import RequestHead, ResponseHead
-from httptp.teleport import FramingError
+from httptp.teleport import FrameTooLarge, FramingError
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 _REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/(1\.[01])")
@@ -213,7 +224,8 @@ class FrameReader:
     line included (Go's ReadBufferSize: a larger block kills the connection).
     ``is_head(req_id)`` tells a client-side reader which responses answer a
     HEAD and so have no body whatever their Content-Length.
-    ``max_body_size`` (optional) bounds one body.
+    ``max_body_size`` (optional) bounds one body (module docstring: what
+    happens above it).
     """
 
     def __init__(self, kind: str, max_header_size: int,
@@ -236,14 +248,25 @@ class FrameReader:
         self._size = 0          # chunked body size so far
         self._heads: dict = {}          # header block -> _block(): see the module docstring
         self._no_body_heads: dict = {}  # the same for GET/HEAD requests
+        self._skip = 0          # bytes of a refused request body still to drop
+        self._requests = kind == "request"
 
     def feed(self, data: bytes) -> list[tuple[int, RequestHead | ResponseHead, bytes]]:
         """Add stream bytes; return the frames they complete, in order.
 
         Each frame is ``(req_id, head, body)`` with the whole (de-chunked)
-        body.  Partial data is kept for the next call.  Raises FramingError on
+        body, or body ``None`` for a request whose Content-Length is over
+        ``max_body_size`` (its body is skipped).  Partial data is kept for the
+        next call.  Raises FramingError (FrameTooLarge over a limit) on
         anything malformed; the reader is then unusable.
         """
+        if self._skip:
+            n = len(data)
+            if n <= self._skip:
+                self._skip -= n
+                return []
+            data = data[self._skip:]
+            self._skip = 0
         buf = self._buf
         buf += data
         out: list = []
@@ -275,11 +298,13 @@ class FrameReader:
         end = buf.find(b"\r\n\r\n", max(start, self._scan))
         if end < 0:
             if n - block > self._max_header:
-                raise FramingError("header block larger than the read buffer")
+                raise FrameTooLarge("header", n - block, self._max_header,
+                                    _ID.unpack_from(buf, pos)[0])
             self._scan = max(start, n - 3)
             return False
         if end + 4 - block > self._max_header:
-            raise FramingError("header block larger than the read buffer")
+            raise FrameTooLarge("header", end + 4 - block, self._max_header,
+                                _ID.unpack_from(buf, pos)[0])
         self._id = _ID.unpack_from(buf, pos)[0]
         # the head with the CRLF of its last line; the header lines start
         # after the start line's CRLF
@@ -369,7 +394,17 @@ class FrameReader:
                 return self._emit(out, b"")
             raise FramingError("response without Content-Length")
         if self._max_body is not None and content_length > self._max_body:
-            raise FramingError("body larger than allowed")
+            if not self._requests:
+                raise FrameTooLarge("body", content_length, self._max_body, self._id)
+            # refused, and skipped as it comes: the stream stays in sync
+            out.append((self._id, self._head, None))
+            self._head = None
+            self._state = self._read_head
+            pos = self._pos
+            here = min(len(self._buf) - pos, content_length)
+            self._pos = pos + here
+            self._skip = content_length - here
+            return not self._skip
         self._need = content_length
         self._state = self._read_body
         return True
@@ -400,7 +435,7 @@ class FrameReader:
             return True
         self._size += size
         if self._max_body is not None and self._size > self._max_body:
-            raise FramingError("body larger than allowed")
+            raise FrameTooLarge("body", self._size, self._max_body, self._id)
         self._need = size
         self._state = self._read_chunk_data
         return True

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpTp, Relay, Reply, UnixHTTPConnection, Upstream, get, raw_exchange
+from tests.helpers import (HttpTp, Relay, Reply, UnixHTTPConnection, Upstream, decompress_all, get,
+                           raw_exchange)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -251,7 +252,7 @@ def test_go_client_stream_replayed_into_our_teleport_server(case):
     from httptp.teleport.handshake import BY_NAME, decode
     codec, tls = decode(data[:15])
     assert codec == BY_NAME[spec["server_compress"]] and not tls
-    frames = FrameReader("response", 65536).feed(decompressor(codec).decompress(data[15:]))
+    frames = FrameReader("response", 65536).feed(decompress_all(decompressor(codec), data[15:]))
     got = {rid: (head.status, body) for rid, head, body in frames}
     want = {i + 1: (e["response"]["status"], e["response"]["body"].encode())
             for i, e in enumerate(spec["exchanges"])}

@@ -30,6 +30,7 @@ from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import Compress
+from tests.helpers import decompress_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -242,7 +243,7 @@ class FakeServer:
                 data = s.recv(65536)
                 if not data:
                     return
-                plain = dec.decompress(data)
+                plain = decompress_all(dec, data)
                 self.raw += plain
                 for req_id, head, body in reader.feed(plain):
                     self.ids.append(req_id)

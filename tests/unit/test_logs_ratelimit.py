@@ -41,3 +41,17 @@ def test_keys_are_separate_and_bounded():
     clock.t += 61
     log.flush()
     assert lines[3].endswith("(1 more in the last 60 s)")
+
+
+def test_a_call_after_the_period_says_the_count_without_a_flush():
+    lines, clock = [], Clock()
+    log = RateLimitedLog(lines.append, 60.0, clock=clock)
+    log.say("k", "over the limit")
+    log.say("k", "over the limit")
+    log.say("k", "over the limit")
+    clock.t += 61
+    log.say("k", "over the limit")
+    assert lines == ["over the limit", "over the limit (2 more in the last 60 s)"]
+    clock.t += 61
+    log.say("k", "over the limit")
+    assert lines[-1] == "over the limit"

@@ -45,7 +45,7 @@ ORIGINAL = {
 }
 OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "config": "",
         "checkConfig": "false", "inHeaderTimeout": "10s", "inIdleTimeout": "60s",
-        "outMaxFails": "3", "outFailTimeout": "5s", "outIdleTimeout": "10s",
+        "outMaxFails": "3", "outFailTimeout": "5s", "outIdleTimeout": "10s", "outMaxBodySize": "67108864",
         "inTLSAllowPlaintext": "false", "inTLSClientCA": "", "outTLSCA": "", "outTLSServerName": "",
         "outTLSInsecure": "false", "outTLSCert": "", "outTLSKey": "", "autocertHTTPAddr": ":80",
         "autocertDirectory": "https://acme-v02.api.letsencrypt.org/directory",

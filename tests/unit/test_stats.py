@@ -29,7 +29,7 @@ def test_layout_is_aligned_and_small():
 
 def test_counter_indexes_are_unique_and_inside_the_block_header():
     fields = [field for _, field, _ in st.COUNTERS]
-    assert len(set(fields)) == len(fields) == 33
+    assert len(set(fields)) == len(fields) == 35
     assert all(st.STARTED < f < st.BLOCK_HEADER_WORDS for f in fields)
     gauges = {name for name, _, kind in st.COUNTERS if kind == "gauge"}
     assert gauges == {"inConns", "outConns"}

@@ -11,6 +11,7 @@ import snappy
 from httptp.teleport import CodecError
 from httptp.teleport.codecs import SNAPPY_STREAM_ID, compressor, decompressor
 from httptp.teleport.handshake import Compress
+from tests.helpers import decompress_all
 
 ALL = list(Compress)
 
@@ -86,7 +87,7 @@ def run(c, batches, step=None, level=None):
         flushes.append(out + comp.flush())
     stream = b"".join(flushes)
     feeds = flushes if step is None else [stream[i:i + step] for i in range(0, len(stream), step)]
-    got = b"".join(dec.decompress(f) for f in feeds)
+    got = b"".join(decompress_all(dec, f) for f in feeds)
     assert got == b"".join(b"".join(b) for b in batches)
     return stream, flushes
 
@@ -146,7 +147,7 @@ def test_levels(c):
 def test_none_is_identity():
     comp, dec = compressor(Compress.NONE), decompressor(Compress.NONE)
     assert comp.compress(b"abc") == b"abc" and comp.flush() == b""
-    assert dec.decompress(b"abc") == b"abc"
+    assert decompress_all(dec, b"abc") == b"abc"
 
 
 # --- flate wire structure and interop ---------------------------------------
@@ -169,13 +170,13 @@ def test_flate_reads_a_stream_zlib_wrote():
     parts = [message(i) for i in range(20)]
     stream = b"".join(z.compress(p) + z.flush(zlib.Z_SYNC_FLUSH) for p in parts)
     dec = decompressor(Compress.FLATE)
-    assert b"".join(dec.decompress(stream[i:i + 3]) for i in range(0, len(stream), 3)) == b"".join(parts)
+    assert b"".join(decompress_all(dec, stream[i:i + 3]) for i in range(0, len(stream), 3)) == b"".join(parts)
 
 
 def test_flate_final_block_is_an_error():
     stream = zlib.compress(b"hello", 6, )[2:-4]         # strip the zlib wrapper: final block
     with pytest.raises(CodecError):
-        decompressor(Compress.FLATE).decompress(stream)
+        decompress_all(decompressor(Compress.FLATE), stream)
 
 
 # --- snappy wire structure and interop --------------------------------------
@@ -223,7 +224,7 @@ def test_snappy_reads_what_python_snappy_wrote():
     data = [message(i) for i in range(30)] + [os.urandom(100000)]
     stream = b"".join(c.compress(m) for m in data)
     dec = decompressor(Compress.SNAPPY)
-    got = b"".join(dec.decompress(stream[i:i + 7]) for i in range(0, len(stream), 7))
+    got = b"".join(decompress_all(dec, stream[i:i + 7]) for i in range(0, len(stream), 7))
     assert got == b"".join(data)
 
 
@@ -234,7 +235,7 @@ def test_snappy_skips_padding_and_skippable_chunks():
     stream = (stream[:10] + b"\xfe\x03\x00\x00pad" + stream[10:] + b"\x80\x01\x00\x00?"
               + SNAPPY_STREAM_ID + stream[10:])
     dec = decompressor(Compress.SNAPPY)
-    assert b"".join(dec.decompress(stream[i:i + 1]) for i in range(len(stream))) == b"x" * 100
+    assert b"".join(decompress_all(dec, stream[i:i + 1]) for i in range(len(stream))) == b"x" * 100
 
 
 def _snappy_stream(data: bytes) -> bytes:
@@ -246,7 +247,7 @@ def _snappy_stream(data: bytes) -> bytes:
 def test_snappy_refuses_an_oversized_chunk_before_buffering_it():
     dec = decompressor(Compress.SNAPPY)
     with pytest.raises(CodecError, match="too long"):
-        dec.decompress(SNAPPY_STREAM_ID + b"\x01\xff\xff\x0f")     # announces ~1 MiB
+        decompress_all(dec, SNAPPY_STREAM_ID + b"\x01\xff\xff\x0f")     # announces ~1 MiB
 
 
 @pytest.mark.parametrize("damage", ["crc", "payload", "noid", "reserved", "badid", "truncated_block"])
@@ -266,19 +267,19 @@ def test_snappy_corrupt(damage):
         stream = stream + b"\x00\x05\x00\x00\x00\x00\x00\x00\xff"    # compressed chunk, garbage
     dec = decompressor(Compress.SNAPPY)
     with pytest.raises(CodecError):
-        dec.decompress(bytes(stream))
+        decompress_all(dec, bytes(stream))
 
 
 def test_snappy_crc_error_in_a_later_chunk():
     dec = decompressor(Compress.SNAPPY)
     comp = compressor(Compress.SNAPPY)
     comp.compress(b"first")
-    assert dec.decompress(comp.flush()) == b"first"
+    assert decompress_all(dec, comp.flush()) == b"first"
     comp.compress(b"second")
     bad = bytearray(comp.flush())
     bad[5] ^= 0x10
     with pytest.raises(CodecError):
-        dec.decompress(bytes(bad))
+        decompress_all(dec, bytes(bad))
 
 
 # --- other corrupt streams --------------------------------------------------
@@ -288,14 +289,103 @@ def test_garbage_is_a_codec_error(c):
     with pytest.raises(CodecError):
         dec = decompressor(c)
         for _ in range(4):
-            dec.decompress(b"\xff\xfe garbage, not a stream \x00\x07" * 8)
+            decompress_all(dec, b"\xff\xfe garbage, not a stream \x00\x07" * 8)
 
 
 @pytest.mark.parametrize("c", [Compress.FLATE, Compress.ZSTD, Compress.BROTLI])
 def test_garbage_after_good_data(c):
     comp, dec = compressor(c), decompressor(c)
     comp.compress(message(1))
-    assert dec.decompress(comp.flush()) == message(1)
+    assert decompress_all(dec, comp.flush()) == message(1)
     with pytest.raises(CodecError):
         for _ in range(4):
-            dec.decompress(b"\xff\xfe\xfd garbage \x00\x07" * 8)
+            decompress_all(dec, b"\xff\xfe\xfd garbage \x00\x07" * 8)
+
+
+# --- bounded output: a bomb comes out a slice at a time ---------------------
+
+def _bomb(c, plain: int, block: int = 1 << 20) -> bytes:
+    """``plain`` zero bytes, flushed a ``block`` at a time, as a peer would."""
+    comp = compressor(c, 1 if c in (Compress.FLATE, Compress.ZSTD, Compress.BROTLI) else None)
+    zeros = bytes(block)
+    return b"".join(comp.compress(zeros) + comp.flush() for _ in range(plain // block))
+
+
+@pytest.mark.parametrize("c", ALL)
+def test_a_bomb_comes_out_in_slices(c):
+    """64 MiB of zeros in one feed: no read gives more than a slice (brotli
+    may give up to twice its ask, which is half a slice), and what is held
+    besides the slice stays small."""
+    from httptp.teleport.codecs import MAX_SLICE
+    plain = 64 << 20
+    stream = _bomb(c, plain)
+    dec = decompressor(c)
+    dec.feed(stream)
+    total = reads = 0
+    while out := dec.read():
+        assert len(out) <= MAX_SLICE
+        total += len(out)
+        reads += 1
+    assert total == plain
+    assert reads >= plain // MAX_SLICE
+
+
+@pytest.mark.parametrize("c", ALL)
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_slices_fed_in_pieces_join_to_the_whole(c, step):
+    data = [message(i) for i in range(20)] + [bytes(300000), os.urandom(70000)]
+    comp = compressor(c)
+    stream = b"".join(comp.compress(d) + comp.flush() for d in data)
+    whole = b"".join(data)
+    if step == 1:
+        stream = stream[:5000]      # a byte at a time: the front is enough
+    dec = decompressor(c)
+    got = b"".join(decompress_all(dec, stream[i:i + step]) for i in range(0, len(stream), step))
+    if step == 1:
+        assert got and whole.startswith(got)
+    else:
+        assert got == whole
+
+
+# --- zstd: the block walk ---------------------------------------------------
+
+def _zstd_head() -> bytes:
+    comp = compressor(Compress.ZSTD)
+    comp.compress(b"x")
+    return comp.flush()[:6]          # magic, descriptor 0x00, window descriptor
+
+
+@pytest.mark.parametrize("bad, match", [
+    (b"\x28\xb5\x2f\xfe\x00\x58", "zstd frame"),                  # wrong magic
+    (b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd", "zstd frame"),      # a skippable frame
+    (b"\x28\xb5\x2f\xfd\x08\x58", "reserved bit"),
+    (b"\x28\xb5\x2f\xfd\x00\x58" + b"\x01\x00\x00", "end of stream"),        # last block
+    (b"\x28\xb5\x2f\xfd\x00\x58" + b"\x06\x00\x00", "reserved block"),       # type 3
+    (b"\x28\xb5\x2f\xfd\x00\x58" + (((128 * 1024 + 1) << 3) | 2).to_bytes(3, "little"),
+     "too long"),
+])
+def test_zstd_walk_refuses(bad, match):
+    with pytest.raises(CodecError, match=match):
+        decompress_all(decompressor(Compress.ZSTD), bad)
+
+
+def test_zstd_refuses_a_window_over_the_cap():
+    import zstandard
+    from httptp.teleport.codecs import ZSTD_MAX_WINDOW
+    params = zstandard.ZstdCompressionParameters(window_log=ZSTD_MAX_WINDOW.bit_length())
+    c = zstandard.ZstdCompressor(compression_params=params).compressobj()
+    stream = c.compress(b"y" * 1000) + c.flush(zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+    with pytest.raises(CodecError, match="too much memory"):
+        decompress_all(decompressor(Compress.ZSTD), stream)
+
+
+def test_zstd_rle_blocks_are_sliced_by_their_size():
+    """RLE blocks: 4 bytes each on the wire, 128 KiB out: a slice takes two."""
+    rle = ((128 * 1024) << 3 | 1 << 1).to_bytes(3, "little") + b"z"
+    dec = decompressor(Compress.ZSTD)
+    dec.feed(_zstd_head() + rle * 10)
+    sizes = []
+    while out := dec.read():
+        assert set(out) == {ord("z")}
+        sizes.append(len(out))
+    assert sizes == [256 * 1024] * 5

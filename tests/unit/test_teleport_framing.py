@@ -3,7 +3,7 @@
 import pytest
 
 from httptp.http.events import RequestHead, ResponseHead
-from httptp.teleport import FramingError, TeleportError
+from httptp.teleport import FrameTooLarge, FramingError, TeleportError
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import Compress, encode
 
@@ -220,12 +220,97 @@ def test_header_block_limit():
         read("request", frame(1, b"GET / HTTP/1.1\r\nX: " + b"a" * 200), 10, max_header_size=100)
 
 
-def test_max_body_size():
-    with pytest.raises(FramingError):
-        read("request", frame(1, b"POST / HTTP/1.1\r\nContent-Length: 11\r\n\r\n"), max_body_size=10)
-    chunked = frame(1, b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n6\r\n123456\r\n6\r\n")
-    with pytest.raises(FramingError):
-        read("request", chunked, max_body_size=10)
+# --- limits: one byte under and one byte over each ----------------------------
+
+LIMIT = 100
+
+
+def post(req_id: int, body: bytes, host=b"h") -> bytes:
+    return frame(req_id, b"POST /p HTTP/1.1\r\nHost: " + host + b"\r\nContent-Length: %d\r\n\r\n"
+                 % len(body) + body)
+
+
+def chunked(req_id: int, sizes, kind=b"POST /p HTTP/1.1\r\nHost: h") -> bytes:
+    body = b"".join(b"%x\r\n%s\r\n" % (n, b"c" * n) for n in sizes)
+    return frame(req_id, kind + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + body + b"0\r\n\r\n")
+
+
+def response(req_id: int, body: bytes) -> bytes:
+    return frame(req_id, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 7])
+def test_request_body_at_the_limit_is_read(pieces):
+    [(rid, head, body)] = read("request", post(1, b"b" * LIMIT), pieces, max_body_size=LIMIT)
+    assert rid == 1 and body == b"b" * LIMIT
+    [(rid, head, body)] = read("request", chunked(2, [60, 40]), pieces, max_body_size=LIMIT)
+    assert body == b"c" * LIMIT
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 7, 64])
+def test_request_body_over_the_limit_is_refused_and_skipped_in_sync(pieces):
+    """A Content-Length one byte over: the frame comes out with body None,
+    its bytes are skipped, and the frames around it are read as usual."""
+    stream = post(1, b"a" * 5) + post(2, b"x" * (LIMIT + 1)) + post(3, b"b" * 7)
+    frames = read("request", stream, pieces, max_body_size=LIMIT)
+    assert [(rid, body) for rid, _, body in frames] == [(1, b"a" * 5), (2, None), (3, b"b" * 7)]
+    refused = frames[1][1]
+    assert refused.method == b"POST" and refused.content_length == LIMIT + 1
+
+
+def test_a_skipped_body_is_never_held():
+    """2 GB announced, fed a MiB at a time: the reader holds nothing of it."""
+    r = FrameReader("request", MAX, max_body_size=LIMIT)
+    out = r.feed(frame(1, b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 2000000000\r\n\r\n"))
+    assert [(rid, body) for rid, _, body in out] == [(1, None)]
+    zeros = bytes(1 << 20)
+    for _ in range(64):
+        assert r.feed(zeros) == []
+        assert len(r._buf) == 0
+    assert r._skip == 2_000_000_000 - 64 * len(zeros)
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 7])
+def test_chunked_request_over_the_limit_closes(pieces):
+    with pytest.raises(FrameTooLarge) as e:
+        read("request", chunked(4, [60, 41]), pieces, max_body_size=LIMIT)
+    assert (e.value.what, e.value.req_id, e.value.limit) == ("body", 4, LIMIT)
+    assert isinstance(e.value, FramingError)
+
+
+@pytest.mark.parametrize("pieces", [None, 1, 7])
+def test_response_body_limit(pieces):
+    [(rid, _, body)] = read("response", response(5, b"r" * LIMIT), pieces, max_body_size=LIMIT)
+    assert body == b"r" * LIMIT
+    with pytest.raises(FrameTooLarge) as e:
+        read("response", response(5, b"r" * (LIMIT + 1)), pieces, max_body_size=LIMIT)
+    assert (e.value.what, e.value.req_id, e.value.size) == ("body", 5, LIMIT + 1)
+    chunked_response = chunked(6, [LIMIT, 1], kind=b"HTTP/1.1 200 OK")
+    with pytest.raises(FrameTooLarge) as e:
+        read("response", chunked_response, pieces, max_body_size=LIMIT)
+    assert e.value.req_id == 6
+
+
+@pytest.mark.parametrize("kind", ["request", "response"])
+@pytest.mark.parametrize("pieces", [None, 1, 5])
+def test_header_block_one_byte_under_and_over(kind, pieces):
+    start = b"GET / HTTP/1.1" if kind == "request" else b"HTTP/1.1 204 No Content"
+    head = start + b"\r\nHost: h\r\nX-Pad: "
+    head += b"p" * (LIMIT - len(head) - 4) + b"\r\n\r\n"
+    assert len(head) == LIMIT
+    assert len(read(kind, frame(9, head), pieces, max_header_size=LIMIT)) == 1
+    with pytest.raises(FrameTooLarge) as e:
+        read(kind, frame(9, head), pieces, max_header_size=LIMIT - 1)
+    assert (e.value.what, e.value.req_id) == ("header", 9)
+
+
+def test_a_head_that_never_ends_fails_at_the_limit_without_growing():
+    r = FrameReader("request", LIMIT)
+    r.feed(frame(3, b"GET / HTTP/1.1\r\nX: "))
+    with pytest.raises(FrameTooLarge):
+        for _ in range(LIMIT):
+            r.feed(b"a")
+    assert len(r._buf) <= LIMIT + 4 + 6
 
 
 @pytest.mark.parametrize("msg", [

@@ -13,6 +13,7 @@ import snappy
 from httptp.teleport import codecs, handshake
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import HEADER_SIZE, Compress
+from tests.helpers import decompress_all
 from tests.unit.test_teleport_codecs import masked_crc32c, snappy_chunks
 
 _CANDIDATES = [Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "teleport-go",
@@ -52,7 +53,7 @@ def split_handshake(case, direction):
 
 def decompress(codec, stream, step):
     dec = codecs.decompressor(codec)
-    return b"".join(dec.decompress(stream[i:i + step]) for i in range(0, len(stream), step))
+    return b"".join(decompress_all(dec, stream[i:i + step]) for i in range(0, len(stream), step))
 
 
 def frames_of(kind, plain, step=4096):
