@@ -31,7 +31,7 @@ means a worker can never load a new certificate with an old key.
 
 Challenges: HTTP-01 is answered by ``ChallengeHTTPServer`` on the
 ``-autocertHTTPAddr`` socket the master bound (tokens in memory; every other
-request is redirected to https).  TLS-ALPN-01 (RFC 8737; certbot's ``acme``
+GET or HEAD is redirected to https, other methods get 400).  TLS-ALPN-01 (RFC 8737; certbot's ``acme``
 package dropped it, so ``tls_alpn_01_certificate`` builds the certificate with
 ``cryptography``) is published as ``acme+tls-alpn-01/<host>`` for the workers
 to serve to clients that offer ALPN ``acme-tls/1``.  HTTP-01 is tried first
@@ -203,6 +203,7 @@ def _register_tls_alpn_01():
 # -- HTTP-01 server -----------------------------------------------------------------
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+MAX_DISCARD = 65536            # request body read (and dropped) before a 400
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -216,6 +217,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._answer(body=False)
+
+    def __getattr__(self, name: str):
+        # The base class answers 501 for a method without a do_<METHOD>; every
+        # method but GET and HEAD is refused here instead.
+        if name.startswith("do_"):
+            return self._refuse
+        raise AttributeError(name)
+
+    def _refuse(self) -> None:
+        """400 "use https", as Go's autocert answers: a redirect would turn a POST
+        into a GET (301, 302) or, with 308, seem to work while the client keeps
+        sending its bodies in the clear first."""
+        self._discard_body()
+        self._send(400, b"use https\n", body=True)
+
+    def _discard_body(self) -> None:
+        """Read a small body, so that closing the connection with it unread does
+        not reset it before the client has read the answer."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= MAX_DISCARD:
+            self.rfile.read(length)
 
     def _answer(self, body: bool) -> None:
         target = self.path
@@ -261,7 +286,8 @@ def _strip_port(host: str) -> str:
 
 
 class ChallengeHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """HTTP-01 answers and redirects to https, on a socket bound by the master.
+    """HTTP-01 answers, redirects of GET and HEAD to https (301) and 400 for
+    other methods, on a socket bound by the master.
 
     One thread per connection, at most ``max_connections`` at once (more are
     closed at once), each with a 10 s socket timeout.

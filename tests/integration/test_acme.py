@@ -201,7 +201,7 @@ def test_http01_order_validated_by_pebble_against_our_http01_server(tmp_path, pe
         sock.close()
 
 
-def test_http01_server_redirects_everything_else_to_https(tmp_path):
+def test_http01_server_redirects_get_and_refuses_other_methods(tmp_path):
     sock = _listen()
     server = hacme.ChallengeHTTPServer(sock, https_port=8443)
     server.tokens["tok123"] = "tok123.thumb"
@@ -220,9 +220,23 @@ def test_http01_server_redirects_everything_else_to_https(tmp_path):
         r = conn.getresponse()
         assert r.status == 301
         assert r.getheader("Location") == "https://a.example:8443/some/path?q=1"
+        # other methods are refused, not redirected (as Go's autocert does)
+        for method in ("POST", "PUT", "OPTIONS", "PROPFIND"):
+            assert _http01_request(port, method, "/form") == (400, b"use https\n", None)
     finally:
         server.shutdown()
         sock.close()
+
+
+def _http01_request(port: int, method: str, path: str, host: str = "a.example"):
+    """(status, body, Location) of one request with a small body on the HTTP-01 port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=b"user=ops&secret=x", headers={"Host": host})
+        r = conn.getresponse()
+        return r.status, r.read(), r.getheader("Location")
+    finally:
+        conn.close()
 
 
 def test_tls_alpn01_order_validated_by_pebble(tmp_path, pebble_factory):
@@ -386,9 +400,12 @@ def _https_get(port: int, host: str, root_pem: bytes, timeout: float = 10.0):
 
 
 def _autocert_args(cache, pebble, https_port, http_port, *extra):
+    """httptp's autocert flags; ``pebble`` None: a directory URL where nothing listens."""
+    directory = pebble.directory if pebble else f"https://127.0.0.1:{free_port()}/dir"
+    ca = (f"-autocertDirectoryCA={pebble.ca_file}",) if pebble else ()
     return (f"-in=127.0.0.1:{https_port}", "-inType=https",
-            f"-autocertCacheDir={cache}", f"-autocertDirectory={pebble.directory}",
-            f"-autocertDirectoryCA={pebble.ca_file}", f"-autocertHTTPAddr=127.0.0.1:{http_port}",
+            f"-autocertCacheDir={cache}", f"-autocertDirectory={directory}", *ca,
+            f"-autocertHTTPAddr=127.0.0.1:{http_port}",
             r"-autocertHostRegexp=\.test-e2e\.example$", *extra)
 
 
@@ -465,6 +482,20 @@ def test_httptp_obtains_through_tls_alpn_01(tmp_path, pebble_factory):
             assert "Traceback" not in p.output
     finally:
         up.close()
+
+
+def test_http01_port_redirects_get_and_refuses_post(tmp_path):
+    """The real command's HTTP-01 port: GET is redirected to https, a POST is
+    refused with 400 (a redirect would lose its body or resend it), not 501."""
+    https_port, http_port = free_port(), free_port()
+    args = _autocert_args(tmp_path / "cache", None, https_port, http_port)
+    with HttpTp(*args, "-out=127.0.0.1:9", "-outType=http", workers=1) as p:
+        wait_for(lambda: "answering HTTP-01" in p.output, 15, what="the HTTP-01 server")
+        host = "site.test-e2e.example"
+        assert _http01_request(http_port, "GET", "/x?y=1", host) == \
+            (301, b"use https\n", f"https://{host}:{https_port}/x?y=1")
+        assert _http01_request(http_port, "POST", "/form", host) == (400, b"use https\n", None)
+        assert "Traceback" not in p.output
 
 
 # -- the master's ACME helper (stub workers: no TLS wiring needed) ------------------------
