@@ -21,7 +21,13 @@ for one host), and the renewals.  ``AcmeManager.run()`` loops:
   ``check_interval``);
 - a failed order is retried with a per-host exponential back-off
   (``BACKOFF_FIRST`` doubling up to ``BACKOFF_MAX``); the old certificate, if
-  any, keeps being served meanwhile.
+  any, keeps being served meanwhile.  A host without one is published in
+  ``acme+failed/<host>`` for exactly its back-off (the loop removes the file
+  when the back-off ends): meanwhile the workers fail its handshakes at once
+  instead of waiting for a certificate that is not coming.  Its request is
+  used up, and the next order comes from the first handshake after the
+  back-off (as Go's autocert does), so a name nobody asks for again is not
+  ordered again.
 
 Certificates are written atomically (temp file + rename) as ONE file per host,
 ``<cacheDir>/<host>``: the private key (PEM ``EC PRIVATE KEY``) followed by the
@@ -31,7 +37,7 @@ means a worker can never load a new certificate with an old key.
 
 Challenges: HTTP-01 is answered by ``ChallengeHTTPServer`` on the
 ``-autocertHTTPAddr`` socket the master bound (tokens in memory; every other
-request is redirected to https).  TLS-ALPN-01 (RFC 8737; certbot's ``acme``
+GET or HEAD is redirected to https, other methods get 400).  TLS-ALPN-01 (RFC 8737; certbot's ``acme``
 package dropped it, so ``tls_alpn_01_certificate`` builds the certificate with
 ``cryptography``) is published as ``acme+tls-alpn-01/<host>`` for the workers
 to serve to clients that offer ALPN ``acme-tls/1``.  HTTP-01 is tried first
@@ -44,6 +50,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import http.server
+import json
 import os
 import re
 import signal
@@ -61,8 +68,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from httptp.certstore import (ACCOUNT_KEY, ACME_TLS_ALPN, ALPN_DIR, HELPER_SOCKET,  # noqa: F401
-                              REQUESTS_DIR, normalize_host)
+from httptp.certstore import (ACCOUNT_KEY, ACME_TLS_ALPN, ALPN_DIR, FAILED_DIR,  # noqa: F401
+                              HELPER_SOCKET, REQUESTS_DIR, normalize_host)
 
 # -- cache directory layout (shared with httptp.certstore) ----------------------
 
@@ -203,6 +210,7 @@ def _register_tls_alpn_01():
 # -- HTTP-01 server -----------------------------------------------------------------
 
 CHALLENGE_PREFIX = "/.well-known/acme-challenge/"
+MAX_DISCARD = 65536            # request body read (and dropped) before a 400
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -216,6 +224,30 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:
         self._answer(body=False)
+
+    def __getattr__(self, name: str):
+        # The base class answers 501 for a method without a do_<METHOD>; every
+        # method but GET and HEAD is refused here instead.
+        if name.startswith("do_"):
+            return self._refuse
+        raise AttributeError(name)
+
+    def _refuse(self) -> None:
+        """400 "use https", as Go's autocert answers: a redirect would turn a POST
+        into a GET (301, 302) or, with 308, seem to work while the client keeps
+        sending its bodies in the clear first."""
+        self._discard_body()
+        self._send(400, b"use https\n", body=True)
+
+    def _discard_body(self) -> None:
+        """Read a small body, so that closing the connection with it unread does
+        not reset it before the client has read the answer."""
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            return
+        if 0 < length <= MAX_DISCARD:
+            self.rfile.read(length)
 
     def _answer(self, body: bool) -> None:
         target = self.path
@@ -261,7 +293,8 @@ def _strip_port(host: str) -> str:
 
 
 class ChallengeHTTPServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
-    """HTTP-01 answers and redirects to https, on a socket bound by the master.
+    """HTTP-01 answers, redirects of GET and HEAD to https (301) and 400 for
+    other methods, on a socket bound by the master.
 
     One thread per connection, at most ``max_connections`` at once (more are
     closed at once), each with a 10 s socket timeout.
@@ -348,12 +381,15 @@ class AcmeManager:
         self._retry_at: dict[str, float] = {}       # host → monotonic time of the next try
         self._obtained_at: dict[str, float] = {}    # host → monotonic time of the last success
         self._warned_window: set[str] = set()
+        self._published: set[str] = set()           # hosts with an acme+failed/<host>
         self._wake: socket.socket | None = None
         self._stop = threading.Event()
         ensure_dir(cache_dir)
         ensure_dir(os.path.join(cache_dir, REQUESTS_DIR))
         ensure_dir(os.path.join(cache_dir, ALPN_DIR))
+        ensure_dir(os.path.join(cache_dir, FAILED_DIR))
         self._remove_temp_files()
+        self._clear_failures()       # our back-off starts empty: so do the workers'
 
     # -- account ------------------------------------------------------------------
 
@@ -508,9 +544,9 @@ class AcmeManager:
 
     def attempt(self, host: str) -> bool:
         """One order for ``host`` unless it is backing off; True on success."""
-        now = time.monotonic()
-        if now < self._retry_at.get(host, 0.0):
+        if self.backing_off(host):
             return False
+        self._withdraw_failure(host)            # an order runs: handshakes wait for it
         failures = self._failures.get(host, 0)
         types = self.challenges[failures % len(self.challenges):] + \
             self.challenges[:failures % len(self.challenges)]
@@ -521,10 +557,12 @@ class AcmeManager:
             self._failures[host] = failures
             delay = min(self.backoff_first * 2 ** (failures - 1), self.backoff_max)
             self._retry_at[host] = time.monotonic() + delay
+            serving = read_bundle(self.cert_path(host)) is not None
             self.log(f"order for {host} failed ({failures} in a row): {_one_line(err)}; "
                      f"retrying in {delay:g} s" +
-                     ("; the current certificate keeps serving"
-                      if read_bundle(self.cert_path(host)) else ""))
+                     ("; the current certificate keeps serving" if serving else ""))
+            if not serving:
+                self._publish_failure(host, failures, delay, err)
             if _is_account_problem(err):
                 self._client = None
             return False
@@ -532,19 +570,68 @@ class AcmeManager:
         self._retry_at.pop(host, None)
         return True
 
+    def backing_off(self, host: str) -> bool:
+        return time.monotonic() < self._retry_at.get(host, 0.0)
+
+    def _failure_path(self, host: str) -> str:
+        return os.path.join(self.cache_dir, FAILED_DIR, host)
+
+    def _publish_failure(self, host: str, failures: int, delay: float, err: Exception) -> None:
+        """``acme+failed/<host>`` for the workers (``httptp.certstore``): while
+        it exists, handshakes for ``host`` fail at once.  ``retry_at`` (wall
+        clock) is for their log line only: ``expire_failures`` removes the file
+        when the back-off ends, on this process's monotonic clock."""
+        record = {"retry_at": time.time() + delay, "failures": failures,
+                  "error": _one_line(err)[:500]}
+        try:
+            write_atomic(self._failure_path(host), json.dumps(record).encode("utf-8"))
+        except OSError as e:
+            self.log(f"cannot publish the failure for {host} ({e}); "
+                     "its handshakes wait for a certificate instead of failing at once")
+            return
+        self._published.add(host)
+
+    def _withdraw_failure(self, host: str) -> None:
+        self._published.discard(host)
+        _unlink(self._failure_path(host))
+
+    def expire_failures(self) -> float:
+        """Withdraw the failures whose back-off has ended (the next handshake
+        asks again); seconds until the next one ends."""
+        next_in = CHECK_INTERVAL
+        for host in list(self._published):
+            left = self._retry_at.get(host, 0.0) - time.monotonic()
+            if left <= 0:
+                self._withdraw_failure(host)
+            else:
+                next_in = min(next_in, left)
+        return next_in
+
+    def _clear_failures(self) -> None:
+        self._published.clear()
+        try:
+            entries = list(os.scandir(os.path.join(self.cache_dir, FAILED_DIR)))
+        except FileNotFoundError:
+            return
+        for entry in entries:
+            _unlink(entry.path)
+
     def serve_requests(self) -> float:
-        """Order for the hosts workers asked for; seconds until a retry is due."""
-        next_in = REQUEST_SCAN
+        """Order for the hosts workers asked for; seconds until the next look.
+
+        A request is used up by the order, failed or not: during the back-off
+        the workers fail the host's handshakes themselves, and the first one
+        after it asks again.  (A request that comes during the back-off anyway,
+        from a worker that had not seen the failure yet, is dropped too: that
+        worker sees the failure while it waits.)
+        """
         for host in self.requested_hosts():
             if self._stop.is_set():
                 break
-            if read_bundle(self.cert_path(host)) is None:
+            if read_bundle(self.cert_path(host)) is None and not self.backing_off(host):
                 self.attempt(host)
-            if read_bundle(self.cert_path(host)) is not None:
-                _unlink(os.path.join(self.cache_dir, REQUESTS_DIR, host))
-            else:
-                next_in = min(next_in, max(0.5, self._retry_at.get(host, 0) - time.monotonic()))
-        return next_in
+            _unlink(os.path.join(self.cache_dir, REQUESTS_DIR, host))
+        return REQUEST_SCAN
 
     def check_renewals(self) -> float:
         """Renew the cached certificates that are due; seconds until the next check."""
@@ -565,7 +652,7 @@ class AcmeManager:
 
     def run_once(self) -> float:
         """Serve the requests and the due renewals; seconds until the next work."""
-        return min(self.serve_requests(), self.check_renewals())
+        return min(self.serve_requests(), self.check_renewals(), self.expire_failures())
 
     # -- loop -----------------------------------------------------------------------------
 
@@ -592,6 +679,7 @@ class AcmeManager:
                     wait = self.serve_requests()
                     if time.monotonic() >= renew_at:
                         renew_at = time.monotonic() + self.check_renewals()
+                    wait = min(wait, self.expire_failures())   # last: this pass's failures too
                 except Exception as err:                  # noqa: BLE001 - keep the helper up
                     self.log(f"error: {_one_line(err)}")
                     wait = 5.0
@@ -601,6 +689,7 @@ class AcmeManager:
             if self._wake is not None:
                 self._wake.close()
                 _unlink(os.path.join(self.cache_dir, HELPER_SOCKET))
+            self._clear_failures()    # nobody backs off now: workers ask (and wait) again
 
     def _sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds

@@ -6,6 +6,18 @@ by creating ``acme+requests/<host>`` and sending ``<host>`` as a datagram to
 ``acme+helper.sock`` (best effort; the helper also looks at the request
 directory every few seconds).
 
+When the order for a host without a certificate fails, the helper writes
+``acme+failed/<host>`` (JSON: ``retry_at``, wall-clock end of the back-off;
+``failures`` in a row; ``error``, one line) and removes it when the back-off
+ends (the helper's own clock decides: ``retry_at`` only goes into our log
+line, so a step of the wall clock changes nothing).  While it exists, a
+handshake for that host fails at once, with the alert of a host without a
+certificate, and a log line rate-limited per host
+(``httptp.logs.RateLimitedLog``; ``flush_logs()`` from the heartbeat).  The
+store remembers the failure and looks at the file at most once a second, so
+the handshakes it refuses make no system call; the first one after the file
+is gone asks the helper again.
+
 Cache directory layout (mode 0700; every file 0600)::
 
     <cacheDir>/acme_account+key          ACME account key (PEM EC P-256)
@@ -14,6 +26,9 @@ Cache directory layout (mode 0700; every file 0600)::
     <cacheDir>/acme+requests/<host>      empty: a worker asks for <host>
     <cacheDir>/acme+tls-alpn-01/<host>   RFC 8737 challenge key + certificate,
                                          present only during a TLS-ALPN-01 validation
+    <cacheDir>/acme+failed/<host>        the last order for <host> (no certificate)
+                                         failed: handshakes fail while it exists
+                                         (the helper's back-off)
     <cacheDir>/acme+helper.sock          the helper's wake-up datagram socket
 
 ``<host>`` is always a lower-case DNS name (letters, digits, '-', '.'), so no
@@ -23,6 +38,7 @@ host is Go's ``autocert.DirCache`` layout.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -31,14 +47,18 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from httptp.logs import RateLimitedLog
+
 ACCOUNT_KEY = "acme_account+key"
 REQUESTS_DIR = "acme+requests"
 ALPN_DIR = "acme+tls-alpn-01"
+FAILED_DIR = "acme+failed"
 HELPER_SOCKET = "acme+helper.sock"
 ACME_TLS_ALPN = "acme-tls/1"
 
 RECHECK = 1.0            # look at a host's file at most this often
 POLL = 0.1               # while waiting for a new certificate
+MAX_FAILED = 1024        # failed orders remembered; beyond, all are forgotten (and re-read)
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -66,6 +86,16 @@ class _Entry:
     checked: float               # monotonic time of the last stat
 
 
+@dataclass
+class _Failure:
+    """``acme+failed/<host>`` as last read."""
+    retry_at: float              # wall-clock time the helper's back-off ends (for the log)
+    failures: int                # failed orders in a row
+    error: str                   # why the last one failed, one line
+    stamp: tuple                 # (mtime_ns, inode, size) of the file
+    checked: float               # monotonic time of the last stat
+
+
 class AutocertStore:
     """Contexts for autocert hosts, loaded from (and reloaded when) the cache changes.
 
@@ -73,7 +103,9 @@ class AutocertStore:
     are the same key+chain file).  ``sleep(seconds)`` is how ``context_for``
     waits for a new certificate: pass ``gevent.sleep`` in a worker so that
     other connections keep being served.  ``log(message)`` gets one line per
-    problem (a file that cannot be loaded, a request that timed out).
+    problem (a file that cannot be loaded, a request that timed out), and the
+    refusals of hosts whose order failed, rate-limited per host: call
+    ``flush_logs()`` every second or so.
     """
 
     def __init__(self, cache_dir: str, host_regexp: str, *,
@@ -89,20 +121,29 @@ class AutocertStore:
         self._entries: dict[str, _Entry] = {}
         self._challenges: dict[str, _Entry] = {}
         self._requested: dict[str, float] = {}     # host → monotonic time we last asked
+        self._failed: dict[str, _Failure] = {}     # host → its failed order, as last read
+        self._refusals = RateLimitedLog(self.log)
 
     # -- certificates ----------------------------------------------------------------
 
     def context_for(self, host: str) -> ssl.SSLContext | None:
-        """The context for ``host`` (SNI), or None: not an autocert host, or no
-        certificate came within ``request_timeout``.
+        """The context for ``host`` (SNI), or None: not an autocert host, its
+        order failed (the helper's back-off runs), or no certificate came
+        within ``request_timeout``.
 
         Cheap when the certificate is known (a dict lookup, a ``stat`` at most
-        once a second).  For a matching host without a certificate it asks the
-        helper and waits, calling ``sleep``.
+        once a second), and when its order failed (the same).  For a matching
+        host without either it asks the helper and waits, calling ``sleep``,
+        until a certificate or a failure comes.
         """
         name = normalize_host(host)
         if name is None or self.host_regexp.search(name) is None:
             return None
+        if name in self._entries:
+            return self._cached(name)       # a certificate is loaded: never None
+        failure = self._failure(name)
+        if failure is not None:
+            return self._refuse(name, failure)
         context = self._cached(name)
         if context is not None:
             return context
@@ -113,8 +154,15 @@ class AutocertStore:
             context = self._cached(name, force=True)
             if context is not None:
                 return context
+            failure = self._failure(name, force=True)
+            if failure is not None:
+                return self._refuse(name, failure)
         self.log(f"autocert: no certificate for {name} after {self.request_timeout:g} s")
         return None
+
+    def flush_logs(self) -> None:
+        """Log the counts of refusals (call it every second or so: a heartbeat)."""
+        self._refusals.flush()
 
     def _cached(self, name: str, force: bool = False) -> ssl.SSLContext | None:
         entry = self._entries.get(name)
@@ -143,6 +191,51 @@ class AutocertStore:
             return None
         self._entries[name] = _Entry(context, stamp, now)
         return context
+
+    # -- failed orders -------------------------------------------------------------------
+
+    def _failure(self, name: str, force: bool = False) -> _Failure | None:
+        """``name``'s failed order while the helper's back-off runs, else None.
+
+        From memory; the file is looked at (a ``stat``, and a read when it
+        changed) at most once a second, or at every call with ``force``."""
+        failure = self._failed.get(name)
+        now = time.monotonic()
+        if failure is None or force or now - failure.checked >= RECHECK:
+            failure = self._read_failure(name, failure, now)
+        return failure
+
+    def _read_failure(self, name: str, known: _Failure | None, now: float) -> _Failure | None:
+        path = os.path.join(self.cache_dir, FAILED_DIR, name)
+        stamp = _stamp(path)
+        if stamp is None:
+            self._failed.pop(name, None)
+            return None
+        if known is not None and known.stamp == stamp:
+            known.checked = now
+            return known
+        try:
+            with open(path, "rb") as f:
+                record = json.loads(f.read())
+            failure = _Failure(float(record["retry_at"]), int(record["failures"]),
+                               str(record["error"]), stamp, now)
+        except (OSError, ValueError, KeyError, TypeError):
+            self._failed.pop(name, None)      # gone meanwhile, or not the helper's
+            return None
+        if len(self._failed) >= MAX_FAILED:
+            self._failed.clear()      # hosts nobody asked for again: read again if asked
+        self._failed[name] = failure
+        return failure
+
+    def _refuse(self, name: str, failure: _Failure) -> None:
+        """The handshake fails (no certificate: the default context has none)."""
+        until = time.strftime("%H:%M:%S", time.gmtime(failure.retry_at))
+        self._refusals.say(name, f"autocert: TLS handshakes for {name} fail until {until} UTC: "
+                                 f"its certificate order failed ({failure.failures} in a row): "
+                                 f"{failure.error}")
+        return None
+
+    # -- asking the helper ----------------------------------------------------------------
 
     def _request(self, name: str) -> None:
         """Ask the helper for ``name``: a request file, then a wake-up datagram."""

@@ -361,8 +361,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("autocertHostRegexp", parse_regexp, "^.*$", section="TLS",
       help="Regexp the SNI host name must match to get an autocert certificate"),
     S("autocertHTTPAddr", parse_string, ":80", section="TLS", ours=True, reloadable=False,
-      help="Address answering ACME HTTP-01 challenges (and redirecting other requests to "
-           "https) when autocert is on; empty disables HTTP-01"),
+      help="Address answering ACME HTTP-01 challenges when autocert is on (other GET and "
+           "HEAD requests are redirected to https, other methods get 400); "
+           "empty disables HTTP-01"),
     S("autocertDirectory", parse_string, "https://acme-v02.api.letsencrypt.org/directory",
       section="TLS", ours=True,
       help="ACME directory URL of the certificate authority"),

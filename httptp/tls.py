@@ -331,6 +331,11 @@ class ServerTLS:
 
         self.challenge.sni_callback = self._challenge_sni
 
+    def flush_logs(self) -> None:
+        """Worker heartbeat: the autocert store's rate-limited lines (their counts)."""
+        if self.autocert is not None:
+            self.autocert.flush_logs()
+
     def _challenge_sni(self, sslsock, name, _ctx):
         ctx = self.autocert.challenge_context(name) if name else None
         if ctx is None:

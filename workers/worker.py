@@ -184,6 +184,8 @@ class Worker:
             if os.getppid() != self._ppid and not self.draining:
                 self.drain()            # first: the log below may fail with the master gone
                 self.log("master went away; draining")
+            if self.server_tls is not None:
+                self.server_tls.flush_logs()      # counts of rate-limited autocert refusals
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     # -- accepting -------------------------------------------------------------

@@ -201,7 +201,7 @@ def test_http01_order_validated_by_pebble_against_our_http01_server(tmp_path, pe
         sock.close()
 
 
-def test_http01_server_redirects_everything_else_to_https(tmp_path):
+def test_http01_server_redirects_get_and_refuses_other_methods(tmp_path):
     sock = _listen()
     server = hacme.ChallengeHTTPServer(sock, https_port=8443)
     server.tokens["tok123"] = "tok123.thumb"
@@ -220,9 +220,23 @@ def test_http01_server_redirects_everything_else_to_https(tmp_path):
         r = conn.getresponse()
         assert r.status == 301
         assert r.getheader("Location") == "https://a.example:8443/some/path?q=1"
+        # other methods are refused, not redirected (as Go's autocert does)
+        for method in ("POST", "PUT", "OPTIONS", "PROPFIND"):
+            assert _http01_request(port, method, "/form") == (400, b"use https\n", None)
     finally:
         server.shutdown()
         sock.close()
+
+
+def _http01_request(port: int, method: str, path: str, host: str = "a.example"):
+    """(status, body, Location) of one request with a small body on the HTTP-01 port."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    try:
+        conn.request(method, path, body=b"user=ops&secret=x", headers={"Host": host})
+        r = conn.getresponse()
+        return r.status, r.read(), r.getheader("Location")
+    finally:
+        conn.close()
 
 
 def test_tls_alpn01_order_validated_by_pebble(tmp_path, pebble_factory):
@@ -386,9 +400,12 @@ def _https_get(port: int, host: str, root_pem: bytes, timeout: float = 10.0):
 
 
 def _autocert_args(cache, pebble, https_port, http_port, *extra):
+    """httptp's autocert flags; ``pebble`` None: a directory URL where nothing listens."""
+    directory = pebble.directory if pebble else f"https://127.0.0.1:{free_port()}/dir"
+    ca = (f"-autocertDirectoryCA={pebble.ca_file}",) if pebble else ()
     return (f"-in=127.0.0.1:{https_port}", "-inType=https",
-            f"-autocertCacheDir={cache}", f"-autocertDirectory={pebble.directory}",
-            f"-autocertDirectoryCA={pebble.ca_file}", f"-autocertHTTPAddr=127.0.0.1:{http_port}",
+            f"-autocertCacheDir={cache}", f"-autocertDirectory={directory}", *ca,
+            f"-autocertHTTPAddr=127.0.0.1:{http_port}",
             r"-autocertHostRegexp=\.test-e2e\.example$", *extra)
 
 
@@ -465,6 +482,84 @@ def test_httptp_obtains_through_tls_alpn_01(tmp_path, pebble_factory):
             assert "Traceback" not in p.output
     finally:
         up.close()
+
+
+def _handshake(port: int, host: str, timeout: float = 20.0) -> OSError | None:
+    """One TLS handshake with SNI ``host`` (certificate not checked): None if it
+    completed, else the error (an ssl.SSLError carrying the server's alert, a timeout)."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host):
+                return None
+    except OSError as err:
+        return err
+
+
+def _reason(err) -> str:
+    return getattr(err, "reason", None) or repr(err)
+
+
+def test_failed_order_fails_handshakes_at_once_during_its_backoff(tmp_path, pebble_factory):
+    """A new user's mistake, a wrong -autocertDirectoryCA: the order fails in
+    milliseconds, and every handshake for the name during the back-off (30 s)
+    fails at once with the alert of a name that has no certificate, as Go's
+    autocert returns the order's error.  One log line for the name (rate-limited),
+    plus the helper's own.  No order without a client asking; the first
+    handshake after the back-off starts a new one."""
+    https_port, http_port = free_port(), free_port()
+    pebble = pebble_factory(http_port, https_port)
+    wrong_ca = tmp_path / "not-pebbles-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(wrong_ca))
+    host = "app.test-e2e.example"
+    args = [a for a in _autocert_args(tmp_path / "cache", pebble, https_port, http_port)
+            if not a.startswith("-autocertDirectoryCA=")]
+    # One worker: each worker rate-limits its own lines.
+    with HttpTp(*args, f"-autocertDirectoryCA={wrong_ca}", "-out=127.0.0.1:9",
+                "-outType=http", workers=1) as p:
+        no_cert = _handshake(https_port, "other.example")    # outside the regexp
+        assert isinstance(no_cert, ssl.SSLError), no_cert
+        started = time.monotonic()
+        errors = [_handshake(https_port, host) for _ in range(3)]
+        took = time.monotonic() - started
+        assert [_reason(e) for e in errors] == [_reason(no_cert)] * 3, errors
+        assert took < 15, f"3 handshakes took {took:.1f} s during a 30 s back-off"
+        failed = f"order for {host} failed"
+        wait_for(lambda: f"{failed} (1 in a row)" in p.output, 5, what="the helper's line")
+        failed_at = time.monotonic()
+
+        def host_lines() -> list[str]:
+            return [line for line in p.lines if host in line]
+        lines = wait_for(lambda: len(host_lines()) >= 2 and host_lines(), 5, what="the refusal")
+        assert len(lines) == 2, p.output            # the helper's, and one refusal
+        assert sum("retrying in 30 s" in line for line in lines) == 1, p.output
+        # Past the back-off, nobody asked: no order.  The next handshake asks.
+        time.sleep(max(0.0, failed_at + 32 - time.monotonic()))
+        assert f"{failed} (2 in a row)" not in p.output, p.output
+        asked = time.monotonic()
+        assert _reason(_handshake(https_port, host)) == _reason(no_cert)
+        assert time.monotonic() - asked < 15
+        wait_for(lambda: f"{failed} (2 in a row)" in p.output, 5, what="a new order")
+        assert "retrying in 60 s" in p.output
+        # still one refusal line: the others are counted for the next minute's line
+        assert len(host_lines()) == 3, p.output
+        assert "Traceback" not in p.output
+
+
+def test_http01_port_redirects_get_and_refuses_post(tmp_path):
+    """The real command's HTTP-01 port: GET is redirected to https, a POST is
+    refused with 400 (a redirect would lose its body or resend it), not 501."""
+    https_port, http_port = free_port(), free_port()
+    args = _autocert_args(tmp_path / "cache", None, https_port, http_port)
+    with HttpTp(*args, "-out=127.0.0.1:9", "-outType=http", workers=1) as p:
+        wait_for(lambda: "answering HTTP-01" in p.output, 15, what="the HTTP-01 server")
+        host = "site.test-e2e.example"
+        assert _http01_request(http_port, "GET", "/x?y=1", host) == \
+            (301, b"use https\n", f"https://{host}:{https_port}/x?y=1")
+        assert _http01_request(http_port, "POST", "/form", host) == (400, b"use https\n", None)
+        assert "Traceback" not in p.output
 
 
 # -- the master's ACME helper (stub workers: no TLS wiring needed) ------------------------
