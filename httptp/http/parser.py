@@ -36,6 +36,7 @@ import importlib
 
 from httptp.errors import ProtocolError
 from httptp.http.events import RequestHead, ResponseHead
+from httptp.http.host import upstream_target, valid_host
 
 BACKENDS = ("auto", "httptools", "h11")
 
@@ -84,13 +85,15 @@ _MAX_CL_DIGITS = 18   # < 2**63: llhttp rejects longer values itself, so h11 mus
 class _Framing:
     """What one pass over the headers learned (internal)."""
 
-    __slots__ = ("size", "content_length", "chunked", "hosts", "close", "keep_alive", "expect")
+    __slots__ = ("size", "content_length", "chunked", "hosts", "host", "close", "keep_alive",
+                 "expect")
 
     def __init__(self):
         self.size = 2                   # the empty line ending the block
         self.content_length = None
         self.chunked = False
         self.hosts = 0
+        self.host = None                # the (last) Host value
         self.close = False              # Connection: close seen
         self.keep_alive = False         # Connection: keep-alive seen
         self.expect = False
@@ -108,7 +111,7 @@ def feed_after_response(method: bytes | None, head: ResponseHead | None, data: b
 
 
 def scan_headers(headers: list) -> _Framing:
-    """One pass: block size, framing, Host count, Connection tokens, Expect.
+    """One pass: block size, framing, Host count and value, Connection tokens, Expect.
 
     Raises ProtocolError(400) for ambiguous framing: duplicate or non-digit
     Content-Length, Transfer-Encoding other than exactly ``chunked``, both.
@@ -138,6 +141,7 @@ def scan_headers(headers: list) -> _Framing:
             f.chunked = True
         elif kind == _HOST:
             f.hosts += 1
+            f.host = value
         elif kind == _CONN:
             token = _CONN_VALUES.get(value)
             if token is _KEEP_ALIVE:
@@ -165,7 +169,10 @@ def check_request(method: bytes, target: bytes, version, headers: list,
 
     ``version`` is whatever the back-end reports (``"1.1"``, ``b"1.0"``...).
     Raises ProtocolError 431 (block too large), 413 (Content-Length over the
-    limit) or 400.
+    limit) or 400.  Host (when present) and the request-target must be valid
+    by ``httptp.http.host``, whatever the form of the target: an absolute-form
+    target's authority wins upstream, but an invalid Host still makes the
+    request invalid, as in nginx.
     """
     f = scan_headers(headers)
     size = f.size + len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
@@ -178,6 +185,10 @@ def check_request(method: bytes, target: bytes, version, headers: list,
         raise ProtocolError(f"unsupported method {method[:20]!r}")
     if f.hosts > 1 or (f.hosts == 0 and ver == b"1.1"):
         raise ProtocolError("missing or duplicate Host header")
+    if f.hosts and not valid_host(f.host):
+        raise ProtocolError(f"invalid Host header {f.host[:40]!r}")
+    if target[:1] != b"/" and upstream_target(method, target) is None:
+        raise ProtocolError(f"unsupported request-target {target[:40]!r}")
     if f.chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
     if f.content_length is not None and f.content_length > max_body_size:

@@ -260,6 +260,31 @@ INVALID = {
     "binary": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
     "trailing-space-version": b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
     "no-target": b"GET HTTP/1.1\r\nHost: a\r\n\r\n",
+    # Host must be host[:port] (RFC 3986), in every form of the request-target
+    "host-space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host-ctl": b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
+    "host-empty": b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+    "host-empty-1.0": b"GET / HTTP/1.0\r\nHost: \r\n\r\n",
+    "host-space-1.0": b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n",
+    "host-userinfo": b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+    "host-slash": b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    "host-bad-port": b"GET / HTTP/1.1\r\nHost: a:8o\r\n\r\n",
+    "host-two-ports": b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n",
+    "host-non-ascii": b"GET / HTTP/1.1\r\nHost: caf\xc3\xa9.example\r\n\r\n",
+    "host-bad-v6": b"GET / HTTP/1.1\r\nHost: [::g]:80\r\n\r\n",
+    "host-v6-unbracketed": b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n",
+    "host-bad-pct": b"GET / HTTP/1.1\r\nHost: a%2g\r\n\r\n",
+    "absolute-host-space": b"GET http://example/ HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "absolute-host-ctl": b"GET http://example/ HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+    "absolute-host-empty": b"GET http://example/ HTTP/1.1\r\nHost:\r\n\r\n",
+    "absolute-no-host": b"GET http://example/ HTTP/1.1\r\n\r\n",
+    # request-targets a reverse proxy does not serve
+    "absolute-userinfo": b"GET http://u:p@example/ HTTP/1.1\r\nHost: example\r\n\r\n",
+    "absolute-empty-authority": b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "absolute-ftp": b"GET ftp://example/x HTTP/1.1\r\nHost: example\r\n\r\n",
+    "absolute-bad-port": b"GET http://example:x/ HTTP/1.1\r\nHost: example\r\n\r\n",
+    "authority-form": b"GET example.com:80 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    "asterisk-get": b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
 }
 
 
@@ -277,6 +302,32 @@ def test_invalid_request_after_a_valid_one(backend, raw):
     with pytest.raises(ProtocolError) as e:
         parse_all(p, raw)
     assert e.value.status == 400
+
+
+VALID_HOSTS = [b"a", b"example.com", b"example.com:8080", b"example.com:", b"10.0.0.1:80",
+               b"[::1]", b"[2001:db8::1]:443", b"[::ffff:10.0.0.1]", b"[v1.fe80::a+en1]",
+               b"xn--caf-dma.example", b"a%2Db", b"a_b-c~d"]
+
+
+@pytest.mark.parametrize("host", VALID_HOSTS)
+def test_valid_hosts(req, host):
+    [head, _] = req.feed(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.headers == [(b"Host", host)]
+
+
+@pytest.mark.parametrize("target", [
+    b"http://example/p?q", b"HTTPS://example:8443/", b"http://[::1]:8080/x", b"http://example",
+    b"http://example?q", b"//double/slash"])
+def test_target_forms_accepted_as_sent(req, target):
+    """The parser hands the target on as sent; the pipeline makes absolute-form
+    origin-form (see test_http_writer_policy)."""
+    [head, _] = req.feed(b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert head.target == target
+
+
+def test_options_asterisk(req):
+    [head, _] = req.feed(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert head.target == b"*"
 
 
 def _sized_request(size: int) -> bytes:
