@@ -55,7 +55,7 @@ class RequestParser:
     """Requests from a client connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_max_body", "_conn", "_raw", "_head", "_body_bytes",
-                 "_closed", "_dead")
+                 "_closed", "_dead", "_cr")
 
     def __init__(self, max_header_size: int, max_body_size: int):
         self._max_head = max_header_size
@@ -66,6 +66,7 @@ class RequestParser:
         self._body_bytes = 0
         self._closed = False
         self._dead = None
+        self._cr = False            # the bytes so far end in the CR of an empty line
 
     def _new_conn(self):
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
@@ -90,8 +91,8 @@ class RequestParser:
 
     def _receive(self, data: bytes):
         if data and self._head is None:
-            if not self._raw:
-                data = data.lstrip(b"\r\n")     # RFC 9112 §2.2: ignore empty lines before a request
+            if not self._raw:   # h11 refuses empty lines before a request; RFC 9112 §2.2 does not
+                data, self._cr = _p.skip_empty_lines(data, self._cr)
                 if not data:
                     return
             self._raw += data

@@ -99,6 +99,44 @@ class _Framing:
         self.expect = False
 
 
+BARE_CR = "CR without LF before the request line"
+
+
+def skip_empty_lines(data: bytes, cr: bool) -> tuple[bytes, bool]:
+    """Drop the empty lines before a request line (RFC 9112 §2.2): CRLF, or a
+    bare LF, which §2.2 lets a recipient read as a line end.
+
+    ``data`` is not empty; ``cr`` is true when the bytes before it ended in
+    the CR of such a line.  Returns ``(rest, cr)``: ``rest`` starts with the
+    request line or is empty, and ``cr`` says ``data`` ended in a CR whose LF
+    is still to come.  Raises ProtocolError for a CR without LF
+    (`check_empty_lines`).
+    """
+    first = data[0]
+    if not cr and first != 13 and first != 10:
+        return data, False          # nearly always: the request line at once
+    if cr:
+        if first != 10:
+            raise ProtocolError(BARE_CR)
+        data = data[1:]
+    rest = data.lstrip(b"\r\n")
+    return rest, check_empty_lines(data[:len(data) - len(rest)], not rest)
+
+
+def check_empty_lines(gap: bytes, at_end: bool) -> bool:
+    """Check ``gap``, CR and LF bytes between two requests (or before the
+    first); ``at_end``: nothing follows it yet.  Returns true when it ends in
+    a CR whose LF may still come.  A CR without LF is not an empty line, nor
+    one by §2.2's bare-CR rule: ProtocolError (llhttp and nginx skip it).
+    """
+    cr = at_end and gap[-1:] == b"\r"
+    if cr:
+        gap = gap[:-1]
+    if b"\r" in gap and b"\r" in gap.replace(b"\r\n", b""):
+        raise ProtocolError(BARE_CR)
+    return cr
+
+
 def feed_after_response(method: bytes | None, head: ResponseHead | None, data: bytes) -> list:
     """A ResponseParser's ``feed`` once its response is complete (both back-ends):
     no more events, and any byte after the response means the upstream

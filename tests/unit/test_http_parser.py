@@ -1,6 +1,8 @@
 """The sans-IO HTTP/1.1 parsers: one suite, run against both back-ends
 (STYLE.md §7.9, uvicorn's http_protocol_cls pattern)."""
 
+import random
+
 import pytest
 
 from httptp.errors import ProtocolError
@@ -145,9 +147,110 @@ def test_header_case_order_and_ows(req):
                             (b"Empty", b""), (b"Obs", b"caf\xe9\tbar")]
 
 
-def test_leading_empty_lines_ignored(req):
-    [(head, _)] = messages(parse_all(req, b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"))
-    assert head.target == b"/"
+EMPTY_LINES = [b"\r\n", b"\r\n\r\n", b"\n", b"\n\n", b"\r\n\n", b"\n\r\n"]
+# RFC 9112 §2.2 allows empty lines before a request line, not lone CRs (llhttp
+# and nginx skip both; h11_backend used to lstrip both)
+BARE_CRS = [b"\r\r\r\r\r", b"\r", b"\r\r\n", b"\r\n\r", b"\n\r", b"\r\n\r\r\n"]
+GET_A = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _splits(raw: bytes):
+    """``raw`` whole, cut in two at every byte, and byte by byte."""
+    yield [raw]
+    for cut in range(1, len(raw)):
+        yield [raw[:cut], raw[cut:]]
+    yield [raw[i:i + 1] for i in range(len(raw))]
+
+
+@pytest.mark.parametrize("lines", EMPTY_LINES, ids=repr)
+def test_leading_empty_lines_ignored(backend, lines):
+    for chunks in _splits(lines + GET_A + lines + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        assert [h.target for h, _ in messages(parse_all(p, *chunks))] == [b"/", b"/2"], chunks
+
+
+@pytest.mark.parametrize("crs", BARE_CRS, ids=repr)
+@pytest.mark.parametrize("before", [
+    b"", GET_A, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n\r\rx",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n\r\r\r\n0\r\n\r\n",
+], ids=["first", "after-get", "after-cl-body", "after-chunked-body"])
+def test_bare_cr_before_request_line_is_400(backend, crs, before):
+    raw = before + crs + GET_A
+    for chunks in _splits(raw):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        events = []
+        with pytest.raises(ProtocolError) as e:
+            for chunk in chunks:
+                events += p.feed(chunk)
+            p.feed(b"")
+        assert e.value.status == 400, chunks
+        # at most the request before: never the one after the CR
+        assert len([ev for ev in events if isinstance(ev, RequestHead)]) <= (1 if before else 0)
+
+
+def test_bare_cr_at_eof_between_requests(req):
+    assert req.feed(b"\r") == [] and req.feed(b"") == []
+
+
+def _random_stream(rnd: random.Random):
+    """Pipelined requests with CR/LF-rich bodies, split at random; returns
+    (feeds, the (target, body) pairs before the first bad gap, whether one is bad)."""
+    data, expected, bad = [], [], False
+    for i in range(rnd.randint(1, 5)):
+        gap = rnd.choice([b"", b"", b"", b"\r\n", b"\n", b"\r\n\n", b"\r", b"\r\r\n", b"\n\r"])
+        bad = bad or b"\r" in gap.replace(b"\r\n", b"")
+        body = bytes(rnd.choice(b"\r\n0a") for _ in range(rnd.randint(0, 12)))
+        target = b"/%d" % i
+        kind = rnd.choice(["get", "cl", "chunked"])
+        if kind == "get":
+            body = b""
+            msg = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+        elif kind == "cl":
+            msg = (b"POST " + target + b" HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                   % len(body) + body)
+        else:
+            cut = rnd.randint(0, len(body))
+            chunks = b"".join(b"%x;e=1\r\n%s\r\n" % (len(c), c) for c in (body[:cut], body[cut:]) if c)
+            msg = (b"POST " + target + b" HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + chunks + b"0\r\n" + rnd.choice([b"", b"T: v\r\n"]) + b"\r\n")
+        data.append(gap + msg)
+        if not bad:
+            expected.append((target, body))
+    raw = b"".join(data)
+    cuts = sorted(rnd.sample(range(1, len(raw)), min(len(raw) - 1, rnd.randint(0, 8))))
+    return [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])], expected, bad
+
+
+def test_random_pipelines_with_crs_agree_with_the_rule(backend):
+    """Bodies full of CR and LF, empty lines and bare CRs between requests,
+    random feed boundaries: exactly the requests before a bare CR come out."""
+    rnd = random.Random(9112)
+    for _ in range(400):
+        feeds, expected, bad = _random_stream(rnd)
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        events = []
+        try:
+            for chunk in feeds:
+                events += p.feed(chunk)
+            events += p.feed(b"")
+        except ProtocolError as e:
+            assert bad and e.status == 400, feeds
+            heads = [ev.target for ev in events if isinstance(ev, RequestHead)]
+            assert heads == [t for t, _ in expected][:len(heads)], feeds
+            continue
+        assert not bad, feeds
+        assert [(h.target, b) for h, b in messages(events)] == expected, feeds
+
+
+@pytest.mark.parametrize("body", [b"\r", b"a\rb", b"\r\r\r", b"ab\r"], ids=repr)
+def test_bare_cr_in_a_body_is_data(backend, body):
+    raw = (b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+           + b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" + GET_A)
+    for chunks in _splits(raw):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        msgs = messages(parse_all(p, *chunks))
+        assert [(h.target, b) for h, b in msgs] == [(b"/cl", body), (b"/te", body), (b"/", b"")]
 
 
 def test_upgrade_parsed_as_plain_request(req):
