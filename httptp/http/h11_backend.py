@@ -46,9 +46,12 @@ def _check_block(raw, what: str) -> int:
     return end
 
 
-def _protocol_error(e: h11.RemoteProtocolError, what: str) -> ProtocolError:
-    status = 431 if e.error_status_hint == 431 else 400
-    return ProtocolError(f"malformed {what}: {e}", status)
+def _protocol_error(e: h11.RemoteProtocolError, what: str, raw=b"") -> ProtocolError:
+    """Our error for h11's; a 431 names the request when ``raw`` (the bytes of
+    the head so far) holds its request line."""
+    if e.error_status_hint == 431:
+        return ProtocolError(f"{what} header too large: {e}", 431, _p.parse_request_line(raw))
+    return ProtocolError(f"malformed {what}: {e}")
 
 
 class RequestParser:
@@ -82,7 +85,7 @@ class RequestParser:
             self._receive(data)
             self._pump(events)
         except h11.RemoteProtocolError as e:
-            self._dead = _protocol_error(e, "request")
+            self._dead = _protocol_error(e, "request", self._raw)
         except ProtocolError as e:
             self._dead = e
         if self._dead is not None:
@@ -105,7 +108,7 @@ class RequestParser:
             if cls is h11.Data:
                 self._body_bytes += len(ev.data)
                 if self._body_bytes > self._max_body:
-                    raise ProtocolError("request body too large", 413)
+                    raise ProtocolError("request body too large", 413, self._head)
                 events.append(Data(bytes(ev.data)))
             elif cls is h11.Request:
                 events.append(self._on_request(ev))

@@ -61,7 +61,7 @@ class RequestParser(_Headers):
 
     __slots__ = ("_max_head", "_max_body", "_p", "_events", "_target", "_headers",
                  "_head", "_in_head", "_started", "_completed", "_head_bytes",
-                 "_body_bytes", "_closed", "_dead", "_error", "_synthetic", "_cr")
+                 "_body_bytes", "_closed", "_dead", "_error", "_synthetic", "_cr", "_line")
 
     def __init__(self, max_header_size: int, max_body_size: int):
         self._max_head = max_header_size
@@ -81,12 +81,14 @@ class RequestParser(_Headers):
         self._error = None          # a ProtocolError raised inside a callback
         self._synthetic = False
         self._cr = False            # the last feed ended in a CR between requests
+        self._line = False          # the incomplete head's request line is complete
 
     # -- llhttp callbacks ------------------------------------------------------
     def on_message_begin(self):
         self._started = True
         self._target = b""
         self._headers = []
+        self._line = False
 
     def on_url(self, url: bytes):
         self._target += url
@@ -110,7 +112,7 @@ class RequestParser(_Headers):
     def on_body(self, data: bytes):
         self._body_bytes += len(data)
         if self._body_bytes > self._max_body:
-            self._error = ProtocolError("request body too large", 413)
+            self._error = ProtocolError("request body too large", 413, self._head)
             raise self._error
         self._events.append(Data(data))
 
@@ -149,7 +151,7 @@ class RequestParser(_Headers):
             self._dead = e
             raise
         if self._in_head and self._started and not self._closed:
-            self._count_head(len(data))
+            self._count_head(data)
         return events
 
     def _feed(self, data):
@@ -225,14 +227,22 @@ class RequestParser(_Headers):
         self._p.feed_data(framing)
         return rest
 
-    def _count_head(self, n: int):
+    def _count_head(self, data: bytes):
+        """``data`` left the head incomplete: 431 once it is surely too large."""
         if self._completed:     # the head began mid-feed: count what we have seen of it
             n = len(self._target) + sum(len(k) + len(v) + 4 for k, v in self._headers)
+            self._line = bool(self._headers)
         else:
-            n += self._head_bytes
+            if not self._line:  # llhttp says nothing when the request line ends
+                self._line = b"\n" in (data if self._head_bytes else data.lstrip(b"\r\n"))
+            n = self._head_bytes + len(data)
         self._head_bytes = n
         if n > self._max_head:
-            self._dead = ProtocolError("request header too large", 431)
+            request = None
+            if self._line:      # the method, target and version are this head's
+                p = self._p
+                request = _p.request_line(p.get_method(), self._target, p.get_http_version())
+            self._dead = ProtocolError("request header too large", 431, request)
             raise self._dead
 
     def _eof(self) -> list:

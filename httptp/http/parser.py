@@ -33,6 +33,7 @@ Nothing here imports socket, gevent or time (STYLE.md §7.2).
 from __future__ import annotations
 
 import importlib
+import re
 
 from httptp.errors import ProtocolError
 from httptp.http.events import RequestHead, ResponseHead
@@ -215,7 +216,8 @@ def check_request(method: bytes, target: bytes, version, headers: list,
     f = scan_headers(headers)
     size = f.size + len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
     if size > max_header_size:
-        raise ProtocolError("request header too large", 431)
+        raise ProtocolError("request header too large", 431,
+                            request_line(method, target, version))
     ver = VERSIONS.get(version)
     if ver is None:
         raise ProtocolError("unsupported HTTP version")
@@ -229,11 +231,32 @@ def check_request(method: bytes, target: bytes, version, headers: list,
         raise ProtocolError(f"unsupported request-target {target[:40]!r}")
     if f.chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-    if f.content_length is not None and f.content_length > max_body_size:
-        raise ProtocolError("request body too large", 413)
     keep_alive = not f.close and (ver == b"1.1" or f.keep_alive)
-    return RequestHead(method, target, ver, headers, keep_alive, f.content_length,
+    head = RequestHead(method, target, ver, headers, keep_alive, f.content_length,
                        f.chunked, f.expect)
+    if f.content_length is not None and f.content_length > max_body_size:
+        raise ProtocolError("request body too large", 413, head)
+    return head
+
+
+def request_line(method: bytes, target: bytes, version) -> RequestHead:
+    """A head with only the request line (no headers): what the access log
+    shows for a request refused before its head was complete (431)."""
+    ver = VERSIONS.get(version)
+    if ver is None:
+        ver = version.encode("ascii", "replace") if isinstance(version, str) else bytes(version)
+    return RequestHead(bytes(method), bytes(target), ver, [], False, None, False)
+
+
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) "
+                           rb"HTTP/([0-9]\.[0-9])\r?\n")
+
+
+def parse_request_line(raw) -> RequestHead | None:
+    """`request_line` from the raw bytes of a head that starts with a
+    complete request line, else None (for a back-end that keeps the bytes)."""
+    m = _REQUEST_LINE.match(raw)
+    return None if m is None else request_line(*m.groups())
 
 
 def check_response(status: int, reason: bytes, version, headers: list,

@@ -500,6 +500,63 @@ def test_body_limit_chunked(req):
         req.feed(b"")
 
 
+# -- what a 413 or 431 knows of the request it refuses (the access log's line) --
+
+def _refusal(parser, *chunks) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        for chunk in chunks:
+            parser.feed(chunk)
+    return e.value
+
+
+def _line(err):
+    r = err.request
+    return None if r is None else (r.method, r.target, r.version)
+
+
+def test_413_content_length_carries_the_whole_head(req):
+    err = _refusal(req, b"POST /up?x=1 HTTP/1.1\r\nHost: a\r\nUser-Agent: ua\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    assert err.status == 413 and _line(err) == (b"POST", b"/up?x=1", b"1.1")
+    assert (b"User-Agent", b"ua") in err.request.headers
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_413_chunked_carries_the_head(backend, split):
+    body = b"%x\r\n%s\r\n" % (MAX_BODY + 1, b"x" * (MAX_BODY + 1))
+    chunks = [TE.replace(b"POST /", b"PUT /big"), body] if split else \
+        [TE.replace(b"POST /", b"PUT /big") + body]
+    err = _refusal(backend.RequestParser(MAX_HEAD, MAX_BODY), *chunks)
+    assert err.status == 413 and _line(err) == (b"PUT", b"/big", b"1.1")
+
+
+def test_431_complete_block_carries_the_request_line(req):
+    raw = _sized_request(MAX_HEAD + 1).replace(b"GET / HTTP/1.1", b"GET /431 HTTP/1.0")
+    err = _refusal(req, raw)
+    assert err.status == 431 and _line(err) == (b"GET", b"/431", b"1.0")
+
+
+@pytest.mark.parametrize("first", [b"", GET_A], ids=["first", "after-a-request"])
+def test_431_incomplete_head_carries_the_request_line(backend, first):
+    p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+    if first:
+        assert len(p.feed(first)) == 2
+    err = _refusal(p, b"\r\nDELETE /d?q HTTP/1.1\r\nHo", b"st: a\r\nX: ", *[b"v" * 100] * 50)
+    assert err.status == 431 and _line(err) == (b"DELETE", b"/d?q", b"1.1")
+
+
+def test_431_pipelined_in_one_feed_carries_the_request_line(req):
+    raw = GET_A + b"GET /two HTTP/1.1\r\nHost: a\r\n" + b"X-Header: value\r\n" * 300
+    err = _refusal(req, raw)
+    assert err.status == 431 and _line(err) == (b"GET", b"/two", b"1.1")
+
+
+def test_431_before_the_request_line_ends_names_no_request(backend):
+    p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+    err = _refusal(p, b"GET /", *[b"a" * 100] * 50)
+    assert err.status == 431 and err.request is None
+
+
 KNOWN_DIFFERENCES = {
     # llhttp accepts several spaces between method and target; h11 does not.
     "double-space": (b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n", "httptools"),
