@@ -40,7 +40,8 @@ from httptp.http import parser as _p
 from httptp.http.events import END, Data
 
 _OWS = (32, 9)
-_CR_WITHOUT_LF = re.compile(rb"\r(?!\n)")     # also a CR at the end: its LF may follow
+# a CR not followed by LF (also one at the end: its LF may follow); about 0.15 us on a GET
+_find_cr_without_lf = re.compile(rb"\r(?!\n)").search
 _SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
               False: b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"}
 
@@ -160,7 +161,7 @@ class RequestParser(_Headers):
             self._cr = False
             if data[0] != 10:
                 raise ProtocolError(_p.BARE_CR)
-        if _CR_WITHOUT_LF.search(data, 0 if self._in_head else self._body_left()) is None:
+        if _find_cr_without_lf(data, 0 if self._in_head else self._body_left()) is None:
             self._execute(data)         # nearly always
             return
         view = memoryview(data)
@@ -182,7 +183,7 @@ class RequestParser(_Headers):
             self._cr = _p.check_empty_lines(data[pos:end], end == n)
             pos = end
         if self._in_head:           # a CR without LF in a head is llhttp's to refuse
-            m = _CR_WITHOUT_LF.search(data, pos + 1)
+            m = _find_cr_without_lf(data, pos + 1)
             return n if m is None else m.start()
         if not self._head.chunked:
             return min(n, pos + max(1, self._body_left()))

@@ -26,6 +26,10 @@ same post-parse checks here (`check_request`, `check_response`): one pass over
 the headers the back-end already collected.  Character-level checks (obs-fold,
 bare CR/LF, control characters) are the library's job for llhttp, which is
 strict about them, and a raw scan of the header block for h11, which is not.
+Host and the request-target follow ``httptp.http.host`` in both.  Empty
+lines before a request line are skipped, a lone CR there is 400
+(`check_empty_lines`): h11_backend strips them itself, httptools_backend
+checks them before llhttp, which would skip any CR.
 
 Nothing here imports socket, gevent or time (STYLE.md §7.2).
 """
