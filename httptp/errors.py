@@ -17,6 +17,7 @@ class ProxyError(Exception):
     close = True            # close the client connection after answering
     upstream = ""           # the upstream that failed, if any (access log)
     upstream_time = 0.0
+    request = None          # the refused request's head, when only the error knows it (access log)
 
     def __init__(self, detail: str = ""):
         super().__init__(detail or self.body)
@@ -64,13 +65,19 @@ class GatewayTimeout(ProxyError):
 
 class ProtocolError(BadRequest):
     """The peer sent bytes that are not valid HTTP/1.1 (or that we refuse as
-    ambiguous).  ``status`` is 400, 413 or 431; the connection is closed."""
+    ambiguous).  ``status`` is 400, 413 or 431; the connection is closed.
 
-    def __init__(self, detail: str = "", status: int = 400):
+    ``request``: the head of the refused request when the parser got far
+    enough to know it but raised before handing it out (a 413 or 431): the
+    whole head, or one with only the request line (no headers)."""
+
+    def __init__(self, detail: str = "", status: int = 400, request=None):
         super().__init__(detail)
         if status != 400:
             cls = {413: PayloadTooLarge, 431: HeaderTooLarge}[status]
             self.status, self.reason, self.body = cls.status, cls.reason, cls.body
+        if request is not None:
+            self.request = request
 
 
 class UpstreamError(Exception):

@@ -46,16 +46,19 @@ def _check_block(raw, what: str) -> int:
     return end
 
 
-def _protocol_error(e: h11.RemoteProtocolError, what: str) -> ProtocolError:
-    status = 431 if e.error_status_hint == 431 else 400
-    return ProtocolError(f"malformed {what}: {e}", status)
+def _protocol_error(e: h11.RemoteProtocolError, what: str, raw=b"") -> ProtocolError:
+    """Our error for h11's; a 431 names the request when ``raw`` (the bytes of
+    the head so far) holds its request line."""
+    if e.error_status_hint == 431:
+        return ProtocolError(f"{what} header too large: {e}", 431, _p.parse_request_line(raw))
+    return ProtocolError(f"malformed {what}: {e}")
 
 
 class RequestParser:
     """Requests from a client connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_max_body", "_conn", "_raw", "_head", "_body_bytes",
-                 "_closed", "_dead")
+                 "_closed", "_dead", "_cr")
 
     def __init__(self, max_header_size: int, max_body_size: int):
         self._max_head = max_header_size
@@ -66,6 +69,7 @@ class RequestParser:
         self._body_bytes = 0
         self._closed = False
         self._dead = None
+        self._cr = False            # the bytes so far end in the CR of an empty line
 
     def _new_conn(self):
         return h11.Connection(h11.SERVER, max_incomplete_event_size=self._max_head)
@@ -81,7 +85,7 @@ class RequestParser:
             self._receive(data)
             self._pump(events)
         except h11.RemoteProtocolError as e:
-            self._dead = _protocol_error(e, "request")
+            self._dead = _protocol_error(e, "request", self._raw)
         except ProtocolError as e:
             self._dead = e
         if self._dead is not None:
@@ -90,8 +94,8 @@ class RequestParser:
 
     def _receive(self, data: bytes):
         if data and self._head is None:
-            if not self._raw:
-                data = data.lstrip(b"\r\n")     # RFC 9112 §2.2: ignore empty lines before a request
+            if not self._raw:   # h11 refuses empty lines before a request; RFC 9112 §2.2 does not
+                data, self._cr = _p.skip_empty_lines(data, self._cr)
                 if not data:
                     return
             self._raw += data
@@ -104,7 +108,7 @@ class RequestParser:
             if cls is h11.Data:
                 self._body_bytes += len(ev.data)
                 if self._body_bytes > self._max_body:
-                    raise ProtocolError("request body too large", 413)
+                    raise ProtocolError("request body too large", 413, self._head)
                 events.append(Data(bytes(ev.data)))
             elif cls is h11.Request:
                 events.append(self._on_request(ev))

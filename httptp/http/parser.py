@@ -26,6 +26,10 @@ same post-parse checks here (`check_request`, `check_response`): one pass over
 the headers the back-end already collected.  Character-level checks (obs-fold,
 bare CR/LF, control characters) are the library's job for llhttp, which is
 strict about them, and a raw scan of the header block for h11, which is not.
+Host and the request-target follow ``httptp.http.host`` in both.  Empty
+lines before a request line are skipped, a lone CR there is 400
+(`check_empty_lines`): h11_backend strips them itself, httptools_backend
+checks them before llhttp, which would skip any CR.
 
 Nothing here imports socket, gevent or time (STYLE.md §7.2).
 """
@@ -33,9 +37,11 @@ Nothing here imports socket, gevent or time (STYLE.md §7.2).
 from __future__ import annotations
 
 import importlib
+import re
 
 from httptp.errors import ProtocolError
 from httptp.http.events import RequestHead, ResponseHead
+from httptp.http.host import upstream_target, valid_host
 
 BACKENDS = ("auto", "httptools", "h11")
 
@@ -84,16 +90,56 @@ _MAX_CL_DIGITS = 18   # < 2**63: llhttp rejects longer values itself, so h11 mus
 class _Framing:
     """What one pass over the headers learned (internal)."""
 
-    __slots__ = ("size", "content_length", "chunked", "hosts", "close", "keep_alive", "expect")
+    __slots__ = ("size", "content_length", "chunked", "hosts", "host", "close", "keep_alive",
+                 "expect")
 
     def __init__(self):
         self.size = 2                   # the empty line ending the block
         self.content_length = None
         self.chunked = False
         self.hosts = 0
+        self.host = None                # the (last) Host value
         self.close = False              # Connection: close seen
         self.keep_alive = False         # Connection: keep-alive seen
         self.expect = False
+
+
+BARE_CR = "CR without LF before the request line"
+
+
+def skip_empty_lines(data: bytes, cr: bool) -> tuple[bytes, bool]:
+    """Drop the empty lines before a request line (RFC 9112 §2.2): CRLF, or a
+    bare LF, which §2.2 lets a recipient read as a line end.
+
+    ``data`` is not empty; ``cr`` is true when the bytes before it ended in
+    the CR of such a line.  Returns ``(rest, cr)``: ``rest`` starts with the
+    request line or is empty, and ``cr`` says ``data`` ended in a CR whose LF
+    is still to come.  Raises ProtocolError for a CR without LF
+    (`check_empty_lines`).
+    """
+    first = data[0]
+    if not cr and first != 13 and first != 10:
+        return data, False          # nearly always: the request line at once
+    if cr:
+        if first != 10:
+            raise ProtocolError(BARE_CR)
+        data = data[1:]
+    rest = data.lstrip(b"\r\n")
+    return rest, check_empty_lines(data[:len(data) - len(rest)], not rest)
+
+
+def check_empty_lines(gap: bytes, at_end: bool) -> bool:
+    """Check ``gap``, CR and LF bytes between two requests (or before the
+    first); ``at_end``: nothing follows it yet.  Returns true when it ends in
+    a CR whose LF may still come.  A CR without LF is not an empty line, nor
+    one by §2.2's bare-CR rule: ProtocolError (llhttp and nginx skip it).
+    """
+    cr = at_end and gap[-1:] == b"\r"
+    if cr:
+        gap = gap[:-1]
+    if b"\r" in gap and b"\r" in gap.replace(b"\r\n", b""):
+        raise ProtocolError(BARE_CR)
+    return cr
 
 
 def feed_after_response(method: bytes | None, head: ResponseHead | None, data: bytes) -> list:
@@ -108,7 +154,7 @@ def feed_after_response(method: bytes | None, head: ResponseHead | None, data: b
 
 
 def scan_headers(headers: list) -> _Framing:
-    """One pass: block size, framing, Host count, Connection tokens, Expect.
+    """One pass: block size, framing, Host count and value, Connection tokens, Expect.
 
     Raises ProtocolError(400) for ambiguous framing: duplicate or non-digit
     Content-Length, Transfer-Encoding other than exactly ``chunked``, both.
@@ -138,6 +184,7 @@ def scan_headers(headers: list) -> _Framing:
             f.chunked = True
         elif kind == _HOST:
             f.hosts += 1
+            f.host = value
         elif kind == _CONN:
             token = _CONN_VALUES.get(value)
             if token is _KEEP_ALIVE:
@@ -165,12 +212,16 @@ def check_request(method: bytes, target: bytes, version, headers: list,
 
     ``version`` is whatever the back-end reports (``"1.1"``, ``b"1.0"``...).
     Raises ProtocolError 431 (block too large), 413 (Content-Length over the
-    limit) or 400.
+    limit) or 400.  Host (when present) and the request-target must be valid
+    by ``httptp.http.host``, whatever the form of the target: an absolute-form
+    target's authority wins upstream, but an invalid Host still makes the
+    request invalid, as in nginx.
     """
     f = scan_headers(headers)
     size = f.size + len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
     if size > max_header_size:
-        raise ProtocolError("request header too large", 431)
+        raise ProtocolError("request header too large", 431,
+                            request_line(method, target, version))
     ver = VERSIONS.get(version)
     if ver is None:
         raise ProtocolError("unsupported HTTP version")
@@ -178,13 +229,38 @@ def check_request(method: bytes, target: bytes, version, headers: list,
         raise ProtocolError(f"unsupported method {method[:20]!r}")
     if f.hosts > 1 or (f.hosts == 0 and ver == b"1.1"):
         raise ProtocolError("missing or duplicate Host header")
+    if f.hosts and not valid_host(f.host):
+        raise ProtocolError(f"invalid Host header {f.host[:40]!r}")
+    if target[:1] != b"/" and upstream_target(method, target) is None:
+        raise ProtocolError(f"unsupported request-target {target[:40]!r}")
     if f.chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-    if f.content_length is not None and f.content_length > max_body_size:
-        raise ProtocolError("request body too large", 413)
     keep_alive = not f.close and (ver == b"1.1" or f.keep_alive)
-    return RequestHead(method, target, ver, headers, keep_alive, f.content_length,
+    head = RequestHead(method, target, ver, headers, keep_alive, f.content_length,
                        f.chunked, f.expect)
+    if f.content_length is not None and f.content_length > max_body_size:
+        raise ProtocolError("request body too large", 413, head)
+    return head
+
+
+def request_line(method: bytes, target: bytes, version) -> RequestHead:
+    """A head with only the request line (no headers): what the access log
+    shows for a request refused before its head was complete (431)."""
+    ver = VERSIONS.get(version)
+    if ver is None:
+        ver = version.encode("ascii", "replace") if isinstance(version, str) else bytes(version)
+    return RequestHead(bytes(method), bytes(target), ver, [], False, None, False)
+
+
+_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) "
+                           rb"HTTP/([0-9]\.[0-9])\r?\n")
+
+
+def parse_request_line(raw) -> RequestHead | None:
+    """`request_line` from the raw bytes of a head that starts with a
+    complete request line, else None (for a back-end that keeps the bytes)."""
+    m = _REQUEST_LINE.match(raw)
+    return None if m is None else request_line(*m.groups())
 
 
 def check_response(status: int, reason: bytes, version, headers: list,

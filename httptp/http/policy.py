@@ -61,6 +61,23 @@ def forward_request_headers(headers: list, client_ip_header: bytes | None,
     return [h for h in headers if h[0].lower() not in drop]
 
 
+def set_host(headers: list, authority: bytes) -> list:
+    """``headers`` with one ``Host: authority`` where the first Host was (at
+    the end when there was none): the Host sent upstream for an absolute-form
+    request, whose target's authority wins (RFC 9112 §3.2.2)."""
+    out = []
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == b"host":
+            if authority is not None:
+                out.append((name, authority))
+                authority = None
+        else:
+            out.append((name, value))
+    if authority is not None:
+        out.append((b"Host", authority))
+    return out
+
+
 def forward_response_headers(headers: list) -> list:
     """Headers to send to the client: drop hop-by-hop, Connection-named and
     Content-Length (the writer sets framing)."""

@@ -225,7 +225,11 @@ class ClientConnection:
                 hold.close()
 
     def _answer_error(self, err: ProxyError, head) -> None:
-        """Answer a request httptp refuses itself (4xx), then the connection closes."""
+        """Answer a request httptp refuses itself (4xx), then the connection
+        closes.  ``head``: the request being served, if any; else the error
+        may know the one it refuses (a 413 or 431 raised by the parser)."""
+        if head is None:
+            head = err.request
         q, b = self._q, self._base
         q[b + S.IN_REQUEST_BAD_REQUEST] += 1
         worker = self.worker

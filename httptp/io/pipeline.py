@@ -17,6 +17,7 @@ from httptp.balancer import Balancer
 from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, ResponseTooLarge,
                            UpstreamError)
 from httptp.http import policy, writer
+from httptp.http.host import upstream_target
 from httptp.io.http_client import HTTPUpstream, Response
 from httptp.io.teleport_server import Answer
 from httptp.io.timers import Deadline
@@ -39,6 +40,22 @@ def _teleport_refuses(head, headers: list, body: bytes) -> str | None:
     if head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers):
         return "a request without Host cannot be sent over teleport"
     return None
+
+
+def _origin_form(method: bytes, target: bytes, headers: list) -> tuple[bytes | None, list]:
+    """What goes upstream for a target that is not origin-form: for an
+    absolute-form one, its origin-form with its authority as Host (RFC 9112
+    §3.2.2: the client's Host, valid but overruled, is replaced), which is
+    what nginx sends with ``proxy_pass http://up`` and ``proxy_set_header
+    Host $host``; ``*`` as is.  ``(None, headers)`` for a target httptp does
+    not serve."""
+    upstream = upstream_target(method, target)
+    if upstream is None:
+        return None, headers
+    target, authority = upstream
+    if authority is not None:
+        headers = policy.set_host(headers, authority)
+    return target, headers
 
 
 class _UpstreamTimeout(Exception):
@@ -148,13 +165,19 @@ class Proxy:
         client-IP header is to be set, e.g. a teleport peer)."""
         q, b = self._q, self._base
         headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
+        target = head.target
+        if target[:1] != b"/":          # absolute-form, or OPTIONS *
+            target, headers = _origin_form(head.method, target, headers)
+            if target is None:          # a teleport frame: the HTTP parsers refuse these
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+                return BadRequest(f"unsupported request-target {head.target[:40]!r}")
         if self.out_teleport:
             refused = _teleport_refuses(head, headers, body)
             if refused:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(refused)
         try:
-            resp = self._exchange(head.method, head.target, headers, body, timer)
+            resp = self._exchange(head.method, target, headers, body, timer)
         except ProxyError as err:
             if err.status == 504:
                 q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1

@@ -58,6 +58,7 @@ from collections.abc import Callable
 from http import HTTPStatus
 
 from httptp.http.events import RequestHead, ResponseHead
+from httptp.http.host import valid_host
 from httptp.teleport import FrameTooLarge, FramingError
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
@@ -196,11 +197,26 @@ def _split_length(block: bytes) -> tuple[bytes, bytes | None]:
     return block, None
 
 
-def _block(block: bytes, no_body: bool) -> tuple[list, int | None, bool, bool]:
+def _check_hosts(headers: list) -> None:
+    """A request's Host: at most one, and ``host[:port]`` (``httptp.http.host``),
+    as the HTTP parsers require: the upstream must not pick among bad ones."""
+    seen = False
+    for name, value in headers:
+        if len(name) == 4 and name.lower() == b"host":
+            if seen or not valid_host(value):
+                raise FramingError(f"invalid or second Host header {value[:40]!r}")
+            seen = True
+
+
+def _block(block: bytes, no_body: bool,
+           request: bool = False) -> tuple[list, int | None, bool, bool]:
     """Parse and check a header block: ``(headers, content_length, chunked,
     expect_100)``; ``no_body`` (GET/HEAD) drops Content-Length and
-    Transfer-Encoding first, as Go reads no body for them."""
+    Transfer-Encoding first, as Go reads no body for them; ``request`` checks
+    Host (`_check_hosts`)."""
     headers = _parse_headers(block)
+    if request:
+        _check_hosts(headers)
     if no_body:
         headers = [(k, v) for k, v in headers
                    if len(k) not in (_CL, _TE) or k.lower() not in
@@ -312,20 +328,21 @@ class FrameReader:
         self._pos = self._scan = end + 4
         return self._parse_head(out, head, head.find(b"\r\n") + 2)
 
-    def _headers(self, cache: dict, block: bytes, no_body: bool):
-        """``_block(block, no_body)``, remembered in ``cache`` by the block
-        without its trailing Content-Length line (module docstring)."""
+    def _headers(self, cache: dict, block: bytes, no_body: bool, request: bool = False):
+        """``_block(block, no_body, request)``, remembered in ``cache`` by the
+        block without its trailing Content-Length line (module docstring), so
+        a repeated head's checks (Host too) cost nothing."""
         key, digits = _split_length(block)
         hit = cache.get(key)
         if hit is None:
             try:
-                hit = _block(key, no_body)
+                hit = _block(key, no_body, request)
             except FramingError:
                 if digits is None:
                     raise
                 # the whole block may fail first on its last line
                 # ("conflicting Content-Length headers"): its own error
-                return _block(block, no_body)
+                return _block(block, no_body, request)
             if len(cache) >= HEAD_CACHE_SIZE:
                 cache.clear()
             cache[key] = hit
@@ -344,12 +361,12 @@ class FrameReader:
         method, target, version = m.groups()
         if method in _NO_BODY_METHODS:
             headers, content_length, chunked, expect = self._headers(
-                self._no_body_heads, head[lines:], True)
+                self._no_body_heads, head[lines:], True, True)
             out.append((self._id, RequestHead(method, target, version, headers, True,
                                               content_length, chunked, expect), b""))
             return True
         headers, content_length, chunked, expect = self._headers(self._heads, head[lines:],
-                                                                 False)
+                                                                 False, True)
         head = RequestHead(method, target, version, headers, True, content_length, chunked,
                            expect)
         return self._body(out, head, content_length, chunked, True)

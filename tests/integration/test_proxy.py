@@ -158,6 +158,54 @@ def test_smuggling_shapes_get_400_and_nothing_is_forwarded(upstream, parser, req
     assert upstream.requests == 0
 
 
+HARDENING_400 = {
+    # RFC 9112 §2.2: empty lines may precede a request line, lone CRs may not
+    "bare-crs": b"\r\r\r\r\rGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    "crlf-then-cr": b"\r\n\rGET / HTTP/1.1\r\nHost: x\r\n\r\n",
+    # Host must be host[:port], whatever the form of the target
+    "host-space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host-ctl": b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
+    "host-empty": b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+    "absolute-host-space": b"GET http://example/ HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "absolute-host-ctl": b"GET http://example/ HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+    "absolute-userinfo": b"GET http://u@example/ HTTP/1.1\r\nHost: example\r\n\r\n",
+}
+
+
+def test_bare_cr_and_invalid_host_get_400_and_nothing_is_forwarded(upstream, parser):
+    after = b"GET /after HTTP/1.1\r\nHost: x\r\n\r\n"    # never answered nor forwarded
+    with proxy(upstream, parser) as p:
+        for name, req in HARDENING_400.items():
+            data = raw_exchange((p.host, p.port), req + after)
+            assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1, name
+            # the same on a connection that has served a request
+            with socket.create_connection((p.host, p.port), timeout=5) as c:
+                c.sendall(b"GET /ok HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert c.recv(65536).startswith(b"HTTP/1.1 200 ")
+                c.sendall(req + after)
+                data = b""
+                while chunk := c.recv(65536):
+                    data += chunk
+            assert data.startswith(b"HTTP/1.1 400 ") and data.count(b"HTTP/1.1 ") == 1, name
+    assert [r.split(b" ", 2)[1] for r in upstream.received] == [b"/ok"] * len(HARDENING_400)
+
+
+def test_absolute_form_goes_upstream_in_origin_form_with_its_authority_as_host(upstream,
+                                                                                  parser):
+    with proxy(upstream, parser) as p:
+        reqs = [b"GET http://example.com:8080/p?q=1 HTTP/1.1\r\nHost: other\r\nX-A: 1\r\n\r\n",
+                b"GET HTTPS://[::1]:8443 HTTP/1.0\r\nConnection: keep-alive\r\n\r\n",
+                b"OPTIONS http://example.com HTTP/1.1\r\nHost: example.com\r\n"
+                b"Connection: close\r\n\r\n"]
+        data = raw_exchange((p.host, p.port), b"".join(reqs))
+    assert [s for s, _, _ in split_responses(data)] == [200, 200, 200]
+    first, second, third = upstream.received
+    assert first.startswith(b"GET /p?q=1 HTTP/1.1\r\nHost: example.com:8080\r\nX-A: 1\r\n")
+    assert b"other" not in first and first.lower().count(b"host:") == 1
+    assert second.startswith(b"GET / HTTP/1.1\r\n") and b"\r\nHost: [::1]:8443\r\n" in second
+    assert third.startswith(b"OPTIONS * HTTP/1.1\r\nHost: example.com\r\n")
+
+
 def test_limits_431_413_and_get_only(upstream, parser):
     with proxy(upstream, parser, "-inMaxHeaderSize=1024", "-inMaxBodySize=100", "-inGetOnly") as p:
         big = b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000 + b"\r\n\r\n"

@@ -6,6 +6,7 @@ import http.client
 import json
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -48,6 +49,45 @@ def test_access_log_text_has_combined_fields_upstream_and_refusals(tmp_path):
     assert " upstream_time=" in ok
     bad = next(l for l in lines if " 400 " in l)
     assert '"-" 400' in bad and "upstream=-" in bad
+
+
+@pytest.mark.parametrize("parser", ["httptools", "h11"])
+def test_access_log_names_the_request_refused_with_413_or_431(tmp_path, parser):
+    """The parser raised before handing the head out, yet the line says what
+    was asked (it said "-")."""
+    up = Upstream(name="u")
+    log = tmp_path / "access.log"
+    chunked = (b"POST /chunked HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
+               b"40\r\n" + b"a" * 64 + b"\r\n", b"40\r\n" + b"b" * 64 + b"\r\n0\r\n\r\n")
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", f"-accessLog={log}", f"-httpParser={parser}",
+                    "-inMaxHeaderSize=1024", "-inMaxBodySize=100", workers=1) as p:
+            addr = (p.host, p.port)
+            assert raw_exchange(addr, b"POST /cl?a=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: ua/1\r\n"
+                                      b"Content-Length: 101\r\n\r\n").startswith(b"HTTP/1.1 413 ")
+            assert raw_exchange(addr, b"".join(chunked)).startswith(b"HTTP/1.1 413 ")
+            with socket.create_connection(addr, timeout=5) as c:   # the body grows later
+                for part in chunked:
+                    c.sendall(part.replace(b"/chunked", b"/chunked-later"))
+                    time.sleep(0.05)
+                assert c.recv(65536).startswith(b"HTTP/1.1 413 ")
+            assert raw_exchange(addr, b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 2000
+                                + b"\r\n\r\n").startswith(b"HTTP/1.1 431 ")
+            with socket.create_connection(addr, timeout=5) as c:   # the head grows later
+                c.sendall(b"GET /big-later HTTP/1.0\r\nHost: x\r\nX-Big: ")
+                time.sleep(0.05)
+                c.sendall(b"a" * 2000)
+                assert c.recv(65536).startswith(b"HTTP/1.1 431 ")
+            lines = _wait_lines(log, 5)
+    finally:
+        up.close()
+    assert len(lines) == 5 and up.requests == 0, lines
+    assert '"POST /cl?a=1 HTTP/1.1" 413 ' in lines[0] and '"ua/1"' in lines[0]
+    assert '"POST /chunked HTTP/1.1" 413 ' in lines[1]
+    assert '"POST /chunked-later HTTP/1.1" 413 ' in lines[2]
+    assert '"GET /big HTTP/1.1" 431 ' in lines[3]
+    assert '"GET /big-later HTTP/1.0" 431 ' in lines[4]
+    assert all(line.startswith("127.0.0.1 - - [") and "upstream=-" in line for line in lines)
 
 
 def test_json_logs_and_usr1_reopens_a_rotated_access_log(tmp_path):

@@ -1,6 +1,8 @@
 """The sans-IO HTTP/1.1 parsers: one suite, run against both back-ends
 (STYLE.md §7.9, uvicorn's http_protocol_cls pattern)."""
 
+import random
+
 import pytest
 
 from httptp.errors import ProtocolError
@@ -145,9 +147,110 @@ def test_header_case_order_and_ows(req):
                             (b"Empty", b""), (b"Obs", b"caf\xe9\tbar")]
 
 
-def test_leading_empty_lines_ignored(req):
-    [(head, _)] = messages(parse_all(req, b"\r\n\r\nGET / HTTP/1.1\r\nHost: a\r\n\r\n"))
-    assert head.target == b"/"
+EMPTY_LINES = [b"\r\n", b"\r\n\r\n", b"\n", b"\n\n", b"\r\n\n", b"\n\r\n"]
+# RFC 9112 §2.2 allows empty lines before a request line, not lone CRs (llhttp
+# and nginx skip both; h11_backend used to lstrip both)
+BARE_CRS = [b"\r\r\r\r\r", b"\r", b"\r\r\n", b"\r\n\r", b"\n\r", b"\r\n\r\r\n"]
+GET_A = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"
+
+
+def _splits(raw: bytes):
+    """``raw`` whole, cut in two at every byte, and byte by byte."""
+    yield [raw]
+    for cut in range(1, len(raw)):
+        yield [raw[:cut], raw[cut:]]
+    yield [raw[i:i + 1] for i in range(len(raw))]
+
+
+@pytest.mark.parametrize("lines", EMPTY_LINES, ids=repr)
+def test_leading_empty_lines_ignored(backend, lines):
+    for chunks in _splits(lines + GET_A + lines + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n"):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        assert [h.target for h, _ in messages(parse_all(p, *chunks))] == [b"/", b"/2"], chunks
+
+
+@pytest.mark.parametrize("crs", BARE_CRS, ids=repr)
+@pytest.mark.parametrize("before", [
+    b"", GET_A, b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\n\r\rx",
+    b"POST /p HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n\r\r\r\n0\r\n\r\n",
+], ids=["first", "after-get", "after-cl-body", "after-chunked-body"])
+def test_bare_cr_before_request_line_is_400(backend, crs, before):
+    raw = before + crs + GET_A
+    for chunks in _splits(raw):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        events = []
+        with pytest.raises(ProtocolError) as e:
+            for chunk in chunks:
+                events += p.feed(chunk)
+            p.feed(b"")
+        assert e.value.status == 400, chunks
+        # at most the request before: never the one after the CR
+        assert len([ev for ev in events if isinstance(ev, RequestHead)]) <= (1 if before else 0)
+
+
+def test_bare_cr_at_eof_between_requests(req):
+    assert req.feed(b"\r") == [] and req.feed(b"") == []
+
+
+def _random_stream(rnd: random.Random):
+    """Pipelined requests with CR/LF-rich bodies, split at random; returns
+    (feeds, the (target, body) pairs before the first bad gap, whether one is bad)."""
+    data, expected, bad = [], [], False
+    for i in range(rnd.randint(1, 5)):
+        gap = rnd.choice([b"", b"", b"", b"\r\n", b"\n", b"\r\n\n", b"\r", b"\r\r\n", b"\n\r"])
+        bad = bad or b"\r" in gap.replace(b"\r\n", b"")
+        body = bytes(rnd.choice(b"\r\n0a") for _ in range(rnd.randint(0, 12)))
+        target = b"/%d" % i
+        kind = rnd.choice(["get", "cl", "chunked"])
+        if kind == "get":
+            body = b""
+            msg = b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n"
+        elif kind == "cl":
+            msg = (b"POST " + target + b" HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n"
+                   % len(body) + body)
+        else:
+            cut = rnd.randint(0, len(body))
+            chunks = b"".join(b"%x;e=1\r\n%s\r\n" % (len(c), c) for c in (body[:cut], body[cut:]) if c)
+            msg = (b"POST " + target + b" HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   + chunks + b"0\r\n" + rnd.choice([b"", b"T: v\r\n"]) + b"\r\n")
+        data.append(gap + msg)
+        if not bad:
+            expected.append((target, body))
+    raw = b"".join(data)
+    cuts = sorted(rnd.sample(range(1, len(raw)), min(len(raw) - 1, rnd.randint(0, 8))))
+    return [raw[a:b] for a, b in zip([0] + cuts, cuts + [len(raw)])], expected, bad
+
+
+def test_random_pipelines_with_crs_agree_with_the_rule(backend):
+    """Bodies full of CR and LF, empty lines and bare CRs between requests,
+    random feed boundaries: exactly the requests before a bare CR come out."""
+    rnd = random.Random(9112)
+    for _ in range(400):
+        feeds, expected, bad = _random_stream(rnd)
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        events = []
+        try:
+            for chunk in feeds:
+                events += p.feed(chunk)
+            events += p.feed(b"")
+        except ProtocolError as e:
+            assert bad and e.status == 400, feeds
+            heads = [ev.target for ev in events if isinstance(ev, RequestHead)]
+            assert heads == [t for t, _ in expected][:len(heads)], feeds
+            continue
+        assert not bad, feeds
+        assert [(h.target, b) for h, b in messages(events)] == expected, feeds
+
+
+@pytest.mark.parametrize("body", [b"\r", b"a\rb", b"\r\r\r", b"ab\r"], ids=repr)
+def test_bare_cr_in_a_body_is_data(backend, body):
+    raw = (b"POST /cl HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+           + b"POST /te HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+           + b"%x\r\n" % len(body) + body + b"\r\n0\r\n\r\n" + GET_A)
+    for chunks in _splits(raw):
+        p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+        msgs = messages(parse_all(p, *chunks))
+        assert [(h.target, b) for h, b in msgs] == [(b"/cl", body), (b"/te", body), (b"/", b"")]
 
 
 def test_upgrade_parsed_as_plain_request(req):
@@ -260,6 +363,31 @@ INVALID = {
     "binary": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
     "trailing-space-version": b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
     "no-target": b"GET HTTP/1.1\r\nHost: a\r\n\r\n",
+    # Host must be host[:port] (RFC 3986), in every form of the request-target
+    "host-space": b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "host-ctl": b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n",
+    "host-empty": b"GET / HTTP/1.1\r\nHost:\r\n\r\n",
+    "host-empty-1.0": b"GET / HTTP/1.0\r\nHost: \r\n\r\n",
+    "host-space-1.0": b"GET / HTTP/1.0\r\nHost: a b\r\n\r\n",
+    "host-userinfo": b"GET / HTTP/1.1\r\nHost: u@a\r\n\r\n",
+    "host-slash": b"GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+    "host-bad-port": b"GET / HTTP/1.1\r\nHost: a:8o\r\n\r\n",
+    "host-two-ports": b"GET / HTTP/1.1\r\nHost: a:1:2\r\n\r\n",
+    "host-non-ascii": b"GET / HTTP/1.1\r\nHost: caf\xc3\xa9.example\r\n\r\n",
+    "host-bad-v6": b"GET / HTTP/1.1\r\nHost: [::g]:80\r\n\r\n",
+    "host-v6-unbracketed": b"GET / HTTP/1.1\r\nHost: ::1\r\n\r\n",
+    "host-bad-pct": b"GET / HTTP/1.1\r\nHost: a%2g\r\n\r\n",
+    "absolute-host-space": b"GET http://example/ HTTP/1.1\r\nHost: a b\r\n\r\n",
+    "absolute-host-ctl": b"GET http://example/ HTTP/1.1\r\nHost: a\x01\r\n\r\n",
+    "absolute-host-empty": b"GET http://example/ HTTP/1.1\r\nHost:\r\n\r\n",
+    "absolute-no-host": b"GET http://example/ HTTP/1.1\r\n\r\n",
+    # request-targets a reverse proxy does not serve
+    "absolute-userinfo": b"GET http://u:p@example/ HTTP/1.1\r\nHost: example\r\n\r\n",
+    "absolute-empty-authority": b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+    "absolute-ftp": b"GET ftp://example/x HTTP/1.1\r\nHost: example\r\n\r\n",
+    "absolute-bad-port": b"GET http://example:x/ HTTP/1.1\r\nHost: example\r\n\r\n",
+    "authority-form": b"GET example.com:80 HTTP/1.1\r\nHost: example.com\r\n\r\n",
+    "asterisk-get": b"GET * HTTP/1.1\r\nHost: a\r\n\r\n",
 }
 
 
@@ -277,6 +405,32 @@ def test_invalid_request_after_a_valid_one(backend, raw):
     with pytest.raises(ProtocolError) as e:
         parse_all(p, raw)
     assert e.value.status == 400
+
+
+VALID_HOSTS = [b"a", b"example.com", b"example.com:8080", b"example.com:", b"10.0.0.1:80",
+               b"[::1]", b"[2001:db8::1]:443", b"[::ffff:10.0.0.1]", b"[v1.fe80::a+en1]",
+               b"xn--caf-dma.example", b"a%2Db", b"a_b-c~d"]
+
+
+@pytest.mark.parametrize("host", VALID_HOSTS)
+def test_valid_hosts(req, host):
+    [head, _] = req.feed(b"GET / HTTP/1.1\r\nHost: " + host + b"\r\n\r\n")
+    assert head.headers == [(b"Host", host)]
+
+
+@pytest.mark.parametrize("target", [
+    b"http://example/p?q", b"HTTPS://example:8443/", b"http://[::1]:8080/x", b"http://example",
+    b"http://example?q", b"//double/slash"])
+def test_target_forms_accepted_as_sent(req, target):
+    """The parser hands the target on as sent; the pipeline makes absolute-form
+    origin-form (see test_http_writer_policy)."""
+    [head, _] = req.feed(b"GET " + target + b" HTTP/1.1\r\nHost: other\r\n\r\n")
+    assert head.target == target
+
+
+def test_options_asterisk(req):
+    [head, _] = req.feed(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert head.target == b"*"
 
 
 def _sized_request(size: int) -> bytes:
@@ -344,6 +498,63 @@ def test_body_limit_chunked(req):
     assert e.value.status == 413
     with pytest.raises(ProtocolError):
         req.feed(b"")
+
+
+# -- what a 413 or 431 knows of the request it refuses (the access log's line) --
+
+def _refusal(parser, *chunks) -> ProtocolError:
+    with pytest.raises(ProtocolError) as e:
+        for chunk in chunks:
+            parser.feed(chunk)
+    return e.value
+
+
+def _line(err):
+    r = err.request
+    return None if r is None else (r.method, r.target, r.version)
+
+
+def test_413_content_length_carries_the_whole_head(req):
+    err = _refusal(req, b"POST /up?x=1 HTTP/1.1\r\nHost: a\r\nUser-Agent: ua\r\n"
+                        b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+    assert err.status == 413 and _line(err) == (b"POST", b"/up?x=1", b"1.1")
+    assert (b"User-Agent", b"ua") in err.request.headers
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_413_chunked_carries_the_head(backend, split):
+    body = b"%x\r\n%s\r\n" % (MAX_BODY + 1, b"x" * (MAX_BODY + 1))
+    chunks = [TE.replace(b"POST /", b"PUT /big"), body] if split else \
+        [TE.replace(b"POST /", b"PUT /big") + body]
+    err = _refusal(backend.RequestParser(MAX_HEAD, MAX_BODY), *chunks)
+    assert err.status == 413 and _line(err) == (b"PUT", b"/big", b"1.1")
+
+
+def test_431_complete_block_carries_the_request_line(req):
+    raw = _sized_request(MAX_HEAD + 1).replace(b"GET / HTTP/1.1", b"GET /431 HTTP/1.0")
+    err = _refusal(req, raw)
+    assert err.status == 431 and _line(err) == (b"GET", b"/431", b"1.0")
+
+
+@pytest.mark.parametrize("first", [b"", GET_A], ids=["first", "after-a-request"])
+def test_431_incomplete_head_carries_the_request_line(backend, first):
+    p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+    if first:
+        assert len(p.feed(first)) == 2
+    err = _refusal(p, b"\r\nDELETE /d?q HTTP/1.1\r\nHo", b"st: a\r\nX: ", *[b"v" * 100] * 50)
+    assert err.status == 431 and _line(err) == (b"DELETE", b"/d?q", b"1.1")
+
+
+def test_431_pipelined_in_one_feed_carries_the_request_line(req):
+    raw = GET_A + b"GET /two HTTP/1.1\r\nHost: a\r\n" + b"X-Header: value\r\n" * 300
+    err = _refusal(req, raw)
+    assert err.status == 431 and _line(err) == (b"GET", b"/two", b"1.1")
+
+
+def test_431_before_the_request_line_ends_names_no_request(backend):
+    p = backend.RequestParser(MAX_HEAD, MAX_BODY)
+    err = _refusal(p, b"GET /", *[b"a" * 100] * 50)
+    assert err.status == 431 and err.request is None
 
 
 KNOWN_DIFFERENCES = {

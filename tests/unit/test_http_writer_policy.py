@@ -119,3 +119,33 @@ def test_connection_tokens():
     assert policy.HOP_BY_HOP == {b"connection", b"keep-alive", b"te", b"trailer",
                                  b"transfer-encoding", b"upgrade", b"proxy-connection",
                                  b"proxy-authenticate", b"proxy-authorization"}
+
+
+def test_set_host_replaces_in_place_or_appends():
+    hs = [(b"X-A", b"1"), (b"host", b"client"), (b"X-B", b"2")]
+    assert policy.set_host(hs, b"example:80") == [(b"X-A", b"1"), (b"host", b"example:80"),
+                                                 (b"X-B", b"2")]
+    assert policy.set_host([(b"X-A", b"1")], b"example") == [(b"X-A", b"1"), (b"Host", b"example")]
+
+
+@pytest.mark.parametrize("method, target, upstream", [
+    (b"GET", b"/p?q", (b"/p?q", None)),
+    (b"GET", b"http://example/p?q", (b"/p?q", b"example")),
+    (b"GET", b"HTTPS://example:8443", (b"/", b"example:8443")),
+    (b"GET", b"http://example?q", (b"/?q", b"example")),
+    (b"GET", b"http://[::1]:8080/x", (b"/x", b"[::1]:8080")),
+    (b"OPTIONS", b"http://example", (b"*", b"example")),     # RFC 9112 §3.2.4
+    (b"OPTIONS", b"http://example/", (b"/", b"example")),
+    (b"OPTIONS", b"*", (b"*", None)),
+    (b"GET", b"*", None),
+    (b"GET", b"http://u@example/", None),
+    (b"GET", b"http:///x", None),
+    (b"GET", b"http://a b/", None),
+    (b"GET", b"http://example#f", None),
+    (b"GET", b"ftp://example/", None),
+    (b"GET", b"example:80", None),
+    (b"GET", b"example", None),
+])
+def test_upstream_target(method, target, upstream):
+    from httptp.http.host import upstream_target
+    assert upstream_target(method, target) == upstream

@@ -358,6 +358,32 @@ def test_malformed_responses(msg):
         read("response", frame(1, msg))
 
 
+@pytest.mark.parametrize("method", [b"GET", b"POST"])
+@pytest.mark.parametrize("hosts", [
+    b"Host: a b\r\n", b"Host:\r\n", b"Host: u@a\r\n", b"Host: a/b\r\n", b"Host: a:8o\r\n",
+    b"Host: caf\xc3\xa9\r\n", b"Host: [::g]\r\n", b"Host: a\r\nhost: a\r\n",
+], ids=["space", "empty", "userinfo", "slash", "port", "non-ascii", "bad-v6", "two"])
+def test_request_frame_with_an_invalid_host(method, hosts):
+    """The Host rule of the HTTP parsers (httptp.http.host), on each frame,
+    also when the same headers came before with a valid Host."""
+    msg = method + b" /x HTTP/1.1\r\n" + hosts + b"Content-Length: 0\r\n\r\n"
+    with pytest.raises(FramingError, match="Host"):
+        read("request", frame(1, msg))
+    good = encode_request(1, method, b"/x", [(b"Host", b"example.com:8080")], b"")
+    with pytest.raises(FramingError, match="Host"):
+        read("request", good + good.replace(b"1.1\r\nHost: example.com:8080\r\n",
+                                            b"1.1\r\n" + hosts))
+
+
+def test_request_frame_hosts_that_are_valid():
+    for host in (b"a", b"example.com:8080", b"10.0.0.1:80", b"[::1]:443", b"a%2Db"):
+        [(_, head, _)] = read("request", encode_request(1, b"GET", b"/", [(b"Host", host)], b""))
+        assert head.headers == [(b"Host", host)]
+    [(_, head, _)] = read("request", frame(1, b"GET / HTTP/1.1\r\nX: y\r\n\r\n"))   # none: as before
+    [(_, head, _)] = read("response", frame(1, b"HTTP/1.1 200 OK\r\nHost: a b\r\n"
+                                                b"Content-Length: 0\r\n\r\n"))  # not a request
+
+
 def test_response_without_content_length_message():
     with pytest.raises(FramingError, match="response without Content-Length"):
         read("response", frame(1, b"HTTP/1.1 200 OK\r\nServer: x\r\n\r\n"))
