@@ -4,10 +4,13 @@ Every peer here reads with ``suppress_ragged_eofs=False``: a TCP close without
 close_notify raises ``SSLEOFError`` ("unexpected eof while reading" with
 OpenSSL 3) instead of reading as a clean end.  Certificates come from trustme
 at test time.
+
+    https in:       client ──https──▶ httptp ──http──▶ upstream
 """
 
 from __future__ import annotations
 
+import signal
 import socket
 import ssl
 import threading
@@ -17,9 +20,13 @@ import pytest
 
 trustme = pytest.importorskip("trustme")
 
-from tests.integration.test_tls import Certs  # noqa: E402
+from tests.helpers import HttpTp, Reply, Upstream, wait_until  # noqa: E402
+from tests.integration.test_tls import Certs, no_traceback, tls_args  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+
+VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
+            pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3")]
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +37,13 @@ def certs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server_pair(certs):
     return certs.issue("server", "localhost", "127.0.0.1")
+
+
+@pytest.fixture
+def upstream():
+    up = Upstream()
+    yield up
+    up.close()
 
 
 def _in_greenlet(fn, timeout=20.0):
@@ -116,3 +130,125 @@ def test_close_tls_never_raises_nor_waits_past_its_bound(certs, server_pair):
         listener.close()
         for t in peers:
             t.close()
+
+
+# --------------------------------------------------------------------------- https in
+
+def read_to_end(t) -> bytes:
+    """Everything ``t`` (``suppress_ragged_eofs=False``) reads until the peer's
+    close_notify; a TCP end without one raises SSLEOFError."""
+    out = []
+    while chunk := t.recv(65536):
+        out.append(chunk)
+    return b"".join(out)
+
+
+def read_response(t) -> bytes:
+    """One Content-Length response from ``t``, not reading past it."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = t.recv(1)
+        assert chunk, data
+        data += chunk
+    length = int(data.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(data) - data.index(b"\r\n\r\n") - 4 < length:
+        data += t.recv(length)
+    return data
+
+
+def client_context(certs, version=None) -> ssl.SSLContext:
+    ctx = certs.client_context()
+    if version is not None:
+        ctx.minimum_version = ctx.maximum_version = version
+    return ctx
+
+
+def https_client(certs, port, version=None, session=None, ctx=None):
+    ctx = ctx or client_context(certs, version)
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    return ctx.wrap_socket(s, server_hostname="localhost", session=session,
+                           suppress_ragged_eofs=False)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_https_connection_close_ends_with_close_notify(certs, server_pair, upstream, version):
+    """Connection: close: the whole response, then a clean EOF; whether the
+    client then answers with its own close_notify or just closes, and on a
+    resumed session too."""
+    with HttpTp("-inType=https", *tls_args(server_pair), "-outType=http",
+                f"-out={upstream.addr}", workers=1) as p:
+        request = b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        ctx = client_context(certs, version)
+        t = https_client(certs, p.port, ctx=ctx)
+        t.sendall(request)
+        data = read_to_end(t)
+        assert data.startswith(b"HTTP/1.1 200 ") and data.endswith(b"\r\n\r\nup"), data
+        session = t.session
+        t.unwrap()                    # our own close_notify back: the peer is already gone
+        t.close()
+
+        t = https_client(certs, p.port, session=session, ctx=ctx)
+        assert t.session_reused
+        t.sendall(request)
+        assert read_to_end(t).endswith(b"\r\n\r\nup")
+        t.close()                     # no close_notify of ours this time
+
+        t = https_client(certs, p.port, ctx=ctx)     # and httptp still serves
+        t.sendall(request)
+        assert read_to_end(t).endswith(b"\r\n\r\nup")
+        t.close()
+    no_traceback(p)
+    assert "stopped: 3 requests served" in p.output, p.output
+
+
+def test_https_idle_timeout_ends_with_close_notify(certs, server_pair, upstream):
+    with HttpTp("-inType=https", *tls_args(server_pair), "-outType=http",
+                f"-out={upstream.addr}", "-inIdleTimeout=500ms", workers=1) as p:
+        t = https_client(certs, p.port)
+        t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(t).endswith(b"\r\n\r\nup")
+        assert read_to_end(t) == b""     # after the idle timeout: close_notify, then EOF
+        t.close()
+    no_traceback(p)
+
+
+def test_https_drain_ends_idle_and_inflight_with_close_notify(certs, server_pair):
+    slow = Upstream(handler=lambda m, path, h, b: Reply(body=b"slow", delay=1.0)
+                    if path == b"/slow" else Reply(body=b"up"))
+    try:
+        with HttpTp("-inType=https", *tls_args(server_pair), "-outType=http",
+                    f"-out={slow.addr}", workers=1) as p:
+            idle = https_client(certs, p.port)
+            idle.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_response(idle).endswith(b"\r\n\r\nup")
+            busy = https_client(certs, p.port)
+            busy.sendall(b"GET /slow HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wait_until(lambda: slow.requests == 2)
+            p.signal(signal.SIGTERM)
+            assert read_to_end(idle) == b""          # idle keep-alive: closed at once
+            data = read_to_end(busy)                 # in flight: finished, Connection: close
+            assert data.startswith(b"HTTP/1.1 200 ") and b"\r\nConnection: close" in data
+            assert data.endswith(b"\r\n\r\nslow")
+            assert p.wait(15) == 0
+        no_traceback(p)
+    finally:
+        slow.close()
+
+
+def test_https_503_over_concurrency_ends_with_close_notify(certs, server_pair):
+    slow = Upstream(handler=lambda m, p, h, b: Reply(delay=1.0))
+    try:
+        with HttpTp("-inType=https", *tls_args(server_pair), "-outType=http", f"-out={slow.addr}",
+                    "-concurrency=1", workers=1) as p:
+            busy = https_client(certs, p.port)
+            busy.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert wait_until(lambda: slow.requests == 1)
+            t = https_client(certs, p.port)
+            t.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert read_to_end(t).startswith(b"HTTP/1.1 503 ")
+            t.close()
+            assert read_response(busy).startswith(b"HTTP/1.1 200 ")
+            busy.close()
+        no_traceback(p)
+    finally:
+        slow.close()
