@@ -6,10 +6,12 @@ OpenSSL 3) instead of reading as a clean end.  Certificates come from trustme
 at test time.
 
     https in:       client ──https──▶ httptp ──http──▶ upstream
+    https out:      client ──http──▶ httptp ──https──▶ TLS upstream (a thread here)
 """
 
 from __future__ import annotations
 
+import http.client
 import signal
 import socket
 import ssl
@@ -20,11 +22,12 @@ import pytest
 
 trustme = pytest.importorskip("trustme")
 
-from tests.helpers import HttpTp, Reply, Upstream, wait_until  # noqa: E402
+from tests.helpers import HttpTp, Reply, Upstream, get, wait_until  # noqa: E402
 from tests.integration.test_tls import Certs, no_traceback, tls_args  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
+CLEAN = "close_notify"
 VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
             pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3")]
 
@@ -252,3 +255,107 @@ def test_https_503_over_concurrency_ends_with_close_notify(certs, server_pair):
         no_traceback(p)
     finally:
         slow.close()
+
+
+# --------------------------------------------------------------------------- https out
+
+class TLSPeer:
+    """A threaded TLS server that records how each connection ended
+    (``endings``: CLEAN or the error).  ``serve(t)`` runs the protocol and
+    returns when the peer (httptp) ended the connection."""
+
+    def __init__(self, pair):
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(*pair)
+        self.endings: list[str] = []
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[ssl.SSLSocket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._conn, args=(c,), daemon=True).start()
+
+    def _conn(self, c):
+        try:
+            c.settimeout(30)
+            self.before_tls(c)
+            t = self.ctx.wrap_socket(c, server_side=True, suppress_ragged_eofs=False)
+        except (OSError, AssertionError):
+            c.close()
+            return
+        self.conns.append(t)
+        try:
+            self.endings.append(self.serve(t))
+        finally:
+            t.close()
+
+    def before_tls(self, c):
+        """What the protocol says in plaintext first (nothing for https)."""
+
+    def close(self):
+        for s in (self.sock, *self.conns):
+            try:
+                s.shutdown(socket.SHUT_RDWR)     # wakes the threads blocked on it
+            except OSError:
+                pass
+        self.sock.close()
+
+
+class TLSHTTPUpstream(TLSPeer):
+    """Answers every GET with 200 "up"; ends when httptp ends the connection."""
+
+    def serve(self, t):
+        buf = b""
+        try:
+            while True:
+                chunk = t.recv(65536)
+                if not chunk:
+                    return CLEAN
+                buf += chunk
+                while b"\r\n\r\n" in buf:
+                    _, buf = buf.split(b"\r\n\r\n", 1)
+                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup")
+        except (OSError, ValueError) as e:
+            return repr(e)
+
+
+@pytest.fixture
+def tls_upstream(server_pair):
+    up = TLSHTTPUpstream(server_pair)
+    yield up
+    up.close()
+
+
+def test_https_out_pool_idle_timeout_sends_close_notify(certs, tls_upstream):
+    with HttpTp("-outType=https", f"-out=localhost:{tls_upstream.port}",
+                f"-outTLSCA={certs.ca_file}", "-outIdleTimeout=300ms", workers=1) as p:
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        assert get(c, "/")[0] == 200
+
+        def expired_one_closed():
+            # the pool drops an expired connection when the next request comes
+            # (the poll's step is longer than -outIdleTimeout)
+            assert get(c, "/")[0] == 200
+            return tls_upstream.endings
+        assert wait_until(expired_one_closed, step=0.5)
+        assert tls_upstream.endings[0] == CLEAN
+    no_traceback(p)
+
+
+def test_https_out_shutdown_sends_close_notify(certs, tls_upstream):
+    with HttpTp("-outType=https", f"-out=localhost:{tls_upstream.port}",
+                f"-outTLSCA={certs.ca_file}", workers=1) as p:
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        assert get(c, "/")[0] == 200
+        c.close()
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    assert wait_until(lambda: tls_upstream.endings)
+    assert tls_upstream.endings == [CLEAN]
+    no_traceback(p)
