@@ -35,7 +35,8 @@ An idle connection ends silently after ``read_timeout``.  Any IO, codec or
 framing error closes the connection; answers of handlers still running on it
 are dropped (the handlers themselves finish).  ``drain`` stops reading on every
 connection, lets the running handlers finish and their answers flush, then
-closes.
+closes.  The idle and the drain ends are orderly: on TLS they send our
+close_notify (``sockio.close_tls``); errors just close.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from gevent.hub import Waiter
 from greenlet import greenlet as _RawGreenlet
 
 from httptp import stats as S
+from httptp.io.sockio import close_tls
 from httptp.io.teleport_client import (BatchWriter, _Closed, _Timeout, counters, error_text,
                                        read_exactly)
 from httptp.teleport import HandshakeError, TeleportError
@@ -159,6 +161,7 @@ class _Conn:
         finally:
             timer.close()
         if self.draining:
+            self._close(orderly=True)
             return
         # -- streams ---------------------------------------------------------------
         sock.settimeout(srv.read_timeout)
@@ -169,6 +172,7 @@ class _Conn:
         # write can interrupt it (kill) without throwing into our caller's greenlet.
         rg = self.reader = gevent.spawn(self._reader, decompressor(theirs))
         wg = gevent.spawn(self._write, writer)
+        orderly = False
         try:
             rg.join()
             if self.draining and not self.closed:
@@ -178,18 +182,21 @@ class _Conn:
                 if not self.closed:
                     writer.stop()
                     wg.join()
+                    orderly = True      # both greenlets are done with the socket
         finally:
             self.reading = False
             rg.kill(block=False)
             wg.kill(block=False)
-            self._close()
+            self._close(orderly)
 
     def _reader(self, decomp) -> None:
         try:
             self._read(decomp)
         except _Drain:
             pass
-        except (_stdsocket.timeout, TimeoutError, _Closed):
+        except (_stdsocket.timeout, TimeoutError):
+            self._close(orderly=True)    # idle for read_timeout
+        except _Closed:
             self._close()
         except (OSError, TeleportError) as e:
             if isinstance(e, TeleportError):
@@ -278,11 +285,15 @@ class _Conn:
         if self.reading and self.reader is not None:
             self.reader.kill(_Drain, block=False)
 
-    def _close(self) -> None:
+    def _close(self, orderly: bool = False) -> None:
+        """Close the connection; ``orderly``: TLS sends our close_notify first."""
         if self.closed:
             return
         self.closed = True
         self.idle.set()
+        if orderly:
+            close_tls(self.sock)
+            return
         try:
             self.sock.close()
         except OSError:

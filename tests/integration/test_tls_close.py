@@ -7,6 +7,7 @@ at test time.
 
     https in:       client ──https──▶ httptp ──http──▶ upstream
     https out:      client ──http──▶ httptp ──https──▶ TLS upstream (a thread here)
+    teleports in:   raw TLS teleport peer ──▶ httptp, or TeleportServer in this process
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ import pytest
 
 trustme = pytest.importorskip("trustme")
 
+from httptp.teleport import handshake  # noqa: E402
+from httptp.teleport.framing import FrameReader, encode_request  # noqa: E402
+from httptp.teleport.handshake import Compress  # noqa: E402
 from tests.helpers import HttpTp, Reply, Upstream, get, wait_until  # noqa: E402
 from tests.integration.test_tls import Certs, no_traceback, tls_args  # noqa: E402
 
@@ -359,3 +363,101 @@ def test_https_out_shutdown_sends_close_notify(certs, tls_upstream):
     assert wait_until(lambda: tls_upstream.endings)
     assert tls_upstream.endings == [CLEAN]
     no_traceback(p)
+
+
+# --------------------------------------------------------------------------- teleports
+
+def ending(t) -> str:
+    """How the peer ended the connection: CLEAN, or the error instead."""
+    try:
+        read_to_end(t)
+        return CLEAN
+    except (OSError, ValueError) as e:
+        return repr(e)
+
+
+def recv_exactly(s, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = s.recv(n - len(data))
+        assert chunk, "closed during the teleport handshake"
+        data += chunk
+    return data
+
+
+def teleports_client(certs, port, version=None):
+    """A raw teleport client over TLS (codec none): (TLS socket, frame reader)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=15)
+    s.sendall(handshake.encode(Compress.NONE, True))
+    codec, tls = handshake.decode(recv_exactly(s, handshake.HEADER_SIZE))
+    assert tls and codec == Compress.NONE
+    ctx = client_context(certs, version)
+    t = ctx.wrap_socket(s, server_hostname="localhost", suppress_ragged_eofs=False)
+    return t, FrameReader("response", 65536, lambda i: False)
+
+
+def teleport_get(t, reader, req_id: int):
+    t.sendall(encode_request(req_id, b"GET", b"/", [(b"Host", b"x")], b""))
+    frames = []
+    while not frames:
+        chunk = t.recv(65536)
+        assert chunk
+        frames = reader.feed(chunk)
+    (rid, head, body), = frames
+    return rid, head.status, body
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+def test_teleports_in_drain_sends_close_notify(certs, server_pair, upstream, version):
+    with HttpTp("-inType=teleports", *tls_args(server_pair), "-inCompress=none",
+                "-outType=http", f"-out={upstream.addr}", workers=1) as p:
+        t, reader = teleports_client(certs, p.port, version)
+        assert teleport_get(t, reader, 1) == (1, 200, b"up")
+        p.signal(signal.SIGTERM)
+        assert read_to_end(t) == b""
+        t.close()
+        assert p.wait(15) == 0
+    no_traceback(p)
+
+
+# In this process: the read timeouts the httptp command does not expose.
+
+def test_teleports_server_idle_sends_close_notify(certs, server_pair):
+    import gevent
+    from gevent import socket as gsocket
+    from httptp import tls
+    from httptp.io.teleport_server import Answer, TeleportServer
+    server_tls = tls.ServerTLS([server_pair])
+    server_tls.for_worker()
+    srv = TeleportServer(lambda head, body, peer: Answer(200, b"OK", [], b"up"),
+                         compress=Compress.NONE, read_timeout=0.3, tls=server_tls)
+    listener = gsocket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    port = listener.getsockname()[1]
+
+    def accept():
+        sock, addr = listener.accept()
+        srv.handle(sock, f"{addr[0]}:{addr[1]}")
+
+    def client():
+        # a thread: blocking stdlib sockets while the hub serves in this one
+        result = []
+
+        def talk():
+            t, reader = teleports_client(certs, port)
+            result.append(teleport_get(t, reader, 7))
+            result.append(ending(t))
+            t.close()
+        th = threading.Thread(target=talk, daemon=True)
+        th.start()
+        assert _poll(lambda: not th.is_alive(), timeout=15)
+        return result
+    acceptor = gevent.spawn(accept)
+    try:
+        assert _in_greenlet(client) == [(7, 200, b"up"), CLEAN]
+        acceptor.join(5)
+        assert acceptor.dead and acceptor.successful()
+    finally:
+        acceptor.kill()
+        listener.close()
