@@ -8,6 +8,7 @@ at test time.
     https in:       client ──https──▶ httptp ──http──▶ upstream
     https out:      client ──http──▶ httptp ──https──▶ TLS upstream (a thread here)
     teleports in:   raw TLS teleport peer ──▶ httptp, or TeleportServer in this process
+    teleports out:  TeleportClient or httptp ──▶ raw TLS teleport peer (a thread here)
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import pytest
 trustme = pytest.importorskip("trustme")
 
 from httptp.teleport import handshake  # noqa: E402
-from httptp.teleport.framing import FrameReader, encode_request  # noqa: E402
+from httptp.teleport.framing import FrameReader, encode_request, encode_response  # noqa: E402
 from httptp.teleport.handshake import Compress  # noqa: E402
 from tests.helpers import HttpTp, Reply, Upstream, get, wait_until  # noqa: E402
 from tests.integration.test_tls import Certs, no_traceback, tls_args  # noqa: E402
@@ -367,6 +368,28 @@ def test_https_out_shutdown_sends_close_notify(certs, tls_upstream):
 
 # --------------------------------------------------------------------------- teleports
 
+class TLSTeleportPeer(TLSPeer):
+    """A teleports server: answers every request frame 200 "up" (codec none)."""
+
+    def before_tls(self, c):
+        codec, tls = handshake.decode(recv_exactly(c, handshake.HEADER_SIZE))
+        assert tls
+        c.sendall(handshake.encode(codec, True))
+
+    def serve(self, t):
+        reader = FrameReader("request", 65536)
+        try:
+            while True:
+                chunk = t.recv(65536)
+                if not chunk:
+                    return CLEAN
+                for req_id, _, _ in reader.feed(chunk):
+                    if req_id:
+                        t.sendall(encode_response(req_id, 200, b"OK", [], b"up"))
+        except (OSError, ValueError) as e:
+            return repr(e)
+
+
 def ending(t) -> str:
     """How the peer ended the connection: CLEAN, or the error instead."""
     try:
@@ -420,7 +443,47 @@ def test_teleports_in_drain_sends_close_notify(certs, server_pair, upstream, ver
     no_traceback(p)
 
 
+@pytest.fixture
+def tls_teleport_peer(server_pair):
+    peer = TLSTeleportPeer(server_pair)
+    yield peer
+    peer.close()
+
+
+def test_teleports_out_shutdown_sends_close_notify(certs, tls_teleport_peer):
+    with HttpTp("-outType=teleports", f"-out=localhost:{tls_teleport_peer.port}",
+                f"-outTLSCA={certs.ca_file}", "-outCompress=none", workers=1) as p:
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        assert get(c, "/")[:3:2] == (200, b"up")
+        c.close()
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0
+    assert wait_until(lambda: tls_teleport_peer.endings)
+    assert tls_teleport_peer.endings == [CLEAN]
+    no_traceback(p)
+
+
 # In this process: the read timeouts the httptp command does not expose.
+
+@pytest.mark.parametrize("how", ["idle", "close"])
+def test_teleports_client_link_end_sends_close_notify(certs, tls_teleport_peer, how):
+    from httptp.io.teleport_client import TeleportClient
+    client = TeleportClient(f"127.0.0.1:{tls_teleport_peer.port}", compress=Compress.NONE,
+                            tls_context=certs.client_context(), server_hostname="localhost",
+                            read_timeout=0.3 if how == "idle" else 30.0)
+
+    def run():
+        r = client.request(b"GET", b"/", [(b"Host", b"x")], b"", time.monotonic() + 10)
+        assert (r.head.status, r.body) == (200, b"up")
+        if how == "close":
+            client.close()
+        return _poll(lambda: tls_teleport_peer.endings)
+    try:
+        assert _in_greenlet(run)
+    finally:
+        client.close()
+    assert tls_teleport_peer.endings == [CLEAN]
+
 
 def test_teleports_server_idle_sends_close_notify(certs, server_pair):
     import gevent
