@@ -37,6 +37,7 @@ from httptp.http.parser import select_backend
 from httptp.certstore import offers_acme_tls
 from httptp.io.http_client import readable
 from httptp.io.http_server import ClientConnection
+from httptp.io.sockio import close_tls
 from httptp.io.pipeline import Proxy
 from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
@@ -161,6 +162,7 @@ class Worker:
         ``Connection: close``) instead of being cut mid-race."""
         for g, conn in list(self.conns.items()):
             if conn is not None and conn.idle and not readable(conn.sock):
+                conn.orderly = True     # between requests: https ends with close_notify
                 g.kill(block=False)
 
     def _finish_drain(self) -> None:
@@ -253,13 +255,18 @@ class Worker:
         finally:
             q[b + S.IN_CONNS] -= 1
             del self.conns[g]
-            sock.close()
+            if self.server_tls is not None and conn is not None and conn.orderly:
+                close_tls(sock)         # a raw socket (no handshake) is just closed
+            else:
+                sock.close()
 
 
     def _refuse(self, sock, client_ip: bytes) -> None:
         """Over -concurrency: answer 503 and close without reading the request
-        (on an https port after the TLS handshake, so the client can read it)."""
-        if self.server_tls is not None:
+        (on an https port after the TLS handshake, so the client can read it,
+        followed by our close_notify)."""
+        tls = self.server_tls is not None
+        if tls:
             tls_sock = self._tls_accept(sock, client_ip)
             if tls_sock is None:
                 sock.close()
@@ -268,6 +275,9 @@ class Worker:
         try:
             sock.settimeout(1.0)
             sock.sendall(writer.error_response(ServiceUnavailable(), False))
+            if tls:
+                close_tls(sock)
+                return
             sock.shutdown(socket.SHUT_WR)
         except OSError:
             pass

@@ -30,7 +30,7 @@ from httptp import stats as S
 from httptp.errors import GatewayTimeout, ProtocolError, ResponseTooLarge, UpstreamError
 from httptp.http import writer
 from httptp.http.events import Data, EndOfMessage, ResponseHead
-from httptp.io.sockio import is_plain, recv_after_wait, send_all
+from httptp.io.sockio import close_tls, is_plain, recv_after_wait, send_all
 from httptp.tls import error_text as tls_error_text
 
 _POLLIN_OR_HUP = select.POLLIN | select.POLLHUP | select.POLLERR
@@ -77,9 +77,14 @@ class _Conn:
         self.stirred = True
         self._watch.stop()
 
-    def close(self) -> None:
+    def close(self, orderly: bool = False) -> None:
+        """``orderly`` (the pool lets it go: idle too long, shutting down): on
+        TLS our close_notify goes first."""
         self._watch.close()
-        self.sock.close()
+        if orderly and not self.plain:
+            close_tls(self.sock)
+        else:
+            self.sock.close()
 
 
 class HTTPUpstream:
@@ -147,7 +152,10 @@ class HTTPUpstream:
             # An idle upstream connection should have nothing to read.  If it
             # became readable the server closed it (EOF) or sent junk: drop it
             # rather than lose the request on it.
-            if now - conn.idle_since > self._idle_timeout or (conn.stirred and _stale(conn.sock)):
+            if now - conn.idle_since > self._idle_timeout:
+                self._close(conn, orderly=True)
+                continue
+            if conn.stirred and _stale(conn.sock):
                 self._close(conn)
                 continue
             return conn, True
@@ -157,15 +165,15 @@ class HTTPUpstream:
         conn.idle(time.monotonic())
         self._idle.append(conn)
 
-    def _close(self, conn: _Conn) -> None:
+    def _close(self, conn: _Conn, orderly: bool = False) -> None:
         try:
-            conn.close()
+            conn.close(orderly)
         finally:
             self._q[self._base + S.OUT_CONNS] -= 1
 
     def close(self) -> None:
         while self._idle:
-            self._close(self._idle.pop())
+            self._close(self._idle.pop(), orderly=True)
 
     @property
     def idle_count(self) -> int:

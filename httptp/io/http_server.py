@@ -19,6 +19,11 @@ Timeouts (``-inHeaderTimeout``, ``-inIdleTimeout``):
 Every failure the client caused is answered from the error table
 (``httptp.errors``) and closes the connection, so a pipelined request behind a
 bad one is never answered.
+
+``orderly`` tells the worker how the connection ended: true when it may close
+with a TLS close_notify (``sockio.close_tls``): after the last response, after
+the idle timeout, after an error answer that went out, or when the client
+closed first; false on a read or write error.
 """
 
 from __future__ import annotations
@@ -48,7 +53,8 @@ class _Idle(Exception):
 
 class ClientConnection:
     __slots__ = ("sock", "worker", "proxy", "client_ip", "parser", "_events", "idle",
-                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer", "_hold")
+                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer", "_hold",
+                 "orderly")
 
     def __init__(self, sock, client_ip: bytes | None, worker):
         self.sock = sock
@@ -66,6 +72,7 @@ class ClientConnection:
         self._idle_timer = None
         self._out_timer = None
         self._hold = None
+        self.orderly = False      # set when the connection ends without an IO error
 
     # -- reading ---------------------------------------------------------------
 
@@ -189,6 +196,7 @@ class ClientConnection:
                 head = None          # an error before the next head has no request line
                 head = self._next_head()
                 if head is None:
+                    self.orderly = True
                     return
                 q[b + S.IN_REQUEST_START] += 1
                 keep_alive = head.keep_alive and not worker.draining
@@ -210,12 +218,13 @@ class ClientConnection:
                 self._first = False
                 self.idle = True
                 if not keep_alive:
+                    self.orderly = True
                     return
         except ProxyError as err:
-            self._answer_error(err, head)
-        except (_Closed, _Idle):
-            pass
-        except socket.timeout:
+            self.orderly = self._answer_error(err, head)
+        except _Idle:
+            self.orderly = True
+        except (_Closed, socket.timeout):
             pass
         finally:
             self._out_timer.close()
@@ -224,10 +233,11 @@ class ClientConnection:
                 hold.stop()
                 hold.close()
 
-    def _answer_error(self, err: ProxyError, head) -> None:
+    def _answer_error(self, err: ProxyError, head) -> bool:
         """Answer a request httptp refuses itself (4xx), then the connection
         closes.  ``head``: the request being served, if any; else the error
-        may know the one it refuses (a 413 or 431 raised by the parser)."""
+        may know the one it refuses (a 413 or 431 raised by the parser).
+        False when the answer could not be written."""
         if head is None:
             head = err.request
         q, b = self._q, self._base
@@ -242,7 +252,8 @@ class ClientConnection:
         try:
             self._send(data)
         except _Closed:
-            pass
+            return False
+        return True
 
 
 def _force_close(response: bytes) -> bytes:

@@ -54,7 +54,7 @@ from gevent.hub import Waiter
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.io.http_client import Response
-from httptp.io.sockio import send_all
+from httptp.io.sockio import close_tls, send_all
 from httptp.io.timers import Deadline
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import FrameTooLarge, TeleportError
@@ -537,7 +537,10 @@ class _Link:
 
     # -- the end -------------------------------------------------------------
     def fail(self, text: str, *, sticky: bool = False, quiet: bool = False) -> None:
-        """Close the connection; fail every call still waiting on it."""
+        """Close the connection; fail every call still waiting on it.
+
+        ``quiet``: not an error (idle, closed by us, or by the server with
+        nothing pending): not logged, and on TLS our close_notify goes first."""
         if self.dead:
             return
         self.dead = True
@@ -550,10 +553,13 @@ class _Link:
             if g is not None and g is not cur:
                 g.kill(block=False)
         if self.sock is not None:
-            try:
-                self.sock.close()
-            except OSError:
-                pass
+            if quiet:
+                close_tls(self.sock)
+            else:
+                try:
+                    self.sock.close()
+                except OSError:
+                    pass
         if self.connected:
             self.connected = False
             client._q[client._base + S.OUT_CONNS] -= 1

@@ -44,7 +44,8 @@ An idle connection ends silently after ``read_timeout``.  Any IO, codec or
 framing error closes the connection; answers of handlers still running on it
 are dropped (the handlers themselves finish).  ``drain`` stops reading on every
 connection, lets the running handlers finish and their answers flush, then
-closes.
+closes.  The idle and the drain ends are orderly: on TLS they send our
+close_notify (``sockio.close_tls``); errors just close.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from greenlet import greenlet as _RawGreenlet
 
 from httptp import stats as S
 from httptp.errors import PayloadTooLarge
+from httptp.io.sockio import close_tls
 from httptp.io.teleport_client import (YIELD_SLICES, BatchWriter, _Closed, _Timeout, counters,
                                        error_text, read_exactly)
 from httptp.logs import RateLimitedLog
@@ -171,6 +173,7 @@ class _Conn:
         finally:
             timer.close()
         if self.draining:
+            self._close(orderly=True)
             return
         # -- streams ---------------------------------------------------------------
         sock.settimeout(srv.read_timeout)
@@ -181,6 +184,7 @@ class _Conn:
         # write can interrupt it (kill) without throwing into our caller's greenlet.
         rg = self.reader = gevent.spawn(self._reader, decompressor(theirs))
         wg = gevent.spawn(self._write, writer)
+        orderly = False
         try:
             rg.join()
             if self.draining and not self.closed:
@@ -190,25 +194,28 @@ class _Conn:
                 if not self.closed:
                     writer.stop()
                     wg.join()
+                    orderly = True      # both greenlets are done with the socket
         finally:
             self.reading = False
             rg.kill(block=False)
             wg.kill(block=False)
-            self._close()
+            self._close(orderly)
 
     def _reader(self, decomp) -> None:
         try:
             self._read(decomp)
         except _Drain:
             pass
-        except (_stdsocket.timeout, TimeoutError, _Closed):
+        except (_stdsocket.timeout, TimeoutError):
+            self._close(orderly=True)    # idle for read_timeout
+        except _Closed:
             self._close()
         except FrameTooLarge as e:
             srv = self.server
             srv._q[srv._base + S.IN_REQUEST_TOO_LARGE] += 1
             srv._refuse_log(self.peer, f"teleport client {self.peer}: request "
                             f"{e} ({srv.limit_names[e.what]}); closing the connection")
-            self._close()
+            self._close(orderly=True)    # our refusal: the TLS session itself is sound
         except (OSError, TeleportError) as e:
             if isinstance(e, TeleportError):
                 srv = self.server
@@ -323,11 +330,15 @@ class _Conn:
         if self.reading and self.reader is not None:
             self.reader.kill(_Drain, block=False)
 
-    def _close(self) -> None:
+    def _close(self, orderly: bool = False) -> None:
+        """Close the connection; ``orderly``: TLS sends our close_notify first."""
         if self.closed:
             return
         self.closed = True
         self.idle.set()
+        if orderly:
+            close_tls(self.sock)
+            return
         try:
             self.sock.close()
         except OSError:
