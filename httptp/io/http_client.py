@@ -214,6 +214,7 @@ class HTTPUpstream:
         sock = conn.sock
         got = 0
         ok = False
+        done = False            # a whole response came: a close now is an orderly one
         try:
             try:
                 send_all(sock, request)
@@ -270,6 +271,7 @@ class HTTPUpstream:
                             self._too_large(announced)
                     elif cls is EndOfMessage:
                         ok = head is not None and head.keep_alive
+                        done = True
                         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                         return Response(head, body)
                 if not n:  # EOF without a complete response: the parser raises above
@@ -279,7 +281,7 @@ class HTTPUpstream:
             if ok:
                 self._put(conn)
             else:
-                self._close(conn)
+                self._close(conn, orderly=done)   # Connection: close: close_notify first
 
 
     def _too_large(self, announced: int | None):

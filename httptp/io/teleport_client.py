@@ -528,19 +528,23 @@ class _Link:
             call = calls.pop(e.req_id, None) if e.req_id is not None else None
             if call is not None:
                 call.reject(ResponseTooLarge(text))
-            # the refused call carries the news (the pipeline logs it, rate-limited)
-            self.fail(text, quiet=True)
+            # the refused call carries the news (the pipeline logs it,
+            # rate-limited); the TLS session is sound: close it in order
+            self.fail(text, quiet=True, orderly=True)
         except Exception as e:
             if isinstance(e, TeleportError):
                 q[b + S.OUT_TELEPORT_ERRORS] += 1
             self.fail(error_text(e))
 
     # -- the end -------------------------------------------------------------
-    def fail(self, text: str, *, sticky: bool = False, quiet: bool = False) -> None:
+    def fail(self, text: str, *, sticky: bool = False, quiet: bool = False,
+             orderly: bool | None = None) -> None:
         """Close the connection; fail every call still waiting on it.
 
-        ``quiet``: not an error (idle, closed by us, or by the server with
-        nothing pending): not logged, and on TLS our close_notify goes first."""
+        ``quiet``: not logged (idle, closed by us, by the server with nothing
+        pending, or a refusal that its own call reports).  ``orderly`` (by
+        default ``quiet``): the TLS session is sound, so our close_notify goes
+        first."""
         if self.dead:
             return
         self.dead = True
@@ -553,7 +557,7 @@ class _Link:
             if g is not None and g is not cur:
                 g.kill(block=False)
         if self.sock is not None:
-            if quiet:
+            if quiet if orderly is None else orderly:
                 close_tls(self.sock)
             else:
                 try:

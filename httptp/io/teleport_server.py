@@ -94,6 +94,10 @@ INTERNAL_ERROR = Answer(500, b"Internal Server Error", _TEXT_PLAIN, b"internal e
 _TOO_LARGE = PayloadTooLarge()
 
 
+class _PeerClosed(_Closed):
+    """The client closed its side (EOF, not an error)."""
+
+
 class _Drain(Exception):
     """Thrown into a connection's reader: stop reading, finish, close."""
 
@@ -208,6 +212,8 @@ class _Conn:
             pass
         except (_stdsocket.timeout, TimeoutError):
             self._close(orderly=True)    # idle for read_timeout
+        except _PeerClosed:
+            self._close(orderly=True)    # the client ended it: ours ends in order too
         except _Closed:
             self._close()
         except FrameTooLarge as e:
@@ -246,7 +252,7 @@ class _Conn:
                 raise _Closed() from None
             q[b + S.IN_READ_CALLS] += 1
             if not data:
-                raise _Closed()
+                raise _PeerClosed()
             q[b + S.IN_BYTES_READ] += len(data)
             q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
             feed_codec(data)

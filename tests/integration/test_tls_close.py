@@ -313,10 +313,16 @@ class TLSPeer:
 
 
 class TLSHTTPUpstream(TLSPeer):
-    """Answers every GET with 200 "up"; ends when httptp ends the connection."""
+    """Answers every GET with 200 "up"; ends when httptp ends the connection.
+    ``answer_close``: each answer says ``Connection: close`` and the upstream then
+    waits for httptp to end the connection."""
+
+    answer_close = False
 
     def serve(self, t):
         buf = b""
+        answer = (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n"
+                  + (b"Connection: close\r\n" if self.answer_close else b"") + b"\r\nup")
         try:
             while True:
                 chunk = t.recv(65536)
@@ -325,7 +331,7 @@ class TLSHTTPUpstream(TLSPeer):
                 buf += chunk
                 while b"\r\n\r\n" in buf:
                     _, buf = buf.split(b"\r\n\r\n", 1)
-                    t.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nup")
+                    t.sendall(answer)
         except (OSError, ValueError) as e:
             return repr(e)
 
@@ -350,6 +356,20 @@ def test_https_out_pool_idle_timeout_sends_close_notify(certs, tls_upstream):
             return tls_upstream.endings
         assert wait_until(expired_one_closed, step=0.5)
         assert tls_upstream.endings[0] == CLEAN
+    no_traceback(p)
+
+
+def test_https_out_connection_close_from_upstream_gets_close_notify(certs, tls_upstream):
+    """The upstream answers ``Connection: close``: httptp's close of that
+    connection is an orderly one."""
+    tls_upstream.answer_close = True
+    with HttpTp("-outType=https", f"-out=localhost:{tls_upstream.port}",
+                f"-outTLSCA={certs.ca_file}", workers=1) as p:
+        c = http.client.HTTPConnection("127.0.0.1", p.port, timeout=10)
+        assert get(c, "/")[0] == 200
+        assert get(c, "/")[0] == 200
+        assert wait_until(lambda: len(tls_upstream.endings) == 2)
+        assert tls_upstream.endings == [CLEAN, CLEAN]
     no_traceback(p)
 
 
@@ -440,6 +460,20 @@ def test_teleports_in_drain_sends_close_notify(certs, server_pair, upstream, ver
         assert read_to_end(t) == b""
         t.close()
         assert p.wait(15) == 0
+    no_traceback(p)
+
+
+def test_teleports_in_client_close_notify_is_answered_in_kind(certs, server_pair, upstream):
+    """The client ends the connection with its close_notify (``unwrap``, which
+    waits for ours): httptp answers with its own, not a bare TCP close."""
+    with HttpTp("-inType=teleports", *tls_args(server_pair), "-inCompress=none",
+                "-outType=http", f"-out={upstream.addr}", workers=1) as p:
+        t, reader = teleports_client(certs, p.port)
+        assert teleport_get(t, reader, 1) == (1, 200, b"up")
+        t.unwrap().close()                  # raises SSLEOFError without ours
+        t, reader = teleports_client(certs, p.port)
+        assert teleport_get(t, reader, 2) == (2, 200, b"up")   # still serving
+        t.close()
     no_traceback(p)
 
 
