@@ -191,10 +191,10 @@ class Worker:
                 gevent.sleep(backoff)
                 continue
             backoff = 0.0
+            q[b + S.IN_ACCEPT_SUCCESS] += 1
             if self.is_unix:
                 client_ip = b"0.0.0.0"
             else:
-                q[b + S.IN_ACCEPT_SUCCESS] += 1
                 ip = addr[0]
                 if allow is not None and not allow.allows(ip):
                     q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1

@@ -37,3 +37,20 @@ def test_server_header_names_the_version():
                     [f"httptp/{httptp.__version__}"], (path, headers)
     finally:
         up.close()
+
+
+def test_a_unix_listener_counts_accepted_connections(tmp_path):
+    up = Upstream()
+    path = str(tmp_path / "in.sock")
+    try:
+        with HttpTp(f"-in={path}", "-inType=unix", f"-out={up.addr}", "-outType=http",
+                    "-expvarAddr=127.0.0.1:0", workers=2) as p:
+            for _ in range(3):
+                c = UnixHTTPConnection(path)
+                assert get(c)[0] == 200 and get(c)[0] == 200    # two requests, one connection
+                c.close()
+            stats = json.loads(stats_get(p, "/expvar")[2])
+            assert stats["inAcceptSuccess"] == 3, stats
+            assert stats["inRequestSuccess"] == 6, stats
+    finally:
+        up.close()
