@@ -38,7 +38,7 @@ from httptp.certstore import offers_acme_tls
 from httptp.io.http_client import readable
 from httptp.io.http_server import ClientConnection
 from httptp.io.pipeline import Proxy
-from httptp.logs import AccessLog, error_logger
+from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
 from httptp.tls import error_text as tls_error_text
 
@@ -66,6 +66,9 @@ class Worker:
                            tls=tls, access_log=self.access_log)
         self.get_only = config.in_get_only
         self.log_all_errors = config.log_all_errors
+        # refusals an operator must see (a partner missing from -inAllowIP):
+        # the first per peer at once, then a count a minute (flushed by _heartbeat)
+        self.refusal_log = RateLimitedLog(self.log)
         self.is_unix = listener.family == _stdsocket.AF_UNIX
         # checked at accept, before any byte is read; None: nothing to check
         self.allow = (AllowList.from_networks(config.in_allow_ip)
@@ -167,12 +170,22 @@ class Worker:
         stats, block = self.stats, self.block
         while True:
             stats.beat(block, time.monotonic())
+            self.refusal_log.flush()
             if os.getppid() != self._ppid and not self.draining:
                 self.drain()            # first: the log below may fail with the master gone
                 self.log("master went away; draining")
             gevent.sleep(HEARTBEAT_INTERVAL)
 
     # -- accepting -------------------------------------------------------------
+
+    def _log_refused(self, ip: str) -> None:
+        """A peer outside -inAllowIP: each one with -logAllErrors, else the
+        first per address at once and then a count per minute."""
+        message = f"connection from {ip} refused by -inAllowIP"
+        if self.log_all_errors:
+            self.log(message)
+        else:
+            self.refusal_log.say(ip, message)
 
     def _accept_loop(self) -> None:
         q, b = self.stats.q, self.base
@@ -198,8 +211,7 @@ class Worker:
                 ip = addr[0]
                 if allow is not None and not allow.allows(ip):
                     q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1
-                    if self.log_all_errors:
-                        self.log(f"connection from {ip} refused by -inAllowIP")
+                    self._log_refused(ip)
                     sock.close()
                     continue
                 client_ip = ip.encode("ascii")
