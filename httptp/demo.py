@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -148,6 +149,17 @@ def _start(exe: str, chain: "_Chain", *args: str) -> tuple[subprocess.Popen, str
     raise SystemExit(f"demo: httptp did not start: {' '.join(args)}")
 
 
+def _concurrency(workers: int) -> int:
+    """A -concurrency whose share per worker fits under RLIMIT_NOFILE (httptp
+    raises its soft limit to the hard one), so that httptp has no open-file
+    warning to print: its default of 100,000 seldom fits, and the demo's load
+    is a few hundred connections at most."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 100000
+    return max(1, min(100000, (hard - 128) * workers))
+
+
 class _Chain:
     """A → [teleport relay] → B → [plain relay] → bidder, for one codec."""
 
@@ -156,12 +168,13 @@ class _Chain:
         self.plain = Relay(bidder)
         self.tele = None
         _, b_addr = _start(exe, self, "-inType=teleport", f"-inCompress={codec}", "-outType=http",
-                           f"-out={self.plain.addr}", "-workers=1", "-expvarAddr=")
+                           f"-out={self.plain.addr}", "-workers=1", f"-concurrency={_concurrency(1)}",
+                           "-expvarAddr=")
         self.b_addr = b_addr
         self.tele = Relay(b_addr)
         _, self.a_addr = _start(exe, self, f"-in={in_addr}", "-outType=teleport", f"-outCompress={codec}",
                                 f"-out={self.tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2",
-                                f"-expvarAddr={stats}")
+                                f"-concurrency={_concurrency(2)}", f"-expvarAddr={stats}")
 
     def alive(self) -> bool:
         return all(p.poll() is None for p in self.procs)

@@ -37,6 +37,7 @@ def test_demo_shows_the_bandwidth_saved_and_stops_on_ctrl_c():
             time.sleep(0.1)
         out = "".join(lines)
         assert "serving (zstd)" in out, out
+        assert "open-file limit" not in out, out      # the demo's -concurrency fits
 
         live = [m.groups() for m in map(LIVE.match, lines) if m]
         for codec in CODECS:
