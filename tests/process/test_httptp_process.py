@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -12,7 +13,7 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, Reply, Upstream, get, load, wait_until
+from tests.helpers import HTTPTP, HttpTp, Reply, Upstream, get, load, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -217,3 +218,37 @@ def test_workers_and_helpers_exit_when_the_master_is_killed():
             p.kill()
     finally:
         up.close()
+
+
+def test_the_open_file_warning_is_one_line_per_master():
+    """-concurrency that cannot fit under a low RLIMIT_NOFILE: one warning from
+    the master, none from its workers, its stats helper or a TTIN worker."""
+    def low_limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (512, 512))
+
+    up = Upstream()
+    proc = subprocess.Popen(
+        [HTTPTP, "-in=127.0.0.1:0", f"-out={up.addr}", "-outType=http", "-workers=2",
+         "-concurrency=10000", "-expvarAddr=127.0.0.1:0"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        preexec_fn=low_limit, start_new_session=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        assert wait_until(lambda: any(l.startswith("httptp: ready: 2 workers") for l in lines),
+                          timeout=15), "".join(lines)
+        os.kill(proc.pid, signal.SIGTTIN)
+        assert wait_until(lambda: sum(" ready after " in l for l in lines) == 3), "".join(lines)
+        os.kill(proc.pid, signal.SIGTERM)
+        assert proc.wait(15) == 0, "".join(lines)
+        reader.join(10)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(5)
+        up.close()
+    warnings = [l for l in lines if "open-file limit" in l]
+    assert len(warnings) == 1, "".join(lines)
+    assert warnings[0].startswith("httptp: warning: the open-file limit is 512 per process, "
+                                  "but each worker may hold 5,000 client connections"), warnings
