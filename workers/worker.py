@@ -15,6 +15,11 @@ signal handlers through gevent:
 
 A heartbeat greenlet writes the time into our shared-memory block every second;
 the master kills a worker whose heartbeat stops (a wedged hub).
+
+A worker that cannot boot (anything before it reports ready fails: the access
+log will not open, a module will not import...) writes one line naming the
+cause and exits with ``WORKER_BOOT_ERROR`` (3); the master then decides
+whether to respawn it, stop, or abort a reload.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import math
 import os
 import signal
 import socket as _stdsocket
-import sys
 import time
 
 import gevent
@@ -40,6 +44,7 @@ from httptp.io.http_server import ClientConnection
 from httptp.io.pipeline import Proxy
 from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
+from httptp.supervisor.procs import WORKER_BOOT_ERROR, report_boot_error
 from httptp.tls import error_text as tls_error_text
 
 
@@ -104,12 +109,17 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def serve(self) -> int:
-        stats, block = self.stats, self.block
+    def boot(self) -> None:
+        """The end of the boot, after ``__init__``: our signal handlers (this
+        creates the hub)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGQUIT, self._quit)
         gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
+
+    def serve(self) -> int:
+        """Ready: heartbeat, accept and serve until drained; returns 0."""
+        stats, block = self.stats, self.block
         stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
@@ -321,11 +331,15 @@ _PLAIN_HTTP_ON_HTTPS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; 
 
 def run(config, listener, stats, block: int, slot: int, generation: int,
         upstream_ids: list[int], tls=None) -> int:
-    """Entry point in the forked child; returns the exit status.  ``tls`` is the
-    master's ``httptp.tls.TLS`` (contexts built before the fork), or None."""
+    """Entry point in the forked child; returns the exit status: 0 after a
+    drain, or ``WORKER_BOOT_ERROR`` (after one line on stderr naming the cause)
+    if anything before serving failed, so the master does not respawn a
+    configuration that cannot boot for ever.  ``tls`` is the master's
+    ``httptp.tls.TLS`` (contexts built before the fork), or None."""
     try:
         worker = Worker(config, listener, stats, block, slot, generation, upstream_ids, tls)
+        worker.boot()
     except Exception as e:
-        sys.stderr.write(f"httptp: worker {slot}: cannot start: {e}\n")
-        return 3
+        report_boot_error(slot, generation, e, config.log_format)
+        return WORKER_BOOT_ERROR
     return worker.serve()
