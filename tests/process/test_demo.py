@@ -94,9 +94,14 @@ def _start_demo() -> tuple[subprocess.Popen, list[str]]:
 
 
 def _the_rest_of_the_group(pgid: int) -> list[int]:
-    """The httptp masters, workers and helpers in the demo's process group."""
-    out = subprocess.run(["pgrep", "-g", str(pgid)], capture_output=True, text=True)
-    return [pid for pid in map(int, out.stdout.split()) if pid != pgid]
+    """The httptp workers and helpers, then the masters, of the demo's process
+    group: in that order, no process exits before it got its signal (a
+    master's SIGINT stops its workers; theirs is ignored)."""
+    def pids(*args):
+        out = subprocess.run(["pgrep", *args], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+    masters = pids("-P", str(pgid))
+    return [pid for pid in pids("-g", str(pgid)) if pid != pgid and pid not in masters] + masters
 
 
 @pytest.mark.timeout(60)
