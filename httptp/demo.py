@@ -156,7 +156,7 @@ class _Stopped(Exception):
     it before the demo does.  The demo then stops as it does on its own Ctrl-C."""
 
 
-def _check_exit(proc: subprocess.Popen, wait: float, when: str) -> None:
+def _check_exit(proc: subprocess.Popen, wait: float, when: str, who: str = "httptp") -> None:
     """Raise if ``proc`` exited (waiting up to ``wait`` s for it): ``_Stopped``
     for a stop (status 0), SystemExit naming the status for anything else."""
     try:
@@ -167,7 +167,7 @@ def _check_exit(proc: subprocess.Popen, wait: float, when: str) -> None:
         raise _Stopped()
     if code is not None:
         how = f"status {code}" if code > 0 else f"signal {-code}"
-        raise SystemExit(f"demo: httptp exited with {how} {when}")
+        raise SystemExit(f"demo: {who} exited with {how} {when}")
 
 
 def _concurrency(workers: int) -> int:
@@ -200,7 +200,7 @@ class _Chain:
     def check(self, when: str) -> None:
         """Raise ``_Stopped`` or SystemExit if one of the two httptp exited."""
         for p in self.procs:
-            _check_exit(p, 0, f"({self.codec}) {when}")
+            _check_exit(p, 0, when, f"httptp ({self.codec})")
 
     def bytes(self) -> tuple[int, int]:
         return self.plain.total_bytes, self.tele.total_bytes if self.tele else 0
