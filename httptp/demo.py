@@ -23,6 +23,7 @@ import json
 import os
 import random
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -132,7 +133,8 @@ def _start(exe: str, chain: "_Chain", *args: str) -> tuple[subprocess.Popen, str
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
         line = proc.stderr.readline()
-        if not line and proc.poll() is not None:
+        if not line:                # EOF: httptp is gone, or going
+            _check_exit(proc, 5.0, "while starting")
             break
         m = re.search(r"listening on (\S+) pid=", line)
         if m:
@@ -148,6 +150,37 @@ def _start(exe: str, chain: "_Chain", *args: str) -> tuple[subprocess.Popen, str
     raise SystemExit(f"demo: httptp did not start: {' '.join(args)}")
 
 
+class _Stopped(Exception):
+    """An httptp of ours exited with status 0: it was told to stop (TERM, INT or
+    QUIT), which is what a Ctrl-C to the process group does when httptp sees
+    it before the demo does.  The demo then stops as it does on its own Ctrl-C."""
+
+
+def _check_exit(proc: subprocess.Popen, wait: float, when: str, who: str = "httptp") -> None:
+    """Raise if ``proc`` exited (waiting up to ``wait`` s for it): ``_Stopped``
+    for a stop (status 0), SystemExit naming the status for anything else."""
+    try:
+        code = proc.wait(wait) if wait else proc.poll()
+    except subprocess.TimeoutExpired:
+        return
+    if code == 0:
+        raise _Stopped()
+    if code is not None:
+        how = f"status {code}" if code > 0 else f"signal {-code}"
+        raise SystemExit(f"demo: {who} exited with {how} {when}")
+
+
+def _concurrency(workers: int) -> int:
+    """A -concurrency whose share per worker fits under RLIMIT_NOFILE (httptp
+    raises its soft limit to the hard one), so that httptp has no open-file
+    warning to print: its default of 100,000 seldom fits, and the demo's load
+    is a few hundred connections at most."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        return 100000
+    return max(1, min(100000, (hard - 128) * workers))
+
+
 class _Chain:
     """A → [teleport relay] → B → [plain relay] → bidder, for one codec."""
 
@@ -156,15 +189,18 @@ class _Chain:
         self.plain = Relay(bidder)
         self.tele = None
         _, b_addr = _start(exe, self, "-inType=teleport", f"-inCompress={codec}", "-outType=http",
-                           f"-out={self.plain.addr}", "-workers=1", "-expvarAddr=")
+                           f"-out={self.plain.addr}", "-workers=1", f"-concurrency={_concurrency(1)}",
+                           "-expvarAddr=")
         self.b_addr = b_addr
         self.tele = Relay(b_addr)
         _, self.a_addr = _start(exe, self, f"-in={in_addr}", "-outType=teleport", f"-outCompress={codec}",
                                 f"-out={self.tele.addr}", "-clientIPHeader=X-Real-IP", "-workers=2",
-                                f"-expvarAddr={stats}")
+                                f"-concurrency={_concurrency(2)}", f"-expvarAddr={stats}")
 
-    def alive(self) -> bool:
-        return all(p.poll() is None for p in self.procs)
+    def check(self, when: str) -> None:
+        """Raise ``_Stopped`` or SystemExit if one of the two httptp exited."""
+        for p in self.procs:
+            _check_exit(p, 0, when, f"httptp ({self.codec})")
 
     def bytes(self) -> tuple[int, int]:
         return self.plain.total_bytes, self.tele.total_bytes if self.tele else 0
@@ -295,6 +331,7 @@ def _run_phase(chain: _Chain, seconds: float, cap: int, clients: int, stop: thre
     last = load.t0
     while True:
         while load.running() and time.monotonic() < last + 1.0:
+            chain.check("during the load")
             time.sleep(0.02)
         if not load.running():
             break
@@ -344,7 +381,42 @@ def _env_number(name: str, default, kind):
     return value
 
 
+class _StopSignals:
+    """The SIGINT and SIGTERM handler: the first signal raises KeyboardInterrupt
+    in the main thread; after it, or once ``stopping`` is set, signals do
+    nothing, so a second Ctrl-C cannot cut the cleanup short.  (Switching to
+    SIG_IGN would not do: ``signal.signal`` first runs a handler that is
+    already pending, and that would raise in the middle of the cleanup.)"""
+
+    def __init__(self) -> None:
+        self.stopping = False
+
+    def __call__(self, signum, frame) -> None:
+        if not self.stopping:
+            self.stopping = True
+            raise KeyboardInterrupt
+
+
+def _serve_until_stopped(serving: _Chain) -> None:
+    """Check httptp every 0.1 s; every 2 s, the bytes saved if they changed.
+    Returns only by raising: KeyboardInterrupt, ``_Stopped`` or SystemExit."""
+    base = last = serving.bytes()
+    report = time.monotonic() + 2
+    while True:
+        serving.check("while serving")
+        time.sleep(0.1)
+        if time.monotonic() >= report:
+            report += 2
+            now = serving.bytes()
+            if now != last:
+                print(f"demo: since serving: {_saved(now[0] - base[0], now[1] - base[1])}", flush=True)
+                last = now
+
+
 def main() -> int:
+    stopper = _StopSignals()                    # TERM stops the demo like Ctrl-C
+    signal.signal(signal.SIGINT, stopper)
+    signal.signal(signal.SIGTERM, stopper)
     in_addr = os.environ.get("DEMO_IN", "127.0.0.1:8080")
     codec = os.environ.get("DEMO_CODEC", "zstd")
     stats_addr = os.environ.get("DEMO_STATS", "127.0.0.1:8040")
@@ -357,17 +429,12 @@ def main() -> int:
     cap = _env_number("DEMO_REQUESTS", MAX_REQUESTS, int)
     clients = min(_env_number("DEMO_CLIENTS", CLIENTS, int), 256)
     tty = sys.stdout.isatty()
-
-    bidder = ThreadingHTTPServer(("127.0.0.1", 0), _Bidder)
-    bidder.daemon_threads = True
-    threading.Thread(target=bidder.serve_forever, daemon=True).start()
-    bidder_addr = "127.0.0.1:%d" % bidder.server_address[1]
     exe = shutil.which("httptp") or os.path.join(os.path.dirname(sys.executable), "httptp")
     stop = threading.Event()
+    bidder: ThreadingHTTPServer | None = None
     serving: _Chain | None = None           # the DEMO_CODEC chain on DEMO_IN: kept to the end
     chains: list[_Chain] = []
     results: list[dict] = []
-    base = (0, 0)
     summarized = False
 
     def start_serving() -> _Chain:
@@ -375,12 +442,12 @@ def main() -> int:
         chains.append(chain)
         return chain
 
-    def terminate(signum, frame):
-        raise KeyboardInterrupt                 # TERM stops the demo like Ctrl-C
-
-    signal.signal(signal.SIGTERM, terminate)
     began = time.monotonic()
     try:
+        bidder = ThreadingHTTPServer(("127.0.0.1", 0), _Bidder)
+        bidder.daemon_threads = True
+        threading.Thread(target=bidder.serve_forever, daemon=True).start()
+        bidder_addr = "127.0.0.1:%d" % bidder.server_address[1]
         print(f"demo: RTB-like bidder on {bidder_addr}; {len(codecs)} load phase(s) of {seconds:g} s "
               f"(≤{cap:,} requests) with {clients} keep-alive clients", flush=True)
         print("demo: chain per codec: clients → A (http → teleport) → [teleport leg] → "
@@ -392,8 +459,7 @@ def main() -> int:
                 chain = _Chain(exe, c, bidder_addr)
                 chains.append(chain)
             results.append(_run_phase(chain, seconds, cap, clients, stop, tty))
-            if not chain.alive():
-                raise SystemExit(f"demo: httptp ({c}) exited during the load")
+            chain.check("during the load")
             if chain is not serving:
                 chains.remove(chain)
                 chain.stop()
@@ -403,34 +469,28 @@ def main() -> int:
         summarized = True
         if serving is None:
             serving = start_serving()
-        base = serving.bytes()
         stats = serving.stats_url or ""
         print(f"\ndemo: serving ({codec}); try   curl -i http://{serving.a_addr}/hello   (Ctrl-C stops)",
               flush=True)
         if stats:
             print(f"demo: stats: {stats}/expvar   {stats}/prometheus", flush=True)
-        last = base
-        while serving.alive():
-            time.sleep(2)
-            now = serving.bytes()
-            if now != last:
-                print(f"demo: since serving: {_saved(now[0] - base[0], now[1] - base[1])}", flush=True)
-                last = now
-        print("demo: httptp exited", file=sys.stderr, flush=True)
-        return 1
-    except KeyboardInterrupt:
-        for sig in (signal.SIGINT, signal.SIGTERM):      # a second Ctrl-C must not break the cleanup
-            signal.signal(sig, signal.SIG_IGN)
+        _serve_until_stopped(serving)
+        return 1                                # not reached: it returns by raising
+    except (KeyboardInterrupt, _Stopped) as why:
+        stopper.stopping = True                 # first: no KeyboardInterrupt from here on
         stop.set()
-        print("\ndemo: stopping.", flush=True)
+        print("\ndemo: httptp was stopped; stopping." if isinstance(why, _Stopped)
+              else "\ndemo: stopping.", flush=True)
         if results and not summarized:
             print(_table(results), flush=True)
         return 0
     finally:
+        stopper.stopping = True
         stop.set()
         for chain in chains:
             chain.stop()
-        bidder.shutdown()
+        if bidder is not None:
+            bidder.shutdown()
 
 
 if __name__ == "__main__":

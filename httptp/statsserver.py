@@ -12,6 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
 
+from httptp import __version__
 from httptp.exposition import Exposition
 from httptp.stats import STATE_READY
 
@@ -30,9 +31,13 @@ def healthy_workers(stats, now: float | None = None) -> int:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    server_version = "httptp"
-    sys_version = ""
+    server_version = f"httptp/{__version__}"
     exposition: Exposition        # set on the class made by make_server
+
+    def version_string(self) -> str:
+        """``Server: httptp/0.1.0``: the base class appends Python's version
+        after a space, which is none of a scraper's business."""
+        return self.server_version
 
     def do_GET(self):
         url = urlsplit(self.path)

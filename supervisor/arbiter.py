@@ -20,6 +20,14 @@ either the one new worker of a rolling reload (``self.pending``) or old ones
 that were told to stop and have a kill deadline.  Every process gets its own
 stats block, claimed before the fork and released when it is reaped.
 
+A worker that cannot boot exits with ``WORKER_BOOT_ERROR`` (3).  If no worker
+of the configuration it was given has ever been ready (``self.booted``), that
+configuration cannot serve: at start (or in a TTIN or respawn before any
+worker was ready) the master stops and exits 3; during a reload it aborts the
+reload and keeps the old configuration.  A configuration that has booted is
+respawned with back-off as after any death (the cause may pass: a full disk,
+a missing directory put back).
+
 Time is ``time.monotonic()`` throughout, the same clock the workers write
 their heartbeats with (CLOCK_MONOTONIC is system-wide).
 """
@@ -38,8 +46,9 @@ from typing import Callable
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
-from httptp.supervisor.procs import (Backoff, die_with_parent, flush_std as _flush_std, kill as _kill,
-                                     raise_open_files)
+from httptp.supervisor.procs import (WORKER_BOOT_ERROR, Backoff, die_with_parent,
+                                     flush_std as _flush_std, kill as _kill, raise_open_files,
+                                     report_boot_error)
 from httptp.supervisor.signals import SIGNALS, SignalQueue
 from httptp.supervisor import helpers as helper_procs
 from httptp.supervisor.sockets import ListenError, open_listeners
@@ -121,12 +130,17 @@ class Arbiter:
         self.slots: dict[int, Slot] = {}
         self.max_slots = 1
         self.generation = 0
+        # the generations that run self.config (an aborted reload gives the old
+        # configuration a new number), and whether one of their workers was ready
+        self.config_generations = {0}
+        self.booted = False
+        self.exit_status = 0                      # run()'s, after a stop
         self.upstream_ids: list[int] = []
         self.stopping: str | None = None          # None, "graceful" or "fast"
         self.stop_deadline = math.inf
         self.rolling = False                      # a HUP is replacing workers
         self.pending: int | None = None           # pid of the new worker it waits for
-        self.previous = None                      # (config, upstream_ids, tls) before the HUP
+        self.previous = None                      # what reload() replaced, for abort_reload()
         self.reload_again = False
         self.ready_deadline: float | None = None  # until READY=1 was sent
         self.helpers = helper_procs.Helpers(log, in_child=self._helper_child,
@@ -137,7 +151,8 @@ class Arbiter:
     # -- main loop ---------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until stopped; 0 after a stop, 1 if the listeners cannot be opened."""
+        """Serve until stopped; 0 after a stop, 1 if the listeners cannot be
+        opened, ``WORKER_BOOT_ERROR`` (3) if the configuration cannot boot a worker."""
         try:
             self.start()
             self.loop()
@@ -147,7 +162,7 @@ class Arbiter:
             return 1
         finally:
             self.shutdown()
-        return 0
+        return self.exit_status
 
     def start(self) -> None:
         """Install signals, bind, create the stats map, fork the first workers."""
@@ -315,10 +330,7 @@ class Arbiter:
                 if sock is not None:
                     sock.close()
             proctitle.set_title(f"httptp: worker {slot} gen {generation} [{self.config.in_addr}]")
-            main = self.worker_main or _default_worker_main()
-            extra = {"tls": self.tls} if self.tls is not None else {}
-            code = main(self.config, listener, self.stats, block, slot, generation,
-                        list(self.upstream_ids), **extra)
+            code = self._run_worker(listener, block, slot, generation)
         except SystemExit as exc:
             code = exc.code
         except BaseException as exc:
@@ -327,6 +339,17 @@ class Arbiter:
         finally:
             _flush_std()
             os._exit(_exit_status(code))
+
+    def _run_worker(self, listener, block: int, slot: int, generation: int) -> int:
+        """In the child: the worker's exit status."""
+        try:
+            main = self.worker_main or _default_worker_main()
+        except Exception as exc:     # its code does not import: it cannot boot either
+            report_boot_error(slot, generation, exc, getattr(self.config, "log_format", "text"))
+            return WORKER_BOOT_ERROR
+        extra = {"tls": self.tls} if self.tls is not None else {}
+        return main(self.config, listener, self.stats, block, slot, generation,
+                    list(self.upstream_ids), **extra)
 
     def respawn(self, slot: Slot) -> None:
         """Give ``slot`` a serving worker now, or retry after the back-off."""
@@ -348,13 +371,19 @@ class Arbiter:
                 return
             worker = self.workers.pop(pid, None)
             if worker is not None:
+                self._notice_ready(worker, time.monotonic())   # before its block goes
                 self.stats.release_block(worker.block)
-                self.on_exit(worker, _describe_status(status))
+                self.on_exit(worker, status)
             else:
                 self.helpers.reaped(pid, _describe_status(status))
 
-    def on_exit(self, worker: Worker, how: str) -> None:
-        """Log one line for a dead worker; replace it if its slot still needs it."""
+    def on_exit(self, worker: Worker, status: int) -> None:
+        """Log one line for a dead worker; replace it if its slot still needs it,
+        unless it could not boot a configuration that never booted (``halt``,
+        or ``abort_reload`` during a reload)."""
+        boot_error = os.waitstatus_to_exitcode(status) == WORKER_BOOT_ERROR
+        how = f"could not boot (exit status {WORKER_BOOT_ERROR})" if boot_error \
+            else _describe_status(status)
         slot = self.slots.get(worker.slot)
         if worker.pid == self.pending:
             self.pending = None
@@ -367,6 +396,11 @@ class Arbiter:
         if self.stopping:
             log(f"{worker.label} {how}")
             return
+        if boot_error and not self._config_booted(worker):
+            if not self.rolling:
+                self.halt(worker, how)
+                return
+            self.abort_reload(f"the new {worker.label} {how}")   # the slot gets the old config
         if self._promote_pending(slot):
             log(f"{worker.label} {how}; its replacement is already starting")
             return
@@ -377,13 +411,43 @@ class Arbiter:
         log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}")
         slot.respawn_at = time.monotonic() + delay
 
+    def halt(self, worker: Worker, how: str) -> None:
+        """A worker of a configuration that never booted could not boot: stop
+        now, exit ``WORKER_BOOT_ERROR``, instead of respawning it for ever.
+        Fast: no worker of this configuration is serving anything."""
+        log(f"{worker.label} {how}, and no worker of this configuration has booted; "
+            f"stopping with exit status {WORKER_BOOT_ERROR}")
+        self.exit_status = WORKER_BOOT_ERROR
+        self.stop(graceful=False)
+
+    def _config_booted(self, worker: Worker) -> bool:
+        """Was a worker of ``worker``'s configuration ever ready?  True for an
+        older configuration.  Looks at the live workers too: one may have
+        become ready since the last tick."""
+        if worker.generation not in self.config_generations or self.booted:
+            return True
+        now = time.monotonic()
+        for other in list(self.workers.values()):
+            self._notice_ready(other, now)
+        return self.booted
+
+    def _notice_ready(self, worker: Worker, now: float, info: dict | None = None) -> None:
+        if worker.ready_at is not None:
+            return
+        if info is None:
+            info = self.stats.block_info(worker.block)
+        if info["state"] != STATE_READY:
+            return
+        worker.ready_at = now
+        if worker.generation in self.config_generations:
+            self.booted = True
+        log(f"{worker.label} ready after {now - worker.started:.2f} s")
+
     def check_workers(self, now: float) -> None:
         """Notice readiness from the stats blocks; SIGKILL stuck workers."""
         for worker in list(self.workers.values()):
             info = self.stats.block_info(worker.block)
-            if worker.ready_at is None and info["state"] == STATE_READY:
-                worker.ready_at = now
-                log(f"{worker.label} ready after {now - worker.started:.2f} s")
+            self._notice_ready(worker, now, info)
             reason = self._kill_reason(worker, info["heartbeat"], now)
             if reason and not worker.killed:
                 log(f"{worker.label} {reason}; killing it")
@@ -459,9 +523,11 @@ class Arbiter:
             log(f"reload failed, keeping the running configuration: {_one_line(err)}")
             return
         systemd.reloading("reloading")
-        self.previous = (self.config, self.upstream_ids, self.tls)
+        self.previous = (self.config, self.upstream_ids, self.tls, self.config_generations,
+                         self.booted)
         self.config, self.upstream_ids, self.tls = new, upstream_ids, tls
         self.generation += 1
+        self.config_generations, self.booted = {self.generation}, False
         self._set_title()
         log(f"reloading: replacing the workers with generation {self.generation}")
         self.sync_helpers()
@@ -523,9 +589,14 @@ class Arbiter:
         """Keep serving with what runs; later respawns use the old configuration."""
         self.rolling = False
         self.reload_again = False
-        self.config, self.upstream_ids, self.tls = self.previous
+        if self.pending is not None:          # a new worker still booting: not wanted now
+            self._tell(self.workers[self.pending], signal.SIGTERM, self.config.graceful_timeout)
+            self.pending = None
+        (self.config, self.upstream_ids, self.tls, self.config_generations,
+         self.booted) = self.previous
         self.previous = None
         self.generation += 1   # the old configuration, respawned from now on, gets its own number
+        self.config_generations.add(self.generation)
         self.sync_helpers()
         self._set_title()
         log(f"reload aborted, keeping the running workers: {reason}")

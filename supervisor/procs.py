@@ -8,7 +8,15 @@ import os
 import resource
 import sys
 
+from httptp.logs import error_logger
+
 PR_SET_PDEATHSIG = 1
+
+# A worker exits with this when it cannot boot (everything before it serves:
+# importing its code, opening the access log, building its proxy, installing
+# its signal handlers).  gunicorn's WORKER_BOOT_ERROR: the master stops instead
+# of respawning a configuration that never booted (see Arbiter.on_exit).
+WORKER_BOOT_ERROR = 3
 
 
 class Backoff:
@@ -79,3 +87,15 @@ def raise_open_files(concurrency: int, workers: int) -> str | None:
             f"{workers} workers) plus its upstream connections; past the limit new "
             f"connections wait unanswered.  Raise it (LimitNOFILE= in the systemd unit, "
             f"minfds= for supervisord, ulimit -n) or lower -concurrency")
+
+
+def report_boot_error(slot: int, generation: int, exc: BaseException, log_format: str) -> None:
+    """In a worker that cannot boot: its one line on stderr, naming it and the
+    cause, before it exits with ``WORKER_BOOT_ERROR``."""
+    error_logger(f"worker {slot}", log_format)(
+        f"cannot boot: {type(exc).__name__}: {_one_line(exc)} (pid {os.getpid()}, gen {generation})")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else "(no message)"

@@ -15,6 +15,11 @@ signal handlers through gevent:
 
 A heartbeat greenlet writes the time into our shared-memory block every second;
 the master kills a worker whose heartbeat stops (a wedged hub).
+
+A worker that cannot boot (anything before it reports ready fails: the access
+log will not open, a module will not import...) writes one line naming the
+cause and exits with ``WORKER_BOOT_ERROR`` (3); the master then decides
+whether to respawn it, stop, or abort a reload.
 """
 
 from __future__ import annotations
@@ -23,7 +28,6 @@ import math
 import os
 import signal
 import socket as _stdsocket
-import sys
 import time
 
 import gevent
@@ -41,6 +45,7 @@ from httptp.io.sockio import close_tls
 from httptp.io.pipeline import Proxy
 from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
+from httptp.supervisor.procs import WORKER_BOOT_ERROR, report_boot_error
 from httptp.tls import error_text as tls_error_text
 
 
@@ -115,12 +120,17 @@ class Worker:
 
     # -- lifecycle -------------------------------------------------------------
 
-    def serve(self) -> int:
-        stats, block = self.stats, self.block
+    def boot(self) -> None:
+        """The end of the boot, after ``__init__``: our signal handlers (this
+        creates the hub)."""
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         gevent.signal_handler(signal.SIGTERM, self.drain)
         gevent.signal_handler(signal.SIGQUIT, self._quit)
         gevent.signal_handler(signal.SIGUSR1, self._reopen_logs)
+
+    def serve(self) -> int:
+        """Ready: heartbeat, accept and serve until drained; returns 0."""
+        stats, block = self.stats, self.block
         stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
@@ -192,6 +202,15 @@ class Worker:
 
     # -- accepting -------------------------------------------------------------
 
+    def _log_refused(self, ip: str) -> None:
+        """A peer outside -inAllowIP: each one with -logAllErrors, else the
+        first per address at once and then a count per minute."""
+        message = f"connection from {ip} refused by -inAllowIP"
+        if self.log_all_errors:
+            self.log(message)
+        else:
+            self.refusals.say(("-inAllowIP", ip), message)
+
     def _accept_loop(self) -> None:
         q, b = self.stats.q, self.base
         listener = self.listener
@@ -209,15 +228,14 @@ class Worker:
                 gevent.sleep(backoff)
                 continue
             backoff = 0.0
+            q[b + S.IN_ACCEPT_SUCCESS] += 1
             if self.is_unix:
                 client_ip = b"0.0.0.0"
             else:
-                q[b + S.IN_ACCEPT_SUCCESS] += 1
                 ip = addr[0]
                 if allow is not None and not allow.allows(ip):
                     q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1
-                    if self.log_all_errors:
-                        self.log(f"connection from {ip} refused by -inAllowIP")
+                    self._log_refused(ip)
                     sock.close()
                     continue
                 client_ip = ip.encode("ascii")
@@ -335,11 +353,15 @@ _PLAIN_HTTP_ON_HTTPS = (b"HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain; 
 
 def run(config, listener, stats, block: int, slot: int, generation: int,
         upstream_ids: list[int], tls=None) -> int:
-    """Entry point in the forked child; returns the exit status.  ``tls`` is the
-    master's ``httptp.tls.TLS`` (contexts built before the fork), or None."""
+    """Entry point in the forked child; returns the exit status: 0 after a
+    drain, or ``WORKER_BOOT_ERROR`` (after one line on stderr naming the cause)
+    if anything before serving failed, so the master does not respawn a
+    configuration that cannot boot for ever.  ``tls`` is the master's
+    ``httptp.tls.TLS`` (contexts built before the fork), or None."""
     try:
         worker = Worker(config, listener, stats, block, slot, generation, upstream_ids, tls)
+        worker.boot()
     except Exception as e:
-        sys.stderr.write(f"httptp: worker {slot}: cannot start: {e}\n")
-        return 3
+        report_boot_error(slot, generation, e, config.log_format)
+        return WORKER_BOOT_ERROR
     return worker.serve()

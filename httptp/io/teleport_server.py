@@ -404,7 +404,7 @@ class TeleportServer:
 
     def _refuse_log(self, peer: str, msg: str) -> None:
         if self.refusals is not None:
-            self.refusals.say(peer.rsplit(":", 1)[0], msg)
+            self.refusals.say(("too large", peer.rsplit(":", 1)[0]), msg)
 
     # -- handler greenlets ---------------------------------------------------
     def _dispatch(self, job: tuple) -> None:

@@ -15,6 +15,8 @@ import urllib.request
 
 import pytest
 
+from tests.helpers import wait_until
+
 CODECS = ("zstd", "flate")
 # e.g. "zstd   █████░░░░░  51%  1394 req/s  p99 11.2 ms  saved 84.8%: 1.63 MB → 248 kB"
 LIVE = re.compile(r"^(\w+)\s+\S+\s+(\d+%|done)\s+(\d+) req/s\s+p99\s+([\d.]+) ms\s+saved\s+([\d.]+)%: ")
@@ -37,6 +39,7 @@ def test_demo_shows_the_bandwidth_saved_and_stops_on_ctrl_c():
             time.sleep(0.1)
         out = "".join(lines)
         assert "serving (zstd)" in out, out
+        assert "open-file limit" not in out, out      # the demo's -concurrency fits
 
         live = [m.groups() for m in map(LIVE.match, lines) if m]
         for codec in CODECS:
@@ -70,6 +73,58 @@ def test_demo_shows_the_bandwidth_saved_and_stops_on_ctrl_c():
         os.killpg(proc.pid, signal.SIGINT)          # Ctrl-C reaches the whole group
         assert proc.wait(20) == 0, "".join(lines)
         time.sleep(0.2)
+        assert "Traceback" not in "".join(lines), "".join(lines)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _start_demo() -> tuple[subprocess.Popen, list[str]]:
+    """The demo in a session of its own, one short phase; returns once it serves."""
+    env = dict(os.environ, DEMO_IN="127.0.0.1:0", DEMO_STATS="127.0.0.1:0", DEMO_SECONDS="0.5",
+               DEMO_CODECS="zstd")
+    proc = subprocess.Popen([sys.executable, "-m", "httptp.demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, start_new_session=True)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    assert wait_until(lambda: any("serving (zstd)" in l for l in lines) or proc.poll() is not None,
+                      timeout=30), "".join(lines)
+    assert proc.poll() is None, "".join(lines)
+    return proc, lines
+
+
+def _the_rest_of_the_group(pgid: int) -> list[int]:
+    """The httptp workers and helpers, then the masters, of the demo's process
+    group: in that order, no process exits before it got its signal (a
+    master's SIGINT stops its workers; theirs is ignored)."""
+    def pids(*args):
+        out = subprocess.run(["pgrep", *args], capture_output=True, text=True)
+        return [int(pid) for pid in out.stdout.split()]
+    masters = pids("-P", str(pgid))
+    return [pid for pid in pids("-g", str(pgid)) if pid != pgid and pid not in masters] + masters
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("first", ["httptp", "demo"])
+def test_ctrl_c_ends_the_demo_with_0_whichever_process_sees_it_first(first):
+    """The two orders a Ctrl-C to the group can take, made deterministic: the
+    second process gets its SIGINT only after the demo has reacted to the first."""
+    proc, lines = _start_demo()
+    try:
+        if first == "httptp":
+            others = _the_rest_of_the_group(proc.pid)
+            assert others
+            for pid in others:
+                os.kill(pid, signal.SIGINT)
+            # the demo sees its httptp exit before its own SIGINT comes
+            assert wait_until(lambda: "demo: httptp" in "".join(lines), timeout=20), "".join(lines)
+            os.kill(proc.pid, signal.SIGINT)
+        else:
+            os.kill(proc.pid, signal.SIGINT)
+            assert wait_until(lambda: "demo: stopping." in "".join(lines), timeout=20), "".join(lines)
+            os.killpg(proc.pid, signal.SIGINT)      # the rest of the group gets it late
+        assert proc.wait(30) == 0, "".join(lines)
+        assert wait_until(lambda: not _the_rest_of_the_group(proc.pid)), "".join(lines)
         assert "Traceback" not in "".join(lines), "".join(lines)
     finally:
         if proc.poll() is None:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, Upstream, get, load, raw_exchange, run_httptp
+from tests.helpers import HttpTp, Upstream, get, load, raw_exchange, run_httptp, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -129,3 +129,20 @@ def test_access_log_that_cannot_be_opened_fails_at_start(tmp_path):
     r = run_httptp("-outType=http", f"-accessLog={tmp_path}/no/such/dir/access.log")
     assert r.returncode == 2
     assert r.stderr.strip().startswith("httptp: -accessLog: cannot open")
+
+
+def test_inallowip_refusals_are_logged_once_per_peer_without_logallerrors():
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", "-inAllowIP=10.0.0.0/8",
+                    workers=1) as p:
+            for _ in range(2):
+                assert raw_exchange((p.host, p.port), b"") == b""    # closed at accept
+            # a line the master writes after both refusals: the worker's lines,
+            # written before it closed each connection, are in the pipe before it
+            p.signal(signal.SIGUSR1)
+            assert wait_until(lambda: "USR1: asked" in p.output), p.output
+            refused = [l for l in p.lines if "-inAllowIP" in l]
+    finally:
+        up.close()
+    assert refused == ["httptp: worker 0: connection from 127.0.0.1 refused by -inAllowIP"], p.output
