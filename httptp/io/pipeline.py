@@ -220,8 +220,8 @@ class Proxy:
                     lease.release(too_large, time.monotonic() - t0)
                     tried.add(lease.index)
                     if too_large:
-                        self.refusals.say(("too large", upstream.name), f"upstream {upstream.name}: {e}; "
-                                                         "answered 502")
+                        self.refusals.say(("too large", upstream.name),
+                                          f"upstream {upstream.name}: {e}; answered 502")
                     elif self._log_errors:
                         self.log(f"upstream {upstream.name}: {e}")
                     if (idempotent and e.sent_nothing_back and len(tried) == 1
