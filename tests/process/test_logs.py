@@ -101,14 +101,18 @@ def test_json_logs_and_usr1_reopens_a_rotated_access_log(tmp_path):
 
             def client():
                 c = http.client.HTTPConnection(p.host, p.port, timeout=5)
-                while not stop.is_set() and len(sent) < 3000:
+                while not stop.is_set() and len(sent) < 100_000:
                     sent.append(get(c, f"/r{len(sent)}")[0])
             t = threading.Thread(target=client)
             t.start()
-            time.sleep(0.5)
+            # requests before and after the rotation, however fast they go
+            # (a fixed count once ran out before the rename)
+            assert wait_until(lambda: len(sent) >= 50)
             os.rename(log, tmp_path / "access.log.1")     # logrotate
             p.signal(signal.SIGUSR1)
-            time.sleep(0.5)
+            # until the worker serving the client has reopened and written
+            # there (a fixed sleep lost that race on a busy machine)
+            wait_until(lambda: log.exists() and _lines(log), timeout=15)
             stop.set()
             t.join(10)
             assert any("reopen" in l for l in p.lines)
