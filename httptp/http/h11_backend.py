@@ -29,6 +29,9 @@ _BLANK_LINE = re.compile(rb"\n\r?\n")           # h11's end-of-head rule
 _BAD_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB allowed; CR/LF checked as pairs
 _CRLF = re.compile(rb"\r\n")
 _CONTENT_LENGTH = re.compile(rb"\ncontent-length[ \t]*:([^\r\n]*)", re.IGNORECASE)
+# llhttp does not read "chunked<HTAB>" as chunked; h11 strips the tab: refuse it in both
+_TE_TRAILING_HTAB = re.compile(rb"\ntransfer-encoding[ \t]*:[^\r\n]*\t[ \t]*\r?\n",
+                               re.IGNORECASE)
 
 
 def _check_block(raw, what: str) -> int:
@@ -43,7 +46,16 @@ def _check_block(raw, what: str) -> int:
     lengths = _CONTENT_LENGTH.findall(raw, 0, end)
     if len(lengths) > 1 or (lengths and not lengths[0].strip(b" \t").isdigit()):
         raise ProtocolError("duplicate or invalid Content-Length")
+    if b"\t" in block and _TE_TRAILING_HTAB.search(raw, 0, end):
+        raise ProtocolError(_p.TE_TRAILING_HTAB)
     return end
+
+
+def _check_trailers(ev: h11.EndOfMessage, max_head: int) -> None:
+    """Trailer fields are dropped, but bounded like a head (h11 bounds them
+    only while they are incomplete; httptools_backend counts them all)."""
+    if ev.headers and sum(len(k) + len(v) + 4 for k, v in ev.headers.raw_items()) > max_head:
+        raise ProtocolError("trailer fields too large", 431)
 
 
 def _protocol_error(e: h11.RemoteProtocolError, what: str, raw=b"") -> ProtocolError:
@@ -113,6 +125,7 @@ class RequestParser:
             elif cls is h11.Request:
                 events.append(self._on_request(ev))
             elif cls is h11.EndOfMessage:
+                _check_trailers(ev, self._max_head)
                 events.append(END)
                 if not self._next_message():
                     return
@@ -205,6 +218,7 @@ class ResponseParser:
             elif cls is h11.Response or cls is h11.InformationalResponse:
                 self._on_response(ev, events)
             elif cls is h11.EndOfMessage:
+                _check_trailers(ev, self._max_head)
                 events.append(END)
                 self._done = True
                 if self._conn.trailing_data[0]:

@@ -23,6 +23,18 @@ What llhttp does not give us, and how we cope:
   Content-Length body, after a CRLF CRLF in a chunked one), and the bytes
   between two requests are checked before llhttp gets them: a chunked
   binary upload costs a step per CRLF CRLF in its data, not per CR.
+- Keep-alive is ours, not llhttp's: llhttp would also close on
+  ``Proxy-Connection: close`` and refuse what follows, and would read on
+  after ``Connection: close, keep-alive`` in HTTP/1.0.  Request parsers run
+  with ``lenient_keep_alive`` and stop at the first byte of a message after
+  one that ``check_request`` found not to keep the connection alive.
+- Trailer fields of a chunked message come through ``on_header`` after the
+  head: they go to a ``_Trailers`` sink, which bounds them by the header
+  limit (431, as h11) and drops them.  They never join the head's headers (a
+  ``Host`` in a trailer would otherwise reach the upstream).
+- ``Transfer-Encoding: chunked<HTAB>`` is not chunked to llhttp, though it is
+  to us once trailing whitespace is stripped: refused (400) in both
+  back-ends, so the two framings can never differ.
 - No way to skip a response body (HEAD) and no ``finish()`` for EOF: the
   response parser finds the end of the head itself, feeds llhttp only the head
   when there is no body, and completes read-until-close bodies at EOF.
@@ -46,6 +58,10 @@ _SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\
               False: b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"}
 
 
+class _AfterClose(Exception):
+    """Raised in a callback: a message begins after one that closes."""
+
+
 class _Headers:
     """The llhttp header callback both parsers share."""
 
@@ -53,8 +69,43 @@ class _Headers:
 
     def on_header(self, name: bytes, value: bytes):
         if value and value[-1] in _OWS:         # llhttp keeps trailing OWS, h11 does not
-            value = value.rstrip(b" \t")
+            stripped = value.rstrip(b" \t")
+            if len(name) == 17 and b"\t" in value[len(stripped):] and \
+                    name.lower() == b"transfer-encoding":
+                raise self._fail(ProtocolError(_p.TE_TRAILING_HTAB))
+            value = stripped
         self._headers.append((name, value))
+
+    def _fail(self, err: ProtocolError) -> ProtocolError:
+        """``err``, remembered for ``feed`` (llhttp wraps what a callback raises)."""
+        self._error = err
+        return err
+
+
+class _Trailers:
+    """Where ``on_header`` puts the trailer fields of a chunked message:
+    counted against the header limit, then dropped (module docstring)."""
+
+    __slots__ = ("owner", "limit", "left")
+
+    def __init__(self, owner, limit: int):
+        self.owner = owner
+        self.limit = self.left = limit
+
+    def reset(self) -> _Trailers:
+        self.left = self.limit
+        return self
+
+    def append(self, field: tuple) -> None:
+        self.left -= len(field[0]) + len(field[1]) + 4
+        if self.left < 0:
+            raise self.owner._fail(ProtocolError("trailer fields too large", 431))
+
+
+def _request_parser(handler):
+    p = httptools.HttpRequestParser(handler)
+    p.set_dangerous_leniencies(lenient_keep_alive=True)    # keep-alive is ours: see above
+    return p
 
 
 class RequestParser(_Headers):
@@ -62,12 +113,13 @@ class RequestParser(_Headers):
 
     __slots__ = ("_max_head", "_max_body", "_p", "_events", "_target", "_headers",
                  "_head", "_in_head", "_started", "_completed", "_head_bytes",
-                 "_body_bytes", "_closed", "_dead", "_error", "_synthetic", "_cr", "_line")
+                 "_body_bytes", "_closed", "_dead", "_error", "_synthetic", "_cr", "_line",
+                 "_trailers")
 
     def __init__(self, max_header_size: int, max_body_size: int):
         self._max_head = max_header_size
         self._max_body = max_body_size
-        self._p = httptools.HttpRequestParser(self)
+        self._p = _request_parser(self)
         self._events = []
         self._target = b""
         self._headers = []
@@ -83,9 +135,12 @@ class RequestParser(_Headers):
         self._synthetic = False
         self._cr = False            # the last feed ended in a CR between requests
         self._line = False          # the incomplete head's request line is complete
+        self._trailers = _Trailers(self, max_header_size)    # reused: no allocation a request
 
     # -- llhttp callbacks ------------------------------------------------------
     def on_message_begin(self):
+        if self._closed:        # the last request closes: nothing after it is read
+            raise _AfterClose()
         self._started = True
         self._target = b""
         self._headers = []
@@ -97,6 +152,7 @@ class RequestParser(_Headers):
     def on_headers_complete(self):
         if self._synthetic:
             self._synthetic = False
+            self._headers = self._trailers.reset()
             return
         p = self._p
         try:
@@ -105,6 +161,7 @@ class RequestParser(_Headers):
         except ProtocolError as e:
             self._error = e
             raise
+        self._headers = self._trailers.reset()
         self._head = head
         self._in_head = False
         self._head_bytes = 0
@@ -217,7 +274,7 @@ class RequestParser(_Headers):
 
     def _upgrade(self, rest: bytes) -> bytes:
         """llhttp paused after an Upgrade request's head; continue as plain HTTP."""
-        self._p = httptools.HttpRequestParser(self)
+        self._p = _request_parser(self)
         head = self._head
         if self._closed or not (head.chunked or head.content_length):
             return rest
@@ -257,10 +314,11 @@ class ResponseParser(_Headers):
     """One response at a time from an upstream connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_method", "_buf", "_p", "_events", "_reason", "_headers",
-                 "_head", "_mode", "_done", "_msg_done", "_left")
+                 "_head", "_mode", "_done", "_msg_done", "_left", "_error", "_trailers")
 
     def __init__(self, max_header_size: int):
         self._max_head = max_header_size
+        self._trailers = _Trailers(self, max_header_size)
         self.start(None)
         self._done = True               # no request outstanding yet
 
@@ -272,6 +330,7 @@ class ResponseParser(_Headers):
         self._head = None
         self._done = False
         self._left = -1
+        self._error = None
 
     # -- llhttp callbacks ------------------------------------------------------
     def on_status(self, reason: bytes):
@@ -314,6 +373,8 @@ class ResponseParser(_Headers):
             if not self._done:
                 self._done = True
                 self._method = None
+                if self._error is not None:     # ours, raised in a callback
+                    raise self._error from None
                 detail = ("unexpected 101 Switching Protocols" if isinstance(e, HttpParserUpgrade)
                           else f"malformed response: {e}")
                 raise ProtocolError(detail) from None
@@ -378,8 +439,10 @@ class ResponseParser(_Headers):
         self._msg_done = False
         self._p = p = httptools.HttpResponseParser(self)
         p.feed_data(block)
-        return _p.check_response(p.get_status_code(), self._reason, p.get_http_version(),
-                                 self._headers, self._max_head, self._method)
+        result = _p.check_response(p.get_status_code(), self._reason, p.get_http_version(),
+                                   self._headers, self._max_head, self._method)
+        self._headers = self._trailers.reset()      # a chunked body's trailers go there
+        return result
 
     def _eof(self, events: list) -> list:
         self._done = True

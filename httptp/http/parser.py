@@ -105,6 +105,9 @@ class _Framing:
 
 
 BARE_CR = "CR without LF before the request line"
+TE_TRAILING_HTAB = "Transfer-Encoding with a tab after its value"
+# RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )
+_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
 
 
 def skip_empty_lines(data: bytes, cr: bool) -> tuple[bytes, bool]:
@@ -273,6 +276,8 @@ def check_response(status: int, reason: bytes, version, headers: list,
     f = scan_headers(headers)
     if f.size + len(reason) + 15 > max_header_size:     # "HTTP/1.1 200 R\r\n"
         raise ProtocolError("response header too large", 431)
+    if reason and _REASON(reason) is None:      # it is relayed to the client as is
+        raise ProtocolError("control character in the reason phrase")
     ver = VERSIONS.get(version)
     if ver is None:
         raise ProtocolError("unsupported HTTP version in response")

@@ -190,6 +190,23 @@ def test_bare_cr_and_invalid_host_get_400_and_nothing_is_forwarded(upstream, par
     assert [r.split(b" ", 2)[1] for r in upstream.received] == [b"/ok"] * len(HARDENING_400)
 
 
+def test_trailer_fields_and_what_follows_a_closing_request_reach_no_upstream(upstream, parser):
+    """Found by the fuzz tests: httptools added chunked trailer fields to the
+    head (a Host in a trailer went upstream as a second Host), and read on
+    after a request that closes the connection."""
+    with proxy(upstream, parser) as p:
+        data = raw_exchange((p.host, p.port), b"POST /t HTTP/1.1\r\nHost: good\r\n"
+                            b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n"
+                            b"Host: evil\r\n\r\n" + b"GET /after HTTP/1.0\r\n\r\n", half_close=True)
+        assert data.count(b"HTTP/1.1 200 ") == 2
+        data = raw_exchange((p.host, p.port), b"GET /close HTTP/1.0\r\nConnection: close, "
+                            b"keep-alive\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert data.count(b"HTTP/1.1 200 ") == 1
+    forwarded = b"".join(upstream.received)
+    assert b"evil" not in forwarded and b"/smuggled" not in forwarded
+    assert b"/t" in forwarded and b"/after" in forwarded and b"/close" in forwarded
+
+
 def test_absolute_form_goes_upstream_in_origin_form_with_its_authority_as_host(upstream,
                                                                                   parser):
     with proxy(upstream, parser) as p:
