@@ -260,8 +260,10 @@ class HttpTp:
         self._listen = threading.Event()
         self.addr = None
         self.workers = workers
-        threading.Thread(target=self._read, args=(self.proc.stderr,), daemon=True).start()
-        threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
+        self._readers = [threading.Thread(target=self._read, args=(stream,), daemon=True)
+                         for stream in (self.proc.stderr, self.proc.stdout)]
+        for t in self._readers:
+            t.start()
         if wait:
             self.wait_listening()
 
@@ -322,7 +324,12 @@ class HttpTp:
         os.kill(self.proc.pid, sig)
 
     def wait(self, timeout=30.0) -> int:
-        return self.proc.wait(timeout)
+        """The exit status, once every line the process wrote is in ``lines``
+        (its last lines could still be in the pipe when it has exited)."""
+        code = self.proc.wait(timeout)
+        for t in self._readers:
+            t.join(5)
+        return code
 
     def kill(self):
         if self.proc.poll() is None:
