@@ -17,7 +17,7 @@ from hypothesis.database import DirectoryBasedExampleDatabase
 
 _QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much]
 
-settings.register_profile("default", max_examples=40, deadline=None, derandomize=True,
+settings.register_profile("default", max_examples=25, deadline=None, derandomize=True,
                           database=None, print_blob=True, suppress_health_check=_QUIET)
 settings.register_profile("fuzz", max_examples=int(os.environ.get("FUZZ_EXAMPLES", "3000")),
                           deadline=None, derandomize=False, print_blob=True,

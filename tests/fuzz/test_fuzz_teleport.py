@@ -334,7 +334,7 @@ def test_frame_reader_holds_one_head_and_one_body_at_most(case, max_header, max_
 @given(st.sampled_from(["request", "response"]).flatmap(
     lambda kind: st.tuples(st.just(kind), st.lists(
         damaged_request_stream if kind == "request" else damaged_response_stream,
-        min_size=1, max_size=6))))
+        min_size=1, max_size=4))))
 def test_remembered_header_blocks_read_like_fresh_ones(case):
     """One reader over many frames (its header-block memory in play) gives
     each frame and each error as a fresh reader per frame does."""
