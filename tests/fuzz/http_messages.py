@@ -15,7 +15,7 @@ and their error paths.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
@@ -109,7 +109,7 @@ def origin_forms(draw):
 
 
 hosts = st.builds(lambda name, port: name + port,
-                  _bytes_of(string.ascii_lowercase.encode() + string.digits.encode() + b".-", 1, 20),
+                  _bytes_of((string.ascii_lowercase + string.digits + ".-").encode(), 1, 20),
                   st.sampled_from([b"", b":80", b":8080", b":1"]))
 
 
@@ -444,7 +444,8 @@ def m_name_case(draw, m):
     i = _pick_line(draw, m)
     if i is not None:
         name, sep, rest = m.lines[i].partition(b":")
-        m.lines[i] = draw(st.sampled_from([name.lower(), name.upper(), name.swapcase()])) + sep + rest
+        name = draw(st.sampled_from([name.lower(), name.upper(), name.swapcase()]))
+        m.lines[i] = name + sep + rest
 
 
 def _chunk_size_line(draw, m, bad: bytes):

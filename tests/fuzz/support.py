@@ -41,7 +41,8 @@ def held(parser) -> int:
         return max(len(parser._target) + sum(len(k) + len(v) for k, v in parser._headers),
                    parser._head_bytes)
     if isinstance(parser, httptools_backend.ResponseParser):
-        return max(len(parser._buf), sum(len(k) + len(v) for k, v in getattr(parser, "_headers", ())))
+        headers = getattr(parser, "_headers", ())
+        return max(len(parser._buf), sum(len(k) + len(v) for k, v in headers))
     conn = parser._conn
     return max(len(parser._raw), len(conn._receive_buffer) if conn is not None else 0)
 
@@ -125,3 +126,17 @@ def without_known_drift(events: list) -> list:
                           for k, v in ev.headers]
         out.append(ev)
     return out
+
+
+def agree(a, b) -> None:
+    """Two back-ends' ``(events, status)`` for the same feeds: the same
+    status, and the same events, except that on an error one may have raised
+    earlier than the other (llhttp refuses a bad byte at once, h11 may wait
+    for the end of the message): then one event list starts the other."""
+    (a_events, a_status), (b_events, b_status) = a, b
+    a_events, b_events = without_known_drift(a_events), without_known_drift(b_events)
+    assert a_status == b_status, (a_status, b_status)
+    if a_status is None:
+        assert a_events == b_events
+    else:
+        assert is_prefix(a_events, b_events) or is_prefix(b_events, a_events), (a_events, b_events)

@@ -31,7 +31,8 @@ STATUS = re.compile(rb"HTTP/1\.[01] (\d{3}) ")
 
 REQUESTS = [
     b"GET / HTTP/1.1\r\nHost: a\r\nUser-Agent: fuzz\r\n\r\n",
-    b"POST /p?q=1 HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\nhello",
+    b"POST /p?q=1 HTTP/1.1\r\nHost: a\r\nContent-Type: text/plain\r\nContent-Length: 5\r\n\r\n"
+    b"hello",
     b"PUT /c HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n"
     b"0\r\n\r\n",
     b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\nPOST /2 HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi"
