@@ -43,9 +43,11 @@ FUZZ_EXAMPLES ?= 300
 fuzz: venv
 	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q -e '.[fuzz]' \
 	  || echo "fuzz: atheris did not install; its targets get random inputs instead"
+	@status=0; \
 	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
-	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz -k "not finding"
-	$(BIN)/python -m tests.fuzz.fuzz_main --seconds $(FUZZ_SECONDS)
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz -k "not finding" || status=1; \
+	$(BIN)/python -m tests.fuzz.fuzz_main --seconds $(FUZZ_SECONDS) || status=1; \
+	exit $$status
 
 # httptp against nginx on issue 6's five measurements (bench/suite.py, ~10 min);
 # writes its section of docs/benchmarks.md and docs/bench.png.
