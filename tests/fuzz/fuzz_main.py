@@ -257,7 +257,8 @@ def run_all(seconds: float, only: str | None) -> int:
                               timeout=share + 120)
         overhead = (overhead * i + max(0.0, time.monotonic() - t0 - share)) / (i + 1)
         out = proc.stdout + proc.stderr
-        m = re.findall(r"Done (\d+) runs in", out)
+        m = re.findall(r"Done (\d+) runs in|number_of_executed_units: (\d+)", out)
+        m = [x or y for x, y in m]
         runs = int(m[-1]) if m else 0
         total_runs += runs
         crash = re.findall(r"Test unit written to (\S+)|input saved to (\S+)", out)
