@@ -8,7 +8,7 @@ Every test runs both back-ends on the same bytes.  Properties:
   gives what a byte-by-byte feed gives (events, or the same status after a
   prefix of them), and the back-ends agree on structural damage;
 - what a parser holds between feeds stays within its header limit plus
-  the feed at hand;
+  one feed;
 - ``httptp.http.writer`` output reads back as written.
 """
 
@@ -127,10 +127,9 @@ def test_valid_responses_parse_as_drawn(case, data):
     pieces = data.draw(cuts(raw))
     for name, be in BACKENDS.items():
         for feeds in ([raw], pieces):
-            method_, m_ = method, m
-            events, status = _response(be, method_, feeds)
+            events, status = _response(be, method, feeds)
             assert status is None, name
-            assert normal(events) == normal(m_.events()), name
+            assert normal(events) == normal(m.events()), name
 
 
 @given(damaged_responses(AGREED, bytewise=False, trailers=False))
