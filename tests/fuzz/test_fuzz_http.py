@@ -142,6 +142,7 @@ def test_backends_agree_on_damaged_responses(case):
 @given(damaged_responses(), st.data())
 def test_damaged_responses_parse_the_same_split_anywhere(case, data):
     method, raw = case
+    assume(not _known(raw))
     pieces = data.draw(cuts(raw))
     for be in BACKENDS.values():
         reference = _response(be, method, bytewise(raw))
@@ -265,10 +266,16 @@ def test_finding_nothing_is_read_after_close(first):
 
 
 @pytest.mark.xfail(strict=True, reason="PROXY-CONNECTION: llhttp takes Proxy-Connection: close "
-                   "for Connection: close and refuses the next request (400); h11 serves it")
-def test_finding_proxy_connection_is_an_ordinary_header():
-    a, b = _both(b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: close\r\n\r\n"
-                 b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n").values()
+                   "for Connection: close: the next request gets 400 (h11 serves it), bytes after "
+                   "a chunked response go unseen (the connection stays reusable)")
+@pytest.mark.parametrize("raw,method", [
+    (b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: close\r\n\r\n"
+     b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n", None),
+    (b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+     b"0\r\n\r\nHTTP/1.1 200 OK\r\n", b"GET"),
+], ids=["request", "response"])
+def test_finding_proxy_connection_is_an_ordinary_header(raw, method):
+    a, b = _both(raw, method).values()
     assert a == b
 
 
@@ -322,4 +329,16 @@ def test_finding_header_limit_does_not_depend_on_reads():
 @pytest.mark.parametrize("target", [b"a", b"?a", b"example.com:443", b"%2F"])
 def test_finding_request_target_forms(target):
     for status, _ in _both(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n").values():
+        assert status == 400
+
+
+@pytest.mark.xfail(strict=True, reason="CHUNK-EXT: h11 takes any bytes after ';' in a chunk-size "
+                   "line (even NUL, an empty name, an open quote); httptools: 400")
+@pytest.mark.parametrize("ext", [b";", b";\x00", b';a="b', b"; a", b";;"])
+@pytest.mark.parametrize("start", [b"POST / HTTP/1.1\r\nHost: a\r\n", b"HTTP/1.1 200 OK\r\n"],
+                         ids=["request", "response"])
+def test_finding_chunk_extension_grammar(start, ext):
+    raw = start + b"Transfer-Encoding: chunked\r\n\r\n5" + ext + b"\r\nhello\r\n0\r\n\r\n"
+    method = None if start.startswith(b"POST") else b"GET"
+    for status, _ in _both(raw, method).values():
         assert status == 400
