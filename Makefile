@@ -5,7 +5,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: venv run test test-deps bench bench-bandwidth bench-deps clean
+.PHONY: venv run test test-deps fuzz bench bench-bandwidth bench-deps clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -33,6 +33,21 @@ test-deps:
 
 test: venv test-deps
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python -m pytest -q -p no:cacheprovider
+
+# Fuzzing (docs/fuzzing.md), not part of `make test`: the property tests with
+# FUZZ_EXAMPLES examples each and a fresh seed (about 1.5 min at 300), then every
+# fuzz target under atheris (the `fuzz` extra: coverage-guided) for FUZZ_SECONDS
+# in all.  Failing inputs land in .hypothesis/ and fuzz-artifacts/.
+FUZZ_SECONDS  ?= 180
+FUZZ_EXAMPLES ?= 300
+fuzz: venv
+	@$(BIN)/python -c "import atheris" 2>/dev/null || $(BIN)/pip install -q -e '.[fuzz]' \
+	  || echo "fuzz: atheris did not install; its targets get random inputs instead"
+	@status=0; \
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) \
+	  $(BIN)/python -m pytest -q -p no:cacheprovider tests/fuzz -k "not finding" || status=1; \
+	$(BIN)/python -m tests.fuzz.fuzz_main --seconds $(FUZZ_SECONDS) || status=1; \
+	exit $$status
 
 # httptp against nginx on issue 6's five measurements (bench/suite.py, ~10 min);
 # writes its section of docs/benchmarks.md and docs/bench.png.

@@ -517,3 +517,63 @@ def decompress_all(dec, data: bytes) -> bytes:
     while plain := dec.read():
         out.append(plain)
     return b"".join(out)
+
+
+
+class Peer:
+    """A teleport client on a raw socket: handshake, frames through a codec
+    (``sock`` is there for raw bytes)."""
+
+    def __init__(self, host: str, port: int, codec: str = "none", timeout: float = 30.0):
+        from httptp.teleport import handshake
+        from httptp.teleport.codecs import compressor, decompressor
+        from httptp.teleport.framing import FrameReader
+        from httptp.teleport.handshake import BY_NAME
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        c = BY_NAME[codec]
+        self.sock.sendall(handshake.encode(c, False))
+        head = b""
+        while len(head) < 15:
+            part = self.sock.recv(15 - len(head))
+            assert part, "the server closed during the handshake"
+            head += part
+        theirs, _ = handshake.decode(head)
+        self.comp = compressor(c, 1 if codec in ("flate", "zstd", "brotli") else None)
+        self.dec = decompressor(theirs)
+        self.frames = FrameReader("response", 1 << 20)
+        self.got: list = []
+
+    def send(self, plain: bytes) -> int:
+        data = self.comp.compress(plain) + self.comp.flush()
+        self.sock.sendall(data)
+        return len(data)
+
+    def request(self, req_id: int, method=b"GET", target=b"/", body=b"", headers=()) -> None:
+        from httptp.teleport.framing import encode_request
+        self.send(encode_request(req_id, method, target, [(b"Host", b"x"), *headers], body))
+
+    def answer(self, req_id: int):
+        """The response frame for ``req_id`` (head, body), or None if the server closed."""
+        while True:
+            for rid, head, body in self.got:
+                if rid == req_id:
+                    return head, body
+            data = self.sock.recv(65536)
+            if not data:
+                return None
+            self.got += self.frames.feed(decompress_all(self.dec, data))
+
+    def closed_by_server(self) -> bool:
+        try:
+            while True:
+                data = self.sock.recv(65536)
+                if not data:
+                    return True
+                self.got += self.frames.feed(decompress_all(self.dec, data))
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self):
+        self.sock.close()
