@@ -370,7 +370,9 @@ class ResponseParser(_Headers):
             if data and not self._done:
                 self._p.feed_data(data)
         except (HttpParserError, HttpParserUpgrade) as e:
-            if not self._done:
+            if self._done:                      # junk after the response: do not reuse
+                self._head.keep_alive = False
+            else:
                 self._done = True
                 self._method = None
                 if self._error is not None:     # ours, raised in a callback
@@ -438,6 +440,9 @@ class ResponseParser(_Headers):
         self._headers = []
         self._msg_done = False
         self._p = p = httptools.HttpResponseParser(self)
+        # keep-alive is ours here too: with Proxy-Connection: close llhttp
+        # would skip the bytes after the response instead of showing them
+        p.set_dangerous_leniencies(lenient_keep_alive=True)
         p.feed_data(block)
         result = _p.check_response(p.get_status_code(), self._reason, p.get_http_version(),
                                    self._headers, self._max_head, self._method)

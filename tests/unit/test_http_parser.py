@@ -748,6 +748,15 @@ def test_nothing_is_read_after_a_request_that_closes(req, first):
     assert [h.target for h, _ in messages(events)] == [b"/"]
 
 
+def test_proxy_connection_is_an_ordinary_header_in_a_response(resp):
+    """llhttp took it for Connection: close and skipped the bytes after the
+    response: the connection looked reusable."""
+    events = response_of(resp, b"GET", b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\n"
+                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
+    [(head, body)] = messages(events)
+    assert body == b"" and head.keep_alive is False
+
+
 def test_proxy_connection_is_an_ordinary_header(req):
     events = parse_all(req, b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: close\r\n\r\n"
                             b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
