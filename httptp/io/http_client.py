@@ -97,6 +97,8 @@ class HTTPUpstream:
         self._tls = tls_context            # a gevent (cooperative) SSLContext, or None
         self._server_hostname = server_hostname
         self.name = str(address)
+        # the Host of a request that came without one (HTTP/1.0)
+        self.host = (self.name if address.kind == "tcp" else "localhost").encode()
         self._parser_module = parser_module
         self._max_header_size = max_header_size
         self._max_body_size = max_body_size

@@ -171,13 +171,18 @@ class Proxy:
             if target is None:          # a teleport frame: the HTTP parsers refuse these
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(f"unsupported request-target {head.target[:40]!r}")
+        add_host = False
         if self.out_teleport:
             refused = _teleport_refuses(head, headers, body)
             if refused:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(refused)
+        elif head.version == b"1.0":
+            # we speak HTTP/1.1 upstream, where Host is required: an HTTP/1.0
+            # request without one gets the upstream's, as nginx's $proxy_host
+            add_host = not any(n.lower() == b"host" for n, _ in headers)
         try:
-            resp = self._exchange(head.method, target, headers, body, timer)
+            resp = self._exchange(head.method, target, headers, body, timer, add_host)
         except ProxyError as err:
             if err.status == 504:
                 q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
@@ -197,7 +202,7 @@ class Proxy:
         return resp
 
     def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes,
-                  timer: Deadline | None = None) -> Response:
+                  timer: Deadline | None = None, add_host: bool = False) -> Response:
         """Pick, exchange, release; retry an idempotent request once elsewhere."""
         deadline = time.monotonic() + self.timeout
         idempotent = method in IDEMPOTENT
@@ -213,7 +218,9 @@ class Proxy:
                 upstream = self.upstreams[lease.index]
                 t0 = time.monotonic()
                 try:
-                    resp = upstream.exchange(method, target, headers, body, deadline, idempotent)
+                    resp = upstream.exchange(method, target,
+                                             headers + [(b"Host", upstream.host)] if add_host
+                                             else headers, body, deadline, idempotent)
                 except UpstreamError as e:
                     # too large: the upstream answered, it is not failing
                     too_large = e.__class__ is ResponseTooLarge

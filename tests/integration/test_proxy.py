@@ -419,3 +419,16 @@ def test_http10_keepalive_only_when_asked(upstream, parser):
         data = raw_exchange((p.host, p.port), b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         assert data.startswith(b"HTTP/1.1 200 ") and b"Connection: close" in data
     assert upstream.connections == 1
+
+
+def test_http10_without_host_gets_the_upstreams_host(upstream, parser):
+    """We speak HTTP/1.1 upstream, where Host is required: an HTTP/1.0 request
+    without one is sent with the upstream's address (nginx's $proxy_host)."""
+    with proxy(upstream, parser) as p:
+        data = raw_exchange((p.host, p.port), b"GET /old HTTP/1.0\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 ")
+        data = raw_exchange((p.host, p.port), b"GET /kept HTTP/1.0\r\nHost: mine\r\n\r\n")
+        assert data.startswith(b"HTTP/1.1 200 ")
+    old, kept = upstream.received
+    assert old.startswith(b"GET /old HTTP/1.1\r\n") and f"\r\nHost: {upstream.addr}\r\n".encode() in old
+    assert b"\r\nHost: mine\r\n" in kept and kept.count(b"Host:") == 1
