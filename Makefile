@@ -61,7 +61,7 @@ bench-bandwidth: venv
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/python bench/rtb_bandwidth.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info .hypothesis fuzz-corpus fuzz-artifacts
 
 # What the bench drives: wrk and nginx from apt when missing (root with apt),
 # matplotlib (the plot) from the `bench` extra into the venv.
