@@ -250,15 +250,19 @@ class Message:
 @st.composite
 def chunked_bodies(draw, canonical=False):
     """``(wire bytes, decoded body)`` of a chunked body with extensions and
-    trailer fields (``canonical``: written as ``name: value``)."""
+    trailer fields (``canonical``: no extensions, fields as ``name: value``)."""
     chunks = draw(st.lists(st.binary(min_size=1, max_size=40), max_size=4))
+    # canonical: no chunk extensions (finding CHUNK-LINE, test_fuzz_http.py)
+    ext = (lambda: b"") if canonical else (lambda: draw(chunk_exts()))
     out = []
     for c in chunks:
         size = b"%x" % len(c)
         size = draw(st.sampled_from([size, size.upper(), b"0" + size, b"00" + size]))
-        out.append(size + draw(chunk_exts()) + CRLF + c + CRLF)
-    out.append(draw(st.sampled_from([b"0", b"00", b"000"])) + draw(chunk_exts()) + CRLF)
-    for _, _, line in draw(st.lists(field_lines(canonical=canonical), max_size=2)):
+        out.append(size + ext() + CRLF + c + CRLF)
+    out.append(draw(st.sampled_from([b"0", b"00", b"000"])) + ext() + CRLF)
+    # now and then a long one: trailer fields as large as a head meet its limit
+    values = st.one_of(field_values(), _bytes_of(VCHAR, 40, 160))
+    for _, _, line in draw(st.lists(field_lines(values=values, canonical=canonical), max_size=3)):
         out.append(line)
     out.append(CRLF)
     return b"".join(out), b"".join(chunks)
@@ -310,7 +314,8 @@ def requests(draw, versions=(b"1.1", b"1.1", b"1.0"), max_body=60, canonical=Fal
     authority or another host (the parser keeps the client's Host in the
     head).  ``canonical`` writes every header and trailer field as ``name:
     value`` and no empty line before the request, so that the head is
-    exactly the size ``check_request`` measures (finding HEAD-SIZE)."""
+    exactly the size ``check_request`` measures (finding HEAD-SIZE), and
+    chunk-size lines without extensions (finding CHUNK-LINE)."""
     method = draw(st.sampled_from(sorted(KNOWN_METHODS)))
     version = draw(st.sampled_from(versions))
     target = draw(targets(method))
