@@ -38,13 +38,20 @@ def held(parser) -> int:
     if isinstance(parser, httptools_backend.RequestParser):
         # llhttp keeps nothing; the back-end keeps the target and the headers
         # of the current head (and counts the rest in _head_bytes)
-        return max(len(parser._target) + sum(len(k) + len(v) for k, v in parser._headers),
-                   parser._head_bytes)
+        return max(len(parser._target) + _fields(parser._headers), parser._head_bytes)
     if isinstance(parser, httptools_backend.ResponseParser):
-        headers = getattr(parser, "_headers", ())
-        return max(len(parser._buf), sum(len(k) + len(v) for k, v in headers))
+        return max(len(parser._buf), _fields(getattr(parser, "_headers", ())))
     conn = parser._conn
     return max(len(parser._raw), len(conn._receive_buffer) if conn is not None else 0)
+
+
+def _fields(headers) -> int:
+    """Bytes of the header fields a httptools parser holds: none once the
+    head is complete (``_headers`` is then the trailer sink, which counts
+    trailer fields and drops them)."""
+    if not isinstance(headers, list):
+        return 0
+    return sum(len(k) + len(v) for k, v in headers)
 
 
 def run_parser(parser, pieces: list, *, start: bytes | None = None, eof: bool = True,

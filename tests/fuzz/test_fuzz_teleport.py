@@ -28,7 +28,7 @@ from httptp.teleport.codecs import MAX_SLICE, compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import HEADER_SIZE, MAGIC, Compress
 from tests.fuzz.http_messages import (byte_mutations, damaged_pipelines, damaged_responses,
-                                      field_values, origin_forms, tokens)
+                                      field_values, hosts, origin_forms, tokens)
 from tests.fuzz.support import bytewise, cuts
 
 ALL = list(Compress)
@@ -190,7 +190,8 @@ def request_frames(draw):
     """``(wire bytes, expected frame)`` of one encode_request frame."""
     req_id, method, target = draw(ids), draw(methods), draw(origin_forms())
     headers = draw(frame_headers)
-    headers.insert(draw(st.integers(0, len(headers))), (b"Host", draw(tokens)))
+    # a valid host[:port], as the HTTP parsers require (framing._check_hosts)
+    headers.insert(draw(st.integers(0, len(headers))), (b"Host", draw(hosts)))
     body = b"" if method in (b"GET", b"HEAD") else draw(st.binary(max_size=200))
     raw = encode_request(req_id, method, target, headers, body)
     if method in (b"GET", b"HEAD"):
