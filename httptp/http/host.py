@@ -36,7 +36,7 @@ _PCT = rb"%[0-9A-Fa-f]{2}"
 # a run of characters is one C loop, and a failing value cannot backtrack
 _REG_NAME = (rb"(?:" + _REG_CHARS + rb"|" + _PCT + rb")" + _REG_CHARS + rb"*(?:" + _PCT
              + _REG_CHARS + rb"*)*")
-_IP_FUTURE = rb"v[0-9A-Fa-f]+\.[" + _UNRESERVED + _SUB_DELIMS + rb":]+"
+_IP_FUTURE = rb"[vV][0-9A-Fa-f]+\.[" + _UNRESERVED + _SUB_DELIMS + rb":]+"
 # The IPv6 grammar is long; this keeps its alphabet and ipaddress checks the rest.
 _HOST = re.compile(rb"(?:" + _REG_NAME + rb"|\[(?:(" + rb"[0-9A-Fa-f:.]+" + rb")|"
                    + _IP_FUTURE + rb")\])(?::[0-9]*)?")

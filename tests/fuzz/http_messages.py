@@ -158,9 +158,8 @@ def ipv6s(draw):
 
 @st.composite
 def ip_futures(draw):
-    """``[vHEX.x]`` (the ``v`` lowercase: host.py refuses ``V``, finding
-    IPVFUTURE-CASE in test_fuzz_http.py)."""
-    return (b"[v" + draw(_bytes_of(_HEX, 1, 3)) + b"."
+    """``[vHEX.x]``, the ``v`` in either case (RFC 5234 §2.3)."""
+    return (b"[" + draw(st.sampled_from([b"v", b"V"])) + draw(_bytes_of(_HEX, 1, 3)) + b"."
             + draw(_bytes_of(_UNRESERVED + _SUB_DELIMS + b":", 1, 12)) + b"]")
 
 

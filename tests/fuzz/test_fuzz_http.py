@@ -35,15 +35,13 @@ MAX_HEAD, MAX_BODY = 1 << 16, 1 << 20      # far from anything drawn: no limit i
 
 
 # Open findings of these tests, pinned by the strict xfails at the end
-# (httptp/http is another engineer's), are stepped around until they are
+# are stepped around until they are
 # fixed: here those of responses, predicates on the lowercased wire bytes;
 # elsewhere TE-CASE (support.without_known_drift), HEAD-SIZE and CHUNK-LINE
 # (requests(canonical=True)), TRAILER-SIZE (the limit test), CHUNK-EXT
-# (m_chunk_lenient is not in AGREED) and IPVFUTURE-CASE (ip_futures).
+# (m_chunk_lenient is not in AGREED).
 _STRAY_CRLF = re.compile(rb"^[\r\n]|\r\n\r\n[\r\n]")
 _RESPONSE_FINDINGS = {
-    # llhttp takes Proxy-Connection: close for Connection: close in a response
-    "PROXY-CONNECTION": lambda low: b"proxy-connection:" in low,
     # llhttp skips CR and LF around responses: before the status line, and
     # after a chunked response in the same read
     "STRAY-CRLF": lambda low: _STRAY_CRLF.search(low),
@@ -253,7 +251,7 @@ def test_writer_error_responses_read_back(err, keep_alive):
 
 
 # -- findings ------------------------------------------------------------------------
-# Back-end defects these tests found (httptp/http is another engineer's), each
+# Back-end defects these tests found each
 # with its minimal reproducer.  Fixed ones stay as regression tests; open ones
 # are strict xfails that state the right behaviour (strict: a fix turns them
 # into an error, so the marker and the matching step-around above go).
@@ -303,6 +301,25 @@ def test_finding_nothing_is_read_after_close(first):
         assert status is None and [ev.target for ev in events if hasattr(ev, "target")] == [b"/"]
 
 
+@pytest.mark.parametrize("where", ["host", "target"])
+def test_finding_ipvfuture_v_is_case_insensitive(where):
+    """IPVFUTURE-CASE: host.py took only a lowercase 'v' in an IPvFuture
+    literal; ABNF literals are case-insensitive (RFC 5234 §2.3)."""
+    raw = (b"GET / HTTP/1.1\r\nHost: [V1.x]\r\n\r\n" if where == "host"
+           else b"GET http://[V1.x]/ HTTP/1.1\r\nHost: a\r\n\r\n")
+    for status, _ in _both(raw).values():
+        assert status is None
+
+
+def test_finding_proxy_connection_is_an_ordinary_response_header():
+    """PROXY-CONNECTION (responses): llhttp took it for Connection: close and
+    skipped the bytes after a chunked response: the connection stayed
+    reusable (h11: not reusable)."""
+    a, b = _both(b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nTransfer-Encoding: chunked\r\n"
+                 b"\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n", b"GET").values()
+    assert a == b
+
+
 def test_finding_proxy_connection_is_an_ordinary_request_header():
     """PROXY-CONNECTION (requests): llhttp took Proxy-Connection: close for
     Connection: close, and the next request got 400 (h11 served it)."""
@@ -345,13 +362,6 @@ def test_finding_request_target_forms(target):
 
 # open
 
-@pytest.mark.xfail(strict=True, reason="PROXY-CONNECTION (responses): llhttp takes "
-                   "Proxy-Connection: close for Connection: close: bytes after a chunked response "
-                   "go unseen, the connection stays reusable (h11: not reusable)")
-def test_finding_proxy_connection_is_an_ordinary_response_header():
-    a, b = _both(b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\nTransfer-Encoding: chunked\r\n"
-                 b"\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n", b"GET").values()
-    assert a == b
 
 
 @pytest.mark.xfail(strict=True, reason="TE-CASE: h11 lowercases Transfer-Encoding values, "
@@ -401,15 +411,6 @@ def test_finding_chunk_extension_grammar(start, ext):
         assert status == 400
 
 
-@pytest.mark.xfail(strict=True, reason="IPVFUTURE-CASE: host.py takes only a lowercase 'v' in an "
-                   "IPvFuture literal; ABNF literals are case-insensitive (RFC 5234 §2.3), so "
-                   "[V1.x] is a valid host: 400 in both back-ends and the frame reader")
-@pytest.mark.parametrize("where", ["host", "target"])
-def test_finding_ipvfuture_v_is_case_insensitive(where):
-    raw = (b"GET / HTTP/1.1\r\nHost: [V1.x]\r\n\r\n" if where == "host"
-           else b"GET http://[V1.x]/ HTTP/1.1\r\nHost: a\r\n\r\n")
-    for status, _ in _both(raw).values():
-        assert status is None
 
 
 @pytest.mark.xfail(strict=True, reason="TRAILER-SIZE: h11_backend bounds incomplete trailer fields "
