@@ -36,7 +36,8 @@ MAX_HEAD, MAX_BODY = 1 << 16, 1 << 20      # far from anything drawn: no limit i
 
 # Open findings of these tests, pinned by the strict xfails at the end, are
 # stepped around until they are fixed: here those of responses, predicates
-# on the lowercased wire bytes; elsewhere TE-CASE (support.without_known_drift), HEAD-SIZE and CHUNK-LINE
+# on the lowercased wire bytes; elsewhere TE-CASE
+# (support.without_known_drift), HEAD-SIZE and CHUNK-LINE
 # (requests(canonical=True)), TRAILER-SIZE (the limit test), CHUNK-EXT
 # (m_chunk_lenient is not in AGREED).
 _STRAY_CRLF = re.compile(rb"^[\r\n]|\r\n\r\n[\r\n]")
@@ -251,8 +252,9 @@ def test_writer_error_responses_read_back(err, keep_alive):
 
 # -- findings ------------------------------------------------------------------------
 # Back-end defects these tests found, each with its minimal reproducer.
-# Fixed ones stay as regression tests; open ones are strict xfails that state the right behaviour (strict: a fix turns them
-# into an error, so the marker and the matching step-around above go).
+# Fixed ones stay as regression tests; open ones are strict xfails that
+# state the right behaviour (strict: a fix turns them into an error, so the
+# marker and the matching step-around above go).
 
 def _both(raw: bytes, method: bytes | None = None, max_head=4096, max_body=1000):
     out = {}
