@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, Upstream, load
+from tests.helpers import HttpTp, Upstream, load, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -31,9 +31,12 @@ def test_dead_upstream_is_ejected_and_reinstated():
     try:
         with HttpTp(f"-out={a.addr},{b.addr}", "-outType=http", "-outMaxFails=3",
                     "-outFailTimeout=2s", workers=2) as p:
-            # warm up: both serve
-            assert load(p.host, p.port, threads=8, max_requests=400).failed == 0
-            assert a.requests > 20 and b.requests > 20, (a.requests, b.requests)
+            # warm up until both have served: one slow sample (a busy machine)
+            # steers picks away from an upstream until its estimate relaxes
+            def both_served():
+                assert load(p.host, p.port, threads=8, max_requests=400).failed == 0
+                return a.requests > 20 and b.requests > 20
+            assert wait_until(both_served, timeout=30, step=0.1), (a.requests, b.requests)
             b.kill()
             res = load(p.host, p.port, threads=4, duration=20, max_requests=1000)
             assert res.total == 1000
