@@ -704,82 +704,25 @@ def test_response_truncated(resp, raw):
     assert e.value.detail == "upstream closed connection"
 
 
-# -- findings of the fuzz tests (issue 10 §4), fixed -----------------------------
+# -- findings of the fuzz tests (issue 10 §4) ------------------------------------
+# Each finding has its regression test in tests/fuzz/test_fuzz_http.py
+# (test_finding_*, both back-ends at once); here only what those do not cover.
 
 CHUNKED_POST = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
-CHUNKED_200 = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
 
 
-@pytest.mark.parametrize("split", [None, 1])
-def test_trailer_fields_never_join_the_head(req, split):
+def test_trailer_fields_never_join_the_head_fed_byte_by_byte(req):
     """A Host (or anything) in a chunked request's trailers is dropped: it must
     not reach the upstream as a header (httptools appended it to the head)."""
     raw = CHUNKED_POST + b"3\r\nabc\r\n0\r\nHost: evil\r\nX-T: 1\r\n\r\n"
-    chunks = [raw] if split is None else [raw[i:i + 1] for i in range(len(raw))]
-    [(head, body)] = messages(parse_all(req, *chunks))
+    [(head, body)] = messages(parse_all(req, *[raw[i:i + 1] for i in range(len(raw))]))
     assert body == b"abc" and head.headers == [(b"Host", b"a"),
                                                (b"Transfer-Encoding", b"chunked")]
 
 
-def test_trailer_fields_never_join_the_response_head(resp):
-    [(head, body)] = messages(response_of(resp, b"GET", CHUNKED_200 + b"0\r\nX-Evil: 1\r\n\r\n"))
-    assert body == b"" and head.headers == [(b"Transfer-Encoding", b"chunked")]
-
-
-def test_trailer_fields_are_bounded_by_the_header_limit(backend):
-    fields = b"X-T: %s\r\n" % (b"v" * 100) * 100
-    with pytest.raises(ProtocolError) as e:
-        parse_all(backend.RequestParser(4096, MAX_BODY), CHUNKED_POST + b"0\r\n" + fields + b"\r\n")
-    assert e.value.status == 431
-    parser = backend.ResponseParser(4096)
-    with pytest.raises(ProtocolError) as e:
-        response_of(parser, b"GET", CHUNKED_200 + b"0\r\n" + fields + b"\r\n")
-    assert e.value.status == 431
-
-
-@pytest.mark.parametrize("first", [
-    b"GET / HTTP/1.0\r\nConnection: close, keep-alive\r\n\r\n",
-    b"POST / HTTP/1.0\r\nUpgrade: x\r\nConnection: upgrade\r\nContent-Length: 1\r\n\r\nx",
-    b"POST / HTTP/1.1\r\nHost: a\r\nUpgrade: x\r\nConnection: close, upgrade\r\n"
-    b"Content-Length: 1\r\n\r\nx",
-], ids=["http10-close-keep-alive", "http10-upgrade-body", "close-upgrade-body"])
-def test_nothing_is_read_after_a_request_that_closes(req, first):
-    events = parse_all(req, first + b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n", eof=False)
-    assert [h.target for h, _ in messages(events)] == [b"/"]
-
-
-def test_proxy_connection_is_an_ordinary_header_in_a_response(resp):
-    """llhttp took it for Connection: close and skipped the bytes after the
-    response: the connection looked reusable."""
-    events = response_of(resp, b"GET", b"HTTP/1.1 200 OK\r\nProxy-Connection: close\r\n"
-                         b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nHTTP/1.1 200 OK\r\n")
-    [(head, body)] = messages(events)
-    assert body == b"" and head.keep_alive is False
-
-
-def test_proxy_connection_is_an_ordinary_header(req):
-    events = parse_all(req, b"GET / HTTP/1.1\r\nHost: a\r\nProxy-Connection: close\r\n\r\n"
-                            b"GET /2 HTTP/1.1\r\nHost: a\r\n\r\n")
-    assert [h.target for h, _ in messages(events)] == [b"/", b"/2"]
-
-
-@pytest.mark.parametrize("value", [b"chunked\t", b"chunked \t", b"chunked\t "])
-def test_transfer_encoding_with_a_trailing_tab_is_refused(backend, value):
-    """llhttp does not read it as chunked, we would: 400 in both back-ends."""
-    te = b"Transfer-Encoding: " + value + b"\r\n\r\n0\r\n\r\n"
-    with pytest.raises(ProtocolError) as e:
-        parse_all(backend.RequestParser(MAX_HEAD, MAX_BODY), b"POST / HTTP/1.1\r\nHost: a\r\n" + te)
-    assert e.value.status == 400
-    with pytest.raises(ProtocolError):
-        response_of(backend.ResponseParser(MAX_HEAD), b"GET", b"HTTP/1.1 200 OK\r\n" + te)
-    # a trailing space is plain OWS: both read it as chunked
-    events = parse_all(backend.RequestParser(MAX_HEAD, MAX_BODY),
-                       b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked \r\n\r\n"
-                       b"1\r\nz\r\n0\r\n\r\n")
+def test_transfer_encoding_with_a_trailing_space_is_still_chunked(req):
+    """Only a tab after "chunked" is refused (llhttp does not read it as
+    chunked); a trailing space is plain OWS to both back-ends."""
+    events = parse_all(req, b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked \r\n\r\n"
+                            b"1\r\nz\r\n0\r\n\r\n")
     assert messages(events)[0][1] == b"z"
-
-
-@pytest.mark.parametrize("reason", [b"O\x00K", b"O\x1bK", b"OK\x7f"])
-def test_control_characters_in_the_reason_phrase_are_refused(resp, reason):
-    with pytest.raises(ProtocolError):
-        response_of(resp, b"GET", b"HTTP/1.1 200 " + reason + b"\r\nContent-Length: 0\r\n\r\n")
