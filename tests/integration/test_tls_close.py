@@ -28,7 +28,9 @@ from httptp.teleport import handshake  # noqa: E402
 from httptp.teleport.framing import FrameReader, encode_request, encode_response  # noqa: E402
 from httptp.teleport.handshake import Compress  # noqa: E402
 from tests.helpers import HttpTp, Reply, Upstream, get, wait_until  # noqa: E402
-from tests.integration.test_tls import Certs, no_traceback, tls_args  # noqa: E402
+# the fixtures certs, server_pair and upstream are test_tls's
+from tests.integration.test_tls import (certs, no_traceback, server_pair,  # noqa: E402,F401
+                                        tls_args, upstream)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -36,22 +38,6 @@ CLEAN = "close_notify"
 VERSIONS = [pytest.param(ssl.TLSVersion.TLSv1_2, id="tls1.2"),
             pytest.param(ssl.TLSVersion.TLSv1_3, id="tls1.3")]
 
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory):
-    return Certs(tmp_path_factory.mktemp("tls-close"))
-
-
-@pytest.fixture(scope="module")
-def server_pair(certs):
-    return certs.issue("server", "localhost", "127.0.0.1")
-
-
-@pytest.fixture
-def upstream():
-    up = Upstream()
-    yield up
-    up.close()
 
 
 def _in_greenlet(fn, timeout=20.0):
