@@ -35,7 +35,7 @@ import gevent.event
 from gevent import socket
 
 from httptp import stats as S
-from httptp.errors import MethodNotAllowed, PayloadTooLarge, ServiceUnavailable
+from httptp.errors import MethodNotAllowed, ServiceUnavailable
 from httptp.http import writer
 from httptp.http.parser import select_backend
 from httptp.certstore import offers_acme_tls
@@ -112,11 +112,10 @@ class Worker:
             return self.proxy.answer_error(MethodNotAllowed())
         return self.proxy.answer(head, body, None, peer.encode("ascii", "replace"))
 
-    def _teleport_refused(self, head, peer: str, status: int) -> None:
+    def _teleport_refused(self, head, peer: str, status: int, size: int) -> None:
         """A teleport request httptp answered itself (413): its access-log line."""
         if self.access_log is not None:
-            self.access_log.log(peer.encode("ascii", "replace"), head, status,
-                                len(PayloadTooLarge().payload), "", 0.0)
+            self.access_log.log(peer.encode("ascii", "replace"), head, status, size, "", 0.0)
 
     # -- lifecycle -------------------------------------------------------------
 

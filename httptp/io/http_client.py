@@ -285,7 +285,6 @@ class HTTPUpstream:
             else:
                 self._close(conn, orderly=done)   # Connection: close: close_notify first
 
-
     def _too_large(self, announced: int | None):
         """Count and raise: the body announced ``announced`` bytes (its
         Content-Length), or grew over the limit as it came (None)."""

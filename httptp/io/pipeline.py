@@ -33,11 +33,11 @@ _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 _MAX_SPARE_TIMERS = 1024
 
 
-def _teleport_refuses(head, headers: list, body: bytes) -> str | None:
+def _teleport_refuses(head, no_host: bool, body: bytes) -> str | None:
     """Why a request cannot cross a teleport link to a Go peer, or None."""
     if body and head.method in _NO_BODY_OVER_TELEPORT:
         return "a GET or HEAD request with a body cannot be sent over teleport"
-    if head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers):
+    if no_host:
         return "a request without Host cannot be sent over teleport"
     return None
 
@@ -171,16 +171,16 @@ class Proxy:
             if target is None:          # a teleport frame: the HTTP parsers refuse these
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(f"unsupported request-target {head.target[:40]!r}")
-        add_host = False
+        # only HTTP/1.0 may come without Host; we speak HTTP/1.1 upstream,
+        # where it is required: over http it gets the upstream's (nginx's
+        # $proxy_host), over teleport it is refused
+        no_host = head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers)
         if self.out_teleport:
-            refused = _teleport_refuses(head, headers, body)
+            refused = _teleport_refuses(head, no_host, body)
             if refused:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(refused)
-        elif head.version == b"1.0":
-            # we speak HTTP/1.1 upstream, where Host is required: an HTTP/1.0
-            # request without one gets the upstream's, as nginx's $proxy_host
-            add_host = not any(n.lower() == b"host" for n, _ in headers)
+        add_host = no_host and not self.out_teleport
         try:
             resp = self._exchange(head.method, target, headers, body, timer, add_host)
         except ProxyError as err:

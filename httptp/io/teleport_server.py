@@ -38,7 +38,7 @@ Content-Length is over the limit is answered 413 at once and its body skipped
 as it arrives; a header block or a chunked body over a limit closes the
 connection.  Each refusal is counted (``inRequestTooLarge``) and logged with
 the peer's address, rate-limited per peer (``refusals``), and reported to
-``refused(head, peer, status)`` when given (the worker's access log).
+``refused(head, peer, status, size)`` when given (the worker's access log).
 
 An idle connection ends silently after ``read_timeout``.  Any IO, codec or
 framing error closes the connection; answers of handlers still running on it
@@ -288,10 +288,10 @@ class _Conn:
             f"teleport client {self.peer}: {head.method.decode('latin-1')} "
             f"{head.target[:200].decode('latin-1')}: body of {head.content_length} bytes is over "
             f"the limit of {srv.max_body_size} ({srv.limit_names['body']}); answered 413"))
+        err = _TOO_LARGE
         if srv.refused is not None:
-            srv.refused(head, self.peer, 413)
+            srv.refused(head, self.peer, err.status, len(err.payload))
         if req_id:
-            err = _TOO_LARGE
             self.writer.put(encode_response(req_id, err.status, err.reason.encode(),
                                             _TEXT_PLAIN, err.payload))
 
@@ -383,7 +383,7 @@ class TeleportServer:
         # owner calls refusals.flush() now and then for the counts)
         self.refusals = refusals if refusals is not None else (
             RateLimitedLog(log) if log is not None else None)
-        self.refused = refused            # refused(head, peer, status), e.g. an access log
+        self.refused = refused            # refused(head, peer, status, size): an access log
         self.limit_names = limit_names or {"header": "max_header_size",
                                            "body": "max_body_size"}
         self.read_timeout = read_timeout

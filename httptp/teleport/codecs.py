@@ -222,42 +222,58 @@ class _SnappyCompressor(Compressor):
             return bytes(chunks)
 
 
-class _SnappyDecompressor(Decompressor):
+class _UnitDecompressor(Decompressor):
+    """A codec fed whole units (snappy chunks, zstd blocks), a slice's worth
+    at a time: ``_cut()`` says where the units that fit end (0: none is
+    complete), ``_decode(units)`` decodes them, ``_drop(end)`` forgets them."""
+
+    __slots__ = ("_buf",)
+
+    def __init__(self):
+        super().__init__()
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def read(self) -> bytes:
+        while True:
+            end = self._cut()
+            if not end:
+                return b""
+            with memoryview(self._buf) as view, view[:end] as units:
+                out = self._decode(units)
+            self._drop(end)
+            if out:
+                return out
+
+
+class _SnappyDecompressor(_UnitDecompressor):
     """Once the identifier is seen it stays at the front of the buffer, so the
     complete chunks can go to cramjam as one valid stream without a copy."""
 
-    __slots__ = ("_unframe", "_error", "_buf", "_base")
+    __slots__ = ("_unframe", "_error", "_base")
 
     def __init__(self):
         import cramjam
         super().__init__()
         self._unframe = cramjam.snappy.decompress
         self._error = cramjam.DecompressionError
-        self._buf = bytearray()
         self._base = 0                  # 10 once the identifier is at buf[:10]
 
-    def feed(self, data: bytes) -> None:
-        self._buf += data
+    def _decode(self, chunks) -> bytes:
+        try:
+            return bytes(self._unframe(chunks))
+        except self._error as e:
+            raise CodecError(str(e)) from None
 
-    def read(self) -> bytes:
-        buf = self._buf
-        while True:
-            end = self._complete_chunks()
-            if end == self._base:
-                return b""
-            with memoryview(buf) as view, view[:end] as chunks:
-                try:
-                    out = bytes(self._unframe(chunks))
-                except self._error as e:
-                    raise CodecError(str(e)) from None
-            buf[:end] = SNAPPY_STREAM_ID
-            self._base = len(SNAPPY_STREAM_ID)
-            if out:
-                return out
+    def _drop(self, end: int) -> None:
+        self._buf[:end] = SNAPPY_STREAM_ID
+        self._base = len(SNAPPY_STREAM_ID)
 
-    def _complete_chunks(self) -> int:
+    def _cut(self) -> int:
         """The end offset of the complete chunks at the front of the buffer
-        that decode to one slice at most (at least one chunk)."""
+        that decode to one slice at most (at least one chunk); 0 for none."""
         buf, pos, n = self._buf, self._base, len(self._buf)
         if pos == 0 and n >= 4 and buf[:4] != SNAPPY_STREAM_ID[:4]:
             raise CodecError("snappy: stream does not start with the stream identifier")
@@ -277,7 +293,7 @@ class _SnappyDecompressor(Decompressor):
                 break
             budget += out
             pos += 4 + size
-        return pos
+        return pos if pos != self._base else 0
 
 
 class _ZstdCompressor(_StreamCompressor):
@@ -289,42 +305,32 @@ class _ZstdCompressor(_StreamCompressor):
         self._flush = functools.partial(z.flush, zstandard.COMPRESSOBJ_FLUSH_BLOCK)
 
 
-class _ZstdDecompressor(Decompressor):
+class _ZstdDecompressor(_UnitDecompressor):
     """Whole blocks to zstd, a slice's worth at a time (module docstring).
 
     The buffer always starts at a unit boundary: the frame header first, then
     block after block.  The walk only decides where to cut; zstd itself checks
     everything it is given."""
 
-    __slots__ = ("_z", "_error", "_buf", "_in_frame")
+    __slots__ = ("_z", "_error", "_in_frame")
 
     def __init__(self):
         import zstandard
         super().__init__()
         self._z = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
         self._error = zstandard.ZstdError
-        self._buf = bytearray()
         self._in_frame = False
 
-    def feed(self, data: bytes) -> None:
-        self._buf += data
+    def _decode(self, units) -> bytes:
+        try:
+            return self._z.decompress(units)
+        except self._error as e:
+            raise CodecError(f"zstd: {e}") from None
 
-    def read(self) -> bytes:
-        buf = self._buf
-        while True:
-            end = self._walk()
-            if not end:
-                return b""
-            with memoryview(buf) as view, view[:end] as units:
-                try:
-                    out = self._z.decompress(units)
-                except self._error as e:
-                    raise CodecError(f"zstd: {e}") from None
-            del buf[:end]
-            if out:
-                return out
+    def _drop(self, end: int) -> None:
+        del self._buf[:end]
 
-    def _walk(self) -> int:
+    def _cut(self) -> int:
         """Where to cut: after the frame header (if not given yet) and the
         whole blocks that decode to one slice at most (at least one)."""
         buf = self._buf
