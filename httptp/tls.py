@@ -417,11 +417,17 @@ class ServerTLS:
         return None
 
     # -- worker ---------------------------------------------------------------------
-    def for_worker(self) -> None:
-        """After the fork: make the contexts hand out gevent-cooperative sockets."""
-        for ctx in self.all_contexts():
-            cooperative(ctx)
-        self.default.sni_callback = self._sni   # again: gevent wraps it for its sockets
+    def for_worker(self, sockets: bool = True) -> None:
+        """After the fork: make the contexts hand out gevent-cooperative sockets
+        (``sockets``: teleports, whose connections are greenlets).  An https
+        listener keeps stdlib contexts: its transports run ``SSLObject``s over
+        memory BIOs (httptp.io.transport), which gevent's SNI wrapper does not
+        know.  The ACME TLS-ALPN context is cooperative either way: a
+        validation is answered by a greenlet."""
+        if sockets:
+            for ctx in self.all_contexts():
+                cooperative(ctx)
+            self.default.sni_callback = self._sni   # again: gevent wraps it for its sockets
         if self.autocert is not None:
             cooperative(self.challenge)
             self.challenge.sni_callback = self._challenge_sni
@@ -530,9 +536,9 @@ class TLS:
         self.client = client
         self.server_name = server_name      # -outTLSServerName; "" → each -out host
 
-    def for_worker(self) -> None:
+    def for_worker(self, server_sockets: bool = True) -> None:
         if self.server is not None:
-            self.server.for_worker()
+            self.server.for_worker(server_sockets)
         if self.client is not None:
             cooperative(self.client)
 

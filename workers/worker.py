@@ -39,10 +39,10 @@ from httptp.errors import MethodNotAllowed, ServiceUnavailable
 from httptp.http import writer
 from httptp.http.parser import select_backend
 from httptp.certstore import offers_acme_tls
-from httptp.io.http_client import readable
-from httptp.io.http_server import ClientConnection
-from httptp.io.sockio import close_tls
+from httptp.io.http_server import ClientConn, Listener
+from httptp.io.sockio import close_tls, readable
 from httptp.io.pipeline import Proxy
+from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
 from httptp.supervisor.procs import WORKER_BOOT_ERROR, report_boot_error
@@ -50,6 +50,7 @@ from httptp.tls import error_text as tls_error_text
 
 
 HEARTBEAT_INTERVAL = 1.0
+_ACCEPT_BATCH = 32          # connections accepted per readable event of the listener
 
 
 class Worker:
@@ -57,7 +58,9 @@ class Worker:
                  upstream_ids: list[int], tls=None):
         self.config = config
         if tls is not None:
-            tls.for_worker()          # gevent-cooperative sockets from the master's contexts
+            # gevent-cooperative sockets from the master's contexts, for what
+            # runs in greenlets (teleports listeners, teleports upstreams)
+            tls.for_worker(server_sockets=config.in_type == "teleports")
         self.tls = tls
         self.server_tls = tls.server if tls is not None else None
         self.stats = stats
@@ -81,8 +84,18 @@ class Worker:
                       if config.in_allow_ip and not self.is_unix else None)
         self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
         self.teleport = self._teleport_server() if config.in_type in ("teleport", "teleports") else None
-        self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
-        self.conns: dict = {}      # greenlet -> ClientConnection (None: a teleport connection)
+        if self.teleport is not None:     # teleport listeners: a greenlet per connection
+            self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
+        else:                             # http, https, unix: callbacks on the loop
+            self.listener = _stdsocket.socket(listener.family, listener.type,
+                                              fileno=listener.detach())
+            self.listener.setblocking(False)
+        self.conns: dict = {}      # teleport: greenlet -> None
+        self.clients: set = set()  # http, https, unix: ClientConn
+        self.ctx = Listener(self)
+        self._accept_watcher = None
+        self._backoff = 0.0
+        self._backoff_timer = None
         self.draining = False
         self._ppid = os.getppid()
         self._done = gevent.event.Event()
@@ -133,10 +146,16 @@ class Worker:
         stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
-        acceptor = gevent.spawn(self._accept_loop)
+        if self.teleport is not None:
+            acceptor = gevent.spawn(self._accept_loop)
+        else:
+            acceptor = None
+            self._accept_watcher = gevent.get_hub().loop.io(self.listener.fileno(), 1)
+            self._accept_watcher.start(self._on_accept)
         rotate = gevent.spawn(self.server_tls.rotate_forever) if self.server_tls else None
         self._done.wait()
-        acceptor.kill(block=False)
+        if acceptor is not None:
+            acceptor.kill(block=False)
         beat.kill(block=False)
         if rotate is not None:
             rotate.kill(block=False)
@@ -156,6 +175,7 @@ class Worker:
             return
         self.draining = True
         self.stats.set_state(self.block, S.STATE_DRAINING)
+        self._stop_accepting()
         try:
             self.listener.close()   # our copy; the master's keeps the queue alive
         except OSError:
@@ -169,19 +189,22 @@ class Worker:
         """Close keep-alive connections that wait for a request.  One whose next
         request already sits in the socket buffer is left to be served (with
         ``Connection: close``) instead of being cut mid-race."""
-        for g, conn in list(self.conns.items()):
-            if conn is not None and conn.idle and not readable(conn.sock):
-                conn.orderly = True     # between requests: https ends with close_notify
-                g.kill(block=False)
+        for conn in list(self.clients):
+            if conn.idle and not conn.gone and not readable(conn.transport.sock):
+                conn.close()            # between requests: https ends with close_notify
 
     def _finish_drain(self) -> None:
         deadline = time.monotonic() + self.config.graceful_timeout
-        while self.conns and time.monotonic() < deadline:
+        while (self.conns or self.clients) and time.monotonic() < deadline:
             self._close_idle()
             gevent.sleep(0.05)
-        if self.conns:
-            self.log(f"graceful timeout: closing {len(self.conns)} connection(s)")
+        left = len(self.conns) + len(self.clients)
+        if left:
+            self.log(f"graceful timeout: closing {left} connection(s)")
+            for conn in list(self.clients):
+                conn.close(orderly=False)
             gevent.killall(list(self.conns), block=True, timeout=1)
+        gevent.sleep(0)         # let the last writes' callbacks run
         self._done.set()
 
     def _quit(self) -> None:
@@ -209,6 +232,124 @@ class Worker:
             self.log(message)
         else:
             self.refusals.say(("-inAllowIP", ip), message)
+
+    def _stop_accepting(self) -> None:
+        if self._accept_watcher is not None:
+            self._accept_watcher.stop()
+            self._accept_watcher.close()
+            self._accept_watcher = None
+        if self._backoff_timer is not None:
+            self._backoff_timer.stop()
+            self._backoff_timer.close()
+            self._backoff_timer = None
+
+    def _on_accept(self) -> None:
+        """The listener is readable: accept what is queued (a bounded batch)."""
+        q, b = self.stats.q, self.base
+        listener = self.listener
+        allow = self.allow
+        for _ in range(_ACCEPT_BATCH):
+            if self.draining:
+                return
+            try:
+                sock, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                self._backoff = 0.0
+                return
+            except OSError as e:
+                q[b + S.IN_ACCEPT_ERROR] += 1
+                self.log(f"accept failed: {e}")
+                self._pause_accepting()
+                return
+            q[b + S.IN_ACCEPT_SUCCESS] += 1
+            if self.is_unix:
+                client_ip = b"0.0.0.0"
+            else:
+                ip = addr[0]
+                if allow is not None and not allow.allows(ip):
+                    q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1
+                    self._log_refused(ip)
+                    sock.close()
+                    continue
+                client_ip = ip.encode("ascii")
+                sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            if len(self.clients) >= self.max_conns:
+                q[b + S.IN_REQUEST_OVERLOAD] += 1
+                self._refuse(sock, client_ip)
+                continue
+            conn = ClientConn(self.ctx, client_ip)
+            if self.server_tls is None:
+                conn.transport = Transport(sock, conn, q, b, IN)
+            else:
+                conn.transport = TLSTransport(
+                    sock, conn, q, b, IN, self.server_tls.default, server_side=True,
+                    sniff=lambda data, conn=conn: self._sniff(conn, data),
+                    greenlet_handshake=self.server_tls.autocert is not None)
+            self.clients.add(conn)
+            q[b + S.IN_CONNS] += 1
+            conn.start()
+
+    def _pause_accepting(self) -> None:
+        """Accept failed (EMFILE...): try again after a growing pause."""
+        self._backoff = min(1.0, self._backoff * 2 or 0.005)
+        self._accept_watcher.stop()
+        if self._backoff_timer is not None:
+            self._backoff_timer.close()
+        self._backoff_timer = gevent.get_hub().loop.timer(self._backoff)
+        self._backoff_timer.start(self._resume_accepting)
+
+    def _resume_accepting(self) -> None:
+        if self._accept_watcher is not None and not self.draining:
+            self._accept_watcher.start(self._on_accept)
+
+    def conn_closed(self, conn) -> None:
+        """A client connection ended (ClientConn calls it once)."""
+        if conn in self.clients:
+            self.clients.discard(conn)
+            self.stats.q[self.base + S.IN_CONNS] -= 1
+
+    def tls_failed(self, client_ip: bytes, error) -> None:
+        self.stats.q[self.base + S.IN_TLS_HANDSHAKE_ERRORS] += 1
+        if self.log_all_errors:
+            self.log(f"client {client_ip.decode()}: TLS handshake failed: "
+                     f"{tls_error_text(error)}")
+
+    def _sniff(self, conn, data: bytes) -> bool:
+        """The first bytes on an https connection: a TLS handshake goes on;
+        plain HTTP gets nginx's 400; an ACME TLS-ALPN validation is answered
+        by a greenlet (its SNI callback may wait for the certificate)."""
+        if data[:1] != b"\x16":                  # not a TLS handshake record
+            sock = conn.transport.detach()
+            conn._closed()
+            self.stats.q[self.base + S.IN_TLS_HANDSHAKE_ERRORS] += 1
+            failed = "not a TLS handshake"
+            if data[:1].isalpha():
+                failed = "plain HTTP request on the https port"
+                try:
+                    sock.recv(65536)                # consume the request: no reset on close
+                    sock.send(_PLAIN_HTTP_ON_HTTPS)
+                    sock.shutdown(_stdsocket.SHUT_WR)
+                except OSError:
+                    pass
+            sock.close()
+            if self.log_all_errors:
+                self.log(f"client {conn.client_ip.decode()}: TLS handshake failed: {failed}")
+            return False
+        if self.server_tls.autocert is not None and offers_acme_tls(data):
+            sock = conn.transport.detach()
+            conn._closed()
+            gsock = socket.socket(sock.family, sock.type, fileno=sock.detach())
+            gevent.spawn(self._acme_challenge, gsock, conn.client_ip)
+            return False
+        return True
+
+    def _acme_challenge(self, sock, client_ip: bytes) -> None:
+        """A TLS-ALPN-01 validation: the handshake is the answer."""
+        tls_sock = self._tls_accept(sock, client_ip)
+        if tls_sock is not None:
+            close_tls(tls_sock)
+        else:
+            sock.close()
 
     def _accept_loop(self) -> None:
         q, b = self.stats.q, self.base
@@ -240,31 +381,16 @@ class Worker:
                 client_ip = ip.encode("ascii")
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             g = gevent.Greenlet(self._handle, sock, client_ip)
-            if self.teleport is not None:
-                self.conns[g] = None     # -concurrency counts its handlers instead
-            elif len(self.conns) >= self.max_conns:
-                q[b + S.IN_REQUEST_OVERLOAD] += 1
-                gevent.spawn(self._refuse, sock, client_ip)
-                continue
-            else:
-                self.conns[g] = ClientConnection(sock, client_ip, self)
+            self.conns[g] = None     # -concurrency counts its handlers instead
             g.start()
 
     def _handle(self, sock, client_ip) -> None:
+        """A teleport connection (its own greenlets: httptp.io.teleport_server)."""
         g = gevent.getcurrent()
         q, b = self.stats.q, self.base
         q[b + S.IN_CONNS] += 1
         try:
-            conn = self.conns[g]
-            if conn is None:
-                self.teleport.handle(sock, client_ip.decode("ascii"))
-            elif self.server_tls is None:
-                conn.serve()
-            else:
-                tls_sock = self._tls_accept(sock, client_ip)
-                if tls_sock is not None:
-                    sock = conn.sock = tls_sock
-                    conn.serve()
+            self.teleport.handle(sock, client_ip.decode("ascii"))
         except gevent.GreenletExit:
             pass
         except Exception as e:  # a bug: log it once, never show the client a traceback
@@ -272,34 +398,14 @@ class Worker:
         finally:
             q[b + S.IN_CONNS] -= 1
             del self.conns[g]
-            if self.server_tls is not None and conn is not None and conn.orderly:
-                close_tls(sock)         # a raw socket (no handshake) is just closed
-            else:
-                sock.close()
+            sock.close()
 
 
     def _refuse(self, sock, client_ip: bytes) -> None:
         """Over -concurrency: answer 503 and close without reading the request
         (on an https port after the TLS handshake, so the client can read it,
         followed by our close_notify)."""
-        tls = self.server_tls is not None
-        if tls:
-            tls_sock = self._tls_accept(sock, client_ip)
-            if tls_sock is None:
-                sock.close()
-                return
-            sock = tls_sock
-        try:
-            sock.settimeout(1.0)
-            sock.sendall(writer.error_response(ServiceUnavailable(), False))
-            if tls:
-                close_tls(sock)
-                return
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        _Refusal(self, sock, client_ip)
 
     def _tls_accept(self, sock, client_ip: bytes):
         """https: the TLS handshake, bounded by -inHeaderTimeout.  None (counted,
@@ -342,6 +448,57 @@ class Worker:
                 q[b + S.IN_TLS_HANDSHAKE_ERRORS] += 1
                 if self.log_all_errors:
                     self.log(f"client {client_ip.decode()}: TLS handshake failed: {failed}")
+
+
+class _Refusal:
+    """The protocol of a connection over -concurrency: 503, then close (after
+    the TLS handshake on https), all within -inHeaderTimeout."""
+
+    __slots__ = ("transport", "timer")
+
+    def __init__(self, worker: Worker, sock, client_ip: bytes):
+        q, b = worker.stats.q, worker.base
+        if worker.server_tls is None:
+            self.transport = Transport(sock, self, q, b, IN)
+        else:
+            self.transport = TLSTransport(sock, self, q, b, IN, worker.server_tls.default,
+                                          server_side=True)
+        self.timer = gevent.get_hub().loop.timer(worker.config.in_header_timeout)
+        self.timer.start(self._end)
+        self.transport.start()
+        if worker.server_tls is None:
+            self.handshake_done(None)
+
+    def handshake_done(self, error) -> None:
+        if error is not None:
+            self._end()
+            return
+        self.transport.write(writer.error_response(ServiceUnavailable(), False))
+        self.transport.write_eof()
+        if self.transport.half_close:
+            self.transport.pause_reading()
+            self.transport.close()
+        self.timer.stop()
+        self.timer.close()
+
+    def _end(self) -> None:
+        self.timer.stop()
+        self.timer.close()
+        self.transport.abort()
+
+    def data_received(self, data) -> None:
+        pass
+
+    def eof_received(self) -> None:
+        self.transport.close()
+
+    def connection_lost(self, text) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        pass
+
+    resume_writing = pause_writing
 
 
 _PLAIN_HTTP_BODY = b"The plain HTTP request was sent to HTTPS port\n"

@@ -47,3 +47,17 @@ class EndOfMessage:
 
 
 END = EndOfMessage()
+
+
+class Response:
+    """A complete response as the proxy holds it: head and the whole body,
+    and who answered, how fast (the access log)."""
+
+    __slots__ = ("head", "body", "upstream", "upstream_time")
+
+    def __init__(self, head: ResponseHead, body: bytes, upstream: str = "",
+                 upstream_time: float = 0.0):
+        self.head = head
+        self.body = body
+        self.upstream = upstream
+        self.upstream_time = upstream_time

@@ -25,13 +25,16 @@ def _header_lines(parts: list, headers: list):
         parts += (name, b": ", value, b"\r\n")
 
 
-def request_head(method: bytes, target: bytes, headers: list, body_len: int) -> bytes:
+def request_head(method: bytes, target: bytes, headers: list, body_len: int | None) -> bytes:
     """``METHOD target HTTP/1.1``, ``headers`` as given, then ``Content-Length``
-    when ``body_len > 0`` or the method is POST/PUT/PATCH, then the empty line.
-    The body is not included."""
+    when ``body_len > 0`` or the method is POST/PUT/PATCH, then the empty line;
+    ``body_len`` None: ``Transfer-Encoding: chunked`` (a body streamed as it
+    comes).  The body is not included."""
     parts = [method, b" ", target, b" HTTP/1.1\r\n"]
     _header_lines(parts, headers)
-    if body_len > 0 or method in _BODY_METHODS:
+    if body_len is None:
+        parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+    elif body_len > 0 or method in _BODY_METHODS:
         parts.append(b"Content-Length: %d\r\n\r\n" % body_len)
     else:
         parts.append(b"\r\n")
@@ -66,6 +69,32 @@ def response(status: int, reason: bytes, headers: list, body: bytes, keep_alive:
     if body:
         parts.append(body)
     return b"".join(parts)
+
+
+def chunk(data) -> bytes:
+    """One chunk of a chunked body (RFC 9112 §7.1)."""
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def response_head(status: int, reason: bytes, headers: list, framing: bytes | None,
+                  keep_alive: bool) -> bytes:
+    """A response head for a body that follows in parts: ``framing`` is the
+    framing header line (``Content-Length: n\r\n`` or the chunked one), or
+    None (no body, or one delimited by the close)."""
+    parts = [status_line(status, reason)]
+    _header_lines(parts, headers)
+    if framing is not None:
+        parts.append(framing)
+    if not keep_alive:
+        parts.append(_CLOSE)
+    parts.append(b"\r\n")
+    return b"".join(parts)
+
+
+CHUNKED = b"Transfer-Encoding: chunked\r\n"
 
 
 def error_response(err: ProxyError, keep_alive: bool) -> bytes:

@@ -1,265 +1,526 @@
-"""One client connection: read → parse → proxy → write, until it ends.
+"""One client connection (http, unix, https): a protocol on gevent's loop.
 
 Theory of operation
 -------------------
-A greenlet per accepted connection runs ``ClientConnection.serve``.  Requests are
-handled one at a time in arrival order, so pipelined requests are answered in
-order without any reordering buffer; events the parser produced for later
-requests wait in ``_events``.
+``ClientConn`` is the protocol of a ``Transport`` (``httptp.io.transport``):
+the hub calls ``data_received`` with each read, which goes to the sans-IO
+``RequestParser``; its events queue in ``_events`` and ``_pump`` hands them on.
+A request head starts an ``Exchange`` (``httptp.io.pipeline``), its body
+flows to the exchange as it arrives, and the exchange calls back with the
+response (the *downstream* interface: ``response_whole``, ``response_head``
+... ``response_end``, ``response_error``), which is written as it comes.  No
+greenlet runs per connection or per request.
 
-Timeouts (``-inHeaderTimeout``, ``-inIdleTimeout``):
+Pipelined requests are answered in order: the events of a request behind the
+one in flight wait in ``_events`` until its response is done, and reading
+pauses when they pass ``HIGH_WATER`` bytes.
 
-* waiting for the first byte of a request on a kept-alive connection: the idle
-  timeout; the connection is closed silently when it passes (nothing was asked);
-* from the first byte of a request until its header block is complete: the
-  header deadline; when it passes the client gets 408 and the connection closes
+Timers (``httptp.io.timers.Timer``, one of each per connection, re-armed):
+
+* ``-inHeaderTimeout``: from the accept (or the TLS handshake's start) and
+  then from the first byte of each request until its head is complete; 408
   (slowloris is cut here however slowly it drips bytes);
-* each read of a request body: the idle timeout, 408 on expiry.
+* ``-inIdleTimeout``: between requests on a kept-alive connection (closed
+  silently: nothing was asked), and between reads of a request body (408);
+* ``-outTimeout``: the exchange's (``pipeline``).
+
+Flow control, both ways: when the upstream cannot take the body as fast as
+the client sends it, the exchange pauses our reading; when the client reads
+the response slower than the upstream sends it, our transport's queue passes
+its high-water mark and we pause the exchange's upstream reading.  Memory per
+connection stays bounded whatever the body size.
 
 Every failure the client caused is answered from the error table
 (``httptp.errors``) and closes the connection, so a pipelined request behind a
-bad one is never answered.
+bad one is never answered.  Once a response head went out, a failure can only
+cut the connection.
 
-``orderly`` tells the worker how the connection ended: true when it may close
-with a TLS close_notify (``sockio.close_tls``): after the last response, after
-the idle timeout, after an error answer that went out, or when the client
-closed first; false on a read or write error.
+Upgrade: a ``101`` from the upstream (``Exchange.upgraded``) turns the
+connection into a tunnel: bytes flow both ways with the same flow control,
+under the idle timeout.
 """
 
 from __future__ import annotations
 
-import time
 from collections import deque
 
-from gevent import get_hub, socket
-
 from httptp import stats as S
-from httptp.errors import ProtocolError, ProxyError, RequestTimeout, MethodNotAllowed
-from httptp.http import writer
+from httptp.errors import (ClientClosed, MethodNotAllowed, ProtocolError, ProxyError,
+                           RequestTimeout)
+from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
-from httptp.io.sockio import is_plain, recv_after_wait, send_all
-from httptp.io.timers import Deadline
+from httptp.io.transport import HIGH_WATER
 
-_RECV_SIZE = 65536
-
-
-class _Closed(Exception):
-    """The client went away (EOF or reset); nothing more to say to it."""
+_KEEP_ALIVE = (b"Connection", b"keep-alive")
+_NO_LENGTH_STATUS = frozenset((204, 304))
+_UPGRADE_HEADERS = [(b"Connection", b"upgrade")]
+_MAX_QUEUED = 64                # parser events read ahead of the request in flight
 
 
-class _Idle(Exception):
-    """The keep-alive idle timeout passed before a new request started."""
+class Listener:
+    """What a client connection needs from its worker: a small frozen context."""
 
+    __slots__ = ("config", "proxy", "parser_module", "q", "base", "get_only", "log",
+                 "log_all_errors", "access_log", "worker")
 
-class ClientConnection:
-    __slots__ = ("sock", "worker", "proxy", "client_ip", "parser", "_events", "idle",
-                 "_q", "_base", "_first", "_plain", "_idle_timer", "_out_timer", "_hold",
-                 "orderly")
-
-    def __init__(self, sock, client_ip: bytes | None, worker):
-        self.sock = sock
-        self.worker = worker
+    def __init__(self, worker):
+        self.worker = worker            # conns (the set), draining
+        self.config = worker.config
         self.proxy = worker.proxy
+        self.parser_module = worker.parser_module
+        self.q = worker.stats.q
+        self.base = worker.base
+        self.get_only = worker.get_only
+        self.log = worker.log
+        self.log_all_errors = worker.log_all_errors
+        self.access_log = worker.access_log
+
+
+class ClientConn:
+    __slots__ = ("ctx", "transport", "client_ip", "parser", "_events", "cur",
+                 "_body_done", "_keep", "_chunked", "_close_after", "_head_timer",
+                 "_idle_timer", "out_timer", "_first", "_eof", "gone", "_tunnel", "_finished",
+                 "_paused_by", "_head", "_busy", "_partial", "__weakref__")
+
+    def __init__(self, ctx: Listener, client_ip: bytes | None):
+        self.ctx = ctx
+        self.transport = None           # set by the worker before start()
         self.client_ip = client_ip
-        cfg = worker.config
-        self.parser = worker.parser_module.RequestParser(cfg.in_max_header_size, cfg.in_max_body_size)
+        cfg = ctx.config
+        self.parser = ctx.parser_module.RequestParser(cfg.in_max_header_size,
+                                                      cfg.in_max_body_size)
         self._events = deque()
-        self.idle = True          # waiting for a request: safe to close when draining
-        self._q = worker.stats.q
-        self._base = worker.base
-        self._first = True
-        self._plain = False       # set by serve(): https swaps in the TLS socket first
+        self.cur = None                 # the exchange in flight
+        self._head = None               # its request head
+        self._body_done = True
+        self._keep = False
+        self._chunked = False           # the response in flight goes out chunked
+        self._close_after = False       # the response in flight ends the connection
+        self._head_timer = None
         self._idle_timer = None
-        self._out_timer = None
-        self._hold = None
-        self.orderly = False      # set when the connection ends without an IO error
+        self.out_timer = None
+        self._first = True
+        self._eof = False               # the client closed its side
+        self.gone = False               # the connection is closed
+        self._tunnel = None             # the exchange of an upgraded connection
+        self._finished = False
+        self._paused_by = 0             # bit 1: the upstream is full, 2: queued requests
+        self._busy = False              # inside _pump
+        self._partial = False           # bytes of a request whose head is not complete
 
-    # -- reading ---------------------------------------------------------------
+    # -- lifecycle -----------------------------------------------------------------------------
 
-    def _recv(self, timeout: float) -> bytes:
-        sock = self.sock
-        sock.settimeout(timeout)
-        q, b = self._q, self._base
+    def start(self) -> None:
+        from httptp.io.timers import Timer
+        cfg = self.ctx.config
+        self._head_timer = Timer(cfg.in_header_timeout)
+        self._idle_timer = Timer(cfg.in_idle_timeout)
+        self.out_timer = self.ctx.proxy.exchange_timer()
+        self._head_timer.arm(self._header_timeout)
+        self.transport.start()
+
+    @property
+    def idle(self) -> bool:
+        """Between requests, nothing of the next one read: safe to close (drain)."""
+        return (self.cur is None and not self._events and not self._head_timer.armed
+                and self._tunnel is None)
+
+    def close(self, orderly: bool = True) -> None:
+        """Close now (orderly: after what is queued, TLS with close_notify)."""
+        if self.gone:
+            return
+        if orderly:
+            self.transport.close()
+        else:
+            self.transport.abort()
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.gone:
+            return
+        self.gone = True
+        self._head_timer.close()
+        self._idle_timer.close()
+        self.out_timer.close()
+        ex = self.cur or self._tunnel
+        self.cur = self._tunnel = None
+        if ex is not None:
+            ex.abort()
+        self._events.clear()
+        self.ctx.worker.conn_closed(self)
+
+    # -- transport callbacks ------------------------------------------------------------------------
+
+    def handshake_done(self, error) -> None:
+        """https: the TLS handshake ended (the worker counts a failure)."""
+        if error is not None:
+            self.ctx.worker.tls_failed(self.client_ip, error)
+            self._closed()
+            return
+        self._head_timer.arm(self._header_timeout)   # the first request's own deadline
+
+    def data_received(self, data: bytes) -> None:
+        if self._tunnel is not None:
+            self._idle_timer.arm(self._tunnel_idle)
+            self._tunnel.tunnel_send(data)
+            return
+        if self._idle_timer.armed:
+            self._idle_timer.disarm()
+            if self.cur is None:
+                self._head_timer.arm(self._header_timeout)   # a new request began
+        elif self.cur is None and not self._events and not self._head_timer.armed:
+            self._head_timer.arm(self._header_timeout)
+        if self.cur is None:
+            self._partial = True
         try:
-            data = sock.recv(_RECV_SIZE)
-        except socket.timeout:
-            raise
-        except OSError:
-            q[b + S.IN_READ_ERROR] += 1
-            raise _Closed() from None
-        q[b + S.IN_READ_CALLS] += 1
-        q[b + S.IN_BYTES_READ] += len(data)
-        return data
+            events = self.parser.feed(data)
+        except ProtocolError as e:
+            self._bad_input(e)
+            return
+        if events:
+            self._events.extend(events)
+            self._pump()
+        if self.cur is not None and not self._body_done and not self.gone:
+            self._idle_timer.arm(self._body_timeout)     # the body's next read
 
-    def _wait_request(self) -> bytes:
-        """The first bytes of the next request on a kept-alive plain connection.
-
-        The client sends it only after reading our last response, so it is
-        not there yet: wait for it (``recv_after_wait``) under the idle
-        timeout, which raises _Idle."""
-        timer = self._idle_timer
-        timer.arm()
+    def eof_received(self) -> None:
+        self._eof = True
+        if self._tunnel is not None:
+            self._tunnel.tunnel_send_eof()
+            return
         try:
-            data = recv_after_wait(self.sock, _RECV_SIZE)
-        except OSError:
-            self._q[self._base + S.IN_READ_ERROR] += 1
-            raise _Closed() from None
-        finally:
-            timer.disarm()
-        q, b = self._q, self._base
-        q[b + S.IN_READ_CALLS] += 1
-        q[b + S.IN_BYTES_READ] += len(data)
-        return data
+            events = self.parser.feed(b"")
+        except ProtocolError as e:
+            self._bad_input(e)
+            return
+        self._events.extend(events)
+        self._pump()
+        if self.cur is None and not self._events and not self.gone:
+            self.close()                  # the client closed first, between requests
 
-    def _next_head(self) -> RequestHead | None:
-        """The next request head, or None when the client closed cleanly."""
-        events = self._events
-        cfg = self.worker.config
-        started = None
-        while not events:
-            if started is None and not self._first and self._plain:
-                data = self._wait_request()
-            else:
-                if started is None:
-                    timeout = cfg.in_header_timeout if self._first else cfg.in_idle_timeout
-                else:
-                    timeout = started + cfg.in_header_timeout - time.monotonic()
-                    if timeout <= 0:
-                        raise RequestTimeout()
-                try:
-                    data = self._recv(timeout)
-                except socket.timeout:
-                    if started is None:
-                        raise _Idle() from None
-                    raise RequestTimeout() from None
-            if started is None:
-                started = time.monotonic()
-                self.idle = False
-            events.extend(self.parser.feed(data))
-            if not data and not events:
-                return None
-        ev = events.popleft()
-        if ev.__class__ is not RequestHead:  # cannot happen with a sane parser
-            raise ProtocolError("unexpected event before request head")
-        self.idle = False
-        return ev
+    def connection_lost(self, text: str) -> None:
+        self._closed()
 
-    def _read_body(self, head: RequestHead) -> bytes:
-        events = self._events
-        chunks = []
-        idle_timeout = self.worker.config.in_idle_timeout
-        while True:
-            while events:
+    def pause_writing(self) -> None:
+        ex = self.cur or self._tunnel
+        if ex is not None:
+            ex.pause_response()
+
+    def resume_writing(self) -> None:
+        ex = self.cur or self._tunnel
+        if ex is not None:
+            ex.resume_response()
+
+    # -- flow control from the exchange -----------------------------------------------------------
+
+    def pause_reading(self) -> None:
+        self._pause(1)
+
+    def resume_reading(self) -> None:
+        self._resume(1)
+
+    def _pause(self, why: int) -> None:
+        if not self._paused_by:
+            self.transport.pause_reading()
+            if self.cur is not None and not self._body_done:
+                self._idle_timer.disarm()       # not the client's delay
+        self._paused_by |= why
+
+    def _resume(self, why: int) -> None:
+        if not self._paused_by & why:
+            return
+        self._paused_by &= ~why
+        if not self._paused_by and not self.gone and not self._eof:
+            self.transport.resume_reading()
+            if self.cur is not None and not self._body_done:
+                self._idle_timer.arm(self._body_timeout)
+
+    # -- requests ---------------------------------------------------------------------------------------
+
+    def _pump(self) -> None:
+        """Hand queued events on: start the next request when none is in flight."""
+        if self._busy:
+            return
+        self._busy = True
+        try:
+            events = self._events
+            while events and not self.gone:
+                if self.cur is None:
+                    if self._close_after:
+                        break
+                    ev = events.popleft()
+                    if isinstance(ev, ProxyError):
+                        self._answer_error(ev, None)
+                        break
+                    self._request(ev)
+                    continue
+                if self._body_done:
+                    break           # a pipelined request waits for this response
                 ev = events.popleft()
-                cls = ev.__class__
-                if cls is Data:
-                    chunks.append(ev.data)
-                elif cls is EndOfMessage:
-                    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            try:
-                data = self._recv(idle_timeout)
-            except socket.timeout:
-                raise RequestTimeout("request body timeout") from None
-            events.extend(self.parser.feed(data))
-
-    # -- writing ---------------------------------------------------------------
-
-    def _send(self, data: bytes) -> None:
-        q, b = self._q, self._base
-        try:
-            send_all(self.sock, data)
-        except OSError:
-            q[b + S.IN_WRITE_ERROR] += 1
-            raise _Closed() from None
-        q[b + S.IN_WRITE_CALLS] += 1
-        q[b + S.IN_BYTES_WRITTEN] += len(data)
-
-    # -- the loop --------------------------------------------------------------
-
-    def serve(self) -> None:
-        worker = self.worker
-        q, b = self._q, self._base
-        self._plain = is_plain(self.sock)
-        # re-armed for every request of this connection (httptp.io.timers)
-        if self._plain:
-            self._idle_timer = Deadline(worker.config.in_idle_timeout, _Idle)
-            # While the upstream answers, nothing reads this socket; libev then
-            # drops its interest in the fd, and re-adding it for the next
-            # request costs an epoll_ctl per request.  A watcher held over the
-            # exchange keeps the interest (it stops itself if it fires).
-            self._hold = get_hub().loop.io(self.sock.fileno(), 1)
-        self._out_timer = self.proxy.exchange_timer()
-        hold = self._hold
-        head = None
-        try:
-            while True:
-                head = None          # an error before the next head has no request line
-                head = self._next_head()
-                if head is None:
-                    self.orderly = True
-                    return
-                q[b + S.IN_REQUEST_START] += 1
-                keep_alive = head.keep_alive and not worker.draining
-                if worker.get_only and head.method != b"GET":
-                    raise MethodNotAllowed()
-                if head.expect_continue and (head.content_length or head.chunked) and not self._events:
-                    self._send(writer.CONTINUE_100)
-                body = self._read_body(head)
-                if hold is not None:
-                    hold.start(hold.stop)
-                data, keep_alive = self.proxy.forward(head, body, self.client_ip, keep_alive,
-                                                      self._out_timer)
-                if hold is not None:
-                    hold.stop()
-                if worker.draining:
-                    keep_alive = False  # the response was built before the drain began
-                    data = _force_close(data)
-                self._send(data)
-                self._first = False
-                self.idle = True
-                if not keep_alive:
-                    self.orderly = True
-                    return
-        except ProxyError as err:
-            self.orderly = self._answer_error(err, head)
-        except _Idle:
-            self.orderly = True
-        except (_Closed, socket.timeout):
-            pass
+                if ev.__class__ is Data:
+                    self.cur.body_data(ev.data)
+                else:
+                    self._body_done = True
+                    self._idle_timer.disarm()
+                    self.cur.body_end()
+            if events:     # pipelined requests wait: bound what is read ahead
+                if len(events) > _MAX_QUEUED or sum(
+                        len(ev.data) for ev in events if ev.__class__ is Data) > HIGH_WATER:
+                    self._pause(2)
+            elif self._paused_by & 2:
+                self._resume(2)
         finally:
-            self._out_timer.close()
-            if self._idle_timer is not None:
-                self._idle_timer.close()
-                hold.stop()
-                hold.close()
+            self._busy = False
 
-    def _answer_error(self, err: ProxyError, head) -> bool:
-        """Answer a request httptp refuses itself (4xx), then the connection
-        closes.  ``head``: the request being served, if any; else the error
-        may know the one it refuses (a 413 or 431 raised by the parser).
-        False when the answer could not be written."""
+    def _request(self, head) -> None:
+        ctx = self.ctx
+        if head.__class__ is not RequestHead:           # cannot happen with a sane parser
+            self._answer_error(ProtocolError("unexpected event before request head"), None)
+            return
+        self._head_timer.disarm()
+        self._partial = False
+        ctx.q[ctx.base + S.IN_REQUEST_START] += 1
+        self._head = head
+        self._keep = head.keep_alive and not ctx.worker.draining
+        if ctx.get_only and head.method != b"GET":
+            self._answer_error(MethodNotAllowed(), head)
+            return
+        # what of the body is here already
+        events = self._events
+        body = []
+        done = False
+        while events:
+            ev = events[0]
+            cls = ev.__class__
+            if cls is Data:
+                events.popleft()
+                body.append(ev.data)
+            elif cls is EndOfMessage:
+                events.popleft()
+                done = True
+                break
+            else:
+                break
+        if head.expect_continue and not done and not body:
+            self.transport.write(writer.CONTINUE_100)
+        self._body_done = done
+        ex = ctx.proxy.begin(head, self.client_ip, self, self.out_timer, body_done=done)
+        if isinstance(ex, ProxyError):
+            if done:
+                self._answer(ex, head)
+            else:
+                self._answer_error(ex, head)          # the body cannot be skipped safely
+            return
+        self.cur = ex
+        self._body_done = done
+        self._chunked = False
+        self._close_after = not self._keep
+        ex.start(body, done)
+        if not done and self.cur is ex and not self.gone:
+            self._idle_timer.arm(self._body_timeout)
+
+    def _bad_input(self, err: ProtocolError) -> None:
+        """The parser refused what came (it stays dead): answer in turn."""
+        self.transport.pause_reading()
+        if self.cur is not None and not self._body_done:
+            # the request in flight is the bad one
+            ex = self.cur
+            self.cur = None
+            ex.abort(log=False)
+            if ex.head_sent:
+                self.close(orderly=False)
+                return
+            self._answer_error(err, self._head)
+            return
+        self._events.append(err)
+        self._pump()
+
+    # -- timers ------------------------------------------------------------------------------------------
+
+    def _header_timeout(self) -> None:
+        if self.gone:
+            return
+        if getattr(self.transport, "shaking", False):
+            self.ctx.worker.tls_failed(self.client_ip, TimeoutError("handshake timed out"))
+            self.close(orderly=False)
+            return
+        if not self._partial:
+            self.close()          # connected and never spoke: nothing to answer
+            return
+        self._answer_error(RequestTimeout(), None)
+
+    def _idle_expired(self) -> None:
+        self.close()
+
+    def _body_timeout(self) -> None:
+        if self.gone or self.cur is None:
+            return
+        ex = self.cur
+        self.cur = None
+        ex.abort(log=False)
+        if ex.head_sent:
+            self.close(orderly=False)
+        else:
+            self._answer_error(RequestTimeout("request body timeout"), self._head)
+
+    def _tunnel_idle(self) -> None:
+        self.close()
+
+    # -- answers (the downstream interface) -------------------------------------------------------------
+
+    def _response_headers(self, rh) -> list:
+        headers = policy.forward_response_headers(rh.headers)
+        if self._keep and self._head.version == b"1.0":
+            headers.append(_KEEP_ALIVE)   # HTTP/1.0 keeps a connection only when told
+        return headers
+
+    def _keep_now(self) -> bool:
+        keep = self._keep and not self.ctx.worker.draining
+        self._close_after = not keep
+        return keep
+
+    def response_whole(self, rh, body: bytes, ex) -> None:
+        keep = self._keep_now()
+        headers = self._response_headers(rh)
+        if self._head.method == b"HEAD":
+            data = writer.response(rh.status, rh.reason, headers, b"", keep,
+                                   content_length=rh.content_length)
+        else:
+            data = writer.response(rh.status, rh.reason, headers, body, keep)
+        self.transport.write(data)
+        self._response_done()
+
+    def response_head(self, rh, ex) -> None:
+        keep = self._keep_now()
+        headers = self._response_headers(rh)
+        status = rh.status
+        if self._head.method == b"HEAD":
+            framing = (None if rh.content_length is None
+                       else b"Content-Length: %d\r\n" % rh.content_length)
+        elif status < 200 or status in _NO_LENGTH_STATUS:
+            framing = None
+        elif rh.content_length is not None:
+            framing = b"Content-Length: %d\r\n" % rh.content_length
+        elif self._head.version != b"1.0":
+            framing = writer.CHUNKED
+            self._chunked = True
+        else:
+            framing = None                  # an HTTP/1.0 client: the close ends the body
+            keep = False
+            self._close_after = True
+        self.transport.write(writer.response_head(status, rh.reason, headers, framing, keep))
+
+    def response_data(self, data: bytes) -> None:
+        if self._chunked:
+            self.transport.write(writer.chunk(data))
+        else:
+            self.transport.write(data)
+
+    def response_end(self) -> None:
+        if self._chunked:
+            self.transport.write(writer.LAST_CHUNK)
+            self._chunked = False
+        self._response_done()
+
+    def response_error(self, err: ProxyError, head_sent: bool) -> None:
+        if self.gone:
+            return
+        if head_sent:
+            self.cur = None
+            self.close(orderly=False)       # the client sees a cut response
+            return
+        keep = self._keep_now() and not err.close and self._head.version != b"1.0"
+        self._close_after = not keep
+        self.transport.write(writer.error_response(err, keep))
+        self._response_done()
+
+    def _response_done(self) -> None:
+        """The response in flight is written: the next request, or the end."""
+        self.cur = None
+        self._first = False
+        if self.gone:
+            return
+        if not self._body_done:
+            self._close_after = True        # an unread body: the stream cannot go on
+        if self._close_after:
+            self.close()
+            return
+        if self._events:
+            self._pump()
+        if self.cur is None and not self.gone:
+            if self._eof:
+                self.close()
+            elif not self._events:
+                self._idle_timer.arm(self._idle_expired)
+                if self._paused_by & 1:
+                    self._resume(1)
+
+    def _answer(self, err: ProxyError, head) -> None:
+        """An answer of ours to a well-formed request (the connection may go on)."""
+        keep = self._keep and not err.close and head.version != b"1.0" \
+            and not self.ctx.worker.draining
+        self._close_after = not keep
+        self.cur = None
+        self.transport.write(writer.error_response(err, keep))
+        self._response_done()
+
+    def _answer_error(self, err: ProxyError, head) -> None:
+        """Answer a request httptp refuses itself (4xx), then close.  ``head``:
+        the request being served, if any; else the error may know the one it
+        refuses (a 413 or 431 raised by the parser)."""
         if head is None:
             head = err.request
-        q, b = self._q, self._base
-        q[b + S.IN_REQUEST_BAD_REQUEST] += 1
-        worker = self.worker
-        if worker.log_all_errors:
-            worker.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
-                       f"{err.status} {err.detail or err.body}")
-        data = writer.error_response(err, False)
-        if worker.access_log is not None:
-            worker.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0)
-        try:
-            self._send(data)
-        except _Closed:
-            return False
-        return True
+        ctx = self.ctx
+        ctx.q[ctx.base + S.IN_REQUEST_BAD_REQUEST] += 1
+        if ctx.log_all_errors:
+            ctx.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
+                    f"{err.status} {err.detail or err.body}")
+        if ctx.access_log is not None:
+            ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0)
+        self.cur = None
+        self._events.clear()
+        self.transport.write(writer.error_response(err, False))
+        self.close()
+
+    # -- upgrade: a tunnel ------------------------------------------------------------------------------
+
+    def response_upgraded(self, rh, rest: bytes, ex) -> None:
+        headers = policy.forward_response_headers(rh.headers)
+        for name, value in rh.headers:
+            if name.lower() == b"upgrade":
+                headers.append((b"Upgrade", value))
+        headers += _UPGRADE_HEADERS
+        self.transport.write(writer.response_head(101, rh.reason or b"Switching Protocols",
+                                                  headers, None, True))
+        self.cur = None
+        self._tunnel = ex
+        self._head_timer.disarm()
+        self._idle_timer.arm(self._tunnel_idle)
+        if rest:
+            self.transport.write(rest)
+        # bytes the client sent after its upgrade request belong to the tunnel
+        # (the parser read them as HTTP: a client that waits for the 101, as
+        # WebSocket clients do, sends none)
+        self._events.clear()
+        self._paused_by = 0
+        if not self._eof:
+            self.transport.resume_reading()
+
+    def tunnel_data(self, data: bytes) -> None:
+        self._idle_timer.arm(self._tunnel_idle)
+        self.transport.write(data)
+
+    def tunnel_eof(self) -> None:
+        if self.transport.half_close:
+            self.transport.write_eof()
+            return
+        ex, self._tunnel = self._tunnel, None     # TLS: close_notify ends both ways
+        ex.abort()
+        self.close()
+
+    def tunnel_closed(self, error: bool = False) -> None:
+        self._tunnel = None
+        self.close(orderly=not error)
 
 
-def _force_close(response: bytes) -> bytes:
-    """Add ``Connection: close`` to an encoded response that lacks it (drain only)."""
-    end = response.find(b"\r\n\r\n")
-    head = response[:end]
-    if b"\r\nConnection: close" in head:
-        return response
-    return head + b"\r\nConnection: close" + response[end:]
+_ = ClientClosed     # logged as 499 by the exchange when the client leaves

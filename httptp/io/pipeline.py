@@ -1,9 +1,52 @@
-"""The in → out wiring: one request in, one upstream exchange out, one response.
+"""The in → out wiring: one request in, one upstream exchange out, streamed back.
 
-``Proxy.forward`` is the whole request path after parsing (DESIGN.md §4):
-request policy → balancer pick → upstream exchange (bounded by ``-outTimeout``)
-→ balancer release → response policy → encoded bytes.  It never raises for an
-expected failure: upstream errors become 502, timeouts 504, each counted.
+Theory of operation
+-------------------
+``Proxy.begin`` applies the request policy (hop-by-hop headers, the client-IP
+header, origin-form, what teleport cannot carry) and returns an ``Exchange``,
+or the ``ProxyError`` to answer with.  The exchange is the request's whole
+trip (DESIGN.md §4): balancer pick → a connection from the upstream's pool →
+the request head and its body as it arrives → the response, handed to the
+*downstream* (the client connection, ``httptp.io.http_server``) as it comes →
+balancer release, counters, access log.  Everything runs in loop callbacks:
+no greenlet per request.
+
+The downstream is any object with::
+
+    response_whole(head, body, exchange)     a whole response (one write)
+    response_head(head, exchange)            the head of a streamed one ...
+    response_data(data)                      ... its body as it comes ...
+    response_end()                           ... and its end
+    response_error(err, head_sent)           a ProxyError: its answer, or (after
+                                             the head went out) a cut connection
+    response_upgraded(head, rest, exchange)  a 101: a tunnel from now on
+    tunnel_data(data) / tunnel_eof()         bytes from the upstream in a tunnel
+    pause_reading() / resume_reading()       the upstream cannot take the body as fast
+
+and it gives the exchange ``body_data``/``body_end`` (the request body),
+``pause_response``/``resume_response`` (its own writes back up), ``abort``
+(the client left) and, in a tunnel, ``tunnel_send``/``tunnel_send_eof``.
+
+Errors: every upstream driver raises or reports only ``UpstreamError`` (with
+``sent_nothing_back``) and the exchange's timer reports the timeout; this
+module alone maps them to answers (``_ANSWERS``: 502, 504).  Until the
+response head went out, a failure is answered; after it, the client
+connection is cut (a 502 can no longer be sent).
+
+Retries: an idempotent request whose whole body was there at the start (so
+it can be sent again) goes once more, before any response byte reached the
+client: on a fresh connection when a reused one failed before answering (a
+keep-alive race), and to another upstream when one failed without answering.
+
+``-outTimeout`` bounds the wait for the response head, then each wait for
+response body bytes (nginx's proxy_read_timeout); it does not run while the
+client is the slow side (its writes back up).
+
+Teleport out (``-outType=teleport``): frames are whole messages, so the
+request body is collected first (bounded by -inMaxBodySize) and the
+exchange runs in a greenlet on the blocking teleport client.  Teleport in:
+``Proxy.answer`` runs an exchange to completion from the teleport server's
+handler greenlet and returns the whole answer (bounded by -outMaxBodySize).
 """
 
 from __future__ import annotations
@@ -11,31 +54,39 @@ from __future__ import annotations
 import math
 import time
 
+import gevent
+from gevent.hub import Waiter
 
 from httptp import stats as S
 from httptp.balancer import Balancer
 from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, ResponseTooLarge,
-                           UpstreamError)
+                           UpgradeNotSupported, UpstreamError)
 from httptp.http import policy, writer
+from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
-from httptp.io.http_client import HTTPUpstream, Response
+from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_server import Answer
-from httptp.io.timers import Deadline
+from httptp.io.timers import Deadline, Timer
+from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
-_KEEP_ALIVE = (b"Connection", b"keep-alive")
 # A Go teleport peer never reads a body after GET or HEAD (PROTOCOL.md §1.4):
 # the stream would lose sync, so such a request is refused here.
 _NO_BODY_OVER_TELEPORT = frozenset((b"GET", b"HEAD"))
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
+_MAX_REPLAY = 1 << 20           # the largest request kept to be sent again
 _MAX_SPARE_TIMERS = 1024
 
 
-def _teleport_refuses(head, no_host: bool, body: bytes) -> str | None:
+class _UpstreamTimeout(Exception):
+    """Raised in a teleport exchange's greenlet by its Deadline: -outTimeout passed."""
+
+
+def _teleport_refuses(head, no_host: bool, has_body: bool) -> str | None:
     """Why a request cannot cross a teleport link to a Go peer, or None."""
-    if body and head.method in _NO_BODY_OVER_TELEPORT:
+    if has_body and head.method in _NO_BODY_OVER_TELEPORT:
         return "a GET or HEAD request with a body cannot be sent over teleport"
     if no_host:
         return "a request without Host cannot be sent over teleport"
@@ -58,8 +109,18 @@ def _origin_form(method: bytes, target: bytes, headers: list) -> tuple[bytes | N
     return target, headers
 
 
-class _UpstreamTimeout(Exception):
-    """Raised by the exchange Deadline: -outTimeout passed."""
+def upgrade_token(headers: list) -> bytes | None:
+    """The ``Upgrade`` value of a request that asks for one (``Connection:
+    upgrade`` and ``Upgrade: websocket``), else None."""
+    value = None
+    for name, v in headers:
+        if len(name) == 7 and name.lower() == b"upgrade":
+            value = v
+    if value is None or value.strip().lower() != b"websocket":
+        return None
+    if b"upgrade" not in policy.connection_tokens(headers):
+        return None
+    return value.strip()
 
 
 class Proxy:
@@ -71,11 +132,10 @@ class Proxy:
         # rate-limited per upstream (the worker's heartbeat flushes it)
         self.refusals = refusals if refusals is not None else RateLimitedLog(log)
         self.access_log = access_log
-        # https/teleports out: the master's client context (already cooperative)
         self.tls_context = tls.client if tls is not None else None
         self.tls_server_name = tls.server_name if tls is not None else ""
-        self._q = stats.q
-        self._base = stats.block_base(block)
+        self.q = stats.q
+        self.base = stats.block_base(block)
         self.timeout = config.out_timeout
         n_out = len(config.upstreams)
         # -concurrency bounds upstream connections as the original does
@@ -90,9 +150,11 @@ class Proxy:
                                  max_fails=config.out_max_fails,
                                  fail_timeout=config.out_fail_timeout)
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
-        self._single = len(self.upstreams) == 1
-        self._log_errors = config.log_all_errors
-        self._spare_timers: list[Deadline] = []   # for callers without their own (teleport in)
+        self.single = len(self.upstreams) == 1
+        self.log_errors = config.log_all_errors
+        self.max_body = config.out_max_body_size
+        self._spare_timers: list[Timer] = []   # for teleport-in answers
+        self.spare_deadlines: list[Deadline] = []   # for teleport-out exchanges
 
     def _upstream(self, addr, per_worker: int, stats, block: int, parser_module):
         cfg = self.config
@@ -111,8 +173,12 @@ class Proxy:
                             max_header_size=cfg.out_max_header_size,
                             max_body_size=cfg.out_max_body_size, max_conns=per_worker,
                             idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
-                            tls_context=self.tls_context,
+                            tls_context=self._plain_context(),
                             server_hostname=self._server_name(addr))
+
+    def _plain_context(self):
+        """The client context as a stdlib one (wrap_bio: the transport does the IO)."""
+        return self.tls_context
 
     def _server_name(self, addr) -> str | None:
         """SNI and verification name: -outTLSServerName, else the -out host."""
@@ -120,28 +186,75 @@ class Proxy:
             return None
         return self.tls_server_name or (addr.host if addr.kind == "tcp" else None)
 
-    def exchange_timer(self) -> Deadline:
+    def exchange_timer(self) -> Timer:
         """A -outTimeout timer for one client connection to re-arm per request."""
-        return Deadline(self.timeout, _UpstreamTimeout)
+        return Timer(self.timeout)
 
-    def forward(self, head, body: bytes, client_ip: bytes | None, keep_alive: bool,
-                timer: Deadline | None = None) -> tuple[bytes, bool]:
-        """HTTP in: proxy one request; return (response bytes, keep the client
-        connection).  ``timer``: this connection's ``exchange_timer()``."""
-        resp = self.proxy(head, body, client_ip, None, timer)
-        if resp.__class__ is not Response:
-            keep_alive = keep_alive and head.version != b"1.0"  # the cached answers say no keep-alive
-            return writer.error_response(resp, keep_alive), keep_alive
-        rh = resp.head
-        out_headers = policy.forward_response_headers(rh.headers)
-        if keep_alive and head.version == b"1.0":
-            out_headers.append(_KEEP_ALIVE)   # HTTP/1.0 keeps a connection only when told
-        if head.method == b"HEAD":
-            data = writer.response(rh.status, rh.reason, out_headers, b"", keep_alive,
-                                   content_length=rh.content_length)
-        else:
-            data = writer.response(rh.status, rh.reason, out_headers, resp.body, keep_alive)
-        return data, keep_alive
+    # -- starting an exchange ---------------------------------------------------------
+
+    def begin(self, head, client_ip: bytes | None, down, timer: Timer, *, body_done: bool,
+              peer: bytes | None = None, tunnel: bool = True):
+        """An Exchange for ``head`` (not started), or the ProxyError to answer.
+        ``body_done``: the whole body is already there (so the request may be
+        sent again); ``tunnel``: the downstream can carry an Upgrade."""
+        q, b = self.q, self.base
+        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
+        target = head.target
+        if target[:1] != b"/":          # absolute-form, or OPTIONS *
+            target, headers = _origin_form(head.method, target, headers)
+            if target is None:          # a teleport frame: the HTTP parsers refuse these
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+                return BadRequest(f"unsupported request-target {head.target[:40]!r}")
+        # only HTTP/1.0 may come without Host; we speak HTTP/1.1 upstream,
+        # where it is required: over http it gets the upstream's (nginx's
+        # $proxy_host), over teleport it is refused
+        no_host = head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers)
+        upgrade = upgrade_token(head.headers) if tunnel and head.method == b"GET" else None
+        if self.out_teleport:
+            if upgrade is not None:
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+                return UpgradeNotSupported()
+            has_body = bool(head.content_length) or head.chunked
+            refused = _teleport_refuses(head, no_host, has_body)
+            if refused:
+                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+                return BadRequest(refused)
+            return TeleportExchange(self, down, head, target, headers, client_ip, peer, timer)
+        if upgrade is not None:
+            headers = headers + [(b"Connection", b"upgrade"), (b"Upgrade", upgrade)]
+        return Exchange(self, down, head, target, headers, client_ip, peer, timer,
+                        no_host, body_done, upgrade is not None)
+
+    # -- finishing: counters and the access log -----------------------------------------
+
+    def succeeded(self, ex, status: int, size: int) -> None:
+        q, b = self.q, self.base
+        q[b + S.IN_REQUEST_SUCCESS] += 1
+        if status != 200:
+            q[b + S.IN_REQUEST_NON200] += 1
+        if self.access_log is not None:
+            self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size,
+                                ex.upstream_name, ex.upstream_time)
+
+    def failed(self, ex, err: ProxyError, size: int | None = None) -> None:
+        q, b = self.q, self.base
+        if err.status == 504:
+            q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
+        elif err.status != 499:
+            q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+        if self.access_log is not None:
+            self.access_log.log(ex.client_ip or ex.peer, ex.head, err.status,
+                                len(err.payload) if size is None else size,
+                                err.upstream, err.upstream_time)
+
+    def upstream_error(self, upstream, e: UpstreamError) -> None:
+        if e.__class__ is ResponseTooLarge:
+            self.refusals.say(("too large", upstream.name),
+                              f"upstream {upstream.name}: {e}; answered 502")
+        elif self.log_errors:
+            self.log(f"upstream {upstream.name}: {e}")
+
+    # -- teleport in: a whole answer, from a handler greenlet ---------------------------------
 
     def answer(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None) -> Answer:
         """Teleport in: proxy one request; the answer is framed by the teleport
@@ -158,111 +271,559 @@ class Proxy:
     def answer_error(err: ProxyError) -> Answer:
         return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, err.payload)
 
-    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None,
-              timer: Deadline | None = None):
-        """The upstream Response, or the ProxyError to answer with; counted and
-        access-logged either way (``peer`` names the client in the log when no
-        client-IP header is to be set, e.g. a teleport peer)."""
-        q, b = self._q, self._base
-        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
-        target = head.target
-        if target[:1] != b"/":          # absolute-form, or OPTIONS *
-            target, headers = _origin_form(head.method, target, headers)
-            if target is None:          # a teleport frame: the HTTP parsers refuse these
-                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
-                return BadRequest(f"unsupported request-target {head.target[:40]!r}")
-        # only HTTP/1.0 may come without Host; we speak HTTP/1.1 upstream,
-        # where it is required: over http it gets the upstream's (nginx's
-        # $proxy_host), over teleport it is refused
-        no_host = head.version == b"1.0" and not any(n.lower() == b"host" for n, _ in headers)
-        if self.out_teleport:
-            refused = _teleport_refuses(head, no_host, body)
-            if refused:
-                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
-                return BadRequest(refused)
-        add_host = no_host and not self.out_teleport
+    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None):
+        """The whole upstream Response, or the ProxyError to answer with (from a
+        greenlet, not the hub); counted and access-logged either way."""
+        spare = self._spare_timers
+        timer = spare.pop() if spare else self.exchange_timer()
         try:
-            resp = self._exchange(head.method, target, headers, body, timer, add_host)
-        except ProxyError as err:
-            if err.status == 504:
-                q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
-            else:
-                q[b + S.IN_REQUEST_OTHER_ERROR] += 1
-            if self.access_log is not None:
-                self.access_log.log(client_ip or peer, head, err.status, len(err.payload),
-                                    err.upstream, err.upstream_time)
-            return err
-        q[b + S.IN_REQUEST_SUCCESS] += 1
-        if resp.head.status != 200:
-            q[b + S.IN_REQUEST_NON200] += 1
-        if self.access_log is not None:
-            self.access_log.log(client_ip or peer, head, resp.head.status,
-                                0 if head.method == b"HEAD" else len(resp.body),
-                                resp.upstream, resp.upstream_time)
-        return resp
-
-    def _exchange(self, method: bytes, target: bytes, headers: list, body: bytes,
-                  timer: Deadline | None = None, add_host: bool = False) -> Response:
-        """Pick, exchange, release; retry an idempotent request once elsewhere."""
-        deadline = time.monotonic() + self.timeout
-        idempotent = method in IDEMPOTENT
-        tried = set()
-        own_timer = timer is None
-        if own_timer:       # a Deadline arms on whichever greenlet calls: any spare one will do
-            spare = self._spare_timers
-            timer = spare.pop() if spare else self.exchange_timer()
-        timer.arm()
-        try:
-            while True:
-                lease = self.balancer.pick(tried)
-                upstream = self.upstreams[lease.index]
-                t0 = time.monotonic()
-                try:
-                    resp = upstream.exchange(method, target,
-                                             headers + [(b"Host", upstream.host)] if add_host
-                                             else headers, body, deadline, idempotent)
-                except UpstreamError as e:
-                    # too large: the upstream answered, it is not failing
-                    too_large = e.__class__ is ResponseTooLarge
-                    lease.release(too_large, time.monotonic() - t0)
-                    tried.add(lease.index)
-                    if too_large:
-                        self.refusals.say(("too large", upstream.name),
-                                          f"upstream {upstream.name}: {e}; answered 502")
-                    elif self._log_errors:
-                        self.log(f"upstream {upstream.name}: {e}")
-                    if (idempotent and e.sent_nothing_back and len(tried) == 1
-                            and not self._single):
-                        continue
-                    raise _from(BadGateway(str(e)), upstream, t0) from None
-                except (_UpstreamTimeout, GatewayTimeout):
-                    lease.release(False, time.monotonic() - t0)
-                    if self._log_errors:
-                        self.log(f"upstream {upstream.name}: timed out after {self.timeout}s")
-                    raise _from(GatewayTimeout(), upstream, t0) from None
-                except BaseException:
-                    lease.release(False, time.monotonic() - t0)
-                    raise
-                elapsed = time.monotonic() - t0
-                lease.release(True, elapsed)
-                resp.upstream, resp.upstream_time = upstream.name, elapsed
-                return resp
+            down = Collector(self.max_body)
+            ex = self.begin(head, client_ip, down, timer, body_done=True, peer=peer,
+                            tunnel=False)
+            if isinstance(ex, ProxyError):
+                return ex
+            down.exchange = ex
+            ex.start([body] if body else [], True)
+            return down.wait()
         finally:
             timer.disarm()
-            if own_timer:
-                if len(self._spare_timers) < _MAX_SPARE_TIMERS:
-                    self._spare_timers.append(timer)
-                else:
-                    timer.close()
+            if len(spare) < _MAX_SPARE_TIMERS:
+                spare.append(timer)
+            else:
+                timer.close()
 
     def close(self) -> None:
         for u in self.upstreams:
             u.close()
         while self._spare_timers:
             self._spare_timers.pop().close()
+        while self.spare_deadlines:
+            self.spare_deadlines.pop().close()
 
 
-def _from(err: ProxyError, upstream, t0: float) -> ProxyError:
-    """``err`` with the upstream it came from, for the access log."""
-    err.upstream, err.upstream_time = upstream.name, time.monotonic() - t0
-    return err
+class Exchange:
+    """One request's trip to an http/https/unix upstream and back (module doc)."""
+
+    __slots__ = ("proxy", "down", "head", "method", "target", "headers", "client_ip", "peer",
+                 "timer", "add_host", "upgrade", "replay", "chunked", "pending", "pending_size",
+                 "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
+                 "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
+                 "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
+                 "tunnel_eofs")
+
+    def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
+                 client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
+        self.proxy = proxy
+        self.down = down
+        self.head = head
+        self.method = head.method
+        self.target = target
+        self.headers = headers
+        self.client_ip = client_ip
+        self.peer = peer
+        self.timer = timer
+        self.add_host = add_host
+        self.upgrade = upgrade
+        self.replay = None          # the whole request, when it may be sent again
+        self.chunked = False        # the body goes up chunked, as it comes
+        self.pending = []           # body bytes (framed) waiting for a connection
+        self.pending_size = 0
+        self.body_done = body_done
+        self.tried = set()
+        self.lease = None
+        self.upstream = None
+        self.conn = None
+        self.reused = False
+        self.dialing = None
+        self.waiting_for = None
+        self.t0 = 0.0
+        self.head_sent = False
+        self.size = 0
+        self.resp_head = None
+        self.finished = False
+        self.stale_retried = False
+        self.down_paused = False
+        self.up_paused = False
+        self.upstream_name = ""
+        self.upstream_time = 0.0
+        self.tunnel_eofs = 0
+
+    # -- the request ----------------------------------------------------------------------
+
+    def start(self, body: list, body_done: bool) -> None:
+        """Send: ``body`` is what arrived with the head; ``body_done`` whether
+        that is all of it."""
+        self.body_done = body_done
+        head = self.head
+        if body_done:
+            size = sum(map(len, body)) if body else 0
+            self.pending = body
+            self.pending_size = size
+            if self.method in IDEMPOTENT and size <= _MAX_REPLAY:
+                self.replay = True
+        else:
+            if head.content_length is None:      # chunked: streamed as chunks
+                self.chunked = True
+                body = [writer.chunk(b) for b in body]
+            self.pending = body
+            self.pending_size = sum(map(len, body))
+        self.timer.arm(self._timed_out)
+        self._try()
+
+    def _request_head(self) -> bytes:
+        headers = self.headers
+        if self.add_host:
+            headers = headers + [(b"Host", self.upstream.host)]
+        if self.chunked:
+            size = None
+        elif self.body_done:
+            size = self.pending_size
+        else:
+            size = self.head.content_length
+        return writer.request_head(self.method, self.target, headers, size)
+
+    def _try(self) -> None:
+        self.lease = lease = self.proxy.balancer.pick(self.tried)
+        self.upstream = up = self.proxy.upstreams[lease.index]
+        self.t0 = time.monotonic()
+        up.acquire(self)
+
+    def got_conn(self, conn, reused: bool) -> None:
+        """The pool's answer: a connection to send on."""
+        self.dialing = None
+        if self.finished:                    # cannot happen: the pool is told when we give up
+            self.upstream.done(conn, True)
+            return
+        self.conn = conn
+        self.reused = reused
+        data = self._request_head()
+        pending = self.pending
+        if pending:
+            data = b"".join([data, *pending]) if len(pending) > 1 else data + pending[0]
+        if self.replay is None:
+            self.pending = []
+            self.pending_size = 0
+        conn.send(self, self.method, data, self.upgrade)
+        if self.down_paused:
+            conn.transport.pause_reading()
+        if self.up_paused and conn.transport.write_buffer_size <= HIGH_WATER:
+            self.upstream_paused(False)     # what waited for the connection is sent
+
+    def conn_failed(self, err: UpstreamError) -> None:
+        self.dialing = None
+        self.upstream_failed(err)
+
+    def body_data(self, data: bytes) -> None:
+        """More of the request body from the client."""
+        if self.finished:
+            return
+        if self.chunked:
+            data = writer.chunk(data)
+        conn = self.conn
+        if conn is not None:
+            conn.write(data)
+            return
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if self.pending_size > HIGH_WATER and not self.up_paused:
+            self.upstream_paused(True)
+
+    def body_end(self) -> None:
+        if self.finished:
+            return
+        self.body_done = True
+        if self.chunked:
+            if self.conn is not None:
+                self.conn.write(writer.LAST_CHUNK)
+            else:
+                self.pending.append(writer.LAST_CHUNK)
+
+    def upstream_paused(self, paused: bool) -> None:
+        """The upstream's (or our pending) buffer is full, or drained again."""
+        if paused == self.up_paused:
+            return
+        self.up_paused = paused
+        if paused:
+            self.down.pause_reading()
+        else:
+            self.down.resume_reading()
+
+    # -- the response -------------------------------------------------------------------------
+
+    def _limit(self, announced: int | None) -> bool:
+        """Count, log and fail a response over -outMaxBodySize; True if it was."""
+        if self.proxy.max_body <= 0:
+            return False
+        size = "" if announced is None else f"of {announced} bytes "
+        self.upstream.count(S.OUT_RESPONSE_TOO_LARGE)
+        self._drop_conn()
+        self.upstream_failed(ResponseTooLarge(
+            f"response body {size}is over the limit of {self.proxy.max_body} bytes "
+            "(-outMaxBodySize)"), dropped=True)
+        return True
+
+    def response_whole(self, head: ResponseHead, body: bytes) -> None:
+        self.conn = None                      # already back in the pool
+        if len(body) > self.proxy.max_body:
+            self._limit_whole(None)
+            return
+        if (head.content_length is not None and head.content_length > self.proxy.max_body
+                and self.method != b"HEAD" and head.status >= 200
+                and head.status not in (204, 304)):
+            self._limit_whole(head.content_length)
+            return
+        self._done(head, len(body) if self.method != b"HEAD" else 0)
+        self.down.response_whole(head, body, self)
+
+    def _limit_whole(self, announced) -> None:
+        self.upstream.count(S.OUT_RESPONSE_TOO_LARGE)
+        size = "" if announced is None else f"of {announced} bytes "
+        self.upstream_failed(ResponseTooLarge(
+            f"response body {size}is over the limit of {self.proxy.max_body} bytes "
+            "(-outMaxBodySize)"), dropped=True)
+
+    def response_head(self, head: ResponseHead) -> None:
+        announced = head.content_length
+        if (announced is not None and announced > self.proxy.max_body
+                and self.method != b"HEAD" and head.status >= 200
+                and head.status not in (204, 304)):
+            self._limit(announced)
+            return
+        self.resp_head = head
+        self.head_sent = True
+        if not self.down_paused:
+            self.timer.arm(self._timed_out)
+        self.down.response_head(head, self)
+
+    def response_data(self, data: bytes) -> None:
+        self.size += len(data)
+        if self.size > self.proxy.max_body:
+            self._limit(None)
+            return
+        if not self.down_paused:
+            self.timer.arm(self._timed_out)
+        self.down.response_data(data)
+
+    def response_end(self) -> None:
+        self.conn = None
+        self._done(self.resp_head, self.size)
+        self.down.response_end()
+
+    def _done(self, head: ResponseHead, size: int) -> None:
+        self.finished = True
+        self.timer.disarm()
+        elapsed = time.monotonic() - self.t0
+        self.lease.release(True, elapsed)
+        self.lease = None
+        self.upstream_name, self.upstream_time = self.upstream.name, elapsed
+        self.proxy.succeeded(self, head.status, size)
+
+    def pause_response(self) -> None:
+        """The client's writes back up: stop reading the upstream."""
+        self.down_paused = True
+        self.timer.disarm()
+        if self.conn is not None:
+            self.conn.transport.pause_reading()
+
+    def resume_response(self) -> None:
+        self.down_paused = False
+        if self.conn is not None:
+            self.conn.transport.resume_reading()
+            if not self.finished and not self.upgrade:
+                self.timer.arm(self._timed_out)
+
+    # -- failures ---------------------------------------------------------------------------------
+
+    def _drop_conn(self) -> None:
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            if conn.exchange is self:
+                conn.exchange = None
+                self.upstream.done(conn, False)
+
+    def upstream_failed(self, e: UpstreamError, dropped: bool = False) -> None:
+        """The connection failed (it is closed already), or a limit was hit."""
+        self.conn = None
+        if self.finished:
+            return
+        proxy = self.proxy
+        up = self.upstream
+        elapsed = time.monotonic() - self.t0
+        too_large = e.__class__ is ResponseTooLarge
+        index = self.lease.index
+        self.lease.release(too_large, elapsed)   # too large: the upstream answered
+        self.lease = None
+        proxy.upstream_error(up, e)
+        if not self.head_sent and self.replay is not None and e.sent_nothing_back \
+                and not self.down.gone:
+            if self.reused and not self.stale_retried:
+                self.stale_retried = True        # a keep-alive race: once more, fresh
+                self._try()
+                return
+            self.tried.add(index)
+            if len(self.tried) == 1 and not proxy.single:
+                self._try()
+                return
+        err = BadGateway(str(e))
+        err.upstream, err.upstream_time = up.name, elapsed
+        self._fail(err)
+
+    def _timed_out(self) -> None:
+        if self.finished:
+            return
+        up = self.upstream
+        waited = self.waiting_for
+        if waited is not None:
+            waited.cancel(self)
+            self.waiting_for = None
+        if self.dialing is not None:
+            self.dialing.cancel()
+            self.dialing = None
+        self._drop_conn()
+        elapsed = time.monotonic() - self.t0
+        if self.lease is not None:
+            self.lease.release(False, elapsed)
+            self.lease = None
+        if self.proxy.log_errors:
+            self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
+        err = GatewayTimeout("no free upstream connection before the deadline"
+                             if waited is not None else "")
+        err.upstream, err.upstream_time = up.name, elapsed
+        self._fail(err)
+
+    def _fail(self, err: ProxyError) -> None:
+        self.finished = True
+        self.timer.disarm()
+        self.proxy.failed(self, err, self.size if self.head_sent else None)
+        self.down.response_error(err, self.head_sent)
+
+    def abort(self, log: bool = True) -> None:
+        """The client went away (``log``: as 499 in the access log; not when
+        its own error answer is logged): let the upstream side go (its
+        connection is closed, not pooled: a response may be half read)."""
+        if self.finished:
+            if self.upgrade and self.conn is not None:      # a tunnel
+                self._drop_conn()
+            return
+        self.finished = True
+        self.timer.disarm()
+        if self.waiting_for is not None:
+            self.waiting_for.cancel(self)
+            self.waiting_for = None
+        if self.dialing is not None:
+            self.dialing.cancel()
+            self.dialing = None
+        self._drop_conn()
+        if self.lease is not None:
+            self.lease.release(True, time.monotonic() - self.t0)
+            self.lease = None
+        if log and self.proxy.access_log is not None and self.upstream is not None:
+            self.proxy.access_log.log(self.client_ip or self.peer, self.head, 499, self.size,
+                                      self.upstream.name, time.monotonic() - self.t0)
+
+    # -- upgrade: a tunnel ----------------------------------------------------------------------
+
+    def upgraded(self, head: ResponseHead, rest: bytes) -> None:
+        """The upstream switched protocols (101): bytes flow both ways now."""
+        self._done(head, 0)
+        self.head_sent = True
+        self.down.response_upgraded(head, rest, self)
+
+    def tunnel_send(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.write(data)
+
+    def tunnel_send_eof(self) -> None:
+        if self.conn is not None:
+            self.conn.transport.write_eof()
+            self._tunnel_eof()
+
+    def tunnel_data(self, data: bytes) -> None:
+        self.down.tunnel_data(data)
+
+    def tunnel_eof(self) -> None:
+        self.down.tunnel_eof()
+        self._tunnel_eof()
+
+    def _tunnel_eof(self) -> None:
+        self.tunnel_eofs += 1
+        if self.tunnel_eofs == 2:
+            self.down.tunnel_closed()
+            self._drop_conn()
+
+    def tunnel_lost(self) -> None:
+        self._drop_conn()
+        self.down.tunnel_closed(error=True)
+
+
+class TeleportExchange:
+    """An exchange over a teleport link: the whole body first, then one frame
+    each way, on the blocking teleport client in a greenlet."""
+
+    __slots__ = ("proxy", "down", "head", "target", "headers", "client_ip", "peer", "timer",
+                 "body", "finished", "greenlet", "upstream_name", "upstream_time", "head_sent",
+                 "size")
+
+    def __init__(self, proxy: Proxy, down, head, target, headers, client_ip, peer, timer):
+        self.proxy = proxy
+        self.down = down
+        self.head = head
+        self.target = target
+        self.headers = headers
+        self.client_ip = client_ip
+        self.peer = peer
+        self.timer = timer
+        self.body = []
+        self.finished = False
+        self.greenlet = None
+        self.upstream_name = ""
+        self.upstream_time = 0.0
+        self.head_sent = False
+        self.size = 0
+
+    def start(self, body: list, body_done: bool) -> None:
+        self.body = body
+        if body_done:
+            self._go()
+
+    def body_data(self, data: bytes) -> None:
+        self.body.append(data)
+
+    def body_end(self) -> None:
+        self._go()
+
+    def _go(self) -> None:
+        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
+        self.body = None
+        if gevent.getcurrent() is gevent.get_hub():
+            self.greenlet = gevent.spawn(self._run, body)
+        else:
+            self._run(body)
+
+    def _run(self, body: bytes) -> None:
+        try:
+            result = self._exchange(body)
+        except gevent.GreenletExit:
+            return
+        if self.finished:
+            return
+        self.finished = True
+        if isinstance(result, ProxyError):
+            self.proxy.failed(self, result)
+            self.down.response_error(result, False)
+        else:
+            head = result.head
+            self.upstream_name, self.upstream_time = result.upstream, result.upstream_time
+            self.proxy.succeeded(self, head.status,
+                                 0 if self.head.method == b"HEAD" else len(result.body))
+            self.down.response_whole(head, result.body, self)
+
+    def _exchange(self, body: bytes):
+        """Pick, exchange, release; retry an idempotent request once elsewhere.
+        The Response, or the ProxyError to answer with."""
+        proxy = self.proxy
+        method = self.head.method
+        deadline = time.monotonic() + proxy.timeout
+        idempotent = method in IDEMPOTENT
+        tried = set()
+        spare = proxy.spare_deadlines
+        timer = spare.pop() if spare else Deadline(proxy.timeout, _UpstreamTimeout)
+        lease = up = None
+        t0 = time.monotonic()
+        timer.arm()
+        try:
+            while True:
+                lease = proxy.balancer.pick(tried)
+                up = proxy.upstreams[lease.index]
+                t0 = time.monotonic()
+                try:
+                    resp = up.exchange(method, self.target, self.headers, body, deadline,
+                                       idempotent)
+                except UpstreamError as e:
+                    too_large = e.__class__ is ResponseTooLarge
+                    lease.release(too_large, time.monotonic() - t0)
+                    tried.add(lease.index)
+                    lease = None
+                    proxy.upstream_error(up, e)
+                    if (idempotent and e.sent_nothing_back and len(tried) == 1
+                            and not proxy.single):
+                        continue
+                    err = BadGateway(str(e))
+                    err.upstream, err.upstream_time = up.name, time.monotonic() - t0
+                    return err
+                elapsed = time.monotonic() - t0
+                lease.release(True, elapsed)
+                lease = None
+                return Response(resp.head, resp.body, up.name, elapsed)
+        except (_UpstreamTimeout, GatewayTimeout):
+            if proxy.log_errors:
+                proxy.log(f"upstream {up.name}: timed out after {proxy.timeout}s")
+            err = GatewayTimeout()
+            err.upstream, err.upstream_time = up.name, time.monotonic() - t0
+            return err
+        finally:
+            timer.disarm()
+            if lease is not None:
+                lease.release(False, time.monotonic() - t0)
+            if len(spare) < _MAX_SPARE_TIMERS:
+                spare.append(timer)
+            else:
+                timer.close()
+
+    def pause_response(self) -> None:
+        pass
+
+    resume_response = pause_response
+
+    def abort(self, log: bool = True) -> None:
+        if not self.finished:
+            self.finished = True
+            if self.greenlet is not None:
+                self.greenlet.kill(block=False)
+
+
+class Collector:
+    """A downstream that collects the whole response for a greenlet (teleport
+    in) and hands it over when it is complete."""
+
+    __slots__ = ("max_body", "waiter", "head", "parts", "exchange", "gone")
+
+    def __init__(self, max_body: int):
+        self.max_body = max_body
+        self.waiter = Waiter()
+        self.head = None
+        self.parts = []
+        self.exchange = None
+        self.gone = False
+
+    def wait(self):
+        try:
+            return self.waiter.get()
+        except BaseException:          # killed (a drain's deadline): let the upstream go
+            self.gone = True
+            if self.exchange is not None:
+                self.exchange.abort()
+            raise
+
+    def response_whole(self, head, body, exchange) -> None:
+        self.waiter.switch(Response(head, body, exchange.upstream_name, exchange.upstream_time))
+
+    def response_head(self, head, exchange) -> None:
+        self.head = head
+
+    def response_data(self, data) -> None:
+        self.parts.append(data)
+
+    def response_end(self) -> None:
+        ex = self.exchange
+        self.waiter.switch(Response(self.head, b"".join(self.parts), ex.upstream_name,
+                                    ex.upstream_time))
+
+    def response_error(self, err, head_sent: bool) -> None:
+        self.waiter.switch(err)
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading

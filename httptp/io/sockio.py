@@ -112,3 +112,11 @@ def _send_close_notify(sock, timeout: float) -> None:
             if left <= 0:
                 return
             _gsocket.wait_write(sock.fileno(), left)   # raises socket.timeout
+
+
+def readable(sock) -> bool:
+    """True when ``sock`` has bytes or EOF waiting; never blocks."""
+    import select
+    p = select.poll()
+    p.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(0))

@@ -53,7 +53,7 @@ from gevent.hub import Waiter
 
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
-from httptp.io.http_client import Response
+from httptp.http.events import Response
 from httptp.io.sockio import close_tls, send_all
 from httptp.io.timers import Deadline
 from httptp.netaddr import Address, parse_address

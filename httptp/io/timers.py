@@ -38,3 +38,35 @@ class Deadline:
     def _expire(self, greenlet) -> None:
         self._timer.stop()                  # it repeats: fire once
         greenlet.throw(self._exception)
+
+
+class Timer:
+    """A re-armable callback timer for code driven by the loop (no greenlet):
+    ``arm(callback, *args)`` restarts the full period (``again``), ``disarm()``
+    stops it, and the callback runs once in the hub when the period passes."""
+
+    __slots__ = ("seconds", "_timer", "armed")
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._timer = get_hub().loop.timer(seconds, seconds)
+        self.armed = False
+
+    def arm(self, callback, *args) -> None:
+        self.armed = True
+        self._timer.again(self._fire, callback, *args)
+
+    def _fire(self, callback, *args) -> None:
+        self._timer.stop()
+        self.armed = False
+        callback(*args)
+
+    def disarm(self) -> None:
+        if self.armed:
+            self.armed = False
+            self._timer.stop()
+
+    def close(self) -> None:
+        self.armed = False
+        self._timer.stop()
+        self._timer.close()
