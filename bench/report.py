@@ -107,10 +107,18 @@ def _errors(part) -> list[str]:
 
 
 def _part_http(part, cfg) -> list[str]:
-    head = ["target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx", "CPU s / 10K req"]
+    head = ["target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx", "CPU s / 10K req", "CPU vs nginx"]
+    ref = part.rows[0].cpu_10k
+    rows = [row + [f"{r.cpu_10k / ref:.1f}x" if ref else "–"] for r, row in zip(part.rows, _ratio_rows(part, False))]
     return [f"wrk -t2 -c{cfg.conns}, GET of the ~2 KB JSON body. CPU: the proxy's worker processes "
-            "(httptp's workers, nginx's worker, the one process of the bare gevent proxy).", "",
-            *_table(head, _ratio_rows(part, False), "lrrrrrr"), *_errors(part)]
+            "(httptp's workers, nginx's worker, the one process of each bare gevent proxy). The bare "
+            "proxies are ceilings for a proxy in Python on gevent: one process each, keep-alive, no "
+            "validation, timeouts, balancing or stats. `bench/bare_proxy.py` runs a greenlet per client "
+            "connection (httptp's design today) and frames messages by a scan for Content-Length; "
+            "`bench/bare_callback_proxy.py` runs callbacks on gevent's loop (`loop.io` watchers on "
+            "non-blocking sockets, no greenlet switch per request), parses with httptools, re-serialises, "
+            "and keeps a pool of upstream connections (the design of issue 11).", "",
+            *_table(head, rows, "lrrrrrrr"), *_errors(part)]
 
 
 def _part_teleport(part, cfg) -> list[str]:

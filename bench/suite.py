@@ -8,7 +8,9 @@ pool, measured in the same run.
   1 http      wrk -t2 -c64 → proxy → upstream, GET of a ~2 KB JSON body: req/s,
               p50/p99 latency and CPU seconds per 10K requests of the proxy's
               worker processes, for httptp -workers 1 and 2 with each parser,
-              for the bare gevent proxy (bench/bare_proxy.py) and for nginx.
+              for nginx, and for two ceilings: the bare gevent proxies with a
+              greenlet per connection (bench/bare_proxy.py) and with callbacks
+              on gevent's loop (bench/bare_callback_proxy.py).
   2 teleport  wrk → httptp A (http → teleport) → httptp B (teleport → http) →
               upstream, GET, for each codec and batching delay: req/s, latency,
               and the bytes on the teleport link per request (A's /expvar:
@@ -62,6 +64,8 @@ import rtb  # noqa: E402
 
 PARTS = ("http", "teleport", "post", "idle", "latency")
 NGINX = "nginx (1 worker)"
+BARE_GREENLETS = "bare gevent proxy, greenlets"      # bench/bare_proxy.py
+BARE_CALLBACKS = "bare gevent proxy, callbacks"      # bench/bare_callback_proxy.py
 POST_BODIES = 2000                 # distinct bid requests the wrk script cycles through
 POST_PATH = "/openrtb2/auction"
 
@@ -222,9 +226,12 @@ def commands(targets: list[Target]) -> list[tuple[str, str]]:
 
 
 def part_http(b: Bench, g: h.Group) -> Part:
-    """Part 1: GET through each proxy; the bare gevent proxy is the Python ceiling."""
-    bare = h.start_script(g, "bare gevent proxy", "bare_proxy.py", str(b.upstream.port))
-    targets = [b.nginx, Target(bare.name, bare.url, [bare]), *http_proxies(g, b, b.cfg.http_configs)]
+    """Part 1: GET through each proxy.  The ceilings: the bare gevent proxies, one
+    greenlet per connection (what httptp's design is) and callbacks on gevent's
+    loop (what the rewrite of issue 11 moves to)."""
+    ceilings = [h.start_script(g, BARE_GREENLETS, "bare_proxy.py", str(b.upstream.port)),
+                h.start_script(g, BARE_CALLBACKS, "bare_callback_proxy.py", str(b.upstream.port))]
+    targets = [b.nginx, *(Target(s.name, s.url, [s]) for s in ceilings), *http_proxies(g, b, b.cfg.http_configs)]
     rows = alternate("http", targets, b.cfg.seconds, b.cfg.rounds, conns=b.cfg.conns)
     return Part("http", rows, commands(targets))
 
