@@ -12,11 +12,13 @@ import os
 import time
 
 import harness
+import memory
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 TITLES = {"http": "1. http → http (GET)", "teleport": "2. Teleport chain (GET)",
           "post": "3. RTB-like POST", "idle": "4. Idle keep-alive connections",
-          "latency": "5. Latency at ~1K req/s"}
+          "latency": "5. Latency at ~1K req/s", "memory": "6. Memory with big bodies"}
+MiB = 1 << 20
 
 
 def _n(x: float, digits: int = 0) -> str:
@@ -88,6 +90,53 @@ def targets(parts: dict) -> list[list[str]]:
     return out
 
 
+def _memory_outcome(c: dict) -> str:
+    """What a memory case's client saw, in a few words."""
+    if "status" not in c:
+        return c.get("error", "–")
+    out = f"{c['status']}"
+    if c["key"] == "bomb":
+        out += f", {c['bytes'] / MiB:,.0f} MiB plain as {c['wire'] / MiB:,.2f} MiB on the wire"
+    elif c["key"] == "upload":
+        out += f", {c['bytes'] / MiB:,.0f} MiB sent"
+    else:
+        out += f", {c['bytes'] / MiB:,.1f} MiB read"
+    out += f" in {c['seconds']:.1f} s"
+    return out + "".join(f"; {c[k]}" for k in ("note", "error") if c.get(k))
+
+
+def targets_11(parts: dict) -> list[list[str]]:
+    """Issue 11's targets as rows [target, measured, status], as ``targets``."""
+    out = []
+
+    def add(target: str, measured: str | None, met: bool = False) -> None:
+        out.append([target, measured or "–", "not run" if measured is None else "met" if met else "missed"])
+
+    http = _rows(parts.get("http"))
+    w2 = next((r for r in http if r.name == "httptp -workers=2 httptools"), None)
+    ngx = http[0] if http else None
+    add("http → http, -workers=2: req/s ≥ 0.50x nginx (0.60x compiled)",
+        w2 and f"{w2.rps_ratio:.3f}x", bool(w2) and w2.rps_ratio >= 0.50)
+    cpu = w2.cpu_10k / ngx.cpu_10k if w2 and ngx and ngx.cpu_10k else None
+    add("http → http, -workers=2: CPU per 10K requests ≤ 2.0x nginx's",
+        cpu and f"{cpu:.2f}x ({w2.cpu_10k:.2f} against {ngx.cpu_10k:.2f} s)", bool(cpu) and cpu <= 2.0)
+    zstd = next((r for r in _rows(parts.get("post")) if r.name.startswith("teleport zstd")), None)
+    add("teleport zstd chain, RTB POST: req/s ≥ 0.45x nginx",
+        zstd and f"{zstd.rps_ratio:.3f}x ({zstd.name})", bool(zstd) and zstd.rps_ratio >= 0.45)
+    idle = parts.get("idle")
+    f = idle.facts if idle and not idle.error else None
+    add("idle keep-alive connections: ≤ 10 KiB of proxy memory each (PSS)",
+        f and f"{f['pss_per_conn']:.1f} KiB (at {f['held']:,} connections)", bool(f) and f["pss_per_conn"] <= 10)
+    mem = parts.get("memory")
+    cases = {c["key"]: c for c in mem.facts["cases"]} if mem and not mem.error else {}
+    for key, title, _ in memory.CASES:
+        c = cases.get(key, {})
+        add(f"{title}: worker RSS growth ≤ {memory.TARGET // MiB} MiB",
+            f"{c['growth'] / MiB:,.1f} MiB" if "growth" in c else None,
+            "growth" in c and c["growth"] <= memory.TARGET and "error" not in c)
+    return out
+
+
 # --------------------------------------------------------------------------- the parts
 
 def _ratio_rows(part, with_bytes: bool) -> list[list[str]]:
@@ -107,10 +156,18 @@ def _errors(part) -> list[str]:
 
 
 def _part_http(part, cfg) -> list[str]:
-    head = ["target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx", "CPU s / 10K req"]
+    head = ["target", "req/s", "vs nginx", "p50 ms", "p99 ms", "p99 vs nginx", "CPU s / 10K req", "CPU vs nginx"]
+    ref = part.rows[0].cpu_10k
+    rows = [row + [f"{r.cpu_10k / ref:.1f}x" if ref else "–"] for r, row in zip(part.rows, _ratio_rows(part, False))]
     return [f"wrk -t2 -c{cfg.conns}, GET of the ~2 KB JSON body. CPU: the proxy's worker processes "
-            "(httptp's workers, nginx's worker, the one process of the bare gevent proxy).", "",
-            *_table(head, _ratio_rows(part, False), "lrrrrrr"), *_errors(part)]
+            "(httptp's workers, nginx's worker, the one process of each bare gevent proxy). The bare "
+            "proxies are ceilings for a proxy in Python on gevent: one process each, keep-alive, no "
+            "validation, timeouts, balancing or stats. `bench/bare_proxy.py` runs a greenlet per client "
+            "connection (httptp's design today) and frames messages by a scan for Content-Length; "
+            "`bench/bare_callback_proxy.py` runs callbacks on gevent's loop (`loop.io` watchers on "
+            "non-blocking sockets, no greenlet switch per request), parses with httptools, re-serialises, "
+            "and keeps a pool of upstream connections (the design of issue 11).", "",
+            *_table(head, rows, "lrrrrrrr"), *_errors(part)]
 
 
 def _part_teleport(part, cfg) -> list[str]:
@@ -184,8 +241,32 @@ def _part_idle(part, cfg) -> list[str]:
     return lines
 
 
+def _part_memory(part, cfg) -> list[str]:
+    target = part.facts["target"]
+    rows = []
+    for c in part.facts["cases"]:
+        measured = "growth" in c
+        status = ("not measured" if not measured else
+                  "met" if c["growth"] <= target and "error" not in c else "missed")
+        rows.append([c["title"], c["what"]] +
+                    ([f"{c[k] / MiB:,.1f}" for k in ("before", "peak", "after")] + [f"**{c['growth'] / MiB:,.1f}**"]
+                     if measured else ["–"] * 4) +
+                    [f"≤ {target // MiB}", status, _memory_outcome(c)])
+    head = ["case", "the client", "RSS before MiB", "peak MiB", "after MiB", "growth MiB", "target MiB", "status",
+            "status code, bytes, time"]
+    return ["`bench/memory.py`. Each case runs on a fresh `httptp -workers=1` (http → http; the bomb: "
+            "`-inType=teleport -inCompress=flate` → http) in front of a Python upstream on loopback that "
+            "serves `GET /bytes/N` from one 1 MiB buffer and reads upload bodies to the end without holding "
+            "them. After one small exchange through it, the case runs; its figure is the growth of the "
+            "worker's resident memory: the peak during the case (VmRSS of /proc/PID/status sampled every "
+            "10 ms, and VmHWM after resetting it with `clear_refs`) minus VmRSS just before. After: VmRSS "
+            "once the case is over. The first three cases run with `-inMaxBodySize` and `-outMaxBodySize` "
+            "of 1 GiB so that the bodies pass at all; the bomb meets the default limits. Target: issue 11.", "",
+            *_table(head, rows, "llrrrrrll")]
+
+
 RENDER = {"http": _part_http, "teleport": _part_teleport, "post": _part_post, "idle": _part_idle,
-          "latency": _part_latency}
+          "latency": _part_latency, "memory": _part_memory}
 
 
 # --------------------------------------------------------------------------- the section
@@ -199,13 +280,14 @@ def render(cfg, info: dict, parts: list, configs: dict, said: dict, elapsed: flo
              f"**Machine.** {info['cpu']}, {info['cores']} cores, Linux {info['kernel']}, Python {info['python']}, "
              f"gevent {info['gevent']}, nginx {info['nginx']}, wrk {info['wrk']}; httptp at `{info['commit']}`. "
              "wrk, both nginx and the proxies share these cores.", "",
-             f"**Method.** Each wrk run lasts {cfg.seconds:g} s (part 5: {2 * cfg.seconds:g} s); {cfg.rounds} "
+             f"**Method** (parts 1–5; part 6 says its own). Each wrk run lasts {cfg.seconds:g} s (part 5: {2 * cfg.seconds:g} s); {cfg.rounds} "
              "rounds alternate between the targets of a part. A figure is the median over the rounds; a ratio "
              "is the median of the per-round ratios to nginx in the same round. CPU is utime + stime from "
              "/proc/PID/stat over the run, per 10,000 requests wrk completed. **Upstream:** nginx, 1 worker, "
              f"answering from memory (a {len(harness.BODY_2K):,}-byte JSON body to GET). **Reference:** nginx, 1 worker, "
              "`proxy_pass` to the upstream over HTTP/1.1 with `keepalive 64`.", "",
-             "### Targets (issue 6)", "", *_table(["target", "measured", "status"], targets(by_name), "lrl")]
+             "### Targets (issue 6)", "", *_table(["target", "measured", "status"], targets(by_name), "lrl"),
+             "", "### Targets (issue 11)", "", *_table(["target", "measured", "status"], targets_11(by_name), "lrl")]
     if plot:
         lines += ["", f"![req/s and p99 latency per configuration]({plot})"]
     for p in parts:
@@ -218,7 +300,8 @@ def render(cfg, info: dict, parts: list, configs: dict, said: dict, elapsed: flo
     if "teleport" in by_name or "post" in by_name:
         lines += ["- the other chains differ from the one shown only in the codec and the delay"]
     wrk_line = f"wrk -t2 -c{cfg.conns} -d{cfg.seconds:g}s --latency --timeout 5s [-s SCRIPT] http://127.0.0.1:PORT/"
-    lines += [f"- load: `{wrk_line}` (part 5: `-t1 -c10`)"]
+    if any(p.name != "memory" for p in parts):
+        lines += [f"- load: `{wrk_line}` (part 5: `-t1 -c10`)"]
     post = by_name.get("post")
     extra = {"post.lua (part 3)": post.facts["script"]} if post and not post.error else {}
     for name, text in {**{f"{k}.conf": v for k, v in configs.items()}, **extra}.items():

@@ -1,4 +1,4 @@
-"""`make bench`: httptp against nginx on the five measurements of issue 6.
+"""`make bench`: httptp against nginx on the measurements of issues 6 and 11.
 
 Every part runs against one nginx upstream (1 worker, answers from memory, so
 it is never the bottleneck) and, where a ratio is asked for, against the
@@ -8,7 +8,9 @@ pool, measured in the same run.
   1 http      wrk -t2 -c64 → proxy → upstream, GET of a ~2 KB JSON body: req/s,
               p50/p99 latency and CPU seconds per 10K requests of the proxy's
               worker processes, for httptp -workers 1 and 2 with each parser,
-              for the bare gevent proxy (bench/bare_proxy.py) and for nginx.
+              for nginx, and for two ceilings: the bare gevent proxies with a
+              greenlet per connection (bench/bare_proxy.py) and with callbacks
+              on gevent's loop (bench/bare_callback_proxy.py).
   2 teleport  wrk → httptp A (http → teleport) → httptp B (teleport → http) →
               upstream, GET, for each codec and batching delay: req/s, latency,
               and the bytes on the teleport link per request (A's /expvar:
@@ -23,6 +25,10 @@ pool, measured in the same run.
               connections while they are held against without them.
   5 latency   p50/p99 at ~1K req/s (wrk -t1 -c10, 10 ms between requests on a
               connection) through httptp and nginx, and straight to the upstream.
+  6 memory    growth of the worker's RSS (peak during minus before) of httptp
+              -workers=1 for a 300 MiB response, a 100 MiB upload, the 300 MiB
+              response to a slow reader, and a flate bomb on a teleport listener
+              (bench/memory.py, its own upstream, no wrk, no nginx).
 
 The machine is small and shared (wrk, nginx and the proxies share its cores),
 so the rounds alternate between the targets, every figure is the median over
@@ -57,11 +63,15 @@ from dataclasses import dataclass, field
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import idle_conns  # noqa: E402
+import memory  # noqa: E402
 import report  # noqa: E402
 import rtb  # noqa: E402
 
-PARTS = ("http", "teleport", "post", "idle", "latency")
+PARTS = ("http", "teleport", "post", "idle", "latency", "memory")
+NEEDS_NGINX = ("http", "teleport", "post", "idle", "latency")     # and wrk; memory needs neither
 NGINX = "nginx (1 worker)"
+BARE_GREENLETS = "bare gevent proxy, greenlets"      # bench/bare_proxy.py
+BARE_CALLBACKS = "bare gevent proxy, callbacks"      # bench/bare_callback_proxy.py
 POST_BODIES = 2000                 # distinct bid requests the wrk script cycles through
 POST_PATH = "/openrtb2/auction"
 
@@ -184,8 +194,8 @@ class Bench:
     """What every part shares: the settings, the upstream, the reference, a temp dir."""
 
     cfg: argparse.Namespace
-    upstream: h.Server
-    nginx: Target
+    upstream: h.Server | None      # None when only parts without nginx run
+    nginx: Target | None
     tmp: str
     nofile: int                    # RLIMIT_NOFILE of the bench and its children
     nofile_why: str                # why it is below what part 4 asked for, if it is
@@ -222,9 +232,12 @@ def commands(targets: list[Target]) -> list[tuple[str, str]]:
 
 
 def part_http(b: Bench, g: h.Group) -> Part:
-    """Part 1: GET through each proxy; the bare gevent proxy is the Python ceiling."""
-    bare = h.start_script(g, "bare gevent proxy", "bare_proxy.py", str(b.upstream.port))
-    targets = [b.nginx, Target(bare.name, bare.url, [bare]), *http_proxies(g, b, b.cfg.http_configs)]
+    """Part 1: GET through each proxy.  The ceilings: the bare gevent proxies, one
+    greenlet per connection (what httptp's design is) and callbacks on gevent's
+    loop (what the rewrite of issue 11 moves to)."""
+    ceilings = [h.start_script(g, BARE_GREENLETS, "bare_proxy.py", str(b.upstream.port)),
+                h.start_script(g, BARE_CALLBACKS, "bare_callback_proxy.py", str(b.upstream.port))]
+    targets = [b.nginx, *(Target(s.name, s.url, [s]) for s in ceilings), *http_proxies(g, b, b.cfg.http_configs)]
     rows = alternate("http", targets, b.cfg.seconds, b.cfg.rounds, conns=b.cfg.conns)
     return Part("http", rows, commands(targets))
 
@@ -404,13 +417,37 @@ def part_idle(b: Bench, g: h.Group) -> Part:
                 facts)
 
 
+def part_memory(b: Bench, g: h.Group) -> Part:
+    """Part 6: the worker's RSS growth per case, each on a fresh httptp -workers=1."""
+    up = h.start_script(g, "upstream (bench/memory.py)", "memory.py", "upstream")
+    cases, cmds = [], [(up.name, up.command)]
+    for key, title, what in memory.CASES:
+        flags = ("-inType=teleport", "-inCompress=flate") if key == "bomb" else memory.BIG_LIMITS
+        s = h.start_httptp(g, f"httptp for the {title}", *flags, "-outType=http", f"-out=127.0.0.1:{up.port}",
+                           "-workers=1", "-expvarAddr=")
+        try:
+            case = memory.run_case(key, s.port, s.workers[0], b.cfg.slow_seconds)
+        except Exception as e:                          # the warm-up failed: the other cases go on
+            case = {"error": f"{type(e).__name__}: {e}"}
+        finally:
+            g.stop(s.proc)
+        case.update(key=key, title=title, what=what.format(slow=b.cfg.slow_seconds))
+        cases.append(case)
+        if key in ("download", "bomb"):
+            cmds.append((f"httptp ({'the bomb' if key == 'bomb' else 'the other cases'})", s.command))
+        growth = f"RSS {case['before'] / memory.MiB:,.1f} → peak {case['peak'] / memory.MiB:,.1f} MiB, " \
+                 f"growth {case['growth'] / memory.MiB:,.1f} MiB" if "growth" in case else "not measured"
+        log(f"  memory: {title}: {growth}" + (f" ({case['error']})" if case.get("error") else ""))
+    return Part("memory", [], cmds, {"cases": cases, "target": memory.TARGET})
+
+
 PART_FUNCS = {"http": part_http, "teleport": part_teleport, "post": part_post, "idle": part_idle,
-              "latency": part_latency}
+              "latency": part_latency, "memory": part_memory}
 
 
 # --------------------------------------------------------------------------- main
 
-QUICK = {"seconds": 2.0, "rounds": 2, "idle_conns": 5000, "codecs": "none,zstd"}
+QUICK = {"seconds": 2.0, "rounds": 2, "idle_conns": 5000, "codecs": "none,zstd", "slow_seconds": 8.0}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -420,7 +457,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seconds", type=float, help="length of each wrk run (default 5; part 5 runs twice as long)")
     ap.add_argument("--rounds", type=int, help="alternating rounds per part (default 3)")
     ap.add_argument("--quick", action="store_true",
-                    help="2 s runs, 2 rounds, fewer configurations, 5,000 idle connections")
+                    help="2 s runs, 2 rounds, fewer configurations, 5,000 idle connections, 8 s slow reader")
     ap.add_argument("--only", default=",".join(PARTS),
                     help="parts to run, by name or number: " + ", ".join(f"{i + 1}={p}" for i, p in enumerate(PARTS)))
     ap.add_argument("--output", default=os.path.join(h.REPO, "docs", "benchmarks.md"),
@@ -432,9 +469,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--delays", default="0,5ms", help="batching delays (-outDelay, -inDelay) of parts 2 and 3")
     ap.add_argument("--chain-workers", type=int, default=1, help="-workers of each httptp in a chain")
     ap.add_argument("--conns", type=int, default=64, help="wrk connections (wrk -c)")
+    ap.add_argument("--slow-seconds", type=float, help="how long part 6's slow reader reads (default 15)")
     args = ap.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    defaults = {"seconds": 5.0, "rounds": 3, "idle_conns": 100000, "codecs": "none,flate,snappy,zstd,brotli"}
+    defaults = {"seconds": 5.0, "rounds": 3, "idle_conns": 100000, "codecs": "none,flate,snappy,zstd,brotli",
+                "slow_seconds": 15.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, QUICK[key] if args.quick else value)
@@ -461,7 +500,8 @@ def tidy(text: str, tmp: str) -> str:
 
 def main(argv=None) -> int:
     cfg = parse_args(argv)
-    for tool in ("wrk", h.NGINX):
+    need_nginx = any(p in NEEDS_NGINX for p in cfg.parts)
+    for tool in ("wrk", h.NGINX) if need_nginx else ():
         if not shutil.which(tool):
             raise SystemExit(f"bench: {tool} is missing (make bench-deps, or apt-get install wrk nginx-light)")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))     # stop the children on the way out
@@ -475,11 +515,15 @@ def main(argv=None) -> int:
     said: dict[str, list[str]] = {}
     try:
         with h.Group() as base:
-            upstream = h.nginx_upstream(base, tmp)
-            proxy = h.nginx_proxy(base, tmp, upstream)
-            configs = {name: tidy(open(os.path.join(tmp, f"{name}.conf")).read(), tmp)
-                       for name in ("upstream", "nginx-proxy")}
-            bench = Bench(cfg, upstream, Target(NGINX, proxy.url, [proxy]), tmp, nofile, nofile_why)
+            upstream = nginx = None
+            configs = {}
+            if need_nginx:
+                upstream = h.nginx_upstream(base, tmp)
+                proxy = h.nginx_proxy(base, tmp, upstream)
+                nginx = Target(NGINX, proxy.url, [proxy])
+                configs = {name: tidy(open(os.path.join(tmp, f"{name}.conf")).read(), tmp)
+                           for name in ("upstream", "nginx-proxy")}
+            bench = Bench(cfg, upstream, nginx, tmp, nofile, nofile_why)
             for name in cfg.parts:
                 t0 = time.monotonic()
                 log(f"part {PARTS.index(name) + 1}: {name}")
