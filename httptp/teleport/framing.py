@@ -19,6 +19,8 @@ response     1xx/204/304, and HEAD when ``is_head(id)`` says so: no body.
              (Go would read until EOF; our peers never send that).
 ===========  ==========================================================
 
+These are the lenient rules of ``httptp.http.rules`` (``strict=False``),
+where the HTTP parsers' strict ones live too.
 This stream feeds a proxy whose other leg is plain HTTP, so anything a plain
 HTTP parser could read two ways is refused: conflicting Content-Length,
 Content-Length with chunked, Transfer-Encoding other than chunked/identity,
@@ -73,7 +75,7 @@ _HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":" + _FIELD + rb"*\r\n)*")
 # try the line's end at every character: 1.5x slower on real heads).
 _HEADER_PAIRS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD + rb"*"
                            + _VCHAR + rb")?)[ \t]*\r\n")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;" + _FIELD + rb"*)?")
 _MAX_CL_DIGITS = rules.MAX_CONTENT_LENGTH_DIGITS
 _MAX_CHUNK_LINE = 1024
 
@@ -103,10 +105,11 @@ def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
             break
     else:
         raise ValueError("missing Host")
-    if body and not request_may_have_body(method, strict=False):
+    has_body = request_may_have_body(method, strict=False)
+    if body and not has_body:
         raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
     return _frame([req_id.to_bytes(4, "little"), method, b" ", target, b" HTTP/1.1\r\n"],
-                  headers, body, method not in _NO_BODY_METHODS)
+                  headers, body, has_body)
 
 
 def encode_response(req_id: int, status: int, reason: bytes, headers: list,
