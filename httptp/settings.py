@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from httptp import netaddr
+from httptp.teleport import codecs as _codecs
 
 ENV_PREFIX = "HTTPTP_"
 PROG = "httptp"
@@ -185,7 +186,8 @@ def parse_header_name(text: str) -> str:
 # The table.
 
 ADDR_TYPES = ("http", "https", "unix", "teleport", "teleports")
-CODECS = ("none", "flate", "snappy", "zstd", "brotli")
+CODECS = _codecs.NAMES          # none, flate, snappy, zstd, brotli: one registry
+_OURS_ONLY = " and ".join(c.name for c in _codecs.REGISTRY if not c.go)
 SECTIONS = ("Listener", "Upstream", "Limits", "Teleport", "TLS", "Process", "Stats")
 
 
@@ -314,7 +316,7 @@ SETTINGS: tuple[Setting, ...] = (
     # -- Teleport ------------------------------------------------------------
     S("inCompress", choice("auto", *CODECS), "flate", section="Teleport",
       help="Compression of responses sent to teleport clients: auto, " + ", ".join(CODECS) + "\n"
-           "auto answers in the client's codec. zstd and brotli work only between two "
+           "auto answers in the client's codec. " + _OURS_ONLY + " work only between two "
            "httptp of ours."),
     S("outCompress", choice(*CODECS), "flate", section="Teleport",
       help="Compression of requests sent to teleport upstreams: " + ", ".join(CODECS)),

@@ -24,6 +24,7 @@ import h11
 from httptp.errors import ProtocolError
 from httptp.http import parser as _p
 from httptp.http.events import END, Data
+from httptp.http.rules import OWS, is_interim
 
 _BLANK_LINE = re.compile(rb"\n\r?\n")           # h11's end-of-head rule
 _BAD_CHAR = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")   # HTAB allowed; CR/LF checked as pairs
@@ -44,7 +45,7 @@ def _check_block(raw, what: str) -> int:
         raise ProtocolError(f"invalid character, line ending or obs-fold in {what} header")
     # h11 silently merges equal duplicates ("5" twice, or "5, 5") into one value.
     lengths = _CONTENT_LENGTH.findall(raw, 0, end)
-    if len(lengths) > 1 or (lengths and not lengths[0].strip(b" \t").isdigit()):
+    if len(lengths) > 1 or (lengths and not lengths[0].strip(OWS).isdigit()):
         raise ProtocolError("duplicate or invalid Content-Length")
     if b"\t" in block and _TE_TRAILING_HTAB.search(raw, 0, end):
         raise ProtocolError(_p.TE_TRAILING_HTAB)
@@ -232,7 +233,7 @@ class ResponseParser:
             raise ProtocolError("unexpected 101 Switching Protocols")
         head, mode = _p.check_response(ev.status_code, ev.reason, ev.http_version,
                                        ev.headers.raw_items(), self._max_head, self._method)
-        if ev.status_code < 200:
+        if is_interim(ev.status_code):
             del self._raw[:end]     # interim response: skipped, the real head follows
             return
         self._raw = bytearray()

@@ -50,8 +50,9 @@ from httptools import HttpParserError, HttpParserUpgrade
 from httptp.errors import ProtocolError
 from httptp.http import parser as _p
 from httptp.http.events import END, Data
+from httptp.http.rules import OWS, is_interim
 
-_OWS = (32, 9)
+_OWS = tuple(OWS)        # as ints: compared with value[-1]
 # a CR not followed by LF (also one at the end: its LF may follow); about 0.15 us on a GET
 _find_cr_without_lf = re.compile(rb"\r(?!\n)").search
 _SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
@@ -69,7 +70,7 @@ class _Headers:
 
     def on_header(self, name: bytes, value: bytes):
         if value and value[-1] in _OWS:         # llhttp keeps trailing OWS, h11 does not
-            stripped = value.rstrip(b" \t")
+            stripped = value.rstrip(OWS)
             if len(name) == 17 and b"\t" in value[len(stripped):] and \
                     name.lower() == b"transfer-encoding":
                 raise self._fail(ProtocolError(_p.TE_TRAILING_HTAB))
@@ -403,7 +404,7 @@ class ResponseParser(_Headers):
             buf = buf[end:]
             if head.status == 101:
                 raise ProtocolError("unexpected 101 Switching Protocols")
-            if head.status >= 200:
+            if not is_interim(head.status):
                 break
         self._buf = b""
         self._head = head

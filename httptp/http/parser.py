@@ -40,8 +40,14 @@ import importlib
 import re
 
 from httptp.errors import ProtocolError
+from httptp.http import rules
 from httptp.http.events import RequestHead, ResponseHead
 from httptp.http.host import upstream_target, valid_host
+from httptp.http.rules import FramingViolation
+from httptp.http.rules import content_length as _content_length
+from httptp.http.rules import expects_continue as _expects_continue
+from httptp.http.rules import status_has_body as _status_has_body
+from httptp.http.rules import transfer_encoding as _transfer_encoding
 
 BACKENDS = ("auto", "httptools", "h11")
 
@@ -83,8 +89,7 @@ _SPECIAL_EXACT = {spelling: kind for name, kind in _SPECIAL.items()
 _KEEP_ALIVE, _CLOSE = object(), object()
 _CONN_VALUES = {b"keep-alive": _KEEP_ALIVE, b"Keep-Alive": _KEEP_ALIVE, b"close": _CLOSE,
                 b"Close": _CLOSE}
-_OWS = b" \t"
-_MAX_CL_DIGITS = 18   # < 2**63: llhttp rejects longer values itself, so h11 must too
+_OWS = rules.OWS
 
 
 class _Framing:
@@ -107,7 +112,7 @@ class _Framing:
 BARE_CR = "CR without LF before the request line"
 TE_TRAILING_HTAB = "Transfer-Encoding with a tab after its value"
 # RFC 9112 §4: reason-phrase = 1*( HTAB / SP / VCHAR / obs-text )
-_REASON = re.compile(rb"[\t\x20-\x7e\x80-\xff]*").fullmatch
+_REASON = re.compile(rules.FIELD_CHAR + rb"*").fullmatch
 
 
 def skip_empty_lines(data: bytes, cr: bool) -> tuple[bytes, bool]:
@@ -159,52 +164,48 @@ def feed_after_response(method: bytes | None, head: ResponseHead | None, data: b
 def scan_headers(headers: list) -> _Framing:
     """One pass: block size, framing, Host count and value, Connection tokens, Expect.
 
-    Raises ProtocolError(400) for ambiguous framing: duplicate or non-digit
-    Content-Length, Transfer-Encoding other than exactly ``chunked``, both.
+    Raises ProtocolError(400) for ambiguous framing: the strict rules of
+    ``httptp.http.rules`` (duplicate or non-digit Content-Length,
+    Transfer-Encoding other than exactly ``chunked``, both).
     """
     f = _Framing()
     size = 0
     exact = _SPECIAL_EXACT
-    for name, value in headers:
-        size += len(name) + len(value)
-        kind = exact.get(name)              # the usual spellings: no lower()
-        if kind is None:
-            if len(name) not in _SPECIAL_LENS:
-                continue
-            kind = _SPECIAL.get(name.lower())
+    try:
+        for name, value in headers:
+            size += len(name) + len(value)
+            kind = exact.get(name)              # the usual spellings: no lower()
             if kind is None:
-                continue
-        if kind == _CL:
-            if f.content_length is not None:
-                raise ProtocolError("duplicate Content-Length")
-            v = value.strip(_OWS)
-            if not v.isdigit() or len(v) > _MAX_CL_DIGITS:
-                raise ProtocolError("invalid Content-Length")
-            f.content_length = int(v)
-        elif kind == _TE:
-            if f.chunked or value.strip(_OWS).lower() != b"chunked":
-                raise ProtocolError("unsupported Transfer-Encoding")
-            f.chunked = True
-        elif kind == _HOST:
-            f.hosts += 1
-            f.host = value
-        elif kind == _CONN:
-            token = _CONN_VALUES.get(value)
-            if token is _KEEP_ALIVE:
-                f.keep_alive = True
-            elif token is _CLOSE:
-                f.close = True
-            elif token is None:
-                for token in value.lower().split(b","):
-                    token = token.strip(_OWS)
-                    if token == b"close":
-                        f.close = True
-                    elif token == b"keep-alive":
-                        f.keep_alive = True
-        elif value.strip(_OWS).lower() == b"100-continue":
-            f.expect = True
-    if f.chunked and f.content_length is not None:
-        raise ProtocolError("both Content-Length and Transfer-Encoding")
+                if len(name) not in _SPECIAL_LENS:
+                    continue
+                kind = _SPECIAL.get(name.lower())
+                if kind is None:
+                    continue
+            if kind == _CL:
+                f.content_length = _content_length(value, f.content_length)
+            elif kind == _TE:
+                f.chunked = _transfer_encoding(value, f.chunked)
+            elif kind == _HOST:
+                f.hosts += 1
+                f.host = value
+            elif kind == _CONN:
+                token = _CONN_VALUES.get(value)
+                if token is _KEEP_ALIVE:
+                    f.keep_alive = True
+                elif token is _CLOSE:
+                    f.close = True
+                elif token is None:
+                    for token in value.lower().split(b","):
+                        token = token.strip(_OWS)
+                        if token == b"close":
+                            f.close = True
+                        elif token == b"keep-alive":
+                            f.keep_alive = True
+            elif _expects_continue(value):
+                f.expect = True
+        rules.check_framing(f.content_length, f.chunked)
+    except FramingViolation as e:     # a strict rule of httptp.http.rules
+        raise ProtocolError(str(e)) from None
     f.size += size + 4 * len(headers)       # "name: value\r\n" each
     return f
 
@@ -255,7 +256,7 @@ def request_line(method: bytes, target: bytes, version) -> RequestHead:
     return RequestHead(bytes(method), bytes(target), ver, [], False, None, False)
 
 
-_REQUEST_LINE = re.compile(rb"([!#$%&'*+\-.^_`|~0-9A-Za-z]+) ([\x21-\x7e\x80-\xff]+) "
+_REQUEST_LINE = re.compile(rb"(" + rules.TOKEN + rb") (" + rules.VCHAR_OBS + rb"+) "
                            rb"HTTP/([0-9]\.[0-9])\r?\n")
 
 
@@ -283,7 +284,7 @@ def check_response(status: int, reason: bytes, version, headers: list,
         raise ProtocolError("unsupported HTTP version in response")
     if f.chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 response")
-    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
+    if not _status_has_body(status, method):
         mode = NO_BODY
     elif f.chunked or f.content_length is not None:
         mode = FRAMED

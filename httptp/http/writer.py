@@ -10,11 +10,11 @@ answers are cached.
 from __future__ import annotations
 
 from httptp.errors import ProxyError
+from httptp.http.rules import status_has_body
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _BODY_METHODS = frozenset((b"POST", b"PUT", b"PATCH"))
-_NO_LENGTH_STATUS = frozenset((204, 304))
 _CLOSE = b"Connection: close\r\n"
 _status_lines: dict = {}
 _errors: dict = {}
@@ -60,7 +60,7 @@ def response(status: int, reason: bytes, headers: list, body: bytes, keep_alive:
     ``keep_alive``, the empty line and ``body``."""
     parts = [status_line(status, reason)]
     _header_lines(parts, headers)
-    if status >= 200 and status not in _NO_LENGTH_STATUS:
+    if status_has_body(status):
         parts.append(b"Content-Length: %d\r\n" % (len(body) if content_length is None
                                                   else content_length))
     if not keep_alive:

@@ -30,7 +30,8 @@ one read of input plus its codec's window.  How each codec is sliced:
 - snappy: whole chunks (64 KiB of plain bytes at most each), up to a slice.
 - none: the input itself, cut into slices.
 
-Codecs (byte values in ``handshake.Compress``):
+Codecs (`REGISTRY`, at the end of this module, gives each one's name,
+handshake byte and factories; ``handshake.Compress`` is derived from it):
 
 - none: identity.
 - flate: raw DEFLATE (no zlib header), level 6, ``Z_SYNC_FLUSH`` per batch (the
@@ -61,11 +62,13 @@ Codecs (byte values in ``handshake.Compress``):
 
 from __future__ import annotations
 
+import enum
 import functools
 import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from httptp.teleport import CodecError
-from httptp.teleport.handshake import Compress
 
 SNAPPY_MAX_BLOCK = 65536
 SNAPPY_STREAM_ID = b"\xff\x06\x00\x00sNaPpY"
@@ -417,30 +420,76 @@ class _BrotliDecompressor(Decompressor):
                     return b""
 
 
+# --- the registry ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Codec:
+    """One teleport codec: everything the rest of httptp knows about it.
+
+    ``name`` is its ``-inCompress``/``-outCompress`` value (and the library's
+    ``compress=``), ``byte`` the value in the handshake header (PROTOCOL.md
+    §1.2), ``go`` whether the Go original speaks it (a Go peer drops the
+    connection after a handshake that announces anything else).
+    ``compressor(level)`` returns a fresh outgoing stream (``level`` None:
+    the codec's default; ignored by codecs without levels),
+    ``decompressor()`` a fresh incoming one.
+    """
+
+    name: str
+    byte: int
+    go: bool
+    compressor: Callable[[int | None], Compressor]
+    decompressor: Callable[[], Decompressor]
+
+
+def _without_level(cls) -> Callable[[int | None], Compressor]:
+    """The factory of a compressor that has no level (none, snappy)."""
+    return lambda level: cls()
+
+
+REGISTRY: tuple[Codec, ...] = (
+    # in the order the -help text lists them
+    Codec("none", 1, True, _without_level(Compressor), Decompressor),       # Go: raw bytes
+    # Go: raw DEFLATE, level 6, sync flush per batch.  Flate is 0, the Go
+    # zero value, hence the Go original's default.
+    Codec("flate", 0, True, _FlateCompressor, _FlateDecompressor),
+    # Go: snappy framing format (golang/snappy NewWriter)
+    Codec("snappy", 2, True, _without_level(_SnappyCompressor), _SnappyDecompressor),
+    # ours only (PROTOCOL.md §8): one zstandard frame that never ends
+    Codec("zstd", 3, False, _ZstdCompressor, _ZstdDecompressor),
+    # ours only: one brotli stream that never ends
+    Codec("brotli", 4, False, _BrotliCompressor, _BrotliDecompressor),
+)
+"""Every codec, once: the handshake byte (`Compress`, `BY_NAME`), the
+settings' choices (`NAMES`) and the factories (`compressor`, `decompressor`)
+are all read from here."""
+
+NAMES: tuple[str, ...] = tuple(c.name for c in REGISTRY)
+"""Codec names in the registry's (the -help text's) order."""
+
+Compress = enum.IntEnum("Compress", [(c.name.upper(), c.byte)
+                                     for c in sorted(REGISTRY, key=lambda c: c.byte)],
+                        module=__name__)
+Compress.__doc__ = """A codec by its handshake byte (``Compress.FLATE == 0``), from `REGISTRY`."""
+
+BY_NAME: dict[str, Compress] = {c.name.lower(): c for c in Compress}
+"""Codec name -> `Compress`, in byte order."""
+
+_BY_BYTE: dict[int, Codec] = {c.byte: c for c in REGISTRY}
+
+
+def codec(c: int) -> Codec:
+    """The registry entry of codec ``c`` (a `Compress` or its byte value);
+    ValueError for an unknown one."""
+    return _BY_BYTE[Compress(c)]
+
+
 def compressor(c: int, level: int | None = None) -> Compressor:
     """A fresh outgoing stream for codec ``c`` (``level`` overrides the default;
     snappy and none have no level)."""
-    c = Compress(c)
-    if c is Compress.NONE:
-        return Compressor()
-    if c is Compress.FLATE:
-        return _FlateCompressor(level)
-    if c is Compress.SNAPPY:
-        return _SnappyCompressor()
-    if c is Compress.ZSTD:
-        return _ZstdCompressor(level)
-    return _BrotliCompressor(level)
-
-
-_DECOMPRESSORS = {
-    Compress.NONE: Decompressor,
-    Compress.FLATE: _FlateDecompressor,
-    Compress.SNAPPY: _SnappyDecompressor,
-    Compress.ZSTD: _ZstdDecompressor,
-    Compress.BROTLI: _BrotliDecompressor,
-}
+    return codec(c).compressor(level)
 
 
 def decompressor(c: int) -> Decompressor:
     """A fresh incoming stream for codec ``c``."""
-    return _DECOMPRESSORS[Compress(c)]()
+    return codec(c).decompressor()

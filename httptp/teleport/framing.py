@@ -19,6 +19,8 @@ response     1xx/204/304, and HEAD when ``is_head(id)`` says so: no body.
              (Go would read until EOF; our peers never send that).
 ===========  ==========================================================
 
+These are the lenient rules of ``httptp.http.rules`` (``strict=False``),
+where the HTTP parsers' strict ones live too.
 This stream feeds a proxy whose other leg is plain HTTP, so anything a plain
 HTTP parser could read two ways is refused: conflicting Content-Length,
 Content-Length with chunked, Transfer-Encoding other than chunked/identity,
@@ -57,31 +59,32 @@ import struct
 from collections.abc import Callable
 from http import HTTPStatus
 
+from httptp.http import rules
 from httptp.http.events import RequestHead, ResponseHead
 from httptp.http.host import valid_host
+from httptp.http.rules import request_may_have_body, status_has_body
 from httptp.teleport import FrameTooLarge, FramingError
 
-_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") ([\x21-\x7e\x80-\xff]+) HTTP/(1\.[01])")
-_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: ([\t\x20-\x7e\x80-\xff]*))?")
+_TOKEN, _VCHAR, _FIELD = rules.TOKEN, rules.VCHAR_OBS, rules.FIELD_CHAR
+_REQUEST_LINE = re.compile(rb"(" + _TOKEN + rb") (" + _VCHAR + rb"+) HTTP/(1\.[01])")
+_STATUS_LINE = re.compile(rb"HTTP/(1\.[01]) ([1-9][0-9][0-9])(?: (" + _FIELD + rb"*))?")
 # A header block (each line with its CRLF) is checked by one fullmatch and
 # split by one findall: two C passes instead of a Python loop per line.
-_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":[\t\x20-\x7e\x80-\xff]*\r\n)*")
+_HEADER_BLOCK = re.compile(rb"(?:" + _TOKEN + rb":" + _FIELD + rb"*\r\n)*")
 # The value is greedy up to its last non-blank character (a lazy value would
 # try the line's end at every character: 1.5x slower on real heads).
-_HEADER_PAIRS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:[\t\x20-\x7e\x80-\xff]*"
-                           rb"[\x21-\x7e\x80-\xff])?)[ \t]*\r\n")
-_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;[\t\x20-\x7e\x80-\xff]*)?")
-_OWS = b" \t"
-_MAX_CL_DIGITS = 18
+_HEADER_PAIRS = re.compile(rb"(" + _TOKEN + rb"):[ \t]*((?:" + _FIELD + rb"*"
+                           + _VCHAR + rb")?)[ \t]*\r\n")
+_CHUNK_LINE = re.compile(rb"([0-9A-Fa-f]{1,15})(?:;" + _FIELD + rb"*)?")
+_MAX_CL_DIGITS = rules.MAX_CONTENT_LENGTH_DIGITS
 _MAX_CHUNK_LINE = 1024
 
-_NO_BODY_METHODS = frozenset((b"GET", b"HEAD"))
+_NO_BODY_METHODS = rules.LENIENT_BODYLESS_METHODS      # a Go peer reads no body for these
 _ID = struct.Struct("<I")
 _LENGTH_LINE = b"Content-Length: "      # as encode_request/encode_response write it
 _LENGTH_NAME = b"Content-Length"
 HEAD_CACHE_SIZE = 256     # header blocks remembered per reader (cleared when full)
-_CL, _TE, _EXPECT = 14, 17, 6          # lengths of the names we look at
+_CL, _TE = 14, 17          # lengths of the names we look at
 
 
 # --- writing ---------------------------------------------------------------
@@ -102,10 +105,11 @@ def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
             break
     else:
         raise ValueError("missing Host")
-    if method in _NO_BODY_METHODS and body:
+    has_body = request_may_have_body(method, strict=False)
+    if body and not has_body:
         raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
     return _frame([req_id.to_bytes(4, "little"), method, b" ", target, b" HTTP/1.1\r\n"],
-                  headers, body, method not in _NO_BODY_METHODS)
+                  headers, body, has_body)
 
 
 def encode_response(req_id: int, status: int, reason: bytes, headers: list,
@@ -123,7 +127,7 @@ def encode_response(req_id: int, status: int, reason: bytes, headers: list,
             reason = HTTPStatus(status).phrase.encode()
         except ValueError:
             reason = b"Unknown"
-    has_body = not (status < 200 or status == 204 or status == 304)
+    has_body = status_has_body(status)
     if body and not has_body:
         raise ValueError(f"a {status} response cannot carry a body")
     return _frame([req_id.to_bytes(4, "little"), b"HTTP/1.1 %d " % status, reason, b"\r\n"],
@@ -146,34 +150,13 @@ def _frame(parts: list, headers: list, body: bytes, has_body: bool) -> bytes:
 # --- reading ---------------------------------------------------------------
 
 def _framing(headers: list) -> tuple[int | None, bool, bool]:
-    """``(content_length, chunked, expect_100)`` from a head's headers; raises
+    """``(content_length, chunked, expect_100)`` from a head's headers, by
+    the lenient rules of ``httptp.http.rules`` (a Go peer's); raises
     FramingError on what a plain HTTP parser could read two ways."""
-    content_length = None
-    chunked = expect = False
-    for name, value in headers:
-        size = len(name)
-        if size == _CL:
-            if name.lower() == b"content-length":
-                if not value.isdigit() or len(value) > _MAX_CL_DIGITS:
-                    raise FramingError(f"invalid Content-Length {value[:20]!r}")
-                n = int(value)
-                if content_length is not None and content_length != n:
-                    raise FramingError("conflicting Content-Length headers")
-                content_length = n
-        elif size == _TE:
-            if name.lower() == b"transfer-encoding":
-                coding = value.lower()
-                if coding == b"identity":
-                    continue
-                if coding != b"chunked" or chunked:
-                    raise FramingError(f"unsupported Transfer-Encoding {value[:40]!r}")
-                chunked = True
-        elif size == _EXPECT:
-            if name.lower() == b"expect" and value.lower() == b"100-continue":
-                expect = True
-    if chunked and content_length is not None:
-        raise FramingError("both Content-Length and Transfer-Encoding")
-    return content_length, chunked, expect
+    try:
+        return rules.message_framing(headers, strict=False)
+    except rules.FramingViolation as e:
+        raise FramingError(str(e)) from None
 
 
 def _parse_headers(block: bytes) -> list:
@@ -380,8 +363,8 @@ class FrameReader:
         headers, content_length, chunked, _ = self._headers(self._heads, head[lines:], False)
         head = ResponseHead(status, reason or b"", version, headers, True, content_length,
                             chunked)
-        if (status < 200 or status == 204 or status == 304
-                or (self._is_head is not None and self._is_head(self._id))):
+        if not status_has_body(status) or (self._is_head is not None
+                                            and self._is_head(self._id)):
             out.append((self._id, head, b""))
             return True
         return self._body(out, head, content_length, chunked, False)

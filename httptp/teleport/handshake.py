@@ -8,29 +8,21 @@ each side announces its own codec and the peer must be able to read it.
 Codec byte values: 0 flate, 1 none, 2 snappy are the Go original's (note the
 order: flate is 0, the Go zero value, hence its default).  3 zstd and 4 brotli
 are ours (PROTOCOL.md §8): only a peer that is also httptp understands them;
-a Go peer drops the connection after the handshake when it sees them.
+a Go peer drops the connection after the handshake when it sees them.  They
+are declared once, in ``codecs.REGISTRY``; `Compress` and `BY_NAME` come
+from there and are re-exported here, where their users import them.
 """
 
 from __future__ import annotations
 
-import enum
-
 from httptp.teleport import HandshakeError
+from httptp.teleport.codecs import BY_NAME, Compress
+
+__all__ = ["MAGIC", "VERSION", "HEADER_SIZE", "Compress", "BY_NAME", "encode", "decode"]
 
 MAGIC = b"httpteleport"
 VERSION = 0
 HEADER_SIZE = 15
-
-
-class Compress(enum.IntEnum):
-    FLATE = 0       # Go: raw DEFLATE, level 6, sync flush per batch
-    NONE = 1        # Go: raw bytes
-    SNAPPY = 2      # Go: snappy framing format (golang/snappy NewWriter)
-    ZSTD = 3        # ours only: one zstandard frame that never ends
-    BROTLI = 4      # ours only: one brotli stream that never ends
-
-
-BY_NAME = {c.name.lower(): c for c in Compress}
 
 
 def encode(compress: int, tls: bool) -> bytes:
