@@ -321,9 +321,12 @@ class ServerConnection(_Connection):
         ``framing.encode_response`` wants them (no hop-by-hop headers, no
         Content-Length: it is computed).  The body is dropped for a HEAD and
         for 1xx/204/304.  An empty ``reason`` is the status's standard one.
-        Raises ValueError for a bad status (nothing changes then)."""
+        Raises ValueError for a status outside 100..999 (nothing changes
+        then: the driver can still answer 500)."""
         if not req_id:
             return b""
+        if not 100 <= status <= 999:
+            raise ValueError(f"status {status} is not three digits")
         heads = self._heads
         is_head = req_id in heads if heads else False
         if is_head or status < 200 or status == 204 or status == 304:
