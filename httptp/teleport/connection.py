@@ -74,7 +74,7 @@ class _Connection:
         self.error: TeleportError | None = None
         self.plain_sent = 0             # frame bytes flushed so far (before compression)
         self.plain_received = 0         # decompressed bytes read so far
-        self._comp = None if compress is None else compressor(compress)
+        self._comp = None               # made by the first flush (a zlib one is ~256 KiB)
         self._decomp = None
         self._reader = FrameReader(kind, max_header_size, is_head, max_body_size)
         self._batch: list[bytes] = []
@@ -106,7 +106,6 @@ class _Connection:
         self._decomp = decompressor(theirs)
         if self.compress is None:           # auto: answer in the peer's codec
             self.compress = theirs
-            self._comp = compressor(theirs)
         return theirs, tls
 
     # -- sending ---------------------------------------------------------------
@@ -132,11 +131,15 @@ class _Connection:
         batch = self._batch
         if not batch:
             return b""
+        comp = self._comp
+        if comp is None:
+            if self.compress is None:
+                raise RuntimeError("compress='auto': call receive_handshake first")
+            comp = self._comp = compressor(self.compress)
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         self._batch = []
         self.plain_sent += self._buffered
         self._buffered = 0
-        comp = self._comp
         try:
             return comp.compress(data) + comp.flush()
         except TeleportError as e:

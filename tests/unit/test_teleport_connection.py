@@ -93,9 +93,14 @@ def test_auto_answers_in_the_clients_codec(codec):
     assert p.echo()[req_id][1] == b"/ "
 
 
-def test_auto_server_has_no_handshake_before_the_clients():
+def test_auto_server_has_no_codec_before_the_clients_handshake():
+    s = ServerConnection(None)
     with pytest.raises(RuntimeError):
-        ServerConnection(None).handshake()
+        s.handshake()
+    s.write(b"a frame")
+    with pytest.raises(RuntimeError):
+        s.flush()
+    assert s.buffered == 7 and s.error is None      # nothing lost, nothing sticky
 
 
 def test_one_flush_is_one_batch_and_counts_plain_bytes():
