@@ -2,7 +2,7 @@
 
 Theory of operation
 -------------------
-The caller (the worker, or ``httptp.teleport.api.Server``) accepts a
+The caller (the worker, or ``httptp.io.teleport_api.Server``) accepts a
 connection and calls ``TeleportServer.handle(sock, peer)`` in the
 connection's greenlet.  That greenlet
 
@@ -19,12 +19,15 @@ connection's greenlet.  That greenlet
      only with ``allow_plaintext`` (-inTLSAllowPlaintext).  Otherwise we
      answer flag 1 ("this listener needs TLS": a client of ours reports that),
      log one line and close;
-2. starts a writer greenlet (``BatchWriter``: the same batching as the client,
-   ``-inDelay``) and becomes the reader: recv → decompress (in slices, yielding
-   to other connections every ``YIELD_SLICES`` of them) → frame requests;
+2. starts a writer greenlet (``httptp.io.common.BatchWriter``: the same
+   batching as the client, ``-inDelay``) and becomes the reader: recv → the
+   connection's ``ServerConnection`` (``httptp.teleport.connection``: it
+   decompresses in slices, and we yield to other connections every
+   ``YIELD_SLICES`` of them) → request frames;
 3. for each request frame runs the handler in a greenlet of its own; the
-   answer is encoded with the request's id and queued to the writer, so
-   responses go out in completion order.  Handler greenlets are kept for the
+   answer is encoded with the request's id by the connection (no body for a
+   HEAD, 1xx, 204 or 304) and queued to the writer, so responses go out in
+   completion order.  Handler greenlets are kept for the
    next request once they finish (up to ``MAX_IDLE_HANDLERS`` per server):
    a new greenlet costs ~7 us on CPython 3.11 (its first frame maps a fresh
    data stack chunk, which is unmapped again when it dies), a parked one is
@@ -60,18 +63,15 @@ from greenlet import greenlet as _RawGreenlet
 
 from httptp import stats as S
 from httptp.errors import PayloadTooLarge
+from httptp.io.common import (RECV_SIZE, YIELD_SLICES, BatchWriter, Closed, TimedOut,
+                              counters, error_text, read_exactly)
 from httptp.io.sockio import close_tls
-from httptp.io.teleport_client import (YIELD_SLICES, BatchWriter, _Closed, _Timeout, counters,
-                                       error_text, read_exactly)
 from httptp.logs import RateLimitedLog
 from httptp.teleport import FrameTooLarge, HandshakeError, TeleportError
-from httptp.teleport import handshake
-from httptp.teleport.codecs import compressor, decompressor
-from httptp.teleport.framing import FrameReader, encode_response
+from httptp.teleport.connection import ServerConnection
 from httptp.teleport.handshake import BY_NAME, Compress, HEADER_SIZE
 from httptp.tls import error_text as tls_error_text
 
-_RECV_SIZE = 65536
 MAX_IDLE_HANDLERS = 128     # parked handler greenlets kept per server (~7 KiB each)
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 
@@ -94,7 +94,7 @@ INTERNAL_ERROR = Answer(500, b"Internal Server Error", _TEXT_PLAIN, b"internal e
 _TOO_LARGE = PayloadTooLarge()
 
 
-class _PeerClosed(_Closed):
+class _PeerClosed(Closed):
     """The client closed its side (EOF, not an error)."""
 
 
@@ -103,13 +103,17 @@ class _Drain(Exception):
 
 
 class _Conn:
-    __slots__ = ("server", "sock", "peer", "reader", "writer", "inflight", "reading", "closed",
-                 "draining", "idle")
+    __slots__ = ("server", "sock", "peer", "conn", "reader", "writer", "inflight", "reading",
+                 "closed", "draining", "idle")
 
     def __init__(self, server: TeleportServer, sock, peer: str):
         self.server = server
         self.sock = sock
         self.peer = peer
+        # the protocol's side: handshake, codecs, frame reader and limits,
+        # which answers are to HEADs
+        self.conn = ServerConnection(server.compress, max_header_size=server.max_header_size,
+                                     max_body_size=server.max_body_size)
         self.reader = None
         self.writer: BatchWriter | None = None
         self.inflight = 0                 # handlers running for this connection
@@ -124,7 +128,8 @@ class _Conn:
         sock = self.sock
         sock.settimeout(None)
         # -- handshake -----------------------------------------------------------
-        timer = gevent.Timeout(srv.handshake_timeout, _Timeout("handshake timed out"))
+        conn = self.conn
+        timer = gevent.Timeout(srv.handshake_timeout, TimedOut("handshake timed out"))
         timer.start()
         try:
             try:
@@ -135,14 +140,13 @@ class _Conn:
             q[b + S.IN_READ_CALLS] += 1
             q[b + S.IN_BYTES_READ] += HEADER_SIZE
             try:
-                theirs, tls = handshake.decode(data)
+                _, tls = conn.receive_handshake(data)
             except HandshakeError as e:
                 q[b + S.IN_TELEPORT_ERRORS] += 1
                 srv._log(f"teleport client {self.peer}: {e}")
                 return
-            ours = theirs if srv.compress is None else srv.compress
             refuse_plain = not tls and srv.tls is not None and not srv.allow_plaintext
-            reply = handshake.encode(ours, srv.tls is not None and (tls or refuse_plain))
+            reply = conn.handshake(srv.tls is not None and (tls or refuse_plain))
             try:
                 sock.sendall(reply)
             except OSError:
@@ -164,7 +168,7 @@ class _Conn:
                 try:
                     tls_sock = srv.tls.wrap(sock)
                     tls_sock.do_handshake()
-                except (OSError, ValueError, _Timeout) as e:
+                except (OSError, ValueError, TimedOut) as e:
                     q[b + S.IN_TLS_HANDSHAKE_ERRORS] += 1
                     srv._log(f"teleport client {self.peer}: TLS handshake failed: "
                              f"{tls_error_text(e)}")
@@ -172,7 +176,7 @@ class _Conn:
                         tls_sock.close()
                     return
                 sock = self.sock = tls_sock
-        except (_Timeout, _Closed):
+        except (TimedOut, Closed):
             return                       # said nothing (in time): close silently
         finally:
             timer.close()
@@ -181,12 +185,12 @@ class _Conn:
             return
         # -- streams ---------------------------------------------------------------
         sock.settimeout(srv.read_timeout)
-        writer = self.writer = BatchWriter(sock, compressor(ours), delay=srv.delay,
+        writer = self.writer = BatchWriter(sock, conn, delay=srv.delay,
                                            write_timeout=srv.write_timeout, q=q, base=b,
                                            in_calls=True)
         # The reader runs in a greenlet of its own so that drain() and a failed
         # write can interrupt it (kill) without throwing into our caller's greenlet.
-        rg = self.reader = gevent.spawn(self._reader, decompressor(theirs))
+        rg = self.reader = gevent.spawn(self._reader)
         wg = gevent.spawn(self._write, writer)
         orderly = False
         try:
@@ -205,16 +209,16 @@ class _Conn:
             wg.kill(block=False)
             self._close(orderly)
 
-    def _reader(self, decomp) -> None:
+    def _reader(self) -> None:
         try:
-            self._read(decomp)
+            self._read()
         except _Drain:
             pass
         except (_stdsocket.timeout, TimeoutError):
             self._close(orderly=True)    # idle for read_timeout
         except _PeerClosed:
             self._close(orderly=True)    # the client ended it: ours ends in order too
-        except _Closed:
+        except Closed:
             self._close()
         except FrameTooLarge as e:
             srv = self.server
@@ -235,39 +239,40 @@ class _Conn:
         finally:
             self.reading = False
 
-    def _read(self, decomp) -> None:
+    def _read(self) -> None:
         srv = self.server
         q, b = srv._q, srv._base
-        sock = self.sock
-        feed = FrameReader("request", srv.max_header_size, None, srv.max_body_size).feed
-        feed_codec, read_codec = decomp.feed, decomp.read
+        sock, conn = self.sock, self.conn
+        feed, next_frames = conn.feed, conn.next_frames
+        plain_seen = conn.plain_received
         dispatch = srv._dispatch
         while not self.draining:
             try:
-                data = sock.recv(_RECV_SIZE)
+                data = sock.recv(RECV_SIZE)
             except (_stdsocket.timeout, TimeoutError):
                 raise
             except OSError:
                 q[b + S.IN_READ_ERROR] += 1
-                raise _Closed() from None
+                raise Closed() from None
             q[b + S.IN_READ_CALLS] += 1
             if not data:
                 raise _PeerClosed()
             q[b + S.IN_BYTES_READ] += len(data)
             q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
-            feed_codec(data)
+            feed(data)
             slices = 0
-            while plain := read_codec():
-                q[b + S.TELEPORT_RECEIVED_PLAIN] += len(plain)
-                for req_id, head, body in feed(plain):
+            while (frames := next_frames()) is not None:
+                plain = conn.plain_received
+                q[b + S.TELEPORT_RECEIVED_PLAIN] += plain - plain_seen
+                plain_seen = plain
+                for req_id, head, body in frames:
                     if body is None:
                         self._too_large(req_id, head)
                         continue
                     if srv._busy >= srv.concurrency:
                         q[b + S.IN_REQUEST_OVERLOAD] += 1
-                        if req_id:
-                            self.writer.put(encode_response(req_id, 429, b"Too Many Requests",
-                                                            _TEXT_PLAIN, srv._busy_body))
+                        self._answer(conn.send_response(req_id, 429, b"Too Many Requests",
+                                                        _TEXT_PLAIN, srv._busy_body))
                         continue
                     srv._busy += 1
                     self.inflight += 1
@@ -291,41 +296,48 @@ class _Conn:
         err = _TOO_LARGE
         if srv.refused is not None:
             srv.refused(head, self.peer, err.status, len(err.payload))
-        if req_id:
-            self.writer.put(encode_response(req_id, err.status, err.reason.encode(),
-                                            _TEXT_PLAIN, err.payload))
+        self._answer(self.conn.send_response(req_id, err.status, err.reason.encode(),
+                                             _TEXT_PLAIN, err.payload))
+
+    def _answer(self, frame: bytes) -> None:
+        """Queue an answer's frame (none for id 0) unless the connection ended."""
+        if frame and not self.closed:
+            self.writer.put(frame)
 
     def _run(self, req_id: int, head, body: bytes) -> None:
         srv = self.server
+        conn = self.conn
+        frame = b""
         try:
             try:
                 ans = srv.handler(head, body, self.peer)
-                status = ans.status
-                ans_body = (b"" if head.method == b"HEAD" or status < 200 or status == 204
-                            or status == 304 else ans.body)
-                frame = encode_response(req_id, status, ans.reason, ans.headers, ans_body)
+                if req_id and not self.closed:
+                    # no body for HEAD, 1xx, 204, 304: the connection knows
+                    frame = conn.send_response(req_id, ans.status, ans.reason, ans.headers,
+                                               ans.body)
             except gevent.GreenletExit:
                 raise
             except Exception as e:
                 srv._log(f"teleport handler failed for {head.method.decode('latin-1')} "
                          f"{head.target.decode('latin-1')}: {e.__class__.__name__}: {e}")
                 a = INTERNAL_ERROR
-                frame = encode_response(req_id, a.status, a.reason, a.headers, a.body)
+                frame = conn.send_response(req_id, a.status, a.reason, a.headers, a.body)
         finally:
             srv._busy -= 1
             self.inflight -= 1
             if not self.inflight and self.draining:
                 self.idle.set()
-        if req_id and not self.closed:
-            self.writer.put(frame)
+        self._answer(frame)
 
     def _write(self, writer: BatchWriter) -> None:
         try:
             writer.run()
-        except (OSError, _Timeout):
+        except (OSError, TimedOut, TeleportError):
+            # TeleportError: the connection's sticky error (the reader failed
+            # and is closing it)
             self._close()
             if self.reading:
-                self.reader.kill(_Closed, block=False)
+                self.reader.kill(Closed, block=False)
 
     def drain(self) -> None:
         if self.draining:

@@ -1,4 +1,4 @@
-"""The teleport protocol, sans-IO: handshake, compression streams, framing.
+"""The teleport protocol, sans-IO: handshake, compression streams, framing, connections.
 
 Theory of operation
 -------------------
@@ -7,14 +7,17 @@ plaintext handshake each way (`handshake`), optionally TLS, one continuous
 compression stream per direction (`codecs`), and inside the decompressed
 stream back-to-back frames ``[uint32 LE request id][one HTTP/1.1 message]``
 (`framing`).  Everything here turns bytes into values and values into bytes;
-the gevent driver (``httptp.teleport.api``) owns sockets, clocks and batching.
+the gevent drivers (``httptp.io.teleport_*``) own sockets, clocks and
+batching; `connection` is what one connection knows, as bytes in and out.
 
 Errors: every failure raises a subclass of `TeleportError`.  None of them is
 reported on the wire (the protocol has no error frame): the driver drops the
 connection and fails every request pending on it.
 
-Nothing in this package imports socket, gevent or time (STYLE.md §7.2), except
-`Client` and `Server`, which are loaded lazily from ``api`` on first access.
+Nothing in this package imports socket, gevent or time (STYLE.md §7.2).  The
+blocking library API (`Client`, `Server`, `Request`, `Response`…) is
+re-exported here for its users but lives in ``httptp.io.teleport_api``; it is
+loaded on first access.
 """
 
 from __future__ import annotations
@@ -50,13 +53,20 @@ class FrameTooLarge(FramingError):
         self.req_id = req_id
 
 
+# The blocking library API, which lives with the gevent drivers
+# (httptp/io/teleport_api.py) and is loaded on first access, so that importing
+# this package (or its sans-IO modules) never imports gevent.
+_LIBRARY = ("Client", "Server", "Request", "Response", "UpstreamError", "GatewayTimeout",
+            "CODECS")
+
 __all__ = ["TeleportError", "HandshakeError", "CodecError", "FramingError", "FrameTooLarge",
-           "Client", "Server"]
+           *_LIBRARY]
 
 
 def __getattr__(name: str):
-    # api imports gevent: load it only when a driver class is asked for.
-    if name in ("Client", "Server"):
-        from httptp.teleport import api
-        return getattr(api, name)
+    # The one way from this package into httptp.io (tests/unit/test_sans_io.py
+    # allows exactly this function): only when a library name is asked for.
+    if name in _LIBRARY:
+        from httptp.io import teleport_api
+        return getattr(teleport_api, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,399 @@
+"""The teleport protocol as a small library for gevent programs.
+
+``Client`` sends HTTP requests over one (or a few) multiplexed teleport
+connections; ``Server`` answers them with a plain function.  Both speak the Go
+``httpteleport`` wire format byte for byte with the flate, none and snappy
+codecs, so either side can be the original (PROTOCOL.md §1, §4).  Nothing here
+needs the rest of httptp: no shared memory, no configuration, no monkey-patching
+(sockets come from ``gevent.socket``).  See docs/library.md.
+
+Users import these names from ``httptp.teleport`` (which loads this module
+lazily, keeping that package sans-IO); this module is where they live, next
+to the drivers they wrap.
+
+Example::
+
+    from httptp.teleport import Client, Server
+
+    def hello(req):
+        return 200, {"Content-Type": "text/plain"}, b"hello " + req.body
+
+    srv = Server(hello, compress="zstd")
+    addr = srv.start("127.0.0.1:0")         # serves in the background
+    c = Client(addr, compress="zstd")
+    r = c.do("POST", "/greet", body=b"you")
+    assert r.status == 200 and r.body == b"hello you"
+    c.close(); srv.stop()
+
+Errors raised by ``Client.do``: ``UpstreamError`` (connection, dial or
+handshake failed, too many pending requests, client closed),
+``GatewayTimeout`` (no answer before the timeout), ``ValueError`` (a request
+the protocol cannot carry: a GET or HEAD with a body).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from http import HTTPStatus
+
+import gevent
+from gevent import socket
+
+from httptp.errors import GatewayTimeout, UpstreamError
+from httptp.io.teleport_client import TeleportClient, least_pending
+from httptp.io.teleport_server import Answer, TeleportServer
+from httptp.netaddr import Address, parse_address
+from httptp.teleport.handshake import BY_NAME, Compress
+
+__all__ = ["Client", "Server", "Request", "Response", "UpstreamError", "GatewayTimeout",
+           "CODECS"]
+
+#: Codec names accepted by ``compress=``; flate, none and snappy are the Go
+#: original's, zstd and brotli only work between httptp peers.
+CODECS = tuple(BY_NAME)
+
+# Framing is the library's job: these headers from a caller or handler are dropped.
+_DROP = frozenset((b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
+                   b"te", b"trailer", b"upgrade", b"proxy-connection"))
+
+
+def _codec(name, allow_auto: bool = False):
+    if isinstance(name, int):
+        return Compress(name)
+    if allow_auto and name == "auto":
+        return "auto"
+    try:
+        return BY_NAME[name]
+    except KeyError:
+        raise ValueError(f"unknown teleport compression {name!r}: want one of "
+                         f"{', '.join(CODECS)}{' or auto' if allow_auto else ''}") from None
+
+
+def _address(addr: str, listen: bool = False) -> Address:
+    if isinstance(addr, Address):
+        return addr
+    if addr.startswith("unix:") or addr.startswith("/"):
+        return parse_address(addr, "unix")
+    return parse_address(addr, "tcp", allow_port0=listen)
+
+
+def _b(x) -> bytes:
+    return x if isinstance(x, bytes) else str(x).encode("latin-1")
+
+
+def _header_list(headers) -> list:
+    """dict / list of pairs, str or bytes → [(bytes, bytes)] without framing headers."""
+    if not headers:
+        return []
+    items = headers.items() if hasattr(headers, "items") else headers
+    out = []
+    for name, value in items:
+        name = _b(name)
+        if name.lower() not in _DROP:
+            out.append((name, _b(value)))
+    return out
+
+
+def _find(headers, name: str):
+    name = name.lower()
+    for k, v in headers:
+        if k.lower() == name:
+            return v
+    return None
+
+
+class Response:
+    """An HTTP response: ``status`` int, ``reason`` str, ``headers`` a list of
+    ``(name, value)`` str pairs in wire order, ``body`` bytes."""
+
+    __slots__ = ("status", "reason", "headers", "body")
+
+    def __init__(self, status: int, reason: str = "", headers=None, body: bytes = b""):
+        self.status = status
+        self.reason = reason
+        self.headers = headers if headers is not None else []
+        self.body = body
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name`` (any case), or None."""
+        return _find(self.headers, name)
+
+    def __repr__(self) -> str:
+        return f"<Response {self.status} {self.reason} {len(self.body)} bytes>"
+
+
+class Request:
+    """What a ``Server`` handler gets: ``method`` and ``path`` (the request
+    target, query included) as str, ``headers`` a list of ``(name, value)`` str
+    pairs, ``body`` bytes, ``peer`` the teleport peer's ``ip:port`` (the
+    connection, not the original client)."""
+
+    __slots__ = ("method", "path", "headers", "body", "peer")
+
+    def __init__(self, method: str, path: str, headers: list, body: bytes, peer: str):
+        self.method = method
+        self.path = path
+        self.headers = headers
+        self.body = body
+        self.peer = peer
+
+    def header(self, name: str) -> str | None:
+        """The first header called ``name`` (any case), or None."""
+        return _find(self.headers, name)
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} from {self.peer}>"
+
+
+def _stderr_log(msg: str) -> None:
+    sys.stderr.write(f"httptp.teleport: {msg}\n")
+    sys.stderr.flush()
+
+
+# --------------------------------------------------------------------------- client
+
+class Client:
+    """Requests over teleport connections to one server address.
+
+    ``addr``: ``"host:port"``, ``"[v6]:port"`` or ``"unix:/path"``.
+    ``compress``: the codec of the requests we send (the server picks its own
+    for responses; every codec is understood).  ``delay``: batch requests for
+    up to this many seconds to compress better (0 sends at once).
+    ``max_pending``: requests in flight before ``do`` fails at once.
+    ``max_header_size``, ``max_body_size``: bytes of one response's header
+    block and body; a response over them fails its request with
+    ``UpstreamError`` (``httptp.errors.ResponseTooLarge``) and the connection
+    is closed and reopened.
+    ``timeout``: default per-request timeout in seconds.  ``conns``: open this
+    many connections and send each request on the least busy one (one
+    connection is one CPU's worth of compression on the server).
+
+    Connections open lazily on the first request and reopen after a failure
+    (after a failed dial or handshake, requests fail fast for 1 s).  Safe to
+    share between greenlets; not thread-safe.
+    """
+
+    def __init__(self, addr: str, *, compress="flate", delay: float = 0.0,
+                 max_pending: int = 1000, timeout: float = 3.0, conns: int = 1,
+                 max_header_size: int = 65536, max_body_size: int = 64 << 20,
+                 read_timeout: float = 120.0, write_timeout: float = 5.0, log=None):
+        if conns < 1:
+            raise ValueError("conns must be at least 1")
+        self.address = _address(addr)
+        self.timeout = timeout
+        self._host = (str(self.address) if self.address.kind == "tcp" else "localhost").encode()
+        codec = _codec(compress)
+        self._clients = [
+            TeleportClient(self.address, compress=codec, delay=delay, max_pending=max_pending,
+                           max_header_size=max_header_size, max_body_size=max_body_size,
+                           read_timeout=read_timeout,
+                           write_timeout=write_timeout, dial_timeout=min(3.0, timeout), log=log)
+            for _ in range(conns)
+        ]
+
+    def do(self, method="GET", path="/", headers=None, body=b"", host=None,
+           timeout: float | None = None) -> Response:
+        """Send one request and return its response.
+
+        ``headers``: a dict or a list of pairs (str or bytes); Content-Length,
+        Transfer-Encoding and the other hop-by-hop headers are dropped (the
+        protocol frames the body itself).  ``host``: the Host header; default
+        a Host from ``headers``, else ``addr``.  ``timeout``: seconds, default
+        the client's.  Raises ``UpstreamError``, ``GatewayTimeout`` or
+        ``ValueError`` (see the module docstring).
+        """
+        hdrs = _header_list(headers)
+        if host is not None:
+            hdrs = [h for h in hdrs if h[0].lower() != b"host"]
+            hdrs.insert(0, (b"Host", _b(host)))
+        elif not any(h[0].lower() == b"host" for h in hdrs):
+            hdrs.insert(0, (b"Host", self._host))
+        if isinstance(body, str):
+            body = body.encode()
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+        clients = self._clients
+        c = least_pending(clients)
+        resp = c.request(_b(method).upper(), _b(path), hdrs, body, deadline)
+        h = resp.head
+        return Response(h.status, h.reason.decode("latin-1"),
+                        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in h.headers],
+                        resp.body)
+
+    def get(self, path="/", **kw) -> Response:
+        return self.do("GET", path, **kw)
+
+    def post(self, path="/", body=b"", **kw) -> Response:
+        return self.do("POST", path, body=body, **kw)
+
+    @property
+    def pending(self) -> int:
+        """Requests sent or queued and not answered yet, over all connections."""
+        return sum(c.pending for c in self._clients)
+
+    def close(self) -> None:
+        """Close the connections; requests still waiting fail with UpstreamError."""
+        for c in self._clients:
+            c.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+# --------------------------------------------------------------------------- server
+
+class Server:
+    """Answers teleport requests with ``handler(request)``.
+
+    ``handler`` gets a ``Request`` and returns ``(status, headers, body)``
+    (headers a dict or list of pairs, body bytes or str) or any object with
+    ``status``, ``headers``, ``body`` and optionally ``reason`` (a
+    ``Response`` works).  It runs in a greenlet of its own per request, so it
+    may block cooperatively; an exception becomes a 500 and one log line.
+    Content-Length is always computed; a HEAD answer's body is dropped.
+
+    ``compress``: the codec of our responses, or ``"auto"`` to answer each
+    client in the codec it writes with.  ``delay``: batch responses for up to
+    this many seconds.  ``max_header_size``, ``max_body_size``: bytes of one
+    request's header block and body; a request whose Content-Length is over
+    ``max_body_size`` is answered 413 without calling the handler (its body is
+    skipped), anything else over a limit closes the connection.  Either is
+    logged once per peer a minute.  ``concurrency``: handlers running at once, over all
+    connections; beyond it requests are answered 429 without calling the
+    handler.  ``log``: a callable taking one line (default: stderr).
+    """
+
+    def __init__(self, handler, *, compress="flate", delay: float = 0.0,
+                 concurrency: int = 10000, max_header_size: int = 65536,
+                 max_body_size: int = 64 << 20, read_timeout: float = 120.0,
+                 write_timeout: float = 5.0, log=_stderr_log):
+        self.handler = handler
+        self._ts = TeleportServer(self._answer, compress=_codec(compress, allow_auto=True),
+                                  delay=delay, concurrency=concurrency,
+                                  max_header_size=max_header_size,
+                                  max_body_size=max_body_size, read_timeout=read_timeout,
+                                  write_timeout=write_timeout, log=log)
+        self.log = log
+        self.address: str | None = None
+        self._listener = None
+        self._conns: set = set()
+        self._accepting = None
+        self._stopping = False
+
+    @property
+    def busy(self) -> int:
+        """Handlers running now."""
+        return self._ts.busy
+
+    def _answer(self, head, body: bytes, peer: str) -> Answer:
+        req = Request(head.method.decode("latin-1"), head.target.decode("latin-1"),
+                      [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers],
+                      body, peer)
+        out = self.handler(req)
+        if isinstance(out, tuple):
+            status, headers, rbody = out
+            reason = None
+        else:
+            status, headers, rbody = out.status, out.headers, out.body
+            reason = getattr(out, "reason", None)
+        status = int(status)
+        if not reason:
+            try:
+                reason = HTTPStatus(status).phrase
+            except ValueError:
+                reason = "Unknown"
+        if isinstance(rbody, str):
+            rbody = rbody.encode()
+        return Answer(status, _b(reason), _header_list(headers), rbody or b"")
+
+    # -- listening -------------------------------------------------------------
+
+    def _listen(self, addr: str):
+        a = _address(addr, listen=True)
+        if a.kind == "unix":
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            sock = socket.socket(socket.AF_INET6 if a.is_ipv6 else socket.AF_INET,
+                                 socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(a.sockaddr())
+            sock.listen(1024)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def serve(self, addr: str) -> None:
+        """Listen on ``addr`` (``host:port``, ``:port`` or ``unix:/path``) and
+        serve until ``stop``."""
+        self.serve_socket(self._listen(addr))
+
+    def serve_socket(self, listener) -> None:
+        """Serve connections accepted on ``listener`` (a listening
+        ``gevent.socket`` socket) until ``stop`` closes it."""
+        self._listener = listener
+        self.address = _name(listener)
+        is_tcp = listener.family in (socket.AF_INET, socket.AF_INET6)
+        backoff = 0.0
+        while not self._stopping:
+            try:
+                sock, addr = listener.accept()
+            except OSError as e:
+                if self._stopping:
+                    return
+                self.log(f"accept failed: {e}")
+                backoff = min(1.0, backoff * 2 or 0.005)
+                gevent.sleep(backoff)
+                continue
+            backoff = 0.0
+            if is_tcp:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                peer = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
+            else:
+                peer = "unix"
+            g = gevent.spawn(self._ts.handle, sock, peer)
+            self._conns.add(g)
+            g.link(self._conns.discard)
+
+    def start(self, addr: str = "127.0.0.1:0") -> str:
+        """Listen on ``addr`` and serve in a background greenlet; return the
+        bound address (``host:port`` with the real port, or the path)."""
+        listener = self._listener = self._listen(addr)
+        self.address = _name(listener)
+        self._accepting = gevent.spawn(self.serve_socket, listener)
+        return self.address
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop accepting, let running handlers finish and their answers go out
+        (up to ``timeout`` seconds), then close every connection."""
+        self._stopping = True
+        if self._listener is not None:
+            try:
+                self._listener.close()
+            except OSError:
+                pass
+        self._ts.drain()
+        if self._conns:
+            gevent.joinall(list(self._conns), timeout=timeout)
+        if self._conns:
+            gevent.killall(list(self._conns), block=True, timeout=1)
+        if self._accepting is not None:
+            self._accepting.join(1)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def _name(listener) -> str:
+    name = listener.getsockname()
+    if isinstance(name, tuple):
+        host, port = name[0], name[1]
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return "unix:" + (name.decode() if isinstance(name, bytes) else name)
