@@ -117,12 +117,14 @@ class ClientConn:
         self._idle_timer = Timer(cfg.in_idle_timeout)
         self.out_timer = self.ctx.proxy.exchange_timer()
         self._head_timer.arm(self._header_timeout)
+        # a client that reads none of its answer for -inIdleTimeout is cut
+        self.transport.write_timeout = cfg.in_idle_timeout
         self.transport.start()
 
     @property
     def idle(self) -> bool:
         """Between requests, nothing of the next one read: safe to close (drain)."""
-        return (self.cur is None and not self._events and not self._head_timer.armed
+        return (self.cur is None and not self._events and not self._partial
                 and self._tunnel is None)
 
     def close(self, orderly: bool = True) -> None:

@@ -174,7 +174,8 @@ class Proxy:
                             max_body_size=cfg.out_max_body_size, max_conns=per_worker,
                             idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
                             tls_context=self._plain_context(),
-                            server_hostname=self._server_name(addr))
+                            server_hostname=self._server_name(addr),
+                            write_timeout=cfg.out_timeout)
 
     def _plain_context(self):
         """The client context as a stdlib one (wrap_bio: the transport does the IO)."""
@@ -419,6 +420,10 @@ class Exchange:
             return
         if self.chunked:
             data = writer.chunk(data)
+        if not self.head_sent:
+            # the body moving counts as progress (nginx's proxy_send_timeout):
+            # a long upload is bounded per step, not as a whole
+            self.timer.arm(self._timed_out)
         conn = self.conn
         if conn is not None:
             conn.write(data)
@@ -628,6 +633,8 @@ class Exchange:
         """The upstream switched protocols (101): bytes flow both ways now."""
         self._done(head, 0)
         self.head_sent = True
+        if self.conn is not None:      # a tunnel waits on people: the idle timeout, both ways
+            self.conn.transport.write_timeout = self.proxy.config.in_idle_timeout
         self.down.response_upgraded(head, rest, self)
 
     def tunnel_send(self, data: bytes) -> None:
