@@ -168,12 +168,8 @@ class ClientConn:
             return
         if self._idle_timer.armed:
             self._idle_timer.disarm()
-            if self.cur is None:
-                self._head_timer.arm(self._header_timeout)   # a new request began
-        elif self.cur is None and not self._events and not self._head_timer.armed:
-            self._head_timer.arm(self._header_timeout)
         if self.cur is None:
-            self._partial = True
+            self._partial = True            # a request begins (or goes on)
         try:
             events = self.parser.feed(data)
         except ProtocolError as e:
@@ -182,7 +178,15 @@ class ClientConn:
         if events:
             self._events.extend(events)
             self._pump()
-        if self.cur is not None and not self._body_done and not self.gone:
+        if self.gone:
+            return
+        if self.cur is None:
+            # a head still incomplete: -inHeaderTimeout runs from its first
+            # byte (armed here, after the feed, so that a request that came
+            # whole, nearly every one, never arms it)
+            if self._partial and not self._head_timer.armed:
+                self._head_timer.arm(self._header_timeout)
+        elif not self._body_done:
             self._idle_timer.arm(self._body_timeout)     # the body's next read
 
     def eof_received(self) -> None:
