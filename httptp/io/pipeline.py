@@ -40,7 +40,11 @@ keep-alive race), and to another upstream when one failed without answering.
 
 ``-outTimeout`` bounds the wait for the response head, then each wait for
 response body bytes (nginx's proxy_read_timeout); it does not run while the
-client is the slow side (its writes back up).
+client is the slow side (its writes back up).  While a request body streams
+up it runs only while we wait on the upstream (for a connection, or for it to
+take the body: its write buffer is full and does not drain), as nginx's
+proxy_send_timeout; not while we wait on the client for more body (its
+``-inIdleTimeout`` does), so a long upload that keeps moving is not cut.
 
 Teleport out (``-outType=teleport``): frames are whole messages, so the
 request body is collected first (bounded by -inMaxBodySize) and the
@@ -310,7 +314,7 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs")
+                 "tunnel_eofs", "up_mark")
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
                  client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
@@ -348,6 +352,8 @@ class Exchange:
         self.upstream_name = ""
         self.upstream_time = 0.0
         self.tunnel_eofs = 0
+        self.up_mark = -1           # what the upstream had not taken when -outTimeout was
+                                    # armed (-1: not measured, to save a syscall per request)
 
     # -- the request ----------------------------------------------------------------------
 
@@ -409,6 +415,10 @@ class Exchange:
             conn.transport.pause_reading()
         if self.up_paused and conn.transport.write_buffer_size <= HIGH_WATER:
             self.upstream_paused(False)     # what waited for the connection is sent
+        elif self.up_paused:
+            self.up_mark = conn.transport.unsent()     # still full: -outTimeout runs
+        elif not self.body_done:
+            self.timer.disarm()             # the upstream waits for the client's body now
 
     def conn_failed(self, err: UpstreamError) -> None:
         self.dialing = None
@@ -442,16 +452,33 @@ class Exchange:
                 self.conn.write(writer.LAST_CHUNK)
             else:
                 self.pending.append(writer.LAST_CHUNK)
+        if not self.head_sent and self.conn is not None:
+            self._wait_upstream()       # the whole request is given: for the head now
 
     def upstream_paused(self, paused: bool) -> None:
         """The upstream's (or our pending) buffer is full, or drained again."""
         if paused == self.up_paused:
             return
         self.up_paused = paused
+        conn = self.conn
+        if conn is not None and not self.head_sent and not self.finished:
+            # the request body waits on the upstream (-outTimeout runs) or, once
+            # it drained, on the client again (it does not: see the module doc)
+            if paused:
+                self._wait_upstream()
+            elif not self.body_done:
+                self.timer.disarm()
         if paused:
             self.down.pause_reading()
         else:
             self.down.resume_reading()
+
+    def _wait_upstream(self) -> None:
+        """Arm -outTimeout for a wait on the upstream to take the rest of the
+        request and answer, noting what it has not taken yet (``_timed_out``
+        waits on while that shrinks)."""
+        self.up_mark = self.conn.transport.unsent()
+        self.timer.arm(self._timed_out)
 
     # -- the response -------------------------------------------------------------------------
 
@@ -577,6 +604,15 @@ class Exchange:
     def _timed_out(self) -> None:
         if self.finished:
             return
+        conn = self.conn
+        if conn is not None and not self.head_sent and (self.up_paused or self.body_done):
+            # a slow upstream that still takes the body: not stuck (the kernel's
+            # buffer counts: the socket turns writable only once a third is free)
+            left = conn.transport.unsent()
+            if left and (self.up_mark < 0 or left < self.up_mark):
+                self.up_mark = left
+                self.timer.arm(self._timed_out)
+                return
         up = self.upstream
         waited = self.waiting_for
         if waited is not None:

@@ -40,7 +40,10 @@ from __future__ import annotations
 
 import socket as _socket
 import ssl
+import struct
 from collections import deque
+from fcntl import ioctl
+from termios import TIOCOUTQ
 
 from gevent import get_hub
 
@@ -230,6 +233,18 @@ class Transport:
     @property
     def write_buffer_size(self) -> int:
         return self._queued
+
+    def unsent(self) -> int:
+        """What the peer has not taken yet: our queue and the kernel's send
+        queue (SIOCOUTQ), to tell a slow peer from a stuck one (a syscall:
+        not for every write)."""
+        n = self._queued
+        if self.sock is not None and not self._closed:
+            try:
+                n += struct.unpack("i", ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return n
 
     half_close = True            # write_eof keeps the other way open
 
