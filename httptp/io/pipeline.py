@@ -430,10 +430,6 @@ class Exchange:
             return
         if self.chunked:
             data = writer.chunk(data)
-        if not self.head_sent:
-            # the body moving counts as progress (nginx's proxy_send_timeout):
-            # a long upload is bounded per step, not as a whole
-            self.timer.arm(self._timed_out)
         conn = self.conn
         if conn is not None:
             conn.write(data)
