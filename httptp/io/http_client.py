@@ -409,7 +409,9 @@ class HTTPUpstream:
         self._max = max_conns
         self._waiting: deque = deque()
         self._idle_timeout = idle_timeout
-        self.write_timeout = write_timeout      # an upstream that takes none of a body
+        # an upstream that takes none of what is queued: None, the exchange's
+        # -outTimeout bounds that wait (a tunnel sets its own)
+        self.write_timeout = write_timeout
         self.q = stats.q
         self.base = stats.block_base(block)
         self._sockaddr = None

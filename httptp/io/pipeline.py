@@ -178,8 +178,7 @@ class Proxy:
                             max_body_size=cfg.out_max_body_size, max_conns=per_worker,
                             idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
                             tls_context=self._plain_context(),
-                            server_hostname=self._server_name(addr),
-                            write_timeout=cfg.out_timeout)
+                            server_hostname=self._server_name(addr))
 
     def _plain_context(self):
         """The client context as a stdlib one (wrap_bio: the transport does the IO)."""
