@@ -180,7 +180,7 @@ class Upstream:
     request (it reads the body with ``request.read_body()``) with the bytes
     to send, or None to close the connection."""
 
-    def __init__(self, rcvbuf: int | None = None):
+    def __init__(self, rcvbuf: int | None = None, ssl_context=None):
         lsock = socket.socket()
         lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if rcvbuf:
@@ -188,6 +188,7 @@ class Upstream:
         lsock.bind(("127.0.0.1", 0))
         lsock.listen(128)
         lsock.setblocking(False)
+        self.ssl_context = ssl_context
         self.server = StreamServer(lsock, self._handle)
         self.server.start()
         self.addr = f"127.0.0.1:{self.server.server_port}"
@@ -197,6 +198,12 @@ class Upstream:
 
     def _handle(self, sock, addr) -> None:
         self.conns += 1
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(sock, server_side=True)
+            except (OSError, ValueError):        # a handshake the test meant to fail
+                sock.close()
+                return
         r = Reader(sock)
         try:
             while True:
@@ -227,7 +234,7 @@ class Rig:
     """A fake worker: what Listener and ClientConn read of workers/worker.py's
     Worker, with a real stats block and a real Proxy."""
 
-    def __init__(self, out: str, parser: str, *args: str):
+    def __init__(self, out: str, parser: str, *args: str, tls=None):
         self.config = load_config(["-outType=http", f"-out={out}", f"-httpParser={parser}",
                                    "-logAllErrors=true", *args], {})
         self.stats = Stats.create(2, 8)
@@ -241,7 +248,7 @@ class Rig:
         self.access_log = AccessLog()
         self.get_only = self.config.in_get_only
         self.proxy = Proxy(self.config, self.stats, self.block, ids, self.parser_module,
-                           self.log, access_log=self.access_log)
+                           self.log, tls=tls, access_log=self.access_log)
         self.draining = False
         self.clients = set()
         self.closed = []
@@ -954,3 +961,59 @@ def test_websocket_upgrade_becomes_a_tunnel(make_rig, upstream):
     assert client.closed()
     wait_until(lambda: conn.gone)
     wait_until(lambda: rig.count(S.OUT_CONNS) == 0)
+
+
+# -- https out -------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ca():
+    trustme = pytest.importorskip("trustme")
+    return trustme.CA()
+
+
+def https_upstream(ca):
+    from gevent import ssl as gssl
+    ctx = gssl.SSLContext(gssl.PROTOCOL_TLS_SERVER)
+    ca.issue_cert("localhost").configure_cert(ctx)
+    return Upstream(ssl_context=ctx)
+
+
+def client_tls(ca, trusted: bool = True):
+    from types import SimpleNamespace
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if trusted:
+        ca.configure_trust(ctx)
+    return SimpleNamespace(client=ctx, server_name="localhost")
+
+
+def test_https_upstream(parser, ca):
+    up = https_upstream(ca)
+    rig = Rig(up.addr, parser, tls=client_tls(ca))
+    try:
+        conn, client = rig.connect()
+        client.send(get(b"/1"))
+        assert client.response().body == b"GET /1 0"
+        client.send(get(b"/2"))
+        assert client.response().body == b"GET /2 0"
+        assert up.conns == 1                      # the TLS connection was pooled
+        body = os.urandom(4 * T.HIGH_WATER)
+        up.app = lambda req, sock: response(body)
+        client.send(get(b"/big"))
+        assert client.response().body == body
+    finally:
+        rig.close()
+        up.stop()
+
+
+def test_https_upstream_handshake_failure_is_a_502(parser, ca):
+    up = https_upstream(ca)
+    rig = Rig(up.addr, parser, tls=client_tls(ca, trusted=False))
+    try:
+        conn, client = rig.connect()
+        client.send(get(b"/"))
+        assert client.response().status == 502
+        assert any("TLS handshake" in line for line in rig.logs), rig.logs
+    finally:
+        rig.close()
+        up.stop()
