@@ -494,6 +494,10 @@ class HTTPUpstream:
         if keep and not conn.transport.closed and not conn.tunnel:
             conn.exchange = None
             conn.idle_since = time.monotonic()
+            # the response may have ended while the client's writes backed up
+            # (its reading paused): an idle connection is watched for close,
+            # and the next request on it must be read
+            conn.transport.resume_reading()
             self._idle.append(conn)
         else:
             self._close(conn, orderly=keep or orderly)

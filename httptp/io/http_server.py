@@ -322,6 +322,10 @@ class ClientConn:
         self._chunked = False
         self._close_after = not self._keep
         ex.start(body, done)
+        if self.cur is ex and self.transport.write_paused:
+            # the client is still behind on an earlier response: this one
+            # waits too (the transport's resume_writing resumes it)
+            ex.pause_response()
         if not done and self.cur is ex and not self.gone:
             self._idle_timer.arm(self._body_timeout)
 

@@ -556,8 +556,8 @@ class Exchange:
         self.down_paused = False
         if self.conn is not None:
             self.conn.transport.resume_reading()
-            if not self.finished and not self.upgrade:
-                self.timer.arm(self._timed_out)
+        if not self.finished and not self.upgrade:
+            self.timer.arm(self._timed_out)     # also while it still waits for a connection
 
     # -- failures ---------------------------------------------------------------------------------
 

@@ -246,6 +246,11 @@ class Transport:
                 pass
         return n
 
+    @property
+    def write_paused(self) -> bool:
+        """pause_writing was called and resume_writing is still to come."""
+        return self._paused
+
     half_close = True            # write_eof keeps the other way open
 
     def detach(self):
