@@ -49,10 +49,10 @@ from httptp.errors import (ClientClosed, MethodNotAllowed, ProtocolError, ProxyE
                            RequestTimeout)
 from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
+from httptp.http.rules import status_has_body
 from httptp.io.transport import HIGH_WATER
 
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
-_NO_LENGTH_STATUS = frozenset((204, 304))
 _UPGRADE_HEADERS = [(b"Connection", b"upgrade")]
 _MAX_QUEUED = 64                # parser events read ahead of the request in flight
 
@@ -407,7 +407,7 @@ class ClientConn:
         if self._head.method == b"HEAD":
             framing = (None if rh.content_length is None
                        else b"Content-Length: %d\r\n" % rh.content_length)
-        elif status < 200 or status in _NO_LENGTH_STATUS:
+        elif not status_has_body(status):
             framing = None
         elif rh.content_length is not None:
             framing = b"Content-Length: %d\r\n" % rh.content_length

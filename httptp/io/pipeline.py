@@ -68,6 +68,7 @@ from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, R
 from httptp.http import policy, writer
 from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
+from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_server import Answer
 from httptp.io.timers import Deadline, Timer
@@ -495,8 +496,7 @@ class Exchange:
             self._limit_whole(None)
             return
         if (head.content_length is not None and head.content_length > self.proxy.max_body
-                and self.method != b"HEAD" and head.status >= 200
-                and head.status not in (204, 304)):
+                and status_has_body(head.status, self.method)):
             self._limit_whole(head.content_length)
             return
         self._done(head, len(body) if self.method != b"HEAD" else 0)
@@ -512,8 +512,7 @@ class Exchange:
     def response_head(self, head: ResponseHead) -> None:
         announced = head.content_length
         if (announced is not None and announced > self.proxy.max_body
-                and self.method != b"HEAD" and head.status >= 200
-                and head.status not in (204, 304)):
+                and status_has_body(head.status, self.method)):
             self._limit(announced)
             return
         self.resp_head = head
