@@ -687,7 +687,8 @@ class TeleportClient:
         call._later(err)
         return call
 
-    def cancel(self, call: _Call) -> None:
+    @staticmethod
+    def cancel(call: _Call) -> None:
         """Stop waiting for ``call`` (its callback will not run)."""
         if call.done:
             return
