@@ -455,3 +455,130 @@ def test_idle_link_ends_quietly_after_the_read_timeout(server):
         assert tc.request(b"GET", b"/x", H, b"", time.monotonic() + 2).body == b"/x"
     finally:
         tc.close()
+
+
+# --------------------------------------------------------------------------- the pipeline's exchange
+
+class Down:
+    """A downstream (the client connection's side of an exchange) that records
+    its answer and where it ran."""
+
+    def __init__(self):
+        self.event = gevent.event.Event()
+        self.result = None
+        self.in_hub = None
+        self.gone = False
+
+    def _got(self, result):
+        self.in_hub = gevent.getcurrent() is gevent.get_hub()
+        self.result = result
+        self.event.set()
+
+    def response_whole(self, head, body, exchange):
+        self._got((head.status, body))
+
+    def response_error(self, err, head_sent):
+        assert not head_sent
+        self._got(err)
+
+    def pause_reading(self):
+        pass
+
+    resume_reading = pause_reading
+
+    def wait(self, timeout=5.0):
+        assert self.event.wait(timeout), "no answer"
+        return self.result
+
+
+def _proxy(outs, timeout="2s"):
+    from httptp.config import load_config
+    from httptp.io.pipeline import Proxy
+    cfg = load_config(["-outType=teleport", "-out=" + ",".join(outs),
+                       f"-outTimeout={timeout}", "-outCompress=none", "-workers=1"], {})
+    stats = Stats.create(1, 4)
+    return Proxy(cfg, stats, 0, list(range(len(outs))), None, _Sink()), stats
+
+
+def _head(method=b"GET", target=b"/x", length=None):
+    from httptp.http.events import RequestHead
+    return RequestHead(method, target, b"1.1", [(b"Host", b"h")], True, length, False)
+
+
+def _exchange(proxy, head, body=b"", timer=None):
+    from httptp.io.timers import Timer
+    down = Down()
+    timer = timer or Timer(proxy.timeout)
+    ex = proxy.begin(head, None, down, timer, body_done=True)
+    ex.start([body] if body else [], True)
+    return ex, down
+
+
+def test_exchange_answers_from_the_callback_in_the_hub(peers):
+    peer = peers()
+    proxy, stats = _proxy([peer.addr])
+    try:
+        ex, down = _exchange(proxy, _head())
+        assert down.wait() == (200, b"/x") and down.in_hub
+        assert ex.finished and ex.upstream_name == peer.addr
+        assert stats.q[stats.block_base(0) + S.IN_REQUEST_SUCCESS] == 1
+        # teleport in -> teleport out: Proxy.proxy from a greenlet, a Collector downstream
+        r = gevent.spawn(proxy.proxy, _head(b"POST", b"/p", 3), b"abc", None).get(timeout=5)
+        assert (r.head.status, r.body, r.upstream) == (200, b"/p", peer.addr)
+    finally:
+        proxy.close()
+
+
+def test_exchange_timeout_is_504_and_the_late_answer_is_dropped(peers):
+    peer = peers(slow_first)
+    proxy, stats = _proxy([peer.addr], timeout="50ms")
+    try:
+        ex, down = _exchange(proxy, _head(target=b"/slow"))
+        err = down.wait()
+        assert err.status == 504 and down.in_hub
+        assert proxy.upstreams[0].pending == 0
+        assert stats.q[stats.block_base(0) + S.IN_REQUEST_TIMEOUT_ERROR] == 1
+        gevent.sleep(0.3)             # the late answer arrives on the same link
+        _, down = _exchange(proxy, _head(target=b"/next"))
+        assert down.wait() == (200, b"/next") and peer.conns == 1
+    finally:
+        proxy.close()
+
+
+def test_idempotent_request_goes_once_more_to_the_other_upstream(peers):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    dead = "127.0.0.1:%d" % probe.getsockname()[1]
+    probe.close()                     # nothing listens there
+    peer = peers()
+    proxy, stats = _proxy([dead, peer.addr])
+    real = proxy.balancer.pick
+    proxy.balancer.pick = lambda tried=(): real(tried or {1})    # the dead one first
+    q, b = stats.q, stats.block_base(0)
+    try:
+        ex, down = _exchange(proxy, _head())
+        assert down.wait() == (200, b"/x")
+        assert ex.upstream_name == peer.addr and q[b + S.OUT_DIAL_ERROR] == 1
+        _, down = _exchange(proxy, _head(b"POST", b"/p", 1), b"b")    # not idempotent
+        err = down.wait()
+        assert err.status == 502 and "cannot connect" in str(err) and err.upstream == dead
+        assert q[b + S.OUT_DIAL_ERROR] == 1                   # the sticky error, no new dial
+    finally:
+        proxy.close()
+
+
+def test_client_gone_cancels_the_request_on_its_link(peers):
+    peer = peers(slow_first)
+    proxy, _ = _proxy([peer.addr])
+    try:
+        ex, down = _exchange(proxy, _head(target=b"/slow"))
+        deadline = time.monotonic() + 2
+        while not peer.ids and time.monotonic() < deadline:
+            gevent.sleep(0.005)
+        assert proxy.upstreams[0].pending == 1
+        ex.abort()
+        assert proxy.upstreams[0].pending == 0 and ex.lease is None
+        gevent.sleep(0.3)
+        assert down.result is None
+    finally:
+        proxy.close()
