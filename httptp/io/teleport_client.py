@@ -287,9 +287,15 @@ class _Link:
         # teleports: TLS over the same socket, from here on (PROTOCOL §2)
         self.state = _TLS
         sock = self.transport.detach()
-        self.transport = TLSTransport(sock, self, client._q, client._base, OUT,
-                                      client.tls_context, server_side=False,
-                                      server_hostname=client.server_hostname)
+        try:
+            self.transport = TLSTransport(sock, self, client._q, client._base, OUT,
+                                          client.tls_context, server_side=False,
+                                          server_hostname=client.server_hostname)
+        except (ValueError, OSError) as e:     # e.g. no name to check the certificate against
+            self.transport = None
+            self.sock = sock
+            self.handshake_done(e)
+            return
         self.transport.start()
 
     def handshake_done(self, error) -> None:
