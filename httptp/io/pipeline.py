@@ -47,8 +47,9 @@ proxy_send_timeout; not while we wait on the client for more body (its
 ``-inIdleTimeout`` does), so a long upload that keeps moving is not cut.
 
 Teleport out (``-outType=teleport``): frames are whole messages, so the
-request body is collected first (bounded by -inMaxBodySize) and the
-exchange runs in a greenlet on the blocking teleport client.  Teleport in:
+request body is collected first (bounded by -inMaxBodySize), then
+``TeleportExchange`` sends it with the teleport client's ``request_async``
+and answers from its callback, in the hub as well.  Teleport in:
 ``Proxy.answer`` runs an exchange to completion from the teleport server's
 handler greenlet and returns the whole answer (bounded by -outMaxBodySize).
 """
@@ -58,7 +59,6 @@ from __future__ import annotations
 import math
 import time
 
-import gevent
 from gevent.hub import Waiter
 
 from httptp import stats as S
@@ -71,7 +71,7 @@ from httptp.http.host import upstream_target
 from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_server import Answer
-from httptp.io.timers import Deadline, Timer
+from httptp.io.timers import Timer
 from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
 
@@ -83,10 +83,6 @@ _NO_BODY_OVER_TELEPORT = frozenset((b"GET", b"HEAD"))
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 _MAX_REPLAY = 1 << 20           # the largest request kept to be sent again
 _MAX_SPARE_TIMERS = 1024
-
-
-class _UpstreamTimeout(Exception):
-    """Raised in a teleport exchange's greenlet by its Deadline: -outTimeout passed."""
 
 
 def _teleport_refuses(head, no_host: bool, has_body: bool) -> str | None:
@@ -159,7 +155,6 @@ class Proxy:
         self.log_errors = config.log_all_errors
         self.max_body = config.out_max_body_size
         self._spare_timers: list[Timer] = []   # for teleport-in answers
-        self.spare_deadlines: list[Deadline] = []   # for teleport-out exchanges
 
     def _upstream(self, addr, per_worker: int, stats, block: int, parser_module):
         cfg = self.config
@@ -302,8 +297,6 @@ class Proxy:
             u.close()
         while self._spare_timers:
             self._spare_timers.pop().close()
-        while self.spare_deadlines:
-            self.spare_deadlines.pop().close()
 
 
 class Exchange:
@@ -696,11 +689,16 @@ class Exchange:
 
 class TeleportExchange:
     """An exchange over a teleport link: the whole body first, then one frame
-    each way, on the blocking teleport client in a greenlet."""
+    each way, driven by the teleport client's callback (no greenlet).
+
+    The -outTimeout timer (the downstream's) runs from the moment the body
+    is complete; when it fires the request is cancelled on its link (a late
+    answer is read and dropped) and answered 504.  An idempotent request that
+    failed before any answer goes once more to another upstream."""
 
     __slots__ = ("proxy", "down", "head", "target", "headers", "client_ip", "peer", "timer",
-                 "body", "finished", "greenlet", "upstream_name", "upstream_time", "head_sent",
-                 "size")
+                 "body", "finished", "upstream_name", "upstream_time", "head_sent", "size",
+                 "tried", "lease", "upstream", "call", "t0")
 
     def __init__(self, proxy: Proxy, down, head, target, headers, client_ip, peer, timer):
         self.proxy = proxy
@@ -713,11 +711,15 @@ class TeleportExchange:
         self.timer = timer
         self.body = []
         self.finished = False
-        self.greenlet = None
         self.upstream_name = ""
         self.upstream_time = 0.0
-        self.head_sent = False
+        self.head_sent = False          # never: the answer is written whole
         self.size = 0
+        self.tried = None
+        self.lease = None
+        self.upstream = None
+        self.call = None                # the request in flight on its link
+        self.t0 = 0.0
 
     def start(self, body: list, body_done: bool) -> None:
         self.body = body
@@ -725,88 +727,85 @@ class TeleportExchange:
             self._go()
 
     def body_data(self, data: bytes) -> None:
-        self.body.append(data)
+        if self.body is not None:
+            self.body.append(data)
 
     def body_end(self) -> None:
-        self._go()
+        if not self.finished and self.body is not None:
+            self._go()
 
     def _go(self) -> None:
-        body = b"".join(self.body) if len(self.body) != 1 else self.body[0]
-        self.body = None
-        if gevent.getcurrent() is gevent.get_hub():
-            self.greenlet = gevent.spawn(self._run, body)
-        else:
-            self._run(body)
+        body = self.body
+        self.body = b"".join(body) if len(body) != 1 else body[0]
+        self.timer.arm(self._timed_out)
+        self._try()
 
-    def _run(self, body: bytes) -> None:
+    def _try(self) -> None:
+        proxy = self.proxy
+        self.lease = lease = proxy.balancer.pick(self.tried or ())
+        self.upstream = up = proxy.upstreams[lease.index]
+        self.t0 = time.monotonic()
         try:
-            result = self._exchange(body)
-        except gevent.GreenletExit:
-            return
+            self.call = up.request_async(self.head.method, self.target, self.headers,
+                                         self.body, self._answered)
+        except ValueError as e:         # what the codec refuses (begin checks the known cases)
+            self.lease.release(True, 0.0)
+            self.lease = None
+            self._fail(BadRequest(str(e)))
+
+    def _answered(self, result) -> None:
+        """The teleport client's callback: a Response or an UpstreamError."""
+        self.call = None
         if self.finished:
             return
-        self.finished = True
-        if isinstance(result, ProxyError):
-            self.proxy.failed(self, result)
-            self.down.response_error(result, False)
-        else:
-            head = result.head
-            self.upstream_name, self.upstream_time = result.upstream, result.upstream_time
-            self.proxy.succeeded(self, head.status,
-                                 0 if self.head.method == b"HEAD" else len(result.body))
-            self.down.response_whole(head, result.body, self)
-
-    def _exchange(self, body: bytes):
-        """Pick, exchange, release; retry an idempotent request once elsewhere.
-        The Response, or the ProxyError to answer with."""
         proxy = self.proxy
-        method = self.head.method
-        deadline = time.monotonic() + proxy.timeout
-        idempotent = method in IDEMPOTENT
-        tried = set()
-        spare = proxy.spare_deadlines
-        timer = spare.pop() if spare else Deadline(proxy.timeout, _UpstreamTimeout)
-        lease = up = None
-        t0 = time.monotonic()
-        timer.arm()
-        try:
-            while True:
-                lease = proxy.balancer.pick(tried)
-                up = proxy.upstreams[lease.index]
-                t0 = time.monotonic()
-                try:
-                    resp = up.exchange(method, self.target, self.headers, body, deadline,
-                                       idempotent)
-                except UpstreamError as e:
-                    too_large = e.__class__ is ResponseTooLarge
-                    lease.release(too_large, time.monotonic() - t0)
-                    tried.add(lease.index)
-                    lease = None
-                    proxy.upstream_error(up, e)
-                    if (idempotent and e.sent_nothing_back and len(tried) == 1
-                            and not proxy.single):
-                        continue
-                    err = BadGateway(str(e))
-                    err.upstream, err.upstream_time = up.name, time.monotonic() - t0
-                    return err
-                elapsed = time.monotonic() - t0
-                lease.release(True, elapsed)
-                lease = None
-                return Response(resp.head, resp.body, up.name, elapsed)
-        except (_UpstreamTimeout, GatewayTimeout):
-            if proxy.log_errors:
-                proxy.log(f"upstream {up.name}: timed out after {proxy.timeout}s")
-            err = GatewayTimeout()
-            err.upstream, err.upstream_time = up.name, time.monotonic() - t0
-            return err
-        finally:
-            timer.disarm()
-            if lease is not None:
-                lease.release(False, time.monotonic() - t0)
-            if len(spare) < _MAX_SPARE_TIMERS:
-                spare.append(timer)
-            else:
-                timer.close()
+        up = self.upstream
+        elapsed = time.monotonic() - self.t0
+        lease, self.lease = self.lease, None
+        if result.__class__ is Response:
+            lease.release(True, elapsed)
+            self.finished = True
+            self.timer.disarm()
+            head = result.head
+            self.upstream_name, self.upstream_time = up.name, elapsed
+            self.size = 0 if self.head.method == b"HEAD" else len(result.body)
+            proxy.succeeded(self, head.status, self.size)
+            self.down.response_whole(head, result.body, self)
+            return
+        too_large = result.__class__ is ResponseTooLarge
+        lease.release(too_large, elapsed)       # too large: the upstream did answer
+        proxy.upstream_error(up, result)
+        if self.tried is None and result.sent_nothing_back and not proxy.single \
+                and self.head.method in IDEMPOTENT:
+            self.tried = {lease.index}
+            self._try()
+            return
+        err = BadGateway(str(result))
+        err.upstream, err.upstream_time = up.name, elapsed
+        self._fail(err)
+
+    def _timed_out(self) -> None:
+        if self.finished:
+            return
+        up = self.upstream
+        if self.call is not None:
+            up.cancel(self.call)
+            self.call = None
+        elapsed = time.monotonic() - self.t0
+        if self.lease is not None:
+            self.lease.release(False, elapsed)
+            self.lease = None
+        if self.proxy.log_errors:
+            self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
+        err = GatewayTimeout()
+        err.upstream, err.upstream_time = up.name, elapsed
+        self._fail(err)
+
+    def _fail(self, err: ProxyError) -> None:
+        self.finished = True
+        self.timer.disarm()
+        self.proxy.failed(self, err)
+        self.down.response_error(err, False)
 
     def pause_response(self) -> None:
         pass
@@ -814,10 +813,23 @@ class TeleportExchange:
     resume_response = pause_response
 
     def abort(self, log: bool = True) -> None:
-        if not self.finished:
-            self.finished = True
-            if self.greenlet is not None:
-                self.greenlet.kill(block=False)
+        """The client went away (``log``: as 499 in the access log): forget
+        the request on its link (its answer, if it comes, is dropped)."""
+        if self.finished:
+            return
+        self.finished = True
+        self.timer.disarm()
+        self.body = None
+        up = self.upstream
+        if self.call is not None:
+            up.cancel(self.call)
+            self.call = None
+        if self.lease is not None:
+            self.lease.release(True, time.monotonic() - self.t0)
+            self.lease = None
+            if log and self.proxy.access_log is not None:
+                self.proxy.access_log.log(self.client_ip or self.peer, self.head, 499, 0,
+                                          up.name, time.monotonic() - self.t0)
 
 
 class Collector:

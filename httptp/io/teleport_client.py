@@ -1,74 +1,95 @@
-"""One multiplexed teleport connection to one address (PROTOCOL.md §1.5–§1.7).
+"""One multiplexed teleport connection to one address (PROTOCOL.md §1.5–§1.7), on the loop.
 
 Theory of operation
 -------------------
-A ``TeleportClient`` owns at most one live ``_Link`` (TCP connection) at a
-time.  What the protocol knows about a link lives in its sans-IO
+A ``TeleportClient`` owns at most one live ``_Link`` (connection) at a time.
+What the protocol knows about a link lives in its sans-IO
 ``httptp.teleport.connection.ClientConnection`` (ids 1, 2, 3, … wrapping
 from 0xFFFFFFFF to 1, never 0; the pending map; the codecs; the frame
-reader and its limits); the link adds the socket, the greenlets and the
-waiting callers.  ``request`` takes an id and a frame from the connection,
-puts a ``_Call`` in the link's id map and write queue, and waits on its own
-slot until the deadline.  The link is opened lazily by the first request:
+reader and its limits); the link is the *protocol* of a
+``httptp.io.transport`` Transport (TLSTransport for teleports) and adds the
+dial, the handshake, batching and the callers' callbacks.  Everything runs
+in loop callbacks: no greenlet per link or per request (a host name is
+resolved in a short greenlet, as ``http_client`` does).
 
-* the **writer greenlet** dials, does the 15-byte handshake (one 3 s deadline
-  for both directions), starts the reader, then loops over the queue
-  putting frames into the connection's batch and flushing it compressed
-  (``httptp.io.common.BatchWriter``, PROTOCOL §1.6);
-* the **reader greenlet** receives and hands the bytes to the connection,
-  which decompresses and frames responses; each one resolves the waiter with
-  its id; an unknown id (a request that timed out) is read completely and
-  thrown away.
+``request_async(method, target, headers, body, callback)`` takes an id and a
+frame from the connection, queues a ``_Call`` on the link (opened lazily by
+the first request) and returns it; ``callback(Response | UpstreamError)``
+runs once, in the hub, unless ``cancel(call)`` came first (the caller's
+-outTimeout: the connection ``forget``s the id, and an answer that still
+comes is read and thrown away).  ``request`` is the blocking form on top of
+it, for greenlets (the library ``Client.do``).
+
+A link's life:
+
+* **dial**: a non-blocking connect within ``dial_timeout``, then the 15-byte
+  handshake both ways and, for teleports, the TLS handshake over the same
+  socket (a TLSTransport replaces the plain one), all within
+  ``HANDSHAKE_TIMEOUT``.  Requests queue meanwhile.
+* **batching** (PROTOCOL §1.6): a queued request is framed only when its
+  batch is flushed, so one that is cancelled while it waits is never sent.
+  With ``delay`` 0 the flush runs once per loop turn (``run_callback``): the
+  requests of one turn share a write.  With ``delay`` > 0 the first request
+  of a batch arms a ``Timer`` (later ones never push it back).  Either way,
+  once ``BATCH_BYTES`` of frames are queued they leave at once (Go's full
+  buffer).  While the transport's buffer is over its high-water mark
+  (``pause_writing``) nothing is flushed; a buffer that makes no progress
+  for ``write_timeout`` ends the link.
+* **reading**: the bytes go to the connection, which decompresses them in
+  slices (``codecs.MAX_SLICE``); after ``YIELD_SLICES`` slices in one
+  callback reading pauses and the rest runs in a later loop turn, so a
+  peer's bomb never holds more than one slice nor the loop for long.  Each
+  response resolves its call; one to a forgotten id is dropped.  No byte for
+  ``read_timeout`` ends the link (quietly when nothing is pending).
 
 A response over ``max_header_size`` or ``max_body_size`` (-outMaxHeaderSize,
 -outMaxBodySize) ends the link like any framing error (the stream cannot be
 trusted to stay in sync); its own call fails with ``ResponseTooLarge`` (502),
-and the refusal is counted in ``outResponseTooLarge``.  Decompression is read
-in slices, and the reader yields to other greenlets every ``YIELD_SLICES``
-slices, so a peer's bomb never holds more than one slice nor the hub for long.
+and the refusal is counted in ``outResponseTooLarge``.
 
-Any IO, codec or framing error ends the link: the socket is closed and every
-call still in the id map fails with ``UpstreamError`` (``sent_nothing_back``
-true only for calls whose bytes never reached the socket).  That is logged
+Any IO, codec or framing error ends the link: the transport is closed and
+every call still pending fails with ``UpstreamError`` (``sent_nothing_back``
+true only for calls whose bytes never went to the socket).  That is logged
 once per link.  The next request opens a new link, except that after a failed
 dial or handshake requests fail fast with the remembered error for 1 s (the
-original's "sticky" error).
+original's "sticky" error).  A refusal at submission (closed, sticky, too
+many pending) reaches the callback in a later loop turn, never from inside
+``request_async``.
 
-Sockets come from ``gevent.socket`` explicitly (no monkey-patching).  The
-socket's own timeout is the read timeout (idle connections end after it);
-each write runs under a ``Deadline`` of ``write_timeout`` (one timer per
-writer, re-armed per write).
-
-Per request the hot path allocates only the frame and a ``_Call`` with a
-gevent ``Waiter``: the reader stores the answer on the call and wakes the
-waiter with one hub callback, and the pipeline's own -outTimeout timer bounds
-the wait (``interrupted_at_deadline``), so no timer is created per request.
+Per request the hot path allocates the frame, a ``_Call`` and the
+``Response``; the timers are the link's, re-armed.
 """
 
 from __future__ import annotations
 
-import socket as _stdsocket
+import errno
+import ipaddress
+import os
+import socket as _socket
 import time
 from collections import deque
 
 import gevent
-from gevent import get_hub, socket
+from gevent import get_hub, getcurrent
 from gevent.hub import Waiter
 
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.http.events import Response
-from httptp.io.common import (RECV_SIZE, YIELD_SLICES, BatchWriter, Closed, TimedOut,
-                              counters, error_text, read_exactly)
-from httptp.io.sockio import close_tls
+from httptp.io.common import BATCH_BYTES, YIELD_SLICES, counters, error_text
+from httptp.io.timers import Timer
+from httptp.io.transport import OUT, TLSTransport, Transport
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import FrameTooLarge, TeleportError
 from httptp.teleport.connection import ClientConnection
-from httptp.teleport.handshake import Compress, HEADER_SIZE
+from httptp.teleport.handshake import HEADER_SIZE, Compress
 from httptp.tls import error_text as _tls_text
 
 HANDSHAKE_TIMEOUT = 3.0     # one deadline for the whole handshake, both directions (§1.2)
 STICKY_FOR = 1.0            # after a failed dial/handshake, fail fast this long
+
+# link states
+_DIALING, _HELLO, _TLS, _OPEN, _DEAD = range(5)
 
 
 def least_pending(clients: list) -> "TeleportClient":
@@ -80,299 +101,496 @@ def _pending(client) -> int:
     return client.pending
 
 
-# --------------------------------------------------------------------------- client
-
 class _Call:
-    """One request on a link.  Its outcome (``value`` or ``error``) is stored
-    here; ``waiter`` only wakes the requesting greenlet.  A gevent ``Waiter``
-    plus a hub callback is what ``AsyncResult`` does underneath, without its
-    link list and notifier per request."""
+    """One request: its frame until it is sent, and whom to tell."""
 
-    __slots__ = ("id", "frame", "deadline", "waiter", "done", "value", "error", "sent",
-                 "cancelled")
+    __slots__ = ("id", "frame", "callback", "link", "sent", "done")
 
-    def __init__(self, req_id: int, frame: bytes, deadline: float, hub):
+    def __init__(self, req_id: int, frame: bytes | None, callback, link):
         self.id = req_id
-        self.frame = frame          # None once the writer put it into a batch
-        self.deadline = deadline
-        self.waiter = Waiter(hub)
-        self.done = False           # value or error is set
-        self.value = None
-        self.error = None
-        self.sent = False
-        self.cancelled = False
-
-    def resolve(self, value) -> None:
-        """Give the call its answer (from any greenlet but the hub)."""
-        if not self.done:
-            self.done = True
-            self.value = value
-            w = self.waiter
-            w.hub.loop.run_callback(w.switch, None)
-
-    def reject(self, error: BaseException) -> None:
-        """Fail the call with ``error`` (from any greenlet but the hub)."""
-        if not self.done:
-            self.done = True
-            self.error = error
-            w = self.waiter
-            w.hub.loop.run_callback(w.switch, None)
-
-
-class _LinkWriter(BatchWriter):
-    __slots__ = ("link", "batch")
-
-    def __init__(self, link, sock, conn, **kw):
-        super().__init__(sock, conn, **kw)
+        self.frame = frame          # None once it went into a batch (or was cancelled)
+        self.callback = callback
         self.link = link
-        self.batch: list = []
+        self.sent = False           # its bytes went to the socket
+        self.done = False           # answered, failed or cancelled
 
-    def frame(self, call: _Call):
-        if call.cancelled:
-            return None
-        if call.deadline <= time.monotonic():
-            # Expired while queued: never sent (PROTOCOL §1.7).
-            link = self.link
-            link.calls.pop(call.id, None)
-            link.conn.forget(call.id, sent=False)
-            call.cancelled = True
-            call.reject(GatewayTimeout("teleport: timed out before it was sent"))
-            return None
-        data = call.frame
-        call.frame = None
-        self.batch.append(call)
-        return data
+    def _later(self, result) -> None:
+        """Deliver ``result`` in a later loop turn, in the hub (unless
+        cancelled by then)."""
+        self.link = None
+        get_hub().loop.run_callback(self._deliver, result)
 
-    def size(self, call: _Call) -> int:
-        frame = call.frame
-        return len(frame) if frame is not None else 0
-
-    def flushing(self) -> None:
-        for call in self.batch:
-            call.sent = True
-        self.batch.clear()
+    def _deliver(self, result) -> None:
+        cb = self.callback
+        if cb is not None and not self.done:
+            self.done = True
+            self.callback = None
+            cb(result)
 
 
 class _Link:
-    """One TCP connection, its sans-IO ``ClientConnection`` and its two greenlets."""
+    """One connection: the protocol of its transport (see the module doc)."""
+
+    __slots__ = ("client", "conn", "calls", "queue", "queued", "state", "transport", "sock",
+                 "error", "connected", "loop", "hub", "_dial_watcher", "_dial_timer", "_hello",
+                 "_flush_scheduled", "_batch_timer", "_read_timer", "_write_timer", "_paused",
+                 "_draining", "_eof", "_wt_mark", "_wt_added", "_plain_seen")
 
     def __init__(self, client: TeleportClient):
         self.client = client
-        # ids, the pending map, codecs and frame limits live in ``conn``; a
-        # wrapped id still pending ends the link, as in Go (PROTOCOL §1.5)
+        # a wrapped id still pending ends the link, as in Go (PROTOCOL §1.5)
         self.conn = ClientConnection(client.compress, max_header_size=client.max_header_size,
                                      max_body_size=client.max_body_size,
                                      first_id=client._first_id, skip_pending_ids=False)
-        self.calls: dict[int, _Call] = {}   # the waiters of conn.pending
+        self.calls: dict[int, _Call] = {}   # every call pending: queued or sent
+        self.queue: deque = deque()         # calls not framed into a batch yet
+        self.queued = 0                     # their frame bytes
+        self.state = _DIALING
+        self.transport = None
         self.sock = None
-        self.writer: _LinkWriter | None = None
-        self.queue: deque = deque()
-        self.dead = False
-        self.connected = False
         self.error: str | None = None
+        self.connected = False              # counted in outConns
         self.hub = get_hub()
-        self._reader_g = None
-        self._writer_g = gevent.spawn(self._run_writer)
+        self.loop = self.hub.loop
+        self._dial_watcher = None
+        self._dial_timer = None
+        self._hello = b""
+        self._flush_scheduled = False
+        self._batch_timer = Timer(client.delay) if client.delay > 0 else None
+        self._read_timer = None
+        self._write_timer = None
+        self._paused = False                # the transport's buffer is over its high-water mark
+        self._draining = False              # decompression continues in a later turn
+        self._eof = False                   # the peer closed while we were draining
+        self._wt_mark = 0
+        self._wt_added = 0
+        self._plain_seen = 0
+        self._dial()
 
-    # -- queueing ------------------------------------------------------------
-    def put(self, call: _Call) -> None:
-        self.calls[call.id] = call
-        w = self.writer
-        if w is not None:
-            w.put(call)
-        else:
-            self.queue.append(call)      # the writer adopts this deque once connected
+    # -- the dial -------------------------------------------------------------------------------
 
-    # -- greenlets -----------------------------------------------------------
-    def _run_writer(self) -> None:
+    def _dial(self) -> None:
         client = self.client
-        try:
-            self._connect()
-        except Exception as e:
-            if isinstance(e, TeleportError):
-                client._q[client._base + S.OUT_TELEPORT_ERRORS] += 1
-            client._remember_failure(e)
-            self.fail(error_text(e), sticky=True)
+        self._dial_timer = timer = self.loop.timer(client.dial_timeout)
+        timer.start(self._connect_failed, "timed out")
+        addr = client.address
+        if addr.kind == "unix":
+            self._connect(_socket.AF_UNIX, addr.sockaddr())
             return
-        w = _LinkWriter(self, self.sock, self.conn, delay=client.delay,
-                        write_timeout=client.write_timeout, q=client._q, base=client._base,
-                        in_calls=False)
-        w.queue = self.queue
-        self.writer = w
-        self._reader_g = gevent.spawn(self._run_reader)
         try:
-            w.run()
-        except Exception as e:
-            self.fail(error_text(e))
+            ip = ipaddress.ip_address(addr.host)
+        except ValueError:
+            gevent.spawn(self._resolve_and_connect, addr)    # a name: resolved off the hub
+            return
+        self._connect(_socket.AF_INET6 if ip.version == 6 else _socket.AF_INET,
+                      (addr.host, addr.port))
 
-    def _dial(self):
+    def _resolve_and_connect(self, addr: Address) -> None:
+        from gevent import socket as gsocket
+        try:
+            infos = gsocket.getaddrinfo(addr.host, addr.port, 0, _socket.SOCK_STREAM)
+        except OSError as e:
+            self._connect_failed(error_text(e))
+            return
+        if self.state == _DIALING:
+            family, _, _, _, sockaddr = infos[0]
+            self._connect(family, sockaddr)
+
+    def _connect(self, family, sockaddr) -> None:
+        try:
+            sock = self.sock = _socket.socket(family, _socket.SOCK_STREAM)
+            sock.setblocking(False)
+            if family != _socket.AF_UNIX:
+                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+            err = sock.connect_ex(sockaddr)
+        except OSError as e:
+            self._connect_failed(error_text(e))
+            return
+        if err == 0:
+            self._connected()
+        elif err in (errno.EINPROGRESS, errno.EAGAIN):
+            self._dial_watcher = w = self.loop.io(sock.fileno(), 2)
+            w.start(self._writable)
+        else:
+            self._connect_failed(os.strerror(err))
+
+    def _writable(self) -> None:
+        self._stop_dial_watcher()
+        if self.state != _DIALING:
+            return
+        err = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
+        if err:
+            self._connect_failed(os.strerror(err))
+        else:
+            self._connected()
+
+    def _stop_dial_watcher(self) -> None:
+        w = self._dial_watcher
+        if w is not None:
+            self._dial_watcher = None
+            w.stop()
+            w.close()
+
+    def _stop_dial_timer(self) -> None:
+        t = self._dial_timer
+        if t is not None:
+            self._dial_timer = None
+            t.stop()
+            t.close()
+
+    def _connect_failed(self, text: str) -> None:
+        if self.state != _DIALING:
+            return
+        client = self.client
+        client._q[client._base + S.OUT_DIAL_ERROR] += 1
+        self._setup_failed(f"cannot connect: {text}")
+
+    def _connected(self) -> None:
+        """Connected: send our handshake, wait for the peer's (one deadline)."""
         client = self.client
         q, b = client._q, client._base
-        addr = client.address
-        try:
-            if addr.kind == "unix":
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                sock.settimeout(client.dial_timeout)
-                try:
-                    sock.connect(addr.sockaddr())
-                except BaseException:
-                    sock.close()
-                    raise
-            else:
-                sock = socket.create_connection((addr.host, addr.port), timeout=client.dial_timeout)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError as e:
-            q[b + S.OUT_DIAL_ERROR] += 1
-            raise UpstreamError(f"cannot connect: {error_text(e)}") from None
         q[b + S.OUT_DIAL_SUCCESS] += 1
         q[b + S.OUT_CONNS] += 1
-        return sock
-
-    def _connect(self) -> None:
-        """Dial, then the handshake (and TLS) under one HANDSHAKE_TIMEOUT."""
-        client = self.client
-        q, b = client._q, client._base
-        sock = self.sock = self._dial()
         self.connected = True
-        if self.dead:                # closed while dialing
-            raise Closed("client closed")
-        sock.settimeout(None)
-        tls_context = client.tls_context
-        timer = gevent.Timeout(HANDSHAKE_TIMEOUT, TimedOut("handshake timed out"))
-        timer.start()
-        try:
-            try:
-                sock.sendall(self.conn.handshake(tls_context is not None))
-            except OSError:
-                q[b + S.OUT_WRITE_ERROR] += 1
-                raise
-            q[b + S.OUT_WRITE_CALLS] += 1
-            q[b + S.OUT_BYTES_WRITTEN] += HEADER_SIZE
-            try:
-                data = read_exactly(sock, HEADER_SIZE)
-            except OSError:
-                q[b + S.OUT_READ_ERROR] += 1
-                raise
-            q[b + S.OUT_READ_CALLS] += 1
-            q[b + S.OUT_BYTES_READ] += HEADER_SIZE
-            _, tls = self.conn.receive_handshake(data)
-            if tls_context is not None:
-                if not tls:
-                    raise TeleportError("the server refused TLS")
-                try:
-                    sock = tls_context.wrap_socket(sock, server_hostname=client.server_hostname)
-                except OSError as e:
-                    q[b + S.OUT_DIAL_ERROR] += 1
-                    raise UpstreamError(f"TLS handshake failed: {_tls_text(e)}") from None
-                self.sock = sock
-            elif tls:
-                raise TeleportError("the server requires TLS (use -outType=teleports)")
-        except OSError as e:
-            raise UpstreamError(f"handshake failed: {error_text(e)}") from None
-        finally:
-            timer.close()
-        sock.settimeout(client.read_timeout)
+        self._stop_dial_timer()
+        self._dial_timer = timer = self.loop.timer(HANDSHAKE_TIMEOUT)
+        timer.start(self._setup_failed, "handshake timed out")
+        self.state = _HELLO
+        t = self.transport = Transport(self.sock, self, q, b, OUT)
+        self.sock = None
+        t.start()
+        t.write(self.conn.handshake(client.tls_context is not None))
 
-    def _run_reader(self) -> None:
+    def _got_hello(self, data: bytes) -> None:
+        hello = self._hello + data
+        if len(hello) < HEADER_SIZE:
+            self._hello = hello
+            return
+        self._hello = b""
+        client = self.client
+        try:
+            _, tls = self.conn.receive_handshake(hello[:HEADER_SIZE])
+            if client.tls_context is not None and not tls:
+                raise TeleportError("the server refused TLS")
+            if client.tls_context is None and tls:
+                raise TeleportError("the server requires TLS (use -outType=teleports)")
+        except TeleportError as e:
+            client._q[client._base + S.OUT_TELEPORT_ERRORS] += 1
+            self._setup_failed(error_text(e))
+            return
+        if client.tls_context is None:
+            self._open()
+            rest = hello[HEADER_SIZE:]
+            if rest and self.state == _OPEN:
+                self.data_received(rest)
+            return
+        # teleports: TLS over the same socket, from here on (PROTOCOL §2)
+        self.state = _TLS
+        sock = self.transport.detach()
+        try:
+            self.transport = TLSTransport(sock, self, client._q, client._base, OUT,
+                                          client.tls_context, server_side=False,
+                                          server_hostname=client.server_hostname)
+        except (ValueError, OSError) as e:     # e.g. no name to check the certificate against
+            self.transport = None
+            self.sock = sock
+            self.handshake_done(e)
+            return
+        self.transport.start()
+
+    def handshake_done(self, error) -> None:
+        """The TLS handshake ended (TLSTransport)."""
+        if self.state != _TLS:
+            return
+        if error is not None:
+            client = self.client
+            client._q[client._base + S.OUT_DIAL_ERROR] += 1
+            self._setup_failed(f"TLS handshake failed: {_tls_text(error)}")
+            return
+        self._open()
+
+    def _setup_failed(self, text: str) -> None:
+        """The dial or a handshake failed: fail fast for a while (sticky)."""
+        if self.state >= _OPEN:
+            return
+        self.client._remember_failure(text)
+        self.fail(text, sticky=True)
+
+    def _open(self) -> None:
+        client = self.client
+        self.state = _OPEN
+        self._stop_dial_timer()
+        self._read_timer = Timer(client.read_timeout)
+        self._read_timer.arm(self._read_timed_out)
+        self._write_timer = Timer(client.write_timeout)
+        if self.queue:
+            self._flush()
+
+    # -- requests --------------------------------------------------------------------------------
+
+    def put(self, call: _Call) -> None:
+        self.calls[call.id] = call
+        self.queue.append(call)
+        self.queued += len(call.frame)
+        if self.state != _OPEN or self._paused:
+            return                              # flushed once open, or resumed
+        if self.queued >= BATCH_BYTES:
+            self._flush()                       # a full buffer leaves at once
+        elif self._batch_timer is not None:
+            if not self._batch_timer.armed:     # the first of a batch: never pushed back
+                self._batch_timer.arm(self._flush)
+        elif not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.run_callback(self._flush)
+
+    def cancel(self, call: _Call) -> None:
+        """The caller gave up on ``call``: forget its id (it may still be answered)."""
+        if self.calls.pop(call.id, None) is None:
+            return
+        frame = call.frame
+        if frame is not None:                   # never sent: it never will be
+            call.frame = None
+            self.queued -= len(frame)
+            self.conn.forget(call.id, sent=False)
+        else:
+            self.conn.forget(call.id, sent=True)
+
+    def _flush(self) -> None:
+        """Frame what is queued into batches and send them, compressed."""
+        self._flush_scheduled = False
+        if self._batch_timer is not None:
+            self._batch_timer.disarm()
+        if self.state != _OPEN or self._paused:
+            return
+        queue, conn = self.queue, self.conn
+        batch = []
+        try:
+            while queue:
+                call = queue.popleft()
+                frame = call.frame
+                if frame is None:               # cancelled while queued
+                    continue
+                call.frame = None
+                self.queued -= len(frame)
+                batch.append(call)
+                if conn.write(frame) >= BATCH_BYTES:
+                    self._send(batch)
+                    batch = []
+                    if self._paused or self.state != _OPEN:
+                        return
+            if batch:
+                self._send(batch)
+        except TeleportError as e:
+            self._teleport_error(e)
+
+    def _send(self, batch: list) -> None:
+        conn = self.conn
+        plain = conn.buffered
+        data = conn.flush()
+        for call in batch:
+            call.sent = True
         client = self.client
         q, b = client._q, client._base
-        calls = self.calls
-        try:
-            self._read()
-        except Closed as e:
-            self.fail(str(e), quiet=not calls)
-        except FrameTooLarge as e:
-            q[b + S.OUT_RESPONSE_TOO_LARGE] += 1
-            text = f"response {e} ({client.limit_names[e.what]})"
-            call = calls.pop(e.req_id, None) if e.req_id is not None else None
-            if call is not None:
-                call.reject(ResponseTooLarge(text))
-            # the refused call carries the news (the pipeline logs it,
-            # rate-limited); the TLS session is sound: close it in order
-            self.fail(text, quiet=True, orderly=True)
-        except Exception as e:
-            if isinstance(e, TeleportError):
-                q[b + S.OUT_TELEPORT_ERRORS] += 1
-            self.fail(error_text(e))
+        q[b + S.TELEPORT_SENT_PLAIN] += plain
+        q[b + S.TELEPORT_SENT_COMPRESSED] += len(data)
+        t = self.transport
+        before = t.write_buffer_size
+        t.write(data)
+        added = t.write_buffer_size - before
+        if added > 0:
+            timer = self._write_timer
+            if timer.armed:
+                self._wt_added += added
+            else:
+                self._wt_mark, self._wt_added = t.write_buffer_size, 0
+                timer.arm(self._write_check)
 
-    def _read(self) -> None:
-        """recv → ``conn`` → resolve each answered call, until the link ends."""
-        q, b = self.client._q, self.client._base
-        sock, conn, calls = self.sock, self.conn, self.calls
-        feed, next_frames = conn.feed, conn.next_frames
-        plain_seen = conn.plain_received
-        while True:
-            try:
-                data = sock.recv(RECV_SIZE)
-            except (_stdsocket.timeout, TimeoutError):
-                if not calls:
-                    self.fail("idle for longer than the read timeout", quiet=True)
-                    return
-                q[b + S.OUT_READ_ERROR] += 1
-                raise
-            except OSError:
-                q[b + S.OUT_READ_ERROR] += 1
-                raise
-            q[b + S.OUT_READ_CALLS] += 1
-            if not data:
-                raise Closed("connection closed by the server")
-            q[b + S.OUT_BYTES_READ] += len(data)
-            q[b + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
-            feed(data)
-            slices = 0
+    def _write_check(self) -> None:
+        """``write_timeout`` passed with bytes queued: fail unless some went out."""
+        t = self.transport
+        if self.state != _OPEN:
+            return
+        size = t.write_buffer_size
+        if not size:
+            return
+        if size < self._wt_mark + self._wt_added:
+            self._wt_mark, self._wt_added = size, 0
+            self._write_timer.arm(self._write_check)
+            return
+        client = self.client
+        client._q[client._base + S.OUT_WRITE_ERROR] += 1
+        self.fail("write timed out")
+
+    # -- transport callbacks ---------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        state = self.state
+        if state != _OPEN:
+            if state == _HELLO:
+                self._got_hello(data)
+            return
+        client = self.client
+        client._q[client._base + S.TELEPORT_RECEIVED_COMPRESSED] += len(data)
+        self._read_timer.arm(self._read_timed_out)
+        try:
+            self.conn.feed(data)
+        except TeleportError as e:
+            self._teleport_error(e)
+            return
+        if not self._draining:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Decompress and hand out responses, ``YIELD_SLICES`` slices per turn."""
+        if self.state != _OPEN:
+            return
+        conn, calls = self.conn, self.calls
+        next_frames = conn.next_frames
+        slices = 0
+        try:
             while (frames := next_frames()) is not None:
-                plain = conn.plain_received
-                q[b + S.TELEPORT_RECEIVED_PLAIN] += plain - plain_seen
-                plain_seen = plain
                 for req_id, head, body in frames:      # only answers to pending calls
                     call = calls.pop(req_id, None)
                     if call is not None:
-                        call.resolve(Response(head, body))
+                        call.done = True
+                        cb = call.callback
+                        call.callback = None
+                        cb(Response(head, body))
+                if self.state != _OPEN:
+                    return
                 slices += 1
                 if slices == YIELD_SLICES:
-                    slices = 0
-                    gevent.sleep(0)
+                    self._count_plain()
+                    if not self._draining:
+                        self._draining = True
+                        self.transport.pause_reading()
+                    self.loop.run_callback(self._drain)
+                    return
+        except FrameTooLarge as e:
+            self._count_plain()
+            self._too_large(e)
+            return
+        except TeleportError as e:
+            self._teleport_error(e)
+            return
+        self._count_plain()
+        if self._draining:
+            self._draining = False
+            self.transport.resume_reading()
+        if self._eof:
+            self.eof_received()
 
-    # -- the end -------------------------------------------------------------
+    def _count_plain(self) -> None:
+        plain = self.conn.plain_received
+        client = self.client
+        client._q[client._base + S.TELEPORT_RECEIVED_PLAIN] += plain - self._plain_seen
+        self._plain_seen = plain
+
+    def eof_received(self) -> None:
+        if self.state < _OPEN:
+            self._setup_failed("connection closed during the handshake")
+            return
+        if self._draining:
+            self._eof = True                    # what came before it goes out first
+            return
+        self.fail("connection closed by the server", quiet=not self.calls)
+
+    def connection_lost(self, text: str) -> None:
+        if self.state < _OPEN:
+            self._setup_failed(text)
+        else:
+            self.fail(text)
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self.queue and self.state == _OPEN and not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.run_callback(self._flush)
+
+    def _read_timed_out(self) -> None:
+        if self.state != _OPEN:
+            return
+        if not self.calls:
+            self.fail("idle for longer than the read timeout", quiet=True)
+            return
+        client = self.client
+        client._q[client._base + S.OUT_READ_ERROR] += 1
+        self.fail("timed out")
+
+    # -- errors ---------------------------------------------------------------------------------
+
+    def _teleport_error(self, e: TeleportError) -> None:
+        client = self.client
+        client._q[client._base + S.OUT_TELEPORT_ERRORS] += 1
+        self.fail(error_text(e))
+
+    def _too_large(self, e: FrameTooLarge) -> None:
+        client = self.client
+        client._q[client._base + S.OUT_RESPONSE_TOO_LARGE] += 1
+        text = f"response {e} ({client.limit_names[e.what]})"
+        call = self.calls.pop(e.req_id, None) if e.req_id is not None else None
+        if call is not None and not call.done:
+            call.done = True
+            cb = call.callback
+            call.callback = None
+            cb(ResponseTooLarge(text))
+        # the refused call carries the news (the pipeline logs it, rate-limited);
+        # the TLS session is sound: close it in order
+        self.fail(text, quiet=True, orderly=True)
+
     def fail(self, text: str, *, sticky: bool = False, quiet: bool = False,
              orderly: bool | None = None) -> None:
-        """Close the connection; fail every call still waiting on it.
+        """Close the connection; fail every call still pending on it.
 
         ``quiet``: not logged (idle, closed by us, by the server with nothing
         pending, or a refusal that its own call reports).  ``orderly`` (by
         default ``quiet``): the TLS session is sound, so our close_notify goes
         first."""
-        if self.dead:
+        if self.state == _DEAD:
             return
-        self.dead = True
+        self.state = _DEAD
         self.error = text
         client = self.client
         if client._link is self:
             client._link = None
             client._first_id = self.conn.next_id    # ids carry on over the next link
-        cur = gevent.getcurrent()
-        for g in (self._reader_g, self._writer_g):
-            if g is not None and g is not cur:
-                g.kill(block=False)
-        if self.sock is not None:
+        self._stop_dial_watcher()
+        self._stop_dial_timer()
+        for timer in (self._batch_timer, self._read_timer, self._write_timer):
+            if timer is not None:
+                timer.close()
+        t = self.transport
+        if t is not None:
             if quiet if orderly is None else orderly:
-                close_tls(self.sock)
+                t.close()
             else:
-                try:
-                    self.sock.close()
-                except OSError:
-                    pass
+                t.abort()
+        elif self.sock is not None:
+            self.sock.close()
+            self.sock = None
         if self.connected:
             self.connected = False
             client._q[client._base + S.OUT_CONNS] -= 1
         calls = list(self.calls.values())
         self.calls.clear()
+        self.queue.clear()
+        self.queued = 0
         msg = f"teleport connection to {client.name} failed: {text}"
         if calls and not quiet or sticky:
             if client.log is not None:
                 client.log(msg)
+        in_hub = getcurrent() is self.hub
         for call in calls:
-            call.reject(UpstreamError(msg, sent_nothing_back=not call.sent))
+            if call.done:
+                continue
+            err = UpstreamError(msg, sent_nothing_back=not call.sent)
+            if in_hub:
+                call._deliver(err)
+            else:
+                call._later(err)
 
 
 class TeleportClient:
@@ -399,10 +617,7 @@ class TeleportClient:
         self.write_timeout = write_timeout
         self.dial_timeout = dial_timeout
         self.log = log
-        if tls_context is not None:
-            from httptp.tls import cooperative
-            tls_context = cooperative(tls_context)   # gevent SSLSockets from a stdlib context
-        self.tls_context = tls_context
+        self.tls_context = tls_context      # a stdlib context: the transport does the IO
         # SNI and the name the certificate is checked against (teleports, PROTOCOL §2)
         self.server_hostname = server_hostname or (
             self.address.host if self.address.kind == "tcp" else None)
@@ -431,34 +646,34 @@ class TeleportClient:
         if self._link is not None:
             self._link.conn.next_id = value
 
-    def _remember_failure(self, e: BaseException) -> None:
-        self._sticky = f"teleport connection to {self.name} failed: {error_text(e)}"
+    def _remember_failure(self, text: str) -> None:
+        self._sticky = f"teleport connection to {self.name} failed: {text}"
         self._sticky_until = time.monotonic() + STICKY_FOR
 
-    def request(self, method: bytes, target: bytes, headers: list, body: bytes,
-                deadline: float, *, interrupted_at_deadline: bool = False) -> Response:
-        """Send one request and wait for its response until ``deadline``
-        (``time.monotonic()`` seconds).  Raises ``UpstreamError`` (connection
-        failed, too many pending requests, client closed), ``GatewayTimeout``
-        (deadline passed) or ``ValueError`` (a request the codec refuses: a
-        GET/HEAD with a body, no Host).
+    # -- the async API (the pipeline's) --------------------------------------------------------
 
-        ``interrupted_at_deadline``: the caller has a timer of its own that
-        raises in this greenlet at ``deadline`` (the pipeline's -outTimeout
-        ``Deadline``), so no timer is started here; its exception propagates
-        and the request is forgotten as on a timeout."""
+    def request_async(self, method: bytes, target: bytes, headers: list, body: bytes,
+                      callback) -> _Call:
+        """Send one request; ``callback(Response | UpstreamError)`` runs once,
+        in the hub, unless ``cancel`` is called first.  Returns the call
+        (for ``cancel``).  Raises ``ValueError`` at once for a request the
+        codec refuses (a GET/HEAD with a body, no Host); every other failure
+        goes to the callback, never from inside this call."""
         if self._closed:
-            raise UpstreamError(f"teleport client for {self.name} is closed")
+            return self._refuse(UpstreamError(f"teleport client for {self.name} is closed"),
+                                callback)
         if self._sticky is not None:
             if time.monotonic() < self._sticky_until:
-                raise UpstreamError(self._sticky)
+                return self._refuse(UpstreamError(self._sticky), callback)
             self._sticky = None
         link = self._link
         if link is None:
-            link = self._link = _Link(self)
-        calls = link.calls
-        if len(calls) >= self.max_pending:
-            raise UpstreamError("teleport: too many pending requests")
+            link = _Link(self)
+            if link.state == _DEAD:             # failed at once (a unix path that is not there)
+                return self._refuse(UpstreamError(self._sticky or link.error), callback)
+            self._link = link
+        if len(link.calls) >= self.max_pending:
+            return self._refuse(UpstreamError("teleport: too many pending requests"), callback)
         try:
             req_id, frame = link.conn.send_request(method, target, headers, body)
         except TeleportError as e:
@@ -466,32 +681,65 @@ class TeleportClient:
             # waiting (4G requests ago); the original drops the connection
             # (PROTOCOL §1.5).  Any other: the link failed already.
             link.fail(str(e))
-            raise UpstreamError(f"teleport connection to {self.name} failed: "
-                                f"{link.error}") from None
-        call = _Call(req_id, frame, deadline, link.hub)
+            return self._refuse(UpstreamError(f"teleport connection to {self.name} failed: "
+                                              f"{link.error}"), callback)
+        call = _Call(req_id, frame, callback, link)
         link.put(call)
+        return call
+
+    @staticmethod
+    def _refuse(err: UpstreamError, callback) -> _Call:
+        call = _Call(0, None, callback, None)
+        call._later(err)
+        return call
+
+    @staticmethod
+    def cancel(call: _Call) -> None:
+        """Stop waiting for ``call`` (its callback will not run)."""
+        if call.done:
+            return
+        call.done = True
+        call.callback = None
+        link = call.link
+        if link is not None and link.state != _DEAD:
+            link.cancel(call)
+
+    # -- the blocking API (greenlets) -----------------------------------------------------------
+
+    def request(self, method: bytes, target: bytes, headers: list, body: bytes,
+                deadline: float, *, interrupted_at_deadline: bool = False) -> Response:
+        """Send one request and wait for its response until ``deadline``
+        (``time.monotonic()`` seconds), from a greenlet.  Raises
+        ``UpstreamError`` (connection failed, too many pending requests,
+        client closed), ``GatewayTimeout`` (deadline passed) or ``ValueError``
+        (a request the codec refuses: a GET/HEAD with a body, no Host).
+
+        ``interrupted_at_deadline``: the caller has a timer of its own that
+        raises in this greenlet at ``deadline``, so no timer is started here;
+        its exception propagates and the request is forgotten as on a
+        timeout."""
+        hub = get_hub()
+        waiter = Waiter(hub)
+        call = self.request_async(method, target, headers, body, waiter.switch)
         timer = None
+        result = _TIMED_OUT
         try:
             left = deadline - time.monotonic()
             if left > 0:
                 if not interrupted_at_deadline:
-                    timer = link.hub.loop.timer(left)
-                    timer.start(call.waiter.switch, None)
-                call.waiter.get()
+                    timer = hub.loop.timer(left)
+                    timer.start(waiter.switch, _TIMED_OUT)
+                result = waiter.get()
         finally:
             if timer is not None:
                 timer.close()
             if not call.done:
-                call.cancelled = True
-                if calls.pop(req_id, None) is not None:
-                    # an answer may still come if the frame is in the stream
-                    # (a HEAD's must then still be read without a body)
-                    link.conn.forget(req_id, sent=call.frame is None)
-        if not call.done:
+                self.cancel(call)
+        if result is _TIMED_OUT:
             raise GatewayTimeout("teleport: timed out")
-        if call.error is not None:
-            raise call.error
-        return call.value
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
     def close(self) -> None:
         """Close the connection; waiting requests fail with UpstreamError."""
@@ -499,3 +747,6 @@ class TeleportClient:
         link = self._link
         if link is not None:
             link.fail("client closed", quiet=True)
+
+
+_TIMED_OUT = object()

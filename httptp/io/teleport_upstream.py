@@ -5,9 +5,11 @@ Go original appended the same client N times and so still opened one).  The
 balancer picks the address, by its health and load; inside the address the
 connection with the fewest pending requests takes the request.
 
-``exchange`` is called by ``Proxy._exchange`` with its -outTimeout
-``Deadline`` armed for the same ``deadline``, which interrupts the waiting
-greenlet: the teleport client starts no timer of its own per request.
+``request_async`` is what ``pipeline.TeleportExchange`` calls, from the hub
+or a greenlet: ``callback(Response | UpstreamError)`` runs later, in the hub.
+The exchange's -outTimeout timer ends the wait with ``cancel``: the teleport
+client starts no timer of its own per request.  ``exchange`` is the blocking
+form (``httptp.upstream.Upstream``), for greenlets.
 """
 
 from __future__ import annotations
@@ -30,15 +32,31 @@ class TeleportUpstream:
                            server_hostname=server_hostname, limit_names=_LIMIT_NAMES)
             for _ in range(conns)
         ]
+        self._single = self.clients[0] if conns == 1 else None
+
+    def request_async(self, method: bytes, target: bytes, headers: list, body: bytes,
+                      callback):
+        """Send one request on the least busy connection; returns the call
+        for ``cancel``.  ``callback(Response | UpstreamError)`` runs once, in
+        the hub, unless cancelled first.  Raises ValueError for a request the
+        protocol cannot carry."""
+        client = self._single or least_pending(self.clients)
+        return client.request_async(method, target, headers, body, callback)
+
+    #: ``cancel(call)``: the caller's -outTimeout passed, stop waiting for ``call``
+    cancel = staticmethod(TeleportClient.cancel)
 
     def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
                  retry_stale: bool):
-        return least_pending(self.clients).request(method, target, headers, body, deadline,
-                                                   interrupted_at_deadline=True)
+        return least_pending(self.clients).request(method, target, headers, body, deadline)
 
     @property
     def pending(self) -> int:
         return sum(c.pending for c in self.clients)
+
+    @property
+    def idle_count(self) -> int:
+        return 0
 
     def close(self) -> None:
         for c in self.clients:
