@@ -45,8 +45,10 @@ client is the slow side (its writes back up).
 Teleport out (``-outType=teleport``): frames are whole messages, so the
 request body is collected first (bounded by -inMaxBodySize) and the
 exchange runs in a greenlet on the blocking teleport client.  Teleport in:
-``Proxy.answer`` runs an exchange to completion from the teleport server's
-handler greenlet and returns the whole answer (bounded by -outMaxBodySize).
+``Proxy.answer_async`` (the worker's teleport listener) starts an exchange
+from the hub whose downstream, a ``TeleportAnswer``, collects the whole
+response (bounded by -outMaxBodySize) and hands the connection its
+``Answer``; ``Proxy.answer`` does the same from a greenlet and returns it.
 """
 
 from __future__ import annotations
@@ -65,7 +67,7 @@ from httptp.http import policy, writer
 from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
 from httptp.io.http_client import HTTPUpstream
-from httptp.io.teleport_server import Answer
+from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Deadline, Timer
 from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
@@ -266,6 +268,35 @@ class Proxy:
         rh = resp.head
         return Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
                       b"" if head.method == b"HEAD" else resp.body)
+
+    def answer_async(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None,
+                     respond, req_id: int) -> None:
+        """Teleport in, from the hub: proxy one request and call
+        ``respond(req_id, answer, head)`` once with its ``Answer`` (maybe
+        before this returns); counted and access-logged as ``answer`` is."""
+        spare = self._spare_timers
+        timer = spare.pop() if spare else self.exchange_timer()
+        down = TeleportAnswer(self, head, timer, respond, req_id)
+        try:
+            ex = self.begin(head, client_ip, down, timer, body_done=True, peer=peer,
+                            tunnel=False)
+            if isinstance(ex, ProxyError):
+                down.response_error(ex, False)
+                return
+            down.exchange = ex
+            ex.start([body] if body else [], True)
+        except Exception as e:      # a bug: say it once, answer 500, never hang the request
+            self.log(f"internal error: {e.__class__.__name__}: {e}")
+            down.finish(None)
+
+    def release_timer(self, timer: Timer) -> None:
+        """Give back a timer of ``answer_async``'s (disarmed) for the next request."""
+        timer.disarm()
+        spare = self._spare_timers
+        if len(spare) < _MAX_SPARE_TIMERS:
+            spare.append(timer)
+        else:
+            timer.close()
 
     @staticmethod
     def answer_error(err: ProxyError) -> Answer:
@@ -781,6 +812,65 @@ class TeleportExchange:
             self.finished = True
             if self.greenlet is not None:
                 self.greenlet.kill(block=False)
+
+
+class TeleportAnswer:
+    """A downstream for teleport in, driven by callbacks: it collects one
+    response whole (the exchange enforces -outMaxBodySize) and, once it is
+    complete or failed, hands its ``Answer`` to ``respond(req_id, answer,
+    head)`` (the teleport connection frames it).  Exactly once."""
+
+    __slots__ = ("proxy", "head", "timer", "respond", "req_id", "resp_head", "parts",
+                 "exchange", "gone")
+
+    def __init__(self, proxy: Proxy, head, timer: Timer, respond, req_id: int):
+        self.proxy = proxy
+        self.head = head
+        self.timer = timer
+        self.respond = respond
+        self.req_id = req_id
+        self.resp_head = None
+        self.parts = []
+        self.exchange = None
+        self.gone = False
+
+    def finish(self, answer) -> None:
+        """Hand ``answer`` on (None: an internal error, answered 500)."""
+        respond = self.respond
+        if respond is None:
+            return
+        self.respond = None
+        self.proxy.release_timer(self.timer)
+        self.timer = self.exchange = None
+        self.parts = None
+        if answer is None:
+            answer = INTERNAL_ERROR
+        respond(self.req_id, answer, self.head)
+
+    def _whole(self, rh, body: bytes) -> None:
+        self.finish(Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
+                           b"" if self.head.method == b"HEAD" else body))
+
+    def response_whole(self, head, body, exchange) -> None:
+        self._whole(head, body)
+
+    def response_head(self, head, exchange) -> None:
+        self.resp_head = head
+
+    def response_data(self, data) -> None:
+        self.parts.append(data)
+
+    def response_end(self) -> None:
+        parts = self.parts
+        self._whole(self.resp_head, parts[0] if len(parts) == 1 else b"".join(parts))
+
+    def response_error(self, err, head_sent: bool) -> None:
+        self.finish(Proxy.answer_error(err))
+
+    def pause_reading(self) -> None:
+        pass
+
+    resume_reading = pause_reading
 
 
 class Collector:
