@@ -103,6 +103,7 @@ class TeleportServer:
                            "reduce the load\n").encode()
         self._conns: set[TeleportServerConn] = set()
         self._idle: list[Waiter] = []     # parked handler greenlets, each waiting for a job
+        self._empty = None                # wait_closed's event
         self.draining = False
 
     def _log(self, msg: str) -> None:
@@ -169,12 +170,14 @@ class TeleportServer:
 
     # -- connections ---------------------------------------------------------
     def start(self, sock, peer: str, on_close=None) -> TeleportServerConn | None:
-        """Serve ``sock`` (a stdlib socket) from the hub; return at once.
-        ``on_close(conn)`` is called when the connection ends.  None (the
-        socket closed) while draining."""
+        """Serve ``sock`` from the hub; return at once.  ``on_close(conn)`` is
+        called when the connection ends.  None (the socket closed) while
+        draining."""
         if self.draining:
             sock.close()
             return None
+        if type(sock) is not _stdsocket.socket:        # a gevent socket: take its fd
+            sock = _stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         conn = TeleportServerConn(self, sock, peer, on_close)
         self._conns.add(conn)
         conn.start()
@@ -183,8 +186,6 @@ class TeleportServer:
     def handle(self, sock, peer: str) -> None:
         """Serve one accepted connection until it ends; the socket is closed
         on return (also when the calling greenlet is killed)."""
-        if type(sock) is not _stdsocket.socket:        # a gevent socket: take its fd
-            sock = _stdsocket.socket(sock.family, sock.type, fileno=sock.detach())
         done = gevent.event.Event()
         conn = self.start(sock, peer, lambda conn: done.set())
         if conn is None:
@@ -196,6 +197,23 @@ class TeleportServer:
 
     def _closed(self, conn: TeleportServerConn) -> None:
         self._conns.discard(conn)
+        if not self._conns and self._empty is not None:
+            self._empty.set()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        """Wait (in a greenlet) until no connection is left: True, or False
+        when ``timeout`` passed first."""
+        if not self._conns:
+            return True
+        if self._empty is None:
+            self._empty = gevent.event.Event()
+        self._empty.clear()
+        return self._empty.wait(timeout)
+
+    def abort(self) -> None:
+        """Close every connection now (what is queued is dropped)."""
+        for conn in list(self._conns):
+            conn.abort()
 
     def drain(self) -> None:
         """Stop reading new frames on every connection; each one closes once its
