@@ -26,7 +26,7 @@ callbacks in the hub, no greenlet of its own (``httptp.io.transport``):
 3. each request frame is handed to the server's ``dispatch(conn, req_id,
    head, body)``, which answers it later, exactly once, with
    ``conn.respond(req_id, answer)`` (an ``Answer``; from the hub or from a
-   greenlet).  The answer is framed with the request's id (no body for a
+   greenlet; a dispatch that raises has answered nothing: 500).  The answer is framed with the request's id (no body for a
    HEAD, 1xx, 204 or 304) into the current batch: answers go out in
    completion order.  Id 0 is fire-and-forget: nothing is written.  When
    the server's ``concurrency`` handlers are already running a request is
@@ -39,8 +39,10 @@ answers never push the flush back).  Either way ``BATCH_BYTES`` of
 unflushed frames flush at once (Go's full buffer).
 
 Flow control: when the transport's queue passes its high-water mark
-(``pause_writing``) we stop reading new requests until ``resume_writing``;
-a peer that reads nothing for ``write_timeout`` meanwhile is cut.
+(``pause_writing``) we stop reading new requests until ``resume_writing``:
+reading pauses, and slices already read but not decompressed wait too (a
+bomb of small requests cannot grow the queue).  A peer that reads nothing
+for ``write_timeout`` meanwhile is cut.
 
 Size limits (``max_header_size``, ``max_body_size``) are the frame
 reader's: a request whose Content-Length is over the limit is answered 413
@@ -107,7 +109,7 @@ class TeleportServerConn:
 
     __slots__ = ("server", "sock", "peer", "conn", "transport", "loop", "state", "inflight",
                  "draining", "on_close", "_hello", "_rw", "_timer", "_batch_timer",
-                 "_stall_timer", "_paused", "_backlog", "_flush_soon", "_plain_seen",
+                 "_stall_timer", "_paused", "_backlog", "_held", "_flush_soon", "_plain_seen",
                  "__weakref__")
 
     def __init__(self, server, sock, peer: str, on_close=None):
@@ -131,6 +133,7 @@ class TeleportServerConn:
         self._stall_timer = None        # write_timeout while our writes back up
         self._paused = 0
         self._backlog = False           # a _frames callback is scheduled
+        self._held = False              # slices left, held until our writes drain
         self._flush_soon = False        # a _flush callback is scheduled
         self._plain_seen = 0
 
@@ -283,7 +286,7 @@ class TeleportServerConn:
         except Exception as e:
             self._internal_error(e)
             return
-        if not self._backlog:
+        if not self._backlog and not self._held:
             self._frames()
 
     def _frames(self) -> None:
@@ -308,6 +311,10 @@ class TeleportServerConn:
                 for req_id, head, body in frames:
                     request(req_id, head, body)
                 if self.state != _FRAMES or self._paused & _DRAIN:
+                    return
+                if self._paused & _WRITES:      # the answers back up: no more requests
+                    self._held = True
+                    self._pause(_BACKLOG)
                     return
             else:                       # a bomb must not hold the hub
                 self._backlog = True
@@ -334,7 +341,12 @@ class TeleportServerConn:
             return
         srv._busy += 1
         self.inflight += 1
-        srv.dispatch(self, req_id, head, body)
+        try:
+            srv.dispatch(self, req_id, head, body)
+        except Exception as e:          # a bug: dispatch must not raise; answer 500
+            srv._log(f"teleport client {self.peer}: internal error: "
+                     f"{e.__class__.__name__}: {e}")
+            self.respond(req_id, INTERNAL_ERROR)
 
     def _too_large(self, req_id: int, head) -> None:
         """A request whose Content-Length is over max_body_size: 413 now (its
@@ -446,6 +458,10 @@ class TeleportServerConn:
         if self._stall_timer is not None:
             self._stall_timer.disarm()
         self._resume(_WRITES)
+        if self._held and self.state == _FRAMES:
+            self._held = False              # the slices left wait no more
+            self._backlog = True
+            self.loop.run_callback(self._frames)
 
     def _write_stalled(self) -> None:
         srv = self.server

@@ -383,6 +383,30 @@ def test_a_peer_that_does_not_read_pauses_reading_then_resumes(make):
     assert conn.transport.reading
 
 
+def test_slices_already_read_wait_while_the_answers_back_up(make):
+    """One compressed burst of 200 requests (several slices): once the answers
+    pass the high-water mark, the slices left are not decompressed until the
+    peer reads."""
+    from httptp.teleport import codecs
+    seen = []
+
+    def big(conn, req_id, head, body):
+        seen.append(req_id)
+        conn.respond(req_id, Answer(200, b"OK", [], bytes(100_000)))
+    srv, conn, peer = make(codec=Compress.FLATE, dispatch=big, write_timeout=10)
+    frames = [peer.req(i, b"POST", b"/", bytes(4096)) for i in range(1, 201)]
+    assert sum(map(len, frames)) > 2 * codecs.MAX_SLICE
+    peer.send(*frames)
+    with gevent.Timeout(5):
+        while not seen:
+            gevent.sleep(0.01)
+    gevent.sleep(0.1)
+    assert 0 < len(seen) < 200 and not conn.transport.reading
+    got = peer.answers(200, timeout=10)
+    assert [a[0] for a in got] == list(range(1, 201)) == seen
+    assert conn.transport.reading
+
+
 def test_a_peer_that_never_reads_is_cut_after_the_write_timeout(make, stats):
     def big(conn, req_id, head, body):
         conn.respond(req_id, Answer(200, b"OK", [], bytes(300_000)))
