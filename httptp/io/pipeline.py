@@ -865,7 +865,8 @@ class TeleportAnswer:
         self._whole(self.resp_head, parts[0] if len(parts) == 1 else b"".join(parts))
 
     def response_error(self, err, head_sent: bool) -> None:
-        self.finish(Proxy.answer_error(err))
+        if self.respond is not None:
+            self.finish(Proxy.answer_error(err))
 
     def pause_reading(self) -> None:
         pass

@@ -540,3 +540,56 @@ def test_teleports_refuses_plaintext_unless_allowed(make, tmp_path):
     srv, conn, peer = make(tls=server_tls, allow_plaintext=True)
     peer.send(peer.req(1))
     assert peer.answers(1) == [(1, 200, b"/")]
+
+
+# --------------------------------------------------------------------------- the worker's downstream
+
+class _Timers:
+    def __init__(self):
+        self.released = []
+
+    def release_timer(self, timer):
+        self.released.append(timer)
+
+
+def _head(method=b"GET"):
+    from httptp.http.events import RequestHead
+    return RequestHead(method=method, target=b"/", version=b"1.1", headers=[(b"Host", b"x")],
+                       keep_alive=True, content_length=None, chunked=False,
+                       expect_continue=False)
+
+
+def _resp(status=200, headers=()):
+    from httptp.http.events import ResponseHead
+    return ResponseHead(status=status, reason=b"OK", version=b"1.1",
+                        headers=[(b"Connection", b"keep-alive"), *headers], keep_alive=True,
+                        content_length=None, chunked=True)
+
+
+def test_teleport_answer_collects_a_streamed_response_once():
+    from httptp.io.pipeline import TeleportAnswer
+    proxy, got = _Timers(), []
+    down = TeleportAnswer(proxy, _head(), "timer", lambda *a: got.append(a), 5)
+    down.response_head(_resp(headers=[(b"X-A", b"1")]), None)
+    down.response_data(b"ab")
+    down.response_data(b"cd")
+    down.response_end()
+    from httptp.errors import BadGateway
+    down.response_error(BadGateway("late"), True)    # after the end: ignored
+    (req_id, ans, head), = got
+    assert req_id == 5 and (ans.status, ans.body) == (200, b"abcd")
+    assert ans.headers == [(b"X-A", b"1")]           # hop-by-hop headers dropped
+    assert proxy.released == ["timer"]
+
+
+def test_teleport_answer_head_and_errors():
+    from httptp.errors import BadGateway
+    from httptp.io.pipeline import TeleportAnswer
+    proxy, got = _Timers(), []
+    TeleportAnswer(proxy, _head(b"HEAD"), "t1", lambda *a: got.append(a), 1).response_whole(
+        _resp(), b"body", None)
+    TeleportAnswer(proxy, _head(), "t2", lambda *a: got.append(a), 2).response_error(
+        BadGateway("refused"), False)
+    assert [(r, a.status, a.body) for r, a, _ in got] == [(1, 200, b""),
+                                                          (2, 502, BadGateway().payload)]
+    assert proxy.released == ["t1", "t2"]
