@@ -1,7 +1,7 @@
 """Microseconds of CPU per proxied request, in one process, without wrk's noise.
 
 A client greenlet and an upstream greenlet talk to a real httptp worker object
-(``ClientConnection`` + ``Proxy``, http in, unix-socket http out) over unix
+(its accept watcher, ``ClientConn`` + ``Proxy``, http in, unix-socket http out) over unix
 sockets, all on one gevent hub.  The same client and upstream are then run
 directly against each other; the difference is what the proxy costs per
 request.  It is a profiling aid: run it under py-spy or with ``--profile``
@@ -106,7 +106,6 @@ def main() -> int:
     args = ap.parse_args()
 
     from httptp.config import load_config
-    from httptp.io.http_server import ClientConnection
     from httptp.stats import Stats
     from httptp.supervisor.arbiter import _upstream_names
     from httptp.workers.worker import Worker
@@ -124,13 +123,9 @@ def main() -> int:
     listener.bind(in_path)
     listener.listen(128)
     worker = Worker(cfg, listener, stats, block, 0, 0, list(ids))
-    lsock = worker.listener         # the worker owns it now; we accept for it
-
-    def accept():
-        while True:
-            s, _ = lsock.accept()
-            gevent.spawn(ClientConnection(s, None, worker).serve)
-    gevent.spawn(accept)
+    # the worker accepts with its own watcher, as in serve()
+    worker._accept_watcher = gevent.get_hub().loop.io(worker.listener.fileno(), 1)
+    worker._accept_watcher.start(worker._on_accept)
 
     def connect_to(path):
         def connect():

@@ -279,7 +279,11 @@ SETTINGS: tuple[Setting, ...] = (
       help="Type of the upstreams: " + ", ".join(ADDR_TYPES)),
     S("outTimeout", positive_duration, "3s", section="Upstream",
       meta="duration",
-      help="Deadline for each request sent upstream; after it the client gets 504"),
+      help="Deadline for each request sent upstream; after it the client gets 504\n"
+           "It bounds the wait for the response head, then (http upstreams, whose bodies "
+           "stream) each wait for more of the body, as nginx's proxy_read_timeout; a "
+           "client that reads slowly does not count. Past the head a timeout cuts the "
+           "client connection: the 504 can no longer be sent."),
     S("outMaxFails", int_at_least(1), "3", section="Upstream", meta="int", ours=True,
       help="Failures in a row that eject an upstream from the balancer\n"
            "Counted over all workers; a failure older than -outFailTimeout starts the "
@@ -310,7 +314,10 @@ SETTINGS: tuple[Setting, ...] = (
       ours=True,
       help="Maximum upstream response body size in bytes; 0 means the default\n"
            "Over it: 502 for the client, and the upstream connection is closed (a "
-           "teleport connection is redialled). Responses are held whole today."),
+           "teleport connection is redialled). An http response streams to an http "
+           "client: one over the limit found after its head went out cuts the client "
+           "connection. Raise it to proxy bigger downloads: streaming holds a few "
+           "buffers per connection, not the body."),
     S("inGetOnly", parse_bool, "false", section="Limits", meta="bool",
       help="Refuse every request method but GET (http listeners)"),
     # -- Teleport ------------------------------------------------------------

@@ -295,10 +295,12 @@ class _Dial:
         conn = self.conn = UpstreamConn(pool, pool.new_parser())
         if pool.tls is None:
             conn.transport = Transport(self.sock, conn, pool.q, pool.base, OUT)
+            conn.transport.write_timeout = pool.write_timeout
             self.succeeded()
             return
         conn.transport = TLSTransport(self.sock, self, pool.q, pool.base, OUT, pool.tls,
                                       server_side=False, server_hostname=pool.server_hostname)
+        conn.transport.write_timeout = pool.write_timeout
         conn.transport.start()
 
     # the protocol of the TLS transport while it shakes hands
@@ -391,7 +393,8 @@ class HTTPUpstream:
 
     def __init__(self, address, *, parser_module, max_header_size: int, max_conns: int,
                  idle_timeout: float, stats, block: int, tls_context=None,
-                 server_hostname: str | None = None, max_body_size: int = 64 << 20):
+                 server_hostname: str | None = None, max_body_size: int = 64 << 20,
+                 write_timeout: float | None = None):
         self.address = address
         self.tls = tls_context
         self.server_hostname = server_hostname
@@ -406,6 +409,9 @@ class HTTPUpstream:
         self._max = max_conns
         self._waiting: deque = deque()
         self._idle_timeout = idle_timeout
+        # an upstream that takes none of what is queued: None, the exchange's
+        # -outTimeout bounds that wait (a tunnel sets its own)
+        self.write_timeout = write_timeout
         self.q = stats.q
         self.base = stats.block_base(block)
         self._sockaddr = None
@@ -488,6 +494,10 @@ class HTTPUpstream:
         if keep and not conn.transport.closed and not conn.tunnel:
             conn.exchange = None
             conn.idle_since = time.monotonic()
+            # the response may have ended while the client's writes backed up
+            # (its reading paused): an idle connection is watched for close,
+            # and the next request on it must be read
+            conn.transport.resume_reading()
             self._idle.append(conn)
         else:
             self._close(conn, orderly=keep or orderly)

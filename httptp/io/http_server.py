@@ -49,10 +49,10 @@ from httptp.errors import (ClientClosed, MethodNotAllowed, ProtocolError, ProxyE
                            RequestTimeout)
 from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
+from httptp.http.rules import status_has_body
 from httptp.io.transport import HIGH_WATER
 
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
-_NO_LENGTH_STATUS = frozenset((204, 304))
 _UPGRADE_HEADERS = [(b"Connection", b"upgrade")]
 _MAX_QUEUED = 64                # parser events read ahead of the request in flight
 
@@ -117,12 +117,14 @@ class ClientConn:
         self._idle_timer = Timer(cfg.in_idle_timeout)
         self.out_timer = self.ctx.proxy.exchange_timer()
         self._head_timer.arm(self._header_timeout)
+        # a client that reads none of its answer for -inIdleTimeout is cut
+        self.transport.write_timeout = cfg.in_idle_timeout
         self.transport.start()
 
     @property
     def idle(self) -> bool:
         """Between requests, nothing of the next one read: safe to close (drain)."""
-        return (self.cur is None and not self._events and not self._head_timer.armed
+        return (self.cur is None and not self._events and not self._partial
                 and self._tunnel is None)
 
     def close(self, orderly: bool = True) -> None:
@@ -166,12 +168,8 @@ class ClientConn:
             return
         if self._idle_timer.armed:
             self._idle_timer.disarm()
-            if self.cur is None:
-                self._head_timer.arm(self._header_timeout)   # a new request began
-        elif self.cur is None and not self._events and not self._head_timer.armed:
-            self._head_timer.arm(self._header_timeout)
         if self.cur is None:
-            self._partial = True
+            self._partial = True            # a request begins (or goes on)
         try:
             events = self.parser.feed(data)
         except ProtocolError as e:
@@ -180,7 +178,15 @@ class ClientConn:
         if events:
             self._events.extend(events)
             self._pump()
-        if self.cur is not None and not self._body_done and not self.gone:
+        if self.gone:
+            return
+        if self.cur is None:
+            # a head still incomplete: -inHeaderTimeout runs from its first
+            # byte (armed here, after the feed, so that a request that came
+            # whole, nearly every one, never arms it)
+            if self._partial and not self._head_timer.armed:
+                self._head_timer.arm(self._header_timeout)
+        elif not self._body_done:
             self._idle_timer.arm(self._body_timeout)     # the body's next read
 
     def eof_received(self) -> None:
@@ -316,6 +322,10 @@ class ClientConn:
         self._chunked = False
         self._close_after = not self._keep
         ex.start(body, done)
+        if self.cur is ex and self.transport.write_paused:
+            # the client is still behind on an earlier response: this one
+            # waits too (the transport's resume_writing resumes it)
+            ex.pause_response()
         if not done and self.cur is ex and not self.gone:
             self._idle_timer.arm(self._body_timeout)
 
@@ -397,7 +407,7 @@ class ClientConn:
         if self._head.method == b"HEAD":
             framing = (None if rh.content_length is None
                        else b"Content-Length: %d\r\n" % rh.content_length)
-        elif status < 200 or status in _NO_LENGTH_STATUS:
+        elif not status_has_body(status):
             framing = None
         elif rh.content_length is not None:
             framing = b"Content-Length: %d\r\n" % rh.content_length

@@ -40,7 +40,11 @@ keep-alive race), and to another upstream when one failed without answering.
 
 ``-outTimeout`` bounds the wait for the response head, then each wait for
 response body bytes (nginx's proxy_read_timeout); it does not run while the
-client is the slow side (its writes back up).
+client is the slow side (its writes back up).  While a request body streams
+up it runs only while we wait on the upstream (for a connection, or for it to
+take the body: its write buffer is full and does not drain), as nginx's
+proxy_send_timeout; not while we wait on the client for more body (its
+``-inIdleTimeout`` does), so a long upload that keeps moving is not cut.
 
 Teleport out (``-outType=teleport``): frames are whole messages, so the
 request body is collected first (bounded by -inMaxBodySize) and the
@@ -66,6 +70,7 @@ from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, R
 from httptp.http import policy, writer
 from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
+from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Deadline, Timer
@@ -340,7 +345,7 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs")
+                 "tunnel_eofs", "up_mark")
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
                  client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
@@ -378,6 +383,8 @@ class Exchange:
         self.upstream_name = ""
         self.upstream_time = 0.0
         self.tunnel_eofs = 0
+        self.up_mark = -1           # what the upstream had not taken when -outTimeout was
+                                    # armed (-1: not measured, to save a syscall per request)
 
     # -- the request ----------------------------------------------------------------------
 
@@ -439,6 +446,10 @@ class Exchange:
             conn.transport.pause_reading()
         if self.up_paused and conn.transport.write_buffer_size <= HIGH_WATER:
             self.upstream_paused(False)     # what waited for the connection is sent
+        elif self.up_paused:
+            self.up_mark = conn.transport.unsent()     # still full: -outTimeout runs
+        elif not self.body_done:
+            self.timer.disarm()             # the upstream waits for the client's body now
 
     def conn_failed(self, err: UpstreamError) -> None:
         self.dialing = None
@@ -468,16 +479,33 @@ class Exchange:
                 self.conn.write(writer.LAST_CHUNK)
             else:
                 self.pending.append(writer.LAST_CHUNK)
+        if not self.head_sent and self.conn is not None:
+            self._wait_upstream()       # the whole request is given: for the head now
 
     def upstream_paused(self, paused: bool) -> None:
         """The upstream's (or our pending) buffer is full, or drained again."""
         if paused == self.up_paused:
             return
         self.up_paused = paused
+        conn = self.conn
+        if conn is not None and not self.head_sent and not self.finished:
+            # the request body waits on the upstream (-outTimeout runs) or, once
+            # it drained, on the client again (it does not: see the module doc)
+            if paused:
+                self._wait_upstream()
+            elif not self.body_done:
+                self.timer.disarm()
         if paused:
             self.down.pause_reading()
         else:
             self.down.resume_reading()
+
+    def _wait_upstream(self) -> None:
+        """Arm -outTimeout for a wait on the upstream to take the rest of the
+        request and answer, noting what it has not taken yet (``_timed_out``
+        waits on while that shrinks)."""
+        self.up_mark = self.conn.transport.unsent()
+        self.timer.arm(self._timed_out)
 
     # -- the response -------------------------------------------------------------------------
 
@@ -499,8 +527,7 @@ class Exchange:
             self._limit_whole(None)
             return
         if (head.content_length is not None and head.content_length > self.proxy.max_body
-                and self.method != b"HEAD" and head.status >= 200
-                and head.status not in (204, 304)):
+                and status_has_body(head.status, self.method)):
             self._limit_whole(head.content_length)
             return
         self._done(head, len(body) if self.method != b"HEAD" else 0)
@@ -516,8 +543,7 @@ class Exchange:
     def response_head(self, head: ResponseHead) -> None:
         announced = head.content_length
         if (announced is not None and announced > self.proxy.max_body
-                and self.method != b"HEAD" and head.status >= 200
-                and head.status not in (204, 304)):
+                and status_has_body(head.status, self.method)):
             self._limit(announced)
             return
         self.resp_head = head
@@ -560,8 +586,8 @@ class Exchange:
         self.down_paused = False
         if self.conn is not None:
             self.conn.transport.resume_reading()
-            if not self.finished and not self.upgrade:
-                self.timer.arm(self._timed_out)
+        if not self.finished and not self.upgrade:
+            self.timer.arm(self._timed_out)     # also while it still waits for a connection
 
     # -- failures ---------------------------------------------------------------------------------
 
@@ -603,6 +629,15 @@ class Exchange:
     def _timed_out(self) -> None:
         if self.finished:
             return
+        conn = self.conn
+        if conn is not None and not self.head_sent and (self.up_paused or self.body_done):
+            # a slow upstream that still takes the body: not stuck (the kernel's
+            # buffer counts: the socket turns writable only once a third is free)
+            left = conn.transport.unsent()
+            if left and (self.up_mark < 0 or left < self.up_mark):
+                self.up_mark = left
+                self.timer.arm(self._timed_out)
+                return
         up = self.upstream
         waited = self.waiting_for
         if waited is not None:
@@ -659,6 +694,8 @@ class Exchange:
         """The upstream switched protocols (101): bytes flow both ways now."""
         self._done(head, 0)
         self.head_sent = True
+        if self.conn is not None:      # a tunnel waits on people: the idle timeout, both ways
+            self.conn.transport.write_timeout = self.proxy.config.in_idle_timeout
         self.down.response_upgraded(head, rest, self)
 
     def tunnel_send(self, data: bytes) -> None:

@@ -40,8 +40,11 @@ from __future__ import annotations
 
 import socket as _socket
 import ssl
+import struct
 import weakref
 from collections import deque
+from fcntl import ioctl
+from termios import TIOCOUTQ
 
 from gevent import get_hub
 
@@ -88,7 +91,7 @@ class Transport:
 
     __slots__ = ("sock", "protocol", "loop", "_q", "_b", "_side", "_rw", "_ww", "_queue",
                  "_queued", "_reading", "_paused", "_closing", "_closed", "_eof_after",
-                 "_close_timer", "__weakref__")
+                 "_close_timer", "write_timeout", "_stall", "__weakref__")
 
     def __init__(self, sock, protocol, q, base: int, side: Side):
         sock.setblocking(False)
@@ -107,6 +110,10 @@ class Transport:
         self._closed = False
         self._eof_after = False       # shutdown(SHUT_WR) once the queue is sent
         self._close_timer = None
+        # a peer that takes none of what is queued for this long is cut
+        # (nginx's send_timeout); None: only close() bounds it
+        self.write_timeout = None
+        self._stall = None
 
     # -- reading ---------------------------------------------------------------
 
@@ -167,6 +174,20 @@ class Transport:
         if n < len(data):
             self._enqueue(memoryview(data)[n:])
             self._ww.start(self._on_write)
+            if self.write_timeout is not None:
+                self._arm_stall()
+
+    def _arm_stall(self) -> None:
+        stall = self._stall
+        if stall is None:
+            stall = self._stall = self.loop.timer(self.write_timeout, self.write_timeout)
+        stall.again(self._stalled)
+
+    def _stalled(self) -> None:
+        """Nothing of the queue went out for write_timeout seconds."""
+        self._stall.stop()
+        self._q[self._b + self._side.write_error] += 1
+        self._lost(TimeoutError("write timed out"))
 
     def _enqueue(self, data) -> None:
         self._queue.append(data)
@@ -194,6 +215,11 @@ class Transport:
                 queue[0] = memoryview(data)[n:]
                 break
             queue.popleft()
+        if self._stall is not None:
+            if queue:
+                self._stall.again(self._stalled)     # progress: the full period again
+            else:
+                self._stall.stop()
         if not queue:
             self._ww.stop()
             if self._closing:
@@ -208,6 +234,23 @@ class Transport:
     @property
     def write_buffer_size(self) -> int:
         return self._queued
+
+    def unsent(self) -> int:
+        """What the peer has not taken yet: our queue and the kernel's send
+        queue (SIOCOUTQ), to tell a slow peer from a stuck one (a syscall:
+        not for every write)."""
+        n = self._queued
+        if self.sock is not None and not self._closed:
+            try:
+                n += struct.unpack("i", ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0"))[0]
+            except OSError:
+                pass
+        return n
+
+    @property
+    def write_paused(self) -> bool:
+        """pause_writing was called and resume_writing is still to come."""
+        return self._paused
 
     half_close = True            # write_eof keeps the other way open
 
@@ -256,8 +299,9 @@ class Transport:
             self._close_now()
             return
         self._closing = True
-        self._close_timer = timer = self.loop.timer(CLOSE_TIMEOUT)
-        timer.start(self.abort)
+        if self._stall is None:       # else the write timeout bounds the flush
+            self._close_timer = timer = self.loop.timer(CLOSE_TIMEOUT)
+            timer.start(self.abort)
 
     def abort(self) -> None:
         """Close now, dropping anything queued."""
@@ -275,6 +319,10 @@ class Transport:
             self._close_timer.stop()
             self._close_timer.close()
             self._close_timer = None
+        if self._stall is not None:
+            self._stall.stop()
+            self._stall.close()
+            self._stall = None
         self._queue.clear()
         self._queued = 0
         try:
