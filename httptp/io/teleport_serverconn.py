@@ -41,8 +41,8 @@ unflushed frames flush at once (Go's full buffer).
 Flow control: when the transport's queue passes its high-water mark
 (``pause_writing``) we stop reading new requests until ``resume_writing``:
 reading pauses, and slices already read but not decompressed wait too (a
-bomb of small requests cannot grow the queue).  A peer that reads nothing
-for ``write_timeout`` meanwhile is cut.
+bomb of small requests cannot grow the queue).  A peer of which nothing
+went out for ``write_timeout`` is cut (the transport's ``write_timeout``).
 
 Size limits (``max_header_size``, ``max_body_size``) are the frame
 reader's: a request whose Content-Length is over the limit is answered 413
@@ -108,8 +108,7 @@ class TeleportServerConn:
     ``on_close(conn)`` is called once when the connection ends."""
 
     __slots__ = ("server", "sock", "peer", "conn", "transport", "loop", "state", "inflight",
-                 "draining", "on_close", "_hello", "_rw", "_timer", "_batch_timer",
-                 "_stall_timer", "_paused", "_backlog", "_held", "_flush_soon", "_plain_seen",
+                 "draining", "on_close", "_hello", "_rw", "_timer", "_batch_timer", "_paused", "_backlog", "_held", "_flush_soon", "_plain_seen",
                  "__weakref__")
 
     def __init__(self, server, sock, peer: str, on_close=None):
@@ -130,7 +129,6 @@ class TeleportServerConn:
         self._rw = None                 # the hello's read watcher
         self._timer = None              # the handshake deadline, then the idle timeout
         self._batch_timer = None        # -inDelay (made by the first delayed batch)
-        self._stall_timer = None        # write_timeout while our writes back up
         self._paused = 0
         self._backlog = False           # a _frames callback is scheduled
         self._held = False              # slices left, held until our writes drain
@@ -224,6 +222,7 @@ class TeleportServerConn:
                 greenlet_handshake=getattr(srv.tls, "autocert", None) is not None)
         else:
             t = self.transport = Transport(self.sock, self, q, b, IN)
+        t.write_timeout = srv.write_timeout     # nothing of our queue went out: cut
         if sent < len(reply):           # a fresh socket takes 15 bytes; if not, queue them
             Transport.write(t, reply[sent:])
         t.start()
@@ -449,25 +448,13 @@ class TeleportServerConn:
 
     def pause_writing(self) -> None:
         self._pause(_WRITES)
-        timer = self._stall_timer
-        if timer is None:
-            timer = self._stall_timer = Timer(self.server.write_timeout)
-        timer.arm(self._write_stalled)
 
     def resume_writing(self) -> None:
-        if self._stall_timer is not None:
-            self._stall_timer.disarm()
         self._resume(_WRITES)
         if self._held and self.state == _FRAMES:
             self._held = False              # the slices left wait no more
             self._backlog = True
             self.loop.run_callback(self._frames)
-
-    def _write_stalled(self) -> None:
-        srv = self.server
-        srv._q[srv._base + S.IN_WRITE_ERROR] += 1
-        srv._log(f"teleport client {self.peer}: write timed out")
-        self._close()
 
     # -- ends ---------------------------------------------------------------------------
 
@@ -523,7 +510,7 @@ class TeleportServerConn:
             self._flush()
         self.state = _CLOSED
         self._stop_hello_watcher()
-        for timer in (self._timer, self._batch_timer, self._stall_timer):
+        for timer in (self._timer, self._batch_timer):
             if timer is not None:
                 timer.close()
         t = self.transport
