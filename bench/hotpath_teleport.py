@@ -2,8 +2,8 @@
 
 The chain of bench/suite.py parts 2 and 3, on one gevent hub:
 
-    client --unix--> A (ClientConnection + Proxy, -outType=teleport)
-           --tcp 127.0.0.1--> B (TeleportServer + Proxy, -outType=unix)
+    client --unix--> A (ClientConn + Proxy, -outType=teleport)
+           --tcp 127.0.0.1--> B (TeleportServerConn + Proxy, -outType=unix)
            --unix--> upstream
 
 A and B are real ``Worker`` objects built from real configurations, each with
@@ -176,9 +176,8 @@ def build_worker(argv: list[str], listener):
 
 
 def start_chain(tmp: str, up_path: str, codec: str, delay: str):
-    """B then A; return (A's unix path, A's worker, B's worker)."""
-    from httptp.io.http_server import ClientConnection
-
+    """B then A; return (A's unix path, A's worker, B's worker).  Each accepts
+    with its own watcher (``Worker._on_accept``), as in a worker process."""
     b_listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     b_listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     b_listener.bind(("127.0.0.1", 0))
@@ -187,13 +186,6 @@ def start_chain(tmp: str, up_path: str, codec: str, delay: str):
     b = build_worker([f"-in=127.0.0.1:{b_port}", "-inType=teleport", f"-inCompress={codec}",
                       f"-inDelay={delay}", f"-out={up_path}", "-outType=unix"], b_listener)
 
-    def accept_b():
-        lsock = b.listener
-        while True:
-            s, addr = lsock.accept()
-            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            gevent.spawn(b.teleport.handle, s, addr[0])
-
     in_path = os.path.join(tmp, "a.sock")
     a_listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     a_listener.bind(in_path)
@@ -201,15 +193,10 @@ def start_chain(tmp: str, up_path: str, codec: str, delay: str):
     a = build_worker([f"-in={in_path}", "-inType=unix", f"-out=127.0.0.1:{b_port}",
                       "-outType=teleport", f"-outCompress={codec}", f"-outDelay={delay}"],
                      a_listener)
-
-    def accept_a():
-        lsock = a.listener
-        while True:
-            s, _ = lsock.accept()
-            gevent.spawn(ClientConnection(s, None, a).serve)
-
-    gevent.spawn(accept_b)
-    gevent.spawn(accept_a)
+    loop = gevent.get_hub().loop
+    for w in (b, a):
+        w._accept_watcher = loop.io(w.listener.fileno(), 1)
+        w._accept_watcher.start(w._on_accept)
     return in_path, a, b
 
 
@@ -226,17 +213,12 @@ def link_counters(a, b) -> tuple[int, int, int, int, int, int]:
 
 # Where a sampled stack starts (the greenlet's function) says whose work it is.
 ROLES = (
-    ("ClientConnection.", "A: http in (ClientConnection, Proxy, TeleportClient.request)"),
-    ("Worker._handle", "A: http in (ClientConnection, Proxy, TeleportClient.request)"),
+    ("TeleportExchange._run", "A: teleport exchanges (TeleportClient.request)"),
     ("_Link._run_writer", "A: teleport writer"),
     ("_Link._run_reader", "A: teleport reader"),
-    ("_Conn._reader", "B: teleport reader"),
-    ("_Conn._run", "B: handlers (Proxy, HTTPUpstream)"),
-    ("TeleportServer._handle_jobs", "B: handlers (Proxy, HTTPUpstream)"),
-    ("_Conn._write", "B: teleport writer"),
     ("client ", "bench: clients"),
     ("upstream_server.", "bench: upstream"),
-    ("Hub.run", "hub (libev callbacks)"),
+    ("Hub.run", "hub (libev callbacks: A's http in, all of B)"),
 )
 
 
@@ -251,7 +233,7 @@ def aggregate(path: str, top: int) -> None:
     """Self and inclusive sample counts per function, and samples per role,
     from ``py-spy -f raw`` (one ``frame;frame;... count`` line per stack,
     outermost first): of this tool's process, or of a real worker
-    (``py-spy record -p PID``, where connections start in Worker._handle).  Stacks of gevent's resolver thread (a getaddrinfo
+    (``py-spy record -p PID``, where connection work starts in Hub.run).  Stacks of gevent's resolver thread (a getaddrinfo
     thread parked on a lock) are left out: they are not the hub's CPU."""
     own, incl, roles = Counter(), Counter(), Counter()
     total = 0

@@ -419,10 +419,9 @@ class ServerTLS:
     # -- worker ---------------------------------------------------------------------
     def for_worker(self, sockets: bool = True) -> None:
         """After the fork: make the contexts hand out gevent-cooperative sockets
-        (``sockets``: teleports, whose connections are greenlets).  An https
-        listener keeps stdlib contexts: its transports run ``SSLObject``s over
-        memory BIOs (httptp.io.transport), which gevent's SNI wrapper does not
-        know.  The ACME TLS-ALPN context is cooperative either way: a
+        (``sockets``: for callers that serve TLS sockets in greenlets).  The
+        worker's https and teleports listeners keep stdlib contexts: their
+        transports run ``SSLObject``s over memory BIOs (httptp.io.transport).  The ACME TLS-ALPN context is cooperative either way: a
         validation is answered by a greenlet."""
         if sockets:
             for ctx in self.all_contexts():

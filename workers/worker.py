@@ -58,9 +58,10 @@ class Worker:
                  upstream_ids: list[int], tls=None):
         self.config = config
         if tls is not None:
-            # gevent-cooperative sockets from the master's contexts, for what
-            # runs in greenlets (teleports listeners, teleports upstreams)
-            tls.for_worker(server_sockets=config.in_type == "teleports")
+            # the server contexts stay stdlib ones (https and teleports run
+            # SSLObjects over memory BIOs); the client's is made cooperative
+            # for what runs in greenlets (teleports upstreams)
+            tls.for_worker(server_sockets=False)
         self.tls = tls
         self.server_tls = tls.server if tls is not None else None
         self.stats = stats
@@ -84,13 +85,11 @@ class Worker:
                       if config.in_allow_ip and not self.is_unix else None)
         self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
         self.teleport = self._teleport_server() if config.in_type in ("teleport", "teleports") else None
-        if self.teleport is not None:     # teleport listeners: a greenlet per connection
-            self.listener = socket.socket(listener.family, listener.type, fileno=listener.detach())
-        else:                             # http, https, unix: callbacks on the loop
-            self.listener = _stdsocket.socket(listener.family, listener.type,
-                                              fileno=listener.detach())
-            self.listener.setblocking(False)
-        self.conns: dict = {}      # teleport: greenlet -> None
+        # every listener type: callbacks on the loop, an accept watcher
+        self.listener = _stdsocket.socket(listener.family, listener.type,
+                                          fileno=listener.detach())
+        self.listener.setblocking(False)
+        self.conns: set = set()    # teleport, teleports: TeleportServerConn
         self.clients: set = set()  # http, https, unix: ClientConn
         self.ctx = Listener(self)
         self._accept_watcher = None
@@ -105,9 +104,10 @@ class Worker:
         from httptp.teleport.handshake import BY_NAME
         cfg = self.config
         compress = cfg.in_compress if cfg.in_compress == "auto" else BY_NAME[cfg.in_compress]
-        # -concurrency caps running handlers (429 beyond), as the original's
+        # -concurrency caps running requests (429 beyond), as the original's
         # teleport server does; split between the workers.
-        return TeleportServer(self._teleport_request, compress=compress, delay=cfg.in_delay,
+        return TeleportServer(None, dispatch=self._teleport_dispatch, compress=compress,
+                              delay=cfg.in_delay,
                               concurrency=self.max_conns, max_header_size=cfg.in_max_header_size,
                               max_body_size=cfg.in_max_body_size,
                               stats=self.stats, block=self.block, log=self.log,
@@ -117,13 +117,16 @@ class Worker:
                               limit_names={"header": "-inMaxHeaderSize",
                                            "body": "-inMaxBodySize"})
 
-    def _teleport_request(self, head, body: bytes, peer: str):
-        """One request from a teleport peer.  -clientIPHeader is not touched: the
-        peer is the other httptp, and the first hop already set it."""
+    def _teleport_dispatch(self, conn, req_id: int, head, body: bytes) -> None:
+        """One request from a teleport peer, from the hub: an exchange whose
+        answer goes back to ``conn.respond``.  -clientIPHeader is not touched:
+        the peer is the other httptp, and the first hop already set it."""
         self.stats.q[self.base + S.IN_REQUEST_START] += 1
         if self.get_only and head.method != b"GET":
-            return self.proxy.answer_error(MethodNotAllowed())
-        return self.proxy.answer(head, body, None, peer.encode("ascii", "replace"))
+            conn.respond(req_id, self.proxy.answer_error(MethodNotAllowed()), head)
+            return
+        self.proxy.answer_async(head, body, None, conn.peer.encode("ascii", "replace"),
+                                conn.respond, req_id)
 
     def _teleport_refused(self, head, peer: str, status: int, size: int) -> None:
         """A teleport request httptp answered itself (413): its access-log line."""
@@ -146,16 +149,10 @@ class Worker:
         stats.set_state(block, S.STATE_READY)
         stats.beat(block, time.monotonic())
         beat = gevent.spawn(self._heartbeat)
-        if self.teleport is not None:
-            acceptor = gevent.spawn(self._accept_loop)
-        else:
-            acceptor = None
-            self._accept_watcher = gevent.get_hub().loop.io(self.listener.fileno(), 1)
-            self._accept_watcher.start(self._on_accept)
+        self._accept_watcher = gevent.get_hub().loop.io(self.listener.fileno(), 1)
+        self._accept_watcher.start(self._on_accept)
         rotate = gevent.spawn(self.server_tls.rotate_forever) if self.server_tls else None
         self._done.wait()
-        if acceptor is not None:
-            acceptor.kill(block=False)
         beat.kill(block=False)
         if rotate is not None:
             rotate.kill(block=False)
@@ -203,7 +200,8 @@ class Worker:
             self.log(f"graceful timeout: closing {left} connection(s)")
             for conn in list(self.clients):
                 conn.close(orderly=False)
-            gevent.killall(list(self.conns), block=True, timeout=1)
+            for conn in list(self.conns):
+                conn.abort()
         gevent.sleep(0)         # let the last writes' callbacks run
         self._done.set()
 
@@ -273,6 +271,14 @@ class Worker:
                     continue
                 client_ip = ip.encode("ascii")
                 sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
+            if self.teleport is not None:
+                # no cap on connections: -concurrency counts running requests
+                conn = self.teleport.start(sock, client_ip.decode("ascii"),
+                                           self._teleport_closed)
+                if conn is not None:
+                    self.conns.add(conn)
+                    q[b + S.IN_CONNS] += 1
+                continue
             if len(self.clients) >= self.max_conns:
                 q[b + S.IN_REQUEST_OVERLOAD] += 1
                 self._refuse(sock, client_ip)
@@ -351,55 +357,11 @@ class Worker:
         else:
             sock.close()
 
-    def _accept_loop(self) -> None:
-        q, b = self.stats.q, self.base
-        listener = self.listener
-        allow = self.allow
-        backoff = 0.0
-        while not self.draining:
-            try:
-                sock, addr = listener.accept()
-            except OSError as e:
-                if self.draining:
-                    return
-                q[b + S.IN_ACCEPT_ERROR] += 1
-                self.log(f"accept failed: {e}")
-                backoff = min(1.0, backoff * 2 or 0.005)
-                gevent.sleep(backoff)
-                continue
-            backoff = 0.0
-            q[b + S.IN_ACCEPT_SUCCESS] += 1
-            if self.is_unix:
-                client_ip = b"0.0.0.0"
-            else:
-                ip = addr[0]
-                if allow is not None and not allow.allows(ip):
-                    q[b + S.IN_CONNS_REJECTED_BY_ALLOW_LIST] += 1
-                    self._log_refused(ip)
-                    sock.close()
-                    continue
-                client_ip = ip.encode("ascii")
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            g = gevent.Greenlet(self._handle, sock, client_ip)
-            self.conns[g] = None     # -concurrency counts its handlers instead
-            g.start()
-
-    def _handle(self, sock, client_ip) -> None:
-        """A teleport connection (its own greenlets: httptp.io.teleport_server)."""
-        g = gevent.getcurrent()
-        q, b = self.stats.q, self.base
-        q[b + S.IN_CONNS] += 1
-        try:
-            self.teleport.handle(sock, client_ip.decode("ascii"))
-        except gevent.GreenletExit:
-            pass
-        except Exception as e:  # a bug: log it once, never show the client a traceback
-            self.log(f"internal error: {e.__class__.__name__}: {e}")
-        finally:
-            q[b + S.IN_CONNS] -= 1
-            del self.conns[g]
-            sock.close()
-
+    def _teleport_closed(self, conn) -> None:
+        """A teleport connection ended (its on_close, called once)."""
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.stats.q[self.base + S.IN_CONNS] -= 1
 
     def _refuse(self, sock, client_ip: bytes) -> None:
         """Over -concurrency: answer 503 and close without reading the request

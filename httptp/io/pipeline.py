@@ -50,16 +50,16 @@ Teleport out (``-outType=teleport``): frames are whole messages, so the
 request body is collected first (bounded by -inMaxBodySize), then
 ``TeleportExchange`` sends it with the teleport client's ``request_async``
 and answers from its callback, in the hub as well.  Teleport in:
-``Proxy.answer`` runs an exchange to completion from the teleport server's
-handler greenlet and returns the whole answer (bounded by -outMaxBodySize).
+``Proxy.answer_async`` (the worker's teleport listener) starts an exchange
+from the hub whose downstream, a ``TeleportAnswer``, collects the whole
+response (bounded by -outMaxBodySize) and hands the connection its
+``Answer``.
 """
 
 from __future__ import annotations
 
 import math
 import time
-
-from gevent.hub import Waiter
 
 from httptp import stats as S
 from httptp.balancer import Balancer
@@ -70,7 +70,7 @@ from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
 from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
-from httptp.io.teleport_server import Answer
+from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Timer
 from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
@@ -254,43 +254,40 @@ class Proxy:
         elif self.log_errors:
             self.log(f"upstream {upstream.name}: {e}")
 
-    # -- teleport in: a whole answer, from a handler greenlet ---------------------------------
+    # -- teleport in: a whole answer, from the hub -------------------------------------------
 
-    def answer(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None) -> Answer:
-        """Teleport in: proxy one request; the answer is framed by the teleport
-        server, always with the Content-Length of the bytes it carries (a HEAD
-        answer carries none: PROTOCOL.md §1.9)."""
-        resp = self.proxy(head, body, client_ip, peer)
-        if resp.__class__ is not Response:
-            return self.answer_error(resp)
-        rh = resp.head
-        return Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
-                      b"" if head.method == b"HEAD" else resp.body)
+    def answer_async(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None,
+                     respond, req_id: int) -> None:
+        """Teleport in, from the hub: proxy one request and call
+        ``respond(req_id, answer, head)`` once with its ``Answer`` (maybe
+        before this returns); counted and access-logged as ``answer`` is."""
+        spare = self._spare_timers
+        timer = spare.pop() if spare else self.exchange_timer()
+        down = TeleportAnswer(self, head, timer, respond, req_id)
+        try:
+            ex = self.begin(head, client_ip, down, timer, body_done=True, peer=peer,
+                            tunnel=False)
+            if isinstance(ex, ProxyError):
+                down.response_error(ex, False)
+                return
+            down.exchange = ex
+            ex.start([body] if body else [], True)
+        except Exception as e:      # a bug: say it once, answer 500, never hang the request
+            self.log(f"internal error: {e.__class__.__name__}: {e}")
+            down.finish(None)
+
+    def release_timer(self, timer: Timer) -> None:
+        """Give back a timer of ``answer_async``'s (disarmed) for the next request."""
+        timer.disarm()
+        spare = self._spare_timers
+        if len(spare) < _MAX_SPARE_TIMERS:
+            spare.append(timer)
+        else:
+            timer.close()
 
     @staticmethod
     def answer_error(err: ProxyError) -> Answer:
         return Answer(err.status, err.reason.encode("latin-1"), _TEXT_PLAIN, err.payload)
-
-    def proxy(self, head, body: bytes, client_ip: bytes | None, peer: bytes | None = None):
-        """The whole upstream Response, or the ProxyError to answer with (from a
-        greenlet, not the hub); counted and access-logged either way."""
-        spare = self._spare_timers
-        timer = spare.pop() if spare else self.exchange_timer()
-        try:
-            down = Collector(self.max_body)
-            ex = self.begin(head, client_ip, down, timer, body_done=True, peer=peer,
-                            tunnel=False)
-            if isinstance(ex, ProxyError):
-                return ex
-            down.exchange = ex
-            ex.start([body] if body else [], True)
-            return down.wait()
-        finally:
-            timer.disarm()
-            if len(spare) < _MAX_SPARE_TIMERS:
-                spare.append(timer)
-            else:
-                timer.close()
 
     def close(self) -> None:
         for u in self.upstreams:
@@ -832,45 +829,59 @@ class TeleportExchange:
                                           up.name, time.monotonic() - self.t0)
 
 
-class Collector:
-    """A downstream that collects the whole response for a greenlet (teleport
-    in) and hands it over when it is complete."""
+class TeleportAnswer:
+    """A downstream for teleport in, driven by callbacks: it collects one
+    response whole (the exchange enforces -outMaxBodySize) and, once it is
+    complete or failed, hands its ``Answer`` to ``respond(req_id, answer,
+    head)`` (the teleport connection frames it).  Exactly once."""
 
-    __slots__ = ("max_body", "waiter", "head", "parts", "exchange", "gone")
+    __slots__ = ("proxy", "head", "timer", "respond", "req_id", "resp_head", "parts",
+                 "exchange", "gone")
 
-    def __init__(self, max_body: int):
-        self.max_body = max_body
-        self.waiter = Waiter()
-        self.head = None
+    def __init__(self, proxy: Proxy, head, timer: Timer, respond, req_id: int):
+        self.proxy = proxy
+        self.head = head
+        self.timer = timer
+        self.respond = respond
+        self.req_id = req_id
+        self.resp_head = None
         self.parts = []
         self.exchange = None
         self.gone = False
 
-    def wait(self):
-        try:
-            return self.waiter.get()
-        except BaseException:          # killed (a drain's deadline): let the upstream go
-            self.gone = True
-            if self.exchange is not None:
-                self.exchange.abort()
-            raise
+    def finish(self, answer) -> None:
+        """Hand ``answer`` on (None: an internal error, answered 500)."""
+        respond = self.respond
+        if respond is None:
+            return
+        self.respond = None
+        self.proxy.release_timer(self.timer)
+        self.timer = self.exchange = None
+        self.parts = None
+        if answer is None:
+            answer = INTERNAL_ERROR
+        respond(self.req_id, answer, self.head)
+
+    def _whole(self, rh, body: bytes) -> None:
+        self.finish(Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
+                           b"" if self.head.method == b"HEAD" else body))
 
     def response_whole(self, head, body, exchange) -> None:
-        self.waiter.switch(Response(head, body, exchange.upstream_name, exchange.upstream_time))
+        self._whole(head, body)
 
     def response_head(self, head, exchange) -> None:
-        self.head = head
+        self.resp_head = head
 
     def response_data(self, data) -> None:
         self.parts.append(data)
 
     def response_end(self) -> None:
-        ex = self.exchange
-        self.waiter.switch(Response(self.head, b"".join(self.parts), ex.upstream_name,
-                                    ex.upstream_time))
+        parts = self.parts
+        self._whole(self.resp_head, parts[0] if len(parts) == 1 else b"".join(parts))
 
     def response_error(self, err, head_sent: bool) -> None:
-        self.waiter.switch(err)
+        if self.respond is not None:
+            self.finish(Proxy.answer_error(err))
 
     def pause_reading(self) -> None:
         pass

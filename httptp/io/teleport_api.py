@@ -279,7 +279,6 @@ class Server:
         self.log = log
         self.address: str | None = None
         self._listener = None
-        self._conns: set = set()
         self._accepting = None
         self._stopping = False
 
@@ -355,9 +354,7 @@ class Server:
                 peer = f"{addr[0]}:{addr[1]}" if ":" not in addr[0] else f"[{addr[0]}]:{addr[1]}"
             else:
                 peer = "unix"
-            g = gevent.spawn(self._ts.handle, sock, peer)
-            self._conns.add(g)
-            g.link(self._conns.discard)
+            self._ts.start(sock, peer)      # served by callbacks from now on
 
     def start(self, addr: str = "127.0.0.1:0") -> str:
         """Listen on ``addr`` and serve in a background greenlet; return the
@@ -377,10 +374,8 @@ class Server:
             except OSError:
                 pass
         self._ts.drain()
-        if self._conns:
-            gevent.joinall(list(self._conns), timeout=timeout)
-        if self._conns:
-            gevent.killall(list(self._conns), block=True, timeout=1)
+        if not self._ts.wait_closed(timeout):
+            self._ts.abort()
         if self._accepting is not None:
             self._accepting.join(1)
 

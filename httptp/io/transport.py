@@ -41,6 +41,7 @@ from __future__ import annotations
 import socket as _socket
 import ssl
 import struct
+import weakref
 from collections import deque
 from fcntl import ioctl
 from termios import TIOCOUTQ
@@ -367,6 +368,11 @@ class TLSTransport(Transport):
         self._out = ssl.MemoryBIO()
         self.ssl = context.wrap_bio(self._in, self._out, server_side=server_side,
                                     server_hostname=server_hostname)
+        # A gevent.ssl.SSLContext (httptp.tls.cooperative) wraps its SNI
+        # callback to pass ``conn._sslsock()``, which only its sockets have:
+        # give our SSLObject one (a weakref: no cycle) so such a context works
+        # here too instead of failing every handshake that sends SNI.
+        self.ssl._sslsock = weakref.ref(self.ssl)
         self._shaking = True
         self._pending = []         # plaintext written during the handshake
         self._notify = True        # send close_notify on close()
