@@ -522,9 +522,12 @@ def test_exchange_answers_from_the_callback_in_the_hub(peers):
         assert down.wait() == (200, b"/x") and down.in_hub
         assert ex.finished and ex.upstream_name == peer.addr
         assert stats.q[stats.block_base(0) + S.IN_REQUEST_SUCCESS] == 1
-        # teleport in -> teleport out: Proxy.proxy from a greenlet, a Collector downstream
-        r = gevent.spawn(proxy.proxy, _head(b"POST", b"/p", 3), b"abc", None).get(timeout=5)
-        assert (r.head.status, r.body, r.upstream) == (200, b"/p", peer.addr)
+        # teleport in -> teleport out: Proxy.answer_async, a TeleportAnswer downstream
+        got = gevent.event.AsyncResult()
+        proxy.answer_async(_head(b"POST", b"/p", 3), b"abc", None, b"peer",
+                           lambda req_id, answer, head: got.set((req_id, answer)), 7)
+        req_id, answer = got.get(timeout=5)
+        assert (req_id, answer.status, answer.body) == (7, 200, b"/p")
     finally:
         proxy.close()
 
