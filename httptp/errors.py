@@ -68,11 +68,6 @@ class UpgradeNotSupported(ProxyError):
     close = False
 
 
-class ClientClosed(ProxyError):
-    """The client went away before its answer was sent (logged as nginx's 499)."""
-    status, reason, body = 499, "Client Closed Request", "client closed request"
-
-
 class ProtocolError(BadRequest):
     """The peer sent bytes that are not valid HTTP/1.1 (or that we refuse as
     ambiguous).  ``status`` is 400, 413 or 431; the connection is closed.

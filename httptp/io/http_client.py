@@ -34,6 +34,7 @@ into a tunnel: ``upgraded(head, rest)``, then raw bytes both ways
 from __future__ import annotations
 
 import ipaddress
+import os
 import socket as _socket
 import time
 from collections import deque
@@ -44,7 +45,8 @@ from gevent import get_hub
 from httptp import stats as S
 from httptp.errors import ProtocolError, ResponseTooLarge, UpstreamError
 from httptp.http.events import Data, EndOfMessage, ResponseHead
-from httptp.io.transport import OUT, TLSTransport, Transport, os_error_text
+from httptp.io.transport import (IN_PROGRESS, OUT, TLSTransport, Transport, connect,
+                                 os_error_text)
 
 DIAL_TIMEOUT = 3.0
 
@@ -262,21 +264,18 @@ class _Dial:
 
     def connect(self, family, sockaddr) -> None:
         try:
-            sock = self.sock = _socket.socket(family, _socket.SOCK_STREAM)
-            sock.setblocking(False)
-            if family != _socket.AF_UNIX:
-                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(sockaddr)
+            sock, err = connect(family, sockaddr)
         except OSError as e:
             self.failed(os_error_text(e))
             return
+        self.sock = sock
         if err == 0:
             self._connected()
-        elif err in (_EINPROGRESS, _EAGAIN):
+        elif err in IN_PROGRESS:
             self.watcher = get_hub().loop.io(sock.fileno(), 2)
             self.watcher.start(self._writable)
         else:
-            self.failed(_strerror(err))
+            self.failed(os.strerror(err))
 
     def _writable(self) -> None:
         self.watcher.stop()
@@ -286,7 +285,7 @@ class _Dial:
             return
         err = self.sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_ERROR)
         if err:
-            self.failed(_strerror(err))
+            self.failed(os.strerror(err))
         else:
             self._connected()
 
@@ -378,14 +377,6 @@ class _Dial:
         self.exchange = None
 
 
-import errno as _errno  # noqa: E402
-
-_EINPROGRESS, _EAGAIN = _errno.EINPROGRESS, _errno.EAGAIN
-
-
-def _strerror(err: int) -> str:
-    import os
-    return os.strerror(err)
 
 
 class HTTPUpstream:

@@ -45,7 +45,7 @@ from __future__ import annotations
 from collections import deque
 
 from httptp import stats as S
-from httptp.errors import (ClientClosed, MethodNotAllowed, ProtocolError, ProxyError,
+from httptp.errors import (MethodNotAllowed, ProtocolError, ProxyError,
                            RequestTimeout)
 from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
@@ -532,5 +532,3 @@ class ClientConn:
         self._tunnel = None
         self.close(orderly=not error)
 
-
-_ = ClientClosed     # logged as 499 by the exchange when the client leaves

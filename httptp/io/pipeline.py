@@ -581,8 +581,7 @@ class Exchange:
             if len(self.tried) == 1 and not proxy.single:
                 self._try()
                 return
-        err = BadGateway(str(e))
-        err.upstream, err.upstream_time = up.name, elapsed
+        err = _from(BadGateway(str(e)), up, elapsed)
         self._fail(err)
 
     def _timed_out(self) -> None:
@@ -612,10 +611,8 @@ class Exchange:
             self.lease = None
         if self.proxy.log_errors:
             self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
-        err = GatewayTimeout("no free upstream connection before the deadline"
-                             if waited is not None else "")
-        err.upstream, err.upstream_time = up.name, elapsed
-        self._fail(err)
+        self._fail(_from(GatewayTimeout("no free upstream connection before the deadline"
+                                        if waited is not None else ""), up, elapsed))
 
     def _fail(self, err: ProxyError) -> None:
         self.finished = True
@@ -777,8 +774,7 @@ class TeleportExchange:
             self.tried = {lease.index}
             self._try()
             return
-        err = BadGateway(str(result))
-        err.upstream, err.upstream_time = up.name, elapsed
+        err = _from(BadGateway(str(result)), up, elapsed)
         self._fail(err)
 
     def _timed_out(self) -> None:
@@ -794,8 +790,7 @@ class TeleportExchange:
             self.lease = None
         if self.proxy.log_errors:
             self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
-        err = GatewayTimeout()
-        err.upstream, err.upstream_time = up.name, elapsed
+        err = _from(GatewayTimeout(), up, elapsed)
         self._fail(err)
 
     def _fail(self, err: ProxyError) -> None:
@@ -887,3 +882,9 @@ class TeleportAnswer:
         pass
 
     resume_reading = pause_reading
+
+
+def _from(err: ProxyError, upstream, elapsed: float) -> ProxyError:
+    """``err`` naming the upstream it came from and how long it took (access log)."""
+    err.upstream, err.upstream_time = upstream.name, elapsed
+    return err

@@ -62,7 +62,6 @@ Per request the hot path allocates the frame, a ``_Call`` and the
 
 from __future__ import annotations
 
-import errno
 import ipaddress
 import os
 import socket as _socket
@@ -78,7 +77,7 @@ from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.http.events import Response
 from httptp.io.common import BATCH_BYTES, YIELD_SLICES, counters, error_text
 from httptp.io.timers import Timer
-from httptp.io.transport import OUT, TLSTransport, Transport
+from httptp.io.transport import IN_PROGRESS, OUT, TLSTransport, Transport, connect
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import FrameTooLarge, TeleportError
 from httptp.teleport.connection import ClientConnection
@@ -198,17 +197,14 @@ class _Link:
 
     def _connect(self, family, sockaddr) -> None:
         try:
-            sock = self.sock = _socket.socket(family, _socket.SOCK_STREAM)
-            sock.setblocking(False)
-            if family != _socket.AF_UNIX:
-                sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
-            err = sock.connect_ex(sockaddr)
+            sock, err = connect(family, sockaddr)
         except OSError as e:
             self._connect_failed(error_text(e))
             return
+        self.sock = sock
         if err == 0:
             self._connected()
-        elif err in (errno.EINPROGRESS, errno.EAGAIN):
+        elif err in IN_PROGRESS:
             self._dial_watcher = w = self.loop.io(sock.fileno(), 2)
             w.start(self._writable)
         else:

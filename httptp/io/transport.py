@@ -38,6 +38,7 @@ protocol interface, ciphertext on the socket, plaintext to the protocol.
 
 from __future__ import annotations
 
+import errno
 import socket as _socket
 import ssl
 import struct
@@ -73,6 +74,25 @@ IN = Side(S.IN_READ_CALLS, S.IN_BYTES_READ, S.IN_READ_ERROR, S.IN_WRITE_CALLS,
           S.IN_BYTES_WRITTEN, S.IN_WRITE_ERROR)
 OUT = Side(S.OUT_READ_CALLS, S.OUT_BYTES_READ, S.OUT_READ_ERROR, S.OUT_WRITE_CALLS,
            S.OUT_BYTES_WRITTEN, S.OUT_WRITE_ERROR)
+
+
+IN_PROGRESS = frozenset((errno.EINPROGRESS, errno.EAGAIN))   # connect: wait for writability
+
+
+def connect(family: int, sockaddr):
+    """A non-blocking stream socket connecting to ``sockaddr`` (TCP_NODELAY
+    unless a unix socket) and what ``connect_ex`` said: 0 (connected), an
+    errno in IN_PROGRESS (wait until it is writable, then read SO_ERROR), or a
+    failure (``os.strerror``).  Raises OSError, the socket closed."""
+    sock = _socket.socket(family, _socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        if family != _socket.AF_UNIX:
+            sock.setsockopt(_socket.IPPROTO_TCP, _socket.TCP_NODELAY, 1)
+        return sock, sock.connect_ex(sockaddr)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def os_error_text(e: BaseException) -> str:
