@@ -170,6 +170,10 @@ class _Link:
 
     def _dial(self) -> None:
         client = self.client
+        # libev times from the loop's cached clock, read when it last polled:
+        # a dial started by a greenlet (the library's blocking client) after
+        # seconds of work without yielding would see its deadline already past
+        self.loop.update_now()
         self._dial_timer = timer = self.loop.timer(client.dial_timeout)
         timer.start(self._connect_failed, "timed out")
         addr = client.address
