@@ -298,3 +298,12 @@ def _write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "httptp.conf"
     path.write_text(text)
     return path
+
+
+def test_docs_name_every_file_and_the_stated_version():
+    doc = (ROOT / "docs" / "kubernetes.md").read_text()
+    assert f"Kubernetes {K8S_MIN}" in doc
+    for path in MANIFESTS:
+        assert f"`{path.name}`" in doc, f"docs/kubernetes.md does not describe {path.name}"
+    for scenario in SCENARIOS:
+        assert f"`{scenario}/`" in doc, f"docs/kubernetes.md does not describe {scenario}/"
