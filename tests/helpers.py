@@ -246,8 +246,10 @@ _LISTEN_RE = re.compile(r"listening on (\S+) pid=(\d+)")
 class HttpTp:
     """The real `httptp` command in a subprocess.  Use as a context manager."""
 
-    def __init__(self, *args: str, workers: int = 2, env: dict | None = None, wait: bool = True):
-        self.args = [HTTPTP, f"-workers={workers}", *args]
+    def __init__(self, *args: str, workers: int = 2, env: dict | None = None, wait: bool = True,
+                 wrap: list[str] | None = None):
+        # ``wrap``: a command that execs httptp (keeping the pid), e.g. setpriv.
+        self.args = [*(wrap or []), HTTPTP, f"-workers={workers}", *args]
         if not any(a.startswith("-in=") or a == "-in" for a in args):
             self.args.append("-in=127.0.0.1:0")
         if not any(a.startswith("-expvarAddr") for a in args):
