@@ -171,6 +171,10 @@ def test_probes_and_scrape_target_the_stats_server(scenario, tmp_path):
         get = container[probe]["httpGet"]
         assert get["path"] == "/healthz", probe
         assert _port(container, get["port"]) == int(port), probe
+    def budget(probe):      # seconds of failures before the kubelet acts
+        return container[probe]["periodSeconds"] * container[probe]["failureThreshold"]
+    assert budget("readinessProbe") < budget("livenessProbe") <= budget("startupProbe"), \
+        "readiness should act before liveness, and a start may take longer than either"
     notes = _one(kinds, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert notes["prometheus.io/scrape"] == "true"
     assert notes["prometheus.io/port"] == port
@@ -243,7 +247,7 @@ def test_pod_is_hardened(scenario):
     pod, container = _pod(kinds), _container(kinds)
     pod_sc, sc = pod["securityContext"], container["securityContext"]
     assert pod_sc["runAsNonRoot"] and sc["runAsNonRoot"]
-    assert pod_sc["runAsUser"] == DOCKERFILE_UID and pod_sc["runAsGroup"] == DOCKERFILE_UID
+    assert pod_sc["runAsUser"] == DOCKERFILE_UID and pod_sc["runAsGroup"] == DOCKERFILE_GID
     assert pod_sc["seccompProfile"]["type"] == "RuntimeDefault"
     assert sc["allowPrivilegeEscalation"] is False and sc.get("privileged", False) is False
     assert sc["readOnlyRootFilesystem"] is True
@@ -259,13 +263,14 @@ def test_pod_is_hardened(scenario):
 DOCKERFILE = (ROOT / "deploy" / "Dockerfile").read_text()
 _user = re.search(r"(?m)^USER (\d+):(\d+)\s*$", DOCKERFILE)
 DOCKERFILE_UID = int(_user.group(1)) if _user else None
+DOCKERFILE_GID = int(_user.group(2)) if _user else None
 
 
 def test_dockerfile_runs_as_a_numeric_non_root_user():
     """runAsNonRoot can only check a numeric USER."""
     assert _user, "the Dockerfile needs USER uid:gid with numbers"
-    assert DOCKERFILE_UID != 0 and int(_user.group(2)) != 0
-    assert f"--uid {DOCKERFILE_UID}" in DOCKERFILE
+    assert DOCKERFILE_UID != 0 and DOCKERFILE_GID != 0
+    assert f"--uid {DOCKERFILE_UID}" in DOCKERFILE and f"--gid {DOCKERFILE_GID}" in DOCKERFILE
 
 
 # ------------------------------------------- per-address balancing (teleport-in)
