@@ -97,14 +97,10 @@ def run_clients(connect, conns: int, per_conn: int) -> float:
     return time.process_time() - t0
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=60000)
-    ap.add_argument("--conns", type=int, default=32)
-    ap.add_argument("--parser", default="httptools")
-    ap.add_argument("--profile", action="store_true", help="cProfile the proxied run")
-    args = ap.parse_args()
-
+def start_worker(parser: str):
+    """A real worker object on this hub (http in on a unix socket, unix out to
+    ``upstream_server``), accepting with its own watcher as in ``serve()``;
+    returns (worker, the path clients connect to)."""
     from httptp.config import load_config
     from httptp.stats import Stats
     from httptp.supervisor.arbiter import _upstream_names
@@ -114,7 +110,7 @@ def main() -> int:
     up_path, in_path = os.path.join(tmp, "up.sock"), os.path.join(tmp, "in.sock")
     upstream_server(up_path)
     cfg = load_config([f"-in={in_path}", "-inType=unix", f"-out={up_path}", "-outType=unix",
-                       "-workers=1", "-expvarAddr=", f"-httpParser={args.parser}",
+                       "-workers=1", "-expvarAddr=", f"-httpParser={parser}",
                        "-logAllErrors"], {})
     stats = Stats.create(max_blocks=4)
     ids = stats.assign_upstreams(_upstream_names(cfg))
@@ -123,16 +119,29 @@ def main() -> int:
     listener.bind(in_path)
     listener.listen(128)
     worker = Worker(cfg, listener, stats, block, 0, 0, list(ids))
-    # the worker accepts with its own watcher, as in serve()
     worker._accept_watcher = gevent.get_hub().loop.io(worker.listener.fileno(), 1)
     worker._accept_watcher.start(worker._on_accept)
+    return worker, in_path
 
-    def connect_to(path):
-        def connect():
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.connect(path)
-            return s
-        return connect
+
+def connect_to(path: str):
+    def connect():
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        return s
+    return connect
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=60000)
+    ap.add_argument("--conns", type=int, default=32)
+    ap.add_argument("--parser", default="httptools")
+    ap.add_argument("--profile", action="store_true", help="cProfile the proxied run")
+    args = ap.parse_args()
+
+    worker, in_path = start_worker(args.parser)
+    up_path = os.path.join(os.path.dirname(in_path), "up.sock")
 
     per_conn = max(1, args.requests // args.conns)
     n = per_conn * args.conns
