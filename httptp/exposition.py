@@ -142,7 +142,8 @@ class StatsCollector:
         inflight = GaugeMetricFamily("httptp_upstream_in_flight", "Requests in flight to an upstream",
                                      labels=["upstream"])
         ejected = GaugeMetricFamily("httptp_upstream_ejected",
-                                    "1 while the upstream is ejected after failed requests (-outMaxFails)",
+                                    "1 while the upstream is ejected after failed requests "
+                                    "(-outMaxFails)",
                                     labels=["upstream"])
         ewma = GaugeMetricFamily("httptp_upstream_latency_ewma_seconds",
                                  "Response time EWMA of an upstream (what the balancer weighs)",

@@ -170,8 +170,9 @@ class Checker:
     def record(self, target: Target, verdict: Verdict, sent: float, ended: float) -> None:
         """Publish one check of ``target`` (``sent``/``ended``: monotonic times)."""
         entry = self.machines.get(target.index)
-        if entry is None or entry[0] != target.name:
-            return                              # the index changed hands meanwhile
+        if entry is None or entry[0] != target.name or \
+                self.stats.upstream_name(target.index) != target.name:
+            return                              # retired, or the index changed hands meanwhile
         machine = entry[1]
         before = machine.state
         changed = machine.record(verdict.ok)

@@ -388,6 +388,11 @@ class Stats:
                 names[i] = name
         return names
 
+    def upstream_name(self, index: int) -> str | None:
+        """The name listed at ``index``; None when the entry is empty or retired."""
+        state, name = self._read_name(index)
+        return name if state == NAME_LISTED else None
+
     def upstream_generation(self) -> int:
         return self.q[H_UPSTREAM_GENERATION]
 
