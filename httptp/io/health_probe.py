@@ -65,7 +65,7 @@ class HTTPProbe:
             host = str(address) if address.kind == "tcp" else "localhost"
             sock.sendall(b"GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: httptp-health/%s\r\n"
                          b"Accept: */*\r\nConnection: close\r\n\r\n"
-                         % (self.path, host.encode("idna"), __version__.encode()))
+                         % (self.path, host.encode("ascii", "replace"), __version__.encode()))
             return self._status(sock)
         finally:
             sock.close()
@@ -123,7 +123,7 @@ class TeleportProbe:
                                 max_header_size=self.max_header_size,
                                 max_body_size=self.max_body_size, tls_context=self.tls,
                                 server_hostname=self.server_name or None)
-        host = (str(address) if address.kind == "tcp" else "localhost").encode("idna")
+        host = (str(address) if address.kind == "tcp" else "localhost").encode("ascii", "replace")
         try:
             resp = client.request(b"GET", self.path, [(b"Host", host),
                                                       (b"User-Agent", b"httptp-health")],
@@ -164,7 +164,10 @@ def check_round(checker: Checker, probe, timeout: float) -> int:
 
 def _timed(probe, target: Target):
     sent = time.monotonic()
-    verdict = probe(target.address)
+    try:
+        verdict = probe(target.address)
+    except Exception as exc:    # a bug, not the upstream's fault: a failed check, no traceback
+        verdict = Verdict(False, 0, f"check failed: {type(exc).__name__}: {exc}")
     return verdict, sent, time.monotonic()
 
 
