@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import threading
 from collections import Counter
 
@@ -182,3 +183,46 @@ def test_teleport_out_checks_over_teleport_and_503_when_all_are_down():
         assert "Traceback" not in front.output + back.output
     finally:
         app.close()
+
+
+def test_http_out_every_upstream_down_is_503_and_nothing_reaches_them():
+    a = App("a")
+    try:
+        with HttpTp(f"-out={a.addr}", "-outType=http", *CHECKS, workers=1) as p:
+            a.sick = True
+            assert wait_until(lambda: f"upstream {a.addr} is down" in p.output), p.output
+            mark = len(a.events)
+            for method in ("GET", "POST"):
+                assert request(p, method) == (503, b"no upstream is up (health checks)\n")
+            assert a.clients(mark) == 0
+        assert "Traceback" not in p.output
+    finally:
+        a.close()
+
+
+def test_a_reload_keeps_a_down_upstream_down(tmp_path):
+    """HUP restarts the checker; it takes the published states over, so the
+    down upstream gets no client request and is not announced down again."""
+    a, b = App("a"), App("b")
+    conf = tmp_path / "httptp.conf"
+    conf.write_text("outHealthCheckInterval = 100ms\n")
+    try:
+        with HttpTp(f"-config={conf}", f"-out={a.addr},{b.addr}", "-outType=http",
+                    "-outHealthCheck=/health", "-outHealthCheckTimeout=1s", workers=1) as p:
+            a.sick = True
+            assert wait_until(lambda: f"upstream {a.addr} is down" in p.output), p.output
+            conf.write_text("outHealthCheckInterval = 150ms\n")
+            mark = len(a.events)
+            p.signal(signal.SIGHUP)
+            assert wait_until(lambda: "reloaded:" in p.output), p.output
+            assert wait_until(lambda: len(re.findall(r"health helper \(pid \d+\) started",
+                                                     p.output)) == 2), p.output
+            assert wait_until(lambda: a.events[mark:].count(("health", True)) >= 4)
+            results = [request(p) for _ in range(20)]
+            assert results == [(200, b"b")] * 20
+            assert a.clients(mark) == 0
+            assert p.output.count(f"upstream {a.addr} is down") == 1, p.output
+        assert "Traceback" not in p.output
+    finally:
+        a.close()
+        b.close()
