@@ -98,8 +98,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 
-from .stats import (HEALTH_DOWN, HL_GOOD_MONO, HL_MONO, HL_STATE, IN_USE, LATENCY_BUCKETS, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA,
-                    UP_EWMA_T, UP_HIST, UP_HIST_SUM,
+from .stats import (HEALTH_DOWN, HL_GOOD_MONO, HL_MONO, HL_STATE, IN_USE, LATENCY_BUCKETS, STATE,
+                    STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA, UP_EWMA_T, UP_HIST, UP_HIST_SUM,
                     UP_FAILURES, UP_INFLIGHT, UP_PENALTY, UP_PENALTY_T, UP_PROBING,
                     UP_REQUESTS, UP_REVIVED, Stats)
 
