@@ -58,7 +58,31 @@ Rules
   requests, so it cannot probe: once its cool-down is over its ejection is
   ignored (the worker must ``Stats.set_state(block, STATE_DRAINING)``).
 * **Fail open.**  If every candidate is ejected, pick the one whose ejection
-  ends soonest (like nginx); ``pick`` never refuses while an upstream exists.
+  ends soonest (like nginx); without active health checks ``pick`` never
+  refuses while an upstream exists.
+* **Active health checks** (``health_stale_after`` given: -outHealthCheck is
+  on).  The checker helper publishes each upstream's state in the health
+  table (``httptp.health``); the balancer reads it with the snapshot.  An
+  upstream whose entry is fresh (its last check ended less than
+  ``health_stale_after`` seconds ago) is *checked*, and for it:
+
+  - DOWN: it gets no request at all; never a probe.
+  - UP or UNKNOWN: it takes its share as usual.
+  - A passive ejection (``max_fails``) does not end after ``fail_timeout``
+    with a client request as the probe: it lasts until a good check *sent
+    after the ejection began* (HAProxy's ``observe`` with ``on-error
+    mark-down``: only the checks bring a server back).  Nothing probes, so
+    no client request is ever the trial request.
+  - If every candidate is DOWN, ``pick`` returns None and the caller answers
+    503 at once, as HAProxy does (503 "no server is available") and nginx
+    ("no live upstreams", 502): clients get a fast, clear error instead of
+    a wait on a dead upstream.  If some are only passively ejected, the one
+    whose ejection ends soonest is used (fail open, as above), without
+    making it a probe.
+
+  An upstream whose entry is not fresh (never checked yet, or the checker
+  stopped publishing) is handled as without checks, so a dead checker can
+  never keep traffic away for good.
 * **Reuse.**  ``Stats.claim_block`` zeroes inflight, consecutive failures,
   EWMA, penalty, eject_until and probing, so a new process starts clean.  It
   keeps the requests/failures counters and revived.
@@ -74,8 +98,8 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 
-from .stats import (IN_USE, LATENCY_BUCKETS, STATE, STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA,
-                    UP_EWMA_T, UP_HIST, UP_HIST_SUM,
+from .stats import (HEALTH_DOWN, HL_GOOD_MONO, HL_MONO, HL_STATE, IN_USE, LATENCY_BUCKETS, STATE,
+                    STATE_DRAINING, UP_CONSEC, UP_EJECT, UP_EWMA, UP_EWMA_T, UP_HIST, UP_HIST_SUM,
                     UP_FAILURES, UP_INFLIGHT, UP_PENALTY, UP_PENALTY_T, UP_PROBING,
                     UP_REQUESTS, UP_REVIVED, Stats)
 
@@ -118,8 +142,10 @@ class Balancer:
     """Pick among this worker's ``-out`` upstreams using all workers' state."""
 
     def __init__(self, stats: Stats, block: int, upstreams: list[int], *, max_fails=3,
-                 fail_timeout=5.0, clock=time.monotonic, refresh=0.005, penalty_halflife=3.0):
-        """``upstreams``: the stats indexes of the ``-out`` list, in order."""
+                 fail_timeout=5.0, clock=time.monotonic, refresh=0.005, penalty_halflife=3.0,
+                 health_stale_after: float | None = None):
+        """``upstreams``: the stats indexes of the ``-out`` list, in order.
+        ``health_stale_after``: active health checks are on (module doc)."""
         if not upstreams:
             raise ValueError("a balancer needs at least one upstream")
         self._q, self._d = stats.q, stats.d
@@ -134,6 +160,10 @@ class Balancer:
         self._orders = [tuple(range(s, n)) + tuple(range(s)) for s in range(n)]
         self._rr = int(clock() * 1000) % n if n > 1 else 0   # seeded like fasthttp
         self._lat, self._avail = [0.0] * n, [False] * n
+        self._health_on = health_stale_after is not None
+        self._stale_after = health_stale_after or 0.0
+        self._health = [stats.health_base(u) for u in upstreams]
+        self._checked, self._down, self._good = [False] * n, [False] * n, [0.0] * n
         self._next_refresh = -_INF
         self._refresh(clock())
 
@@ -143,6 +173,8 @@ class Balancer:
         """Re-read the other in-use blocks (at most every ``refresh`` seconds)."""
         self._next_refresh = now + self._refresh_every
         q, d, n = self._q, self._d, self._n
+        if self._health_on:
+            self._read_health(now)
         inflight, penalty, probing, consec = [0] * n, [0.0] * n, [0] * n, [0] * n
         window = self._fail_timeout
         ewma_sum, ewma_cnt, sampled = [0.0] * n, [0] * n, [0.0] * n
@@ -181,10 +213,23 @@ class Balancer:
         self._o_eject, self._o_holder = self._valid_ejections(ejects, revived)
         self._clear_stale(revived)
 
+    def _read_health(self, now: float) -> None:
+        """The checker's verdicts (module doc, "Active health checks")."""
+        q, d, stale = self._q, self._d, self._stale_after
+        for i, h in enumerate(self._health):
+            checked = d[h + HL_MONO]
+            fresh = self._checked[i] = checked > 0.0 and now - checked < stale
+            self._down[i] = fresh and q[h + HL_STATE] == HEALTH_DOWN
+            self._good[i] = d[h + HL_GOOD_MONO] if fresh else 0.0
+
     def _valid_ejections(self, ejects, revived):
-        """Largest eject_until per position newer than the last successful probe."""
+        """Largest eject_until per position newer than the last successful probe
+        (and, for a checked upstream, begun after its last good check)."""
         eject, holder = [0.0] * self._n, [0] * self._n
+        checked, good, span = self._checked, self._good, self._fail_timeout
         for i, block, until in ejects:
+            if checked[i] and until - span < good[i]:
+                continue
             if until > revived[i] and (until > eject[i] or
                                        (until == eject[i] and block < holder[i])):
                 eject[i], holder[i] = until, block
@@ -192,8 +237,11 @@ class Balancer:
 
     def _clear_stale(self, revived) -> None:
         """Drop our own ejections that a later successful probe made stale."""
-        d = self._d
+        d, checked, good, span = self._d, self._checked, self._good, self._fail_timeout
         for i, b in enumerate(self._bases):
+            if checked[i] and d[b + UP_EJECT] and d[b + UP_EJECT] - span < good[i]:
+                d[b + UP_EJECT] = 0.0           # a good check since it began: back in
+                self._q[b + UP_CONSEC] = 0
             if d[b + UP_EJECT] and d[b + UP_EJECT] <= revived[i]:
                 d[b + UP_EJECT] = 0.0
                 self._q[b + UP_CONSEC] = 0
@@ -204,14 +252,17 @@ class Balancer:
 
     # -- get ----------------------------------------------------------------------
 
-    def pick(self, tried=frozenset()) -> Lease:
-        """Lease the best upstream; never fails while one exists (see module rules)."""
+    def pick(self, tried=frozenset()) -> Lease | None:
+        """Lease the best upstream.  None only with active health checks, when
+        every upstream is down; otherwise never fails (see module rules)."""
         now = self._clock()
         if now >= self._next_refresh:
             self._refresh(now)
         n = self._n
         if n == 1:      # nothing to score: only ejection and probing matter
             b = self._bases[0]
+            if self._checked[0]:    # the checks alone decide: never a probe
+                return None if self._down[0] else self._lease(0, b, False)
             eu, oe = self._d[b + UP_EJECT], self._o_eject[0]
             out = eu or oe or self._o_probing[0] or self._q[b + UP_PROBING]
             return self._lease(0, b, bool(out) and self._ejection_end(0, b, eu, oe, now) is None)
@@ -222,15 +273,20 @@ class Balancer:
         order = self._orders[start]
         q, d, bases = self._q, self._d, self._bases
         o_eject, o_probing, o_ewma = self._o_eject, self._o_probing, self._o_ewma
-        lat, avail = self._lat, self._avail
+        lat, avail, checked, down = self._lat, self._avail, self._checked, self._down
         min_lat, soonest, soonest_end = 0.0, -1, _INF
         for i in order:
             avail[i] = False
-            if i in tried:
+            if i in tried or down[i]:
                 continue
             b = bases[i]
             eu, oe = d[b + UP_EJECT], o_eject[i]
             if eu or oe or o_probing[i] or q[b + UP_PROBING]:
+                if checked[i]:      # out until a good check: a fail-open choice at most
+                    end = eu if eu >= oe else oe
+                    if end < soonest_end:
+                        soonest, soonest_end = i, end
+                    continue
                 end = self._ejection_end(i, b, eu, oe, now)
                 if end is None:
                     return self._lease(i, b, True)
@@ -243,6 +299,8 @@ class Balancer:
                 min_lat = latency
         best = self._lowest_score(order, now, min_lat or 1.0)
         if best < 0:
+            if soonest < 0:         # every candidate is down (health checks)
+                return self.pick() if tried else None
             best = soonest
         return self._lease(best, bases[best], False)
 

@@ -87,6 +87,11 @@ class Config:
     out_max_fails: int
     out_fail_timeout: float
     out_idle_timeout: float
+    out_health_check: str
+    out_health_check_interval: float
+    out_health_check_timeout: float
+    out_health_check_rise: int
+    out_health_check_fall: int
     # derived
     listen: Address
     upstreams: tuple[Address, ...]

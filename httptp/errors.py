@@ -58,6 +58,12 @@ class ServiceUnavailable(ProxyError):
     status, reason, body = 503, "Service Unavailable", "server overloaded: too many connections"
 
 
+class NoUpstreamUp(ProxyError):
+    """Every upstream is down by the active health checks (-outHealthCheck)."""
+    status, reason, body = 503, "Service Unavailable", "no upstream is up (health checks)"
+    close = False
+
+
 class GatewayTimeout(ProxyError):
     status, reason, body = 504, "Gateway Timeout", "upstream timed out"
     close = False

@@ -87,6 +87,10 @@ _METRICS = {
                           "Messages refused for a size limit: requests (413, 431, or a teleport "
                           "connection closed) and upstream responses (502)", {"side": "in"}),
     "outResponseTooLarge": ("httptp_too_large", "counter", "", {"side": "out"}),
+    "outHealthChecks": ("httptp_health_checks", "counter",
+                        "Active health checks sent to upstreams (-outHealthCheck)", {}),
+    "outHealthCheckFailures": ("httptp_health_check_failures", "counter",
+                               "Active health checks that failed (no answer, or not 2xx/3xx)", {}),
     "workerRestarts": ("httptp_worker_restarts", "counter", "Worker processes replaced after dying", {}),
 }
 
@@ -138,11 +142,20 @@ class StatsCollector:
         inflight = GaugeMetricFamily("httptp_upstream_in_flight", "Requests in flight to an upstream",
                                      labels=["upstream"])
         ejected = GaugeMetricFamily("httptp_upstream_ejected",
-                                    "1 while the upstream is ejected by the health checks",
+                                    "1 while the upstream is ejected after failed requests "
+                                    "(-outMaxFails)",
                                     labels=["upstream"])
         ewma = GaugeMetricFamily("httptp_upstream_latency_ewma_seconds",
                                  "Response time EWMA of an upstream (what the balancer weighs)",
                                  labels=["upstream"])
+        health = GaugeMetricFamily("httptp_upstream_health",
+                                   "Active health check state: 0 unknown (not checked), 1 up, "
+                                   "2 down", labels=["upstream"])
+        checks = CounterMetricFamily("httptp_upstream_health_checks",
+                                     "Active health checks sent to an upstream", labels=["upstream"])
+        check_fails = CounterMetricFamily("httptp_upstream_health_check_failures",
+                                          "Active health checks of an upstream that failed",
+                                          labels=["upstream"])
         latency = HistogramMetricFamily("httptp_upstream_latency_seconds",
                                         "Response time of successful requests to an upstream",
                                         labels=["upstream"])
@@ -155,12 +168,16 @@ class StatsCollector:
             inflight.add_metric([name], u["inflight"])
             ejected.add_metric([name], 1 if u["ejected"] else 0)
             ewma.add_metric([name], u["ewma"])
+            h = self.stats.health_details(idx)
+            health.add_metric([name], h["state"])
+            checks.add_metric([name], h["checks"])
+            check_fails.add_metric([name], h["failures"])
             cumulative, buckets = 0, []
             for bound, n in zip((*LATENCY_BUCKETS, float("inf")), u["latency_buckets"]):
                 cumulative += n
                 buckets.append((_bound(bound), cumulative))
             latency.add_metric([name], buckets, u["latency_sum"])
-        return req, fail, inflight, ejected, ewma, latency
+        return req, fail, inflight, ejected, ewma, health, checks, check_fails, latency
 
 
 class Exposition:

@@ -173,6 +173,17 @@ def parse_regexp(text: str) -> str:
     return text
 
 
+_HEALTH_PATH = re.compile(r"/[!-~]*")     # visible ASCII: a request-target in origin-form
+
+
+def parse_health_path(text: str) -> str:
+    """"" (checks off) or an origin-form path such as ``/healthz?full=1``."""
+    if text and (not _HEALTH_PATH.fullmatch(text) or len(text) > 1024):
+        raise ValueError(f"invalid health check path {text[:60]!r}: want a path starting "
+                         "with / (visible ASCII, no spaces), or empty for no checks")
+    return text
+
+
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
@@ -294,6 +305,23 @@ SETTINGS: tuple[Setting, ...] = (
     S("outIdleTimeout", positive_duration, "10s", section="Upstream",
       meta="duration", ours=True,
       help="A pooled idle upstream connection is closed after this time"),
+    S("outHealthCheck", parse_health_path, "", section="Upstream", meta="path", ours=True,
+      help="Path of the active health checks (GET /path to every upstream, from one "
+           "process); empty: no active checks\n"
+           "A 2xx or 3xx answer is good; anything else, or no answer within "
+           "-outHealthCheckTimeout, is bad. An upstream marked down gets no client request, "
+           "and only the checks bring it back (no client request is ever a probe). Teleport "
+           "upstreams get a teleport request for the path. See docs/operations.md."),
+    S("outHealthCheckInterval", positive_duration, "5s", section="Upstream",
+      meta="duration", ours=True,
+      help="Time between two health checks of an upstream"),
+    S("outHealthCheckTimeout", positive_duration, "2s", section="Upstream",
+      meta="duration", ours=True,
+      help="A health check with no full answer head within this time fails"),
+    S("outHealthCheckRise", int_at_least(1), "2", section="Upstream", meta="int", ours=True,
+      help="Good checks in a row that bring a down upstream back up (HAProxy's rise)"),
+    S("outHealthCheckFall", int_at_least(1), "3", section="Upstream", meta="int", ours=True,
+      help="Failed checks in a row that mark an up upstream down (HAProxy's fall)"),
     # -- Limits --------------------------------------------------------------
     S("concurrency", int_at_least(1), "100000", section="Limits", meta="int",
       help="Maximum number of concurrent client connections (http) or requests (teleport)\n"

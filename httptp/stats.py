@@ -48,6 +48,9 @@ words                      field                       notes
                                                        word 0 = state | name_length << 8
                                                        (state 0 empty, 1 listed, 2 retired),
                                                        words 1..15 = utf-8 name, <= 120 bytes
+8+16*U .. 8+24*U           upstream health table       U entries of 8 words (64 bytes), one per
+                                                       name-table index; written only by the
+                                                       health checker (see below)
 BLOCKS_START + b*BW        block b (BW = BLOCK_WORDS)  ``max_blocks`` blocks
 =========================  ==========================  =======================================
 
@@ -100,6 +103,25 @@ offset  field         kind     meaning
 30..31  reserved
 ======  ============  =======  =====================================================
 
+Health entry (offsets relative to ``health_base(u)``; one writer: the health
+checker helper, ``httptp.health``; all zero = unknown, never checked):
+
+======  ============  =======  =====================================================
+offset  field         kind     meaning
+======  ============  =======  =====================================================
+0       HL_STATE      int      ``HEALTH_UNKNOWN`` 0, ``HEALTH_UP`` 1, ``HEALTH_DOWN`` 2
+1       HL_CHECKED    float    wall time (``time.time()``) the last check ended
+2       HL_CODE       int      HTTP status of the last check, 0 for no answer
+3       HL_CHECKS     counter  checks done
+4       HL_FAILS      counter  checks that failed (no answer, or not 2xx/3xx)
+5       HL_GOOD_MONO  float    monotonic time the last *good* check was sent
+6       HL_MONO       float    monotonic time the last check ended (staleness)
+7       HL_SINCE      float    wall time of the last state change
+======  ============  =======  =====================================================
+
+The master zeroes an entry when ``assign_upstreams`` gives its index to a new
+name (before the checker knows the name), so a new upstream starts unknown.
+
 ``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
 survives claim and release (see ``httptp.balancer``).  Sizes: with 256 blocks
 and 64 upstreams the map is about 2.2 MB, and untouched pages are never faulted
@@ -113,7 +135,7 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 3
+LAYOUT_VERSION = 4
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
@@ -122,6 +144,12 @@ HEADER_WORDS = 8
 NAME_WORDS = 16                     # per name-table entry
 NAME_BYTES = (NAME_WORDS - 1) * 8   # 120
 NAME_EMPTY, NAME_LISTED, NAME_RETIRED = 0, 1, 2
+# Health table (after the name table): per upstream index, written by the checker.
+HEALTH_WORDS = 8
+HEALTH_UNKNOWN, HEALTH_UP, HEALTH_DOWN = 0, 1, 2
+HL_STATE, HL_CHECKED, HL_CODE, HL_CHECKS, HL_FAILS, HL_GOOD_MONO, HL_MONO, HL_SINCE = range(8)
+HEALTH_CHECKS_NAME = "outHealthChecks"                  # summed in totals()
+HEALTH_CHECK_FAILURES_NAME = "outHealthCheckFailures"
 
 # Block admin words.
 IN_USE, SEQ, PID, SLOT, GENERATION, STATE, HEARTBEAT, STARTED = range(8)
@@ -231,7 +259,7 @@ WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included i
 
 def layout_words(max_blocks: int, max_upstreams: int) -> tuple[int, int, int]:
     """Return (blocks_start, block_words, total_words) for the given sizes."""
-    blocks_start = HEADER_WORDS + NAME_WORDS * max_upstreams
+    blocks_start = HEADER_WORDS + (NAME_WORDS + HEALTH_WORDS) * max_upstreams
     block_words = BLOCK_HEADER_WORDS + UP_WORDS * max_upstreams
     return blocks_start, block_words, blocks_start + block_words * max_blocks
 
@@ -339,6 +367,7 @@ class Stats:
             if name not in table:
                 table[name] = self._free_name_index()
                 self._write_name(table[name], NAME_LISTED, raw)
+                self._zero_health(table[name])
             result.append(table[name])
         self.q[H_UPSTREAM_GENERATION] += 1
         return result
@@ -359,8 +388,62 @@ class Stats:
                 names[i] = name
         return names
 
+    def upstream_name(self, index: int) -> str | None:
+        """The name listed at ``index``; None when the entry is empty or retired."""
+        state, name = self._read_name(index)
+        return name if state == NAME_LISTED else None
+
     def upstream_generation(self) -> int:
         return self.q[H_UPSTREAM_GENERATION]
+
+    # -- upstream health table (the health checker writes) -----------------------
+
+    def health_base(self, index: int) -> int:
+        """Word index of upstream ``index``'s health entry; add an ``HL_*`` constant."""
+        if not 0 <= index < self.max_upstreams:
+            raise IndexError("upstream %d out of range" % index)
+        return HEADER_WORDS + NAME_WORDS * self.max_upstreams + index * HEALTH_WORDS
+
+    def _zero_health(self, index: int) -> None:
+        base = self.health_base(index)
+        for field in range(HEALTH_WORDS):
+            self.q[base + field] = 0
+
+    def set_health(self, index: int, state: int, checked_at: float, code: int) -> None:
+        """Publish the checker's verdict on upstream ``index``: ``state`` (HEALTH_*),
+        ``checked_at`` (wall time of the check), ``code`` (HTTP status, 0 for no
+        answer).  The state word is written last, and a change stamps HL_SINCE."""
+        q, d, base = self.q, self.d, self.health_base(index)
+        d[base + HL_CHECKED] = checked_at
+        q[base + HL_CODE] = code
+        if q[base + HL_STATE] != state:
+            d[base + HL_SINCE] = checked_at
+        q[base + HL_STATE] = state
+
+    def count_check(self, index: int, ok: bool, sent: float, ended: float) -> None:
+        """Count one check of ``index``; ``sent``/``ended`` are monotonic times.
+        A good check stamps HL_GOOD_MONO with ``sent`` (the balancer lets a
+        passively ejected upstream back only after a good check sent later)."""
+        q, d, base = self.q, self.d, self.health_base(index)
+        q[base + HL_CHECKS] += 1
+        if ok:
+            d[base + HL_GOOD_MONO] = sent
+        else:
+            q[base + HL_FAILS] += 1
+        d[base + HL_MONO] = ended
+
+    def health(self, index: int) -> tuple[int, float, int]:
+        """``(state, checked_at, code)`` of upstream ``index``: HEALTH_*, the wall
+        time of the last check (0.0: never checked) and its HTTP status (0: no answer)."""
+        q, base = self.q, self.health_base(index)
+        return q[base + HL_STATE], self.d[base + HL_CHECKED], q[base + HL_CODE]
+
+    def health_details(self, index: int) -> dict:
+        """Everything in the health entry of ``index`` (for the stats pages)."""
+        q, d, base = self.q, self.d, self.health_base(index)
+        return {"state": q[base + HL_STATE], "checked_at": d[base + HL_CHECKED],
+                "code": q[base + HL_CODE], "checks": q[base + HL_CHECKS],
+                "failures": q[base + HL_FAILS], "since": d[base + HL_SINCE]}
 
     # -- blocks (master side) -------------------------------------------------
 
@@ -450,7 +533,9 @@ class Stats:
         return {name: words[field - _FIRST] for name, field, _ in COUNTERS}
 
     def totals(self) -> dict[str, int]:
-        """Every counter and gauge of ``COUNTERS`` summed over all blocks, plus workerRestarts."""
+        """Every counter and gauge of ``COUNTERS`` summed over all blocks, plus
+        workerRestarts and the health checker's outHealthChecks and
+        outHealthCheckFailures (over every upstream index)."""
         sums = [0] * (_LAST - _FIRST)
         for block in range(self.max_blocks):
             base = self.block_base(block)
@@ -458,6 +543,13 @@ class Stats:
                 sums[k] += v
         result = {name: sums[field - _FIRST] for name, field, _ in COUNTERS}
         result[WORKER_RESTARTS_NAME] = self.restarts()
+        checks = fails = 0
+        for index in range(self.max_upstreams):
+            base = self.health_base(index)
+            checks += self.q[base + HL_CHECKS]
+            fails += self.q[base + HL_FAILS]
+        result[HEALTH_CHECKS_NAME] = checks
+        result[HEALTH_CHECK_FAILURES_NAME] = fails
         return result
 
     def upstream_totals(self) -> dict[int, dict]:

@@ -615,6 +615,7 @@ class Arbiter:
             return
         config = self.config
         self._sync_stats_helper()
+        self._sync_health_helper()
         if not helper_procs.autocert_enabled(config):
             self.helpers.remove(helper_procs.ACME)
             return
@@ -644,6 +645,16 @@ class Arbiter:
         self.helpers.ensure(helper_procs.STATS,
                             helper_procs.stats_main(self.stats, self.stats_sock, list(sys.argv)),
                             key=addr)
+
+    def _sync_health_helper(self) -> None:
+        """The active health checks run in a helper child iff -outHealthCheck is set;
+        a HUP restarts it with the new settings (``health_key``)."""
+        if not getattr(self.config, "out_health_check", ""):
+            self.helpers.remove(helper_procs.HEALTH)
+            return
+        self.helpers.ensure(helper_procs.HEALTH,
+                            helper_procs.health_main(self.config, self.stats, self.tls),
+                            key=helper_procs.health_key(self.config, self.generation))
 
     def _helper_child(self, name: str) -> None:
         """First thing in a new helper child: worker signals, no proxy listeners."""

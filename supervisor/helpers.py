@@ -1,6 +1,6 @@
 """Helper children of the master: processes without proxy listeners that do
-work which is neither proxying nor supervising (the ACME client; later the
-stats server, active health checks).
+work which is neither proxying nor supervising (the ACME client, the stats
+server, the active health checks).
 
 Theory of operation
 -------------------
@@ -20,6 +20,9 @@ may start threads (the ACME helper does); it starts from the master's state at
 fork time, with the worker signal dispositions reset by ``in_child``.
 
 The stats helper (``stats_main``) serves -expvarAddr from the shared memory.
+
+The health helper (``health_main``) runs the -outHealthCheck checks and
+publishes them in the shared memory's health table (``httptp.health``).
 
 The ACME helper: ``autocert_enabled(config)`` says whether it runs
 (``-inType=https`` with no ``-inTLSCert``); ``open_http_socket`` binds the
@@ -285,6 +288,55 @@ def stats_main(stats, sock, cmdline: list[str]) -> Callable[[], int]:
         serve(sock, stats, cmdline)
         return 0
     return main
+
+
+HEALTH = "health"
+
+
+def health_key(config, generation: int) -> tuple:
+    """What the running health helper was started with.  ``generation`` is the
+    master's configuration generation: every HUP restarts the checker, so it
+    takes the TLS files read again, as the workers do (the states it
+    published carry over: ``httptp.health.Checker``)."""
+    return (config.out_health_check, config.out_health_check_interval,
+            config.out_health_check_timeout, config.out_health_check_rise,
+            config.out_health_check_fall, config.out_type, generation)
+
+
+def health_main(config, stats, tls) -> Callable[[], int]:
+    """What the health helper child runs: -outHealthCheck every
+    -outHealthCheckInterval, from one process (gevent is imported in the child only)."""
+    def main() -> int:
+        from httptp.health import Checker, stale_after
+        from httptp.io import health_probe
+        from httptp.logs import error_logger
+        interval = config.out_health_check_interval
+        timeout = config.out_health_check_timeout
+        checker = Checker(stats, path=config.out_health_check,
+                          rise=config.out_health_check_rise, fall=config.out_health_check_fall,
+                          out_type=config.out_type,
+                          log=error_logger("health", config.log_format),
+                          stale_after=stale_after(config))
+        health_probe.run(checker, _health_probe(config, tls), interval, timeout)
+        return 0
+    return main
+
+
+def _health_probe(config, tls):
+    from httptp.io import health_probe
+    client = tls.client if tls is not None else None
+    server_name = tls.server_name if tls is not None else ""
+    path, timeout = config.out_health_check, config.out_health_check_timeout
+    if config.out_type in ("teleport", "teleports"):
+        from httptp.teleport.handshake import BY_NAME
+        return health_probe.TeleportProbe(
+            path, timeout, compress=BY_NAME[config.out_compress],
+            max_header_size=config.out_max_header_size, max_body_size=config.out_max_body_size,
+            tls_context=client, server_name=server_name)
+    if client is not None:
+        from httptp.tls import cooperative
+        client = cooperative(client)        # in this child only: gevent sockets
+    return health_probe.HTTPProbe(path, timeout, client, server_name)
 
 
 def make_cache_dir(path: str) -> None:

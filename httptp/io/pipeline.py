@@ -63,8 +63,8 @@ import time
 
 from httptp import stats as S
 from httptp.balancer import Balancer
-from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, ProxyError, ResponseTooLarge,
-                           UpgradeNotSupported, UpstreamError)
+from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, NoUpstreamUp, ProxyError,
+                           ResponseTooLarge, UpgradeNotSupported, UpstreamError)
 from httptp.http import policy, writer
 from httptp.http.events import Response, ResponseHead
 from httptp.http.host import upstream_target
@@ -149,7 +149,8 @@ class Proxy:
                           for addr in config.upstreams]
         self.balancer = Balancer(stats, block, list(upstream_ids),
                                  max_fails=config.out_max_fails,
-                                 fail_timeout=config.out_fail_timeout)
+                                 fail_timeout=config.out_fail_timeout,
+                                 health_stale_after=_health_stale_after(config))
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
         self.single = len(self.upstreams) == 1
         self.log_errors = config.log_all_errors
@@ -381,6 +382,9 @@ class Exchange:
 
     def _try(self) -> None:
         self.lease = lease = self.proxy.balancer.pick(self.tried)
+        if lease is None:                   # every upstream is down (health checks)
+            self._fail(NoUpstreamUp())
+            return
         self.upstream = up = self.proxy.upstreams[lease.index]
         self.t0 = time.monotonic()
         up.acquire(self)
@@ -737,6 +741,9 @@ class TeleportExchange:
     def _try(self) -> None:
         proxy = self.proxy
         self.lease = lease = proxy.balancer.pick(self.tried or ())
+        if lease is None:                   # every upstream is down (health checks)
+            self._fail(NoUpstreamUp())
+            return
         self.upstream = up = proxy.upstreams[lease.index]
         self.t0 = time.monotonic()
         try:
@@ -882,6 +889,14 @@ class TeleportAnswer:
         pass
 
     resume_reading = pause_reading
+
+
+def _health_stale_after(config) -> float | None:
+    """The balancer's ``health_stale_after``: None when -outHealthCheck is off."""
+    if not getattr(config, "out_health_check", ""):
+        return None
+    from httptp.health import stale_after
+    return stale_after(config)
 
 
 def _from(err: ProxyError, upstream, elapsed: float) -> ProxyError:

@@ -50,7 +50,9 @@ OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "conf
         "outTLSInsecure": "false", "outTLSCert": "", "outTLSKey": "", "autocertHTTPAddr": ":80",
         "autocertDirectory": "https://acme-v02.api.letsencrypt.org/directory",
         "autocertDirectoryCA": "", "autocertEmail": "", "autocertRenewBefore": "720h",
-        "accessLog": "", "logFormat": "text"}
+        "accessLog": "", "logFormat": "text",
+        "outHealthCheck": "", "outHealthCheckInterval": "5s", "outHealthCheckTimeout": "2s",
+        "outHealthCheckRise": "2", "outHealthCheckFall": "3"}
 
 
 def test_table_has_the_original_flags_and_defaults():
@@ -486,3 +488,25 @@ def test_subprocess_help_lists_every_flag():
 def test_subprocess_check_config():
     p = run("-outType=http", "-checkConfig")
     assert (p.returncode, p.stdout) == (0, "configuration OK\n")
+
+
+# --- active health checks ------------------------------------------------------
+
+def test_health_check_flags(tmp_path):
+    c = load("-outHealthCheck=/healthz?deep=0", "-outHealthCheckInterval=1s",
+             env={"HTTPTP_OUT_HEALTH_CHECK_FALL": "5"})
+    assert (c.out_health_check, c.out_health_check_interval, c.out_health_check_timeout,
+            c.out_health_check_rise, c.out_health_check_fall) == ("/healthz?deep=0", 1.0, 2.0, 2, 5)
+    assert load().out_health_check == ""
+
+
+@pytest.mark.parametrize("value", ["healthz", "/a b", "/\x7f", "/" + "x" * 1024])
+def test_health_check_path_is_checked(value):
+    msg = config_error(*OK, f"-outHealthCheck={value}")
+    assert msg.startswith("-outHealthCheck: invalid health check path"), msg
+
+
+@pytest.mark.parametrize("flag", ["-outHealthCheckRise=0", "-outHealthCheckFall=0",
+                                  "-outHealthCheckInterval=0", "-outHealthCheckTimeout=0"])
+def test_health_check_numbers_are_checked(flag):
+    assert config_error(*OK, flag).startswith(flag.split("=")[0] + ": ")
