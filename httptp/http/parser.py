@@ -78,35 +78,19 @@ KNOWN_METHODS = frozenset(
 
 VERSIONS = {"1.1": b"1.1", "1.0": b"1.0", b"1.1": b"1.1", b"1.0": b"1.0"}
 
-# The framing headers, keyed by name length so that most headers skip lower().
+# The framing headers.  ``_KINDS`` caches the kind of every spelling seen
+# (0: not a framing header), so that a name costs one dict lookup, no lower().
 _CL, _TE, _HOST, _CONN, _EXPECT = 1, 2, 3, 4, 5
 _SPECIAL = {b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST,
             b"connection": _CONN, b"expect": _EXPECT}
-_SPECIAL_LENS = frozenset(len(k) for k in _SPECIAL)
-# The spellings seen on nearly every message, looked up as they come.
-_SPECIAL_EXACT = {spelling: kind for name, kind in _SPECIAL.items()
-                  for spelling in (name, name.title(), name.upper())}
+_KINDS = {spelling: kind for name, kind in _SPECIAL.items()
+          for spelling in (name, name.title(), name.upper())}
+_KINDS_MAX = 4096           # names come from peers: bound the cache
 _KEEP_ALIVE, _CLOSE = object(), object()
 _CONN_VALUES = {b"keep-alive": _KEEP_ALIVE, b"Keep-Alive": _KEEP_ALIVE, b"close": _CLOSE,
                 b"Close": _CLOSE}
 _OWS = rules.OWS
-
-
-class _Framing:
-    """What one pass over the headers learned (internal)."""
-
-    __slots__ = ("size", "content_length", "chunked", "hosts", "host", "close", "keep_alive",
-                 "expect")
-
-    def __init__(self):
-        self.size = 2                   # the empty line ending the block
-        self.content_length = None
-        self.chunked = False
-        self.hosts = 0
-        self.host = None                # the (last) Host value
-        self.close = False              # Connection: close seen
-        self.keep_alive = False         # Connection: keep-alive seen
-        self.expect = False
+_MAX_CL_DIGITS = rules.MAX_CONTENT_LENGTH_DIGITS
 
 
 BARE_CR = "CR without LF before the request line"
@@ -161,53 +145,63 @@ def feed_after_response(method: bytes | None, head: ResponseHead | None, data: b
     return []
 
 
-def scan_headers(headers: list) -> _Framing:
-    """One pass: block size, framing, Host count and value, Connection tokens, Expect.
+def scan_headers(headers: list) -> tuple:
+    """One pass over a head's fields: ``(size, content_length, chunked, hosts,
+    host, close, keep_alive, expect)``: the block's bytes less the start line,
+    the Content-Length (or None), chunked, the number of Host fields and the
+    last one's value, Connection: close and keep-alive seen, Expect:
+    100-continue.  A plain tuple, unpacked by the callers: this runs twice per
+    proxied request.
 
     Raises ProtocolError(400) for ambiguous framing: the strict rules of
     ``httptp.http.rules`` (duplicate or non-digit Content-Length,
     Transfer-Encoding other than exactly ``chunked``, both).
     """
-    f = _Framing()
-    size = 0
-    exact = _SPECIAL_EXACT
+    size = 2 + 4 * len(headers)         # "name: value\r\n" each, the empty line
+    length = host = None
+    chunked = close = keep_alive = expect = False
+    hosts = 0
+    kinds = _KINDS
     try:
         for name, value in headers:
             size += len(name) + len(value)
-            kind = exact.get(name)              # the usual spellings: no lower()
+            kind = kinds.get(name)
             if kind is None:
-                if len(name) not in _SPECIAL_LENS:
-                    continue
-                kind = _SPECIAL.get(name.lower())
-                if kind is None:
-                    continue
+                kind = _SPECIAL.get(name.lower(), 0)
+                if len(kinds) < _KINDS_MAX:
+                    kinds[name] = kind
+            if not kind:
+                continue
             if kind == _CL:
-                f.content_length = _content_length(value, f.content_length)
+                if length is None and value.isdigit() and len(value) <= _MAX_CL_DIGITS:
+                    length = int(value)         # nearly always: the rule's common case
+                else:
+                    length = _content_length(value, length)
             elif kind == _TE:
-                f.chunked = _transfer_encoding(value, f.chunked)
+                chunked = _transfer_encoding(value, chunked)
             elif kind == _HOST:
-                f.hosts += 1
-                f.host = value
+                hosts += 1
+                host = value
             elif kind == _CONN:
                 token = _CONN_VALUES.get(value)
                 if token is _KEEP_ALIVE:
-                    f.keep_alive = True
+                    keep_alive = True
                 elif token is _CLOSE:
-                    f.close = True
+                    close = True
                 elif token is None:
                     for token in value.lower().split(b","):
                         token = token.strip(_OWS)
                         if token == b"close":
-                            f.close = True
+                            close = True
                         elif token == b"keep-alive":
-                            f.keep_alive = True
+                            keep_alive = True
             elif _expects_continue(value):
-                f.expect = True
-        rules.check_framing(f.content_length, f.chunked)
+                expect = True
+        if chunked and length is not None:
+            rules.check_framing(length, chunked)
     except FramingViolation as e:     # a strict rule of httptp.http.rules
         raise ProtocolError(str(e)) from None
-    f.size += size + 4 * len(headers)       # "name: value\r\n" each
-    return f
+    return size, length, chunked, hosts, host, close, keep_alive, expect
 
 
 def check_request(method: bytes, target: bytes, version, headers: list,
@@ -221,8 +215,8 @@ def check_request(method: bytes, target: bytes, version, headers: list,
     target's authority wins upstream, but an invalid Host still makes the
     request invalid, as in nginx.
     """
-    f = scan_headers(headers)
-    size = f.size + len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
+    size, length, chunked, hosts, host, close, keep_alive, expect = scan_headers(headers)
+    size += len(method) + len(target) + 12    # "M T HTTP/1.1\r\n"
     if size > max_header_size:
         raise ProtocolError("request header too large", 431,
                             request_line(method, target, version))
@@ -231,18 +225,17 @@ def check_request(method: bytes, target: bytes, version, headers: list,
         raise ProtocolError("unsupported HTTP version")
     if method not in KNOWN_METHODS:
         raise ProtocolError(f"unsupported method {method[:20]!r}")
-    if f.hosts > 1 or (f.hosts == 0 and ver == b"1.1"):
+    if hosts != 1 and (hosts or ver == b"1.1"):
         raise ProtocolError("missing or duplicate Host header")
-    if f.hosts and not valid_host(f.host):
-        raise ProtocolError(f"invalid Host header {f.host[:40]!r}")
+    if hosts and not valid_host(host):
+        raise ProtocolError(f"invalid Host header {host[:40]!r}")
     if target[:1] != b"/" and upstream_target(method, target) is None:
         raise ProtocolError(f"unsupported request-target {target[:40]!r}")
-    if f.chunked and ver == b"1.0":
+    if chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 request")
-    keep_alive = not f.close and (ver == b"1.1" or f.keep_alive)
-    head = RequestHead(method, target, ver, headers, keep_alive, f.content_length,
-                       f.chunked, f.expect)
-    if f.content_length is not None and f.content_length > max_body_size:
+    keep_alive = not close and (ver == b"1.1" or keep_alive)
+    head = RequestHead(method, target, ver, headers, keep_alive, length, chunked, expect)
+    if length is not None and length > max_body_size:
         raise ProtocolError("request body too large", 413, head)
     return head
 
@@ -274,24 +267,24 @@ def check_response(status: int, reason: bytes, version, headers: list,
     Body mode is one of NO_BODY, FRAMED (Content-Length or chunked) or
     UNTIL_CLOSE; ``keep_alive`` is already false for UNTIL_CLOSE.
     """
-    f = scan_headers(headers)
-    if f.size + len(reason) + 15 > max_header_size:     # "HTTP/1.1 200 R\r\n"
+    size, length, chunked, _, _, close, keep_alive, _ = scan_headers(headers)
+    if size + len(reason) + 15 > max_header_size:     # "HTTP/1.1 200 R\r\n"
         raise ProtocolError("response header too large", 431)
     if reason and _REASON(reason) is None:      # it is relayed to the client as is
         raise ProtocolError("control character in the reason phrase")
     ver = VERSIONS.get(version)
     if ver is None:
         raise ProtocolError("unsupported HTTP version in response")
-    if f.chunked and ver == b"1.0":
+    if chunked and ver == b"1.0":
         raise ProtocolError("Transfer-Encoding in an HTTP/1.0 response")
     if not _status_has_body(status, method):
         mode = NO_BODY
-    elif f.chunked or f.content_length is not None:
+    elif chunked or length is not None:
         mode = FRAMED
     else:
         mode = UNTIL_CLOSE
-    keep_alive = mode != UNTIL_CLOSE and not f.close and (ver == b"1.1" or f.keep_alive)
-    head = ResponseHead(status, reason, ver, headers, keep_alive, f.content_length, f.chunked)
+    keep_alive = mode != UNTIL_CLOSE and not close and (ver == b"1.1" or keep_alive)
+    head = ResponseHead(status, reason, ver, headers, keep_alive, length, chunked)
     return head, mode
 
 
