@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -117,6 +118,28 @@ def test_status_json_of_a_running_httptp():
                                           ["history"]["samples"]) >= 2, timeout=10)
     finally:
         up.close()
+
+
+def test_a_reload_changing_out_shows_the_new_upstreams(tmp_path):
+    """HUP with a new -out: the stats helper restarts with it (the chart starts
+    over); the dropped upstream leaves the table once nothing is in flight."""
+    a, b = Upstream(name="a"), Upstream(name="b")
+    conf = tmp_path / "httptp.conf"
+    conf.write_text(f"out = {a.addr}\noutType = http\n")
+    try:
+        with HttpTp(f"-config={conf}", "-expvarAddr=127.0.0.1:0", workers=1) as p:
+            port = stats_port(p)
+            assert list(upstream_states(port)) == [a.addr]
+            conf.write_text(f"out = {b.addr}\noutType = http\n")
+            p.signal(signal.SIGHUP)
+
+            def shows_b():
+                doc = json.loads(fetch(port, "/status.json")[1])
+                return doc["out"]["addrs"] == [b.addr] and list(upstream_states(port)) == [b.addr]
+            assert wait_until(shows_b, timeout=20), (fetch(port, "/status.json"), p.output)
+    finally:
+        a.close()
+        b.close()
 
 
 # -- in a real browser ---------------------------------------------------------------------
