@@ -403,21 +403,31 @@ def chart_points(samples: list, column: int) -> tuple[str, float]:
     return pts, top
 
 
+def _chart_value(key: str, value: float) -> str:
+    if key == "saved":
+        return fmt_bytes(value) + "/s"
+    return f"{value:.0f}" if abs(value) >= 100 else f"{value:.1f}"
+
+
 def _chart_html(doc: dict) -> str:
     samples = doc["history"]["samples"]
     parts = []
     for key, label, col in SERIES:
         pts, _ = chart_points(samples, col)
         last = samples[-1][col] if samples else 0
-        shown = fmt_bytes(last) + "/s" if key == "saved" else f"{last:g}"
+        top = max((row[col] for row in samples), default=0)
         parts.append(
-            f'<figure class="chart"><figcaption>{label}: <b id="now-{key}">{_e(shown)}</b>'
-            '</figcaption>'
+            f'<figure class="chart"><figcaption>{label}: <b id="now-{key}">'
+            f'{_e(_chart_value(key, last))}</b> <span class="peak">peak '
+            f'<span id="peak-{key}">{_e(_chart_value(key, top))}</span>'
+            '</span></figcaption>'
             f'<svg viewBox="0 0 {CHART_W} {CHART_H}" preserveAspectRatio="none" '
             f'width="{CHART_W}" height="{CHART_H}" role="img" aria-label="{label}">'
             f'<polyline id="line-{key}" class="line-{key}" fill="none" points="{pts}"/></svg>'
             '</figure>')
-    return "".join(parts)
+    span = f"{samples[0][0]:.0f} s" if samples else "0 s"
+    return ("".join(parts) + f'<p class="meta" id="span-note">the last <span id="span">{span}'
+            "</span>, one sample a second, newest on the right</p>")
 
 
 STYLE = """
@@ -436,7 +446,7 @@ tr.st-draining td[data-col=state]{color:#8a6100;font-weight:600}
 .chart svg{border:1px solid #ddd;background:#fafafa;display:block}
 .line-req{stroke:#1a5fb4;stroke-width:1.5}.line-err{stroke:#b3261e;stroke-width:1.5}
 .line-saved{stroke:#0a7d32;stroke-width:1.5}
-#live{color:#777;font-size:.9em}
+#live,.peak{color:#777;font-size:.9em}#span-note{width:100%;margin:.2em 0 0}
 """
 
 SCRIPT = r"""
@@ -469,8 +479,10 @@ function chart(samples){[["req",1],["err",2],["saved",3]].forEach(function(s){
       n = Math.max(v.length - 1, 1);
   document.getElementById("line-" + s[0]).setAttribute("points", v.map(function(x, i){
     return (i * W / n).toFixed(1) + "," + (H - x / top * H).toFixed(1);}).join(" "));
-  var last = v.length ? v[v.length - 1] : 0;
-  text("now-" + s[0], s[0] === "saved" ? bytes(last) + "/s" : String(last));});}
+  var last = v.length ? v[v.length - 1] : 0, peak = Math.max.apply(null, v.concat([0])), fmt = function(x){
+    return s[0] === "saved" ? bytes(x) + "/s" : x.toFixed(Math.abs(x) >= 100 ? 0 : 1);};
+  text("now-" + s[0], fmt(last)); text("peak-" + s[0], fmt(peak));});
+  text("span", (samples.length ? samples[0][0].toFixed(0) : "0") + " s");}
 function teleport(t){var tab = document.getElementById("teleport"), none = document.getElementById("teleport-none");
   if (!t){if (none) none.hidden = false; tab.hidden = true; return;}
   if (none) none.hidden = true; tab.hidden = false;
