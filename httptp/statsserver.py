@@ -11,6 +11,7 @@ totals every second for the page's chart (``statuspage.History``).
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,9 +20,11 @@ from urllib.parse import parse_qs, urlsplit
 from httptp import __version__
 from httptp import statuspage
 from httptp.exposition import Exposition
+from httptp.logs import error_logger
 from httptp.stats import STATE_READY
 
-HEARTBEAT_STALE = 10.0      # a worker silent this long does not count as healthy
+HEARTBEAT_STALE = 10.0
+_log = error_logger("stats server")      # a worker silent this long does not count as healthy
 
 
 def healthy_workers(stats, now: float | None = None) -> int:
@@ -101,6 +104,16 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request, client_address):
+        """A browser closing its tab mid-answer is not news; anything else is
+        one line, not socketserver's traceback on the operator's terminal."""
+        err = sys.exc_info()[1]
+        if isinstance(err, ConnectionError):
+            return
+        _log(f"{type(err).__name__}: {err}")
+
+
 def make_server(sock, stats, cmdline: list[str] | None = None, info: dict | None = None,
                 history: statuspage.History | None = None) -> ThreadingHTTPServer:
     """An HTTP server on the already listening ``sock``.  ``info`` is what the
@@ -108,7 +121,7 @@ def make_server(sock, stats, cmdline: list[str] | None = None, info: dict | None
     handler = type("StatsHandler", (_Handler,), {
         "exposition": Exposition(stats, cmdline), "info": dict(info or {}),
         "history": history or statuspage.History(stats)})
-    server = ThreadingHTTPServer(sock.getsockname()[:2], handler, bind_and_activate=False)
+    server = _Server(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()
     server.socket = sock
     server.daemon_threads = True

@@ -69,7 +69,10 @@ def health_of(stats, index: int) -> dict | None:
     health = getattr(stats, "health", None)
     if health is None:
         return None
-    state, checked_at, code = health(index)
+    try:
+        state, checked_at, code = health(index)
+    except (IndexError, ValueError, TypeError):     # an index the health table does not cover
+        return None
     unknown, up, down = _health_constants()
     name = {up: "up", down: "down"}.get(state, "unknown")
     return {"state": name, "checked_at": checked_at or None, "code": code or None}

@@ -232,3 +232,18 @@ def test_history_gives_rates_and_teleport_savings():
     assert history.rates() == [[2.0, 10.0, 2.0, 400.0], [0.0, 0.0, 0.0, 0.0]]
     tp = statuspage.status(st, {"out_type": "http"}, history)["teleport"]
     assert (tp["plain"], tp["wire"], tp["ratio"], tp["saved"]) == (1000, 200, 5.0, 800)
+
+
+def test_a_client_that_hangs_up_mid_answer_leaves_no_traceback(stats, capfd):
+    srv, sock = serve(stats)
+    try:
+        for _ in range(20):
+            c = socket.create_connection(sock.getsockname(), timeout=5)
+            c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            c.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            c.close()                                 # RST before the page is written
+        assert fetch(sock.getsockname()[1], "/status.json")[0] == 200
+    finally:
+        srv.shutdown()
+        sock.close()
+    assert "Traceback" not in capfd.readouterr().err
