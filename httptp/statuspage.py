@@ -251,6 +251,10 @@ def _workers(stats, now: float) -> list[dict]:
     return rows
 
 
+_NO_TRAFFIC = {"inflight": 0, "requests": 0, "failures": 0, "ejected": False, "ewma": 0.0,
+               "latency_buckets": [0] * (len(LATENCY_BUCKETS) + 1)}
+
+
 def _upstreams(stats, history: History | None, now: float) -> list[dict]:
     per = stats.upstream_totals()
     base = history.window_base(now) if history else None
@@ -260,9 +264,7 @@ def _upstreams(stats, history: History | None, now: float) -> list[dict]:
                if i not in seen and u["inflight"]]
     rows = []
     for index, address, origin in current + retired:
-        u = per.get(index)
-        if u is None:
-            continue
+        u = per.get(index) or _NO_TRAFFIC    # an index the name table does not list (yet)
         health = health_of(stats, index)
         state = upstream_state(health=health and health["state"], ejected=u["ejected"],
                                current=index in seen, inflight=u["inflight"])

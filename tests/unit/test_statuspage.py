@@ -6,7 +6,9 @@ import http.client
 import json
 import socket
 import threading
+import sys
 import time
+import types
 from html.parser import HTMLParser
 
 import pytest
@@ -247,3 +249,21 @@ def test_a_client_that_hangs_up_mid_answer_leaves_no_traceback(stats, capfd):
         srv.shutdown()
         sock.close()
     assert "Traceback" not in capfd.readouterr().err
+
+
+def test_discovery_entries_when_present_give_address_and_origin(monkeypatch):
+    """The discovery contract (issue 12 §1): ``upstream_entries(stats)`` in
+    httptp.discovery gives (index, address, origin); each address is a row."""
+    st = Stats.create(2)
+    a, b = st.assign_upstreams(["10.0.0.1:80", "10.0.0.2:80"])
+    block = st.claim_block(1, 0, 0)
+    st.q[st.upstream_base(block, b) + S.UP_REQUESTS] = 9
+    module = types.ModuleType("httptp.discovery")
+    module.upstream_entries = lambda stats: [(a, "10.0.0.1:80", "app.example:80"),
+                                             (b, "10.0.0.2:80", "app.example:80"),
+                                             (7, "10.0.0.3:80", "app.example:80")]
+    monkeypatch.setitem(sys.modules, "httptp.discovery", module)
+    rows = statuspage.status(st, {}, None)["upstreams"]
+    assert [(u["address"], u["origin"], u["state"], u["requests"]) for u in rows] == [
+        ("10.0.0.1:80", "app.example:80", "up", 0), ("10.0.0.2:80", "app.example:80", "up", 9),
+        ("10.0.0.3:80", "app.example:80", "up", 0)]
