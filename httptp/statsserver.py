@@ -11,6 +11,8 @@ totals every second for the page's chart (``statuspage.History``).
 
 from __future__ import annotations
 
+import signal
+import socket
 import sys
 import threading
 import time
@@ -105,6 +107,30 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class _Server(ThreadingHTTPServer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.connections: set = set()       # accepted, not yet closed (keep-alive included)
+        self.connections_lock = threading.Lock()
+
+    def process_request_thread(self, request, client_address):
+        with self.connections_lock:
+            self.connections.add(request)
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self.connections_lock:
+                self.connections.discard(request)
+
+    def end_idle_reads(self) -> None:
+        """After shutdown(): a handler waiting for a keep-alive client's next
+        request reads EOF and ends; one writing its answer finishes it."""
+        with self.connections_lock:
+            for conn in list(self.connections):
+                try:
+                    conn.shutdown(socket.SHUT_RD)
+                except OSError:
+                    pass
+
     def handle_error(self, request, client_address):
         """A browser closing its tab mid-answer is not news; anything else is
         one line, not socketserver's traceback on the operator's terminal."""
@@ -129,13 +155,21 @@ def make_server(sock, stats, cmdline: list[str] | None = None, info: dict | None
 
 
 def serve(sock, stats, cmdline: list[str] | None = None, info: dict | None = None) -> None:
-    """Serve until the process is told to stop (the helper's main), sampling
-    the chart's history in a thread meanwhile."""
+    """Serve until TERM (the helper's main), sampling the chart's history in a
+    thread meanwhile.  TERM finishes the requests already accepted (a page
+    polling across a reload sees no reset); connections still queued stay on
+    the listening socket, which the master keeps, for the next stats helper."""
     history = statuspage.History(stats)
     stop = threading.Event()
     sampler = threading.Thread(target=history.run, args=(stop,), name="status-history", daemon=True)
     sampler.start()
+    server = make_server(sock, stats, cmdline, info, history)
+    server.daemon_threads = False           # server_close() joins the request threads
+    signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
+        target=server.shutdown, name="stats-shutdown", daemon=True).start())
     try:
-        make_server(sock, stats, cmdline, info, history).serve_forever(poll_interval=0.5)
+        server.serve_forever(poll_interval=0.5)
     finally:
         stop.set()
+        server.end_idle_reads()
+        server.server_close()

@@ -130,6 +130,9 @@ def test_a_reload_changing_out_shows_the_new_upstreams(tmp_path):
         with HttpTp(f"-config={conf}", "-expvarAddr=127.0.0.1:0", workers=1) as p:
             port = stats_port(p)
             assert list(upstream_states(port)) == [a.addr]
+            browser = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            browser.request("GET", "/status.json")          # a keep-alive poller stays connected
+            assert browser.getresponse().read()
             conf.write_text(f"out = {b.addr}\noutType = http\n")
             p.signal(signal.SIGHUP)
 
@@ -137,6 +140,8 @@ def test_a_reload_changing_out_shows_the_new_upstreams(tmp_path):
                 doc = json.loads(fetch(port, "/status.json")[1])
                 return doc["out"]["addrs"] == [b.addr] and list(upstream_states(port)) == [b.addr]
             assert wait_until(shows_b, timeout=20), (fetch(port, "/status.json"), p.output)
+            assert "stats helper" in p.output and "did not stop in time" not in p.output, p.output
+            browser.close()
     finally:
         a.close()
         b.close()
