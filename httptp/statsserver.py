@@ -25,8 +25,8 @@ from httptp.exposition import Exposition
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY
 
-HEARTBEAT_STALE = 10.0
-_log = error_logger("stats server")      # a worker silent this long does not count as healthy
+HEARTBEAT_STALE = 10.0      # a worker silent this long does not count as healthy
+_log = error_logger("stats server")
 
 
 def healthy_workers(stats, now: float | None = None) -> int:
@@ -45,6 +45,7 @@ class _Handler(BaseHTTPRequestHandler):
     exposition: Exposition        # set on the class made by make_server
     history: statuspage.History   # idem
     info: dict                    # idem: -in, -out, types, the master's start (statuspage.status)
+    head_only = False             # answering HEAD: headers, no body
 
     def version_string(self) -> str:
         """``Server: httptp/0.1.0``: the base class appends Python's version
@@ -99,7 +100,7 @@ class _Handler(BaseHTTPRequestHandler):
         for name, value in extra:
             self.send_header(name, value)
         self.end_headers()
-        if not getattr(self, "head_only", False):
+        if not self.head_only:
             self.wfile.write(body)
 
     def log_message(self, *args):     # scrapes are not news
