@@ -20,7 +20,7 @@ run: venv
 
 # Debian tools the tests drive as real peers.  Installed when missing and we
 # may (root with apt); otherwise the tests that need them skip and say why.
-APT_TEST_PKGS := slowhttptest pebble prometheus
+APT_TEST_PKGS := slowhttptest pebble prometheus chromium
 test-deps:
 	@missing=""; for p in $(APT_TEST_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \

@@ -436,7 +436,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="Check the configuration, print 'configuration OK' and exit"),
     # -- Stats ---------------------------------------------------------------
     S("expvarAddr", parse_string, "localhost:8040", section="Stats", reloadable=False,
-      help="Address of the stats server (/expvar, /prometheus); empty disables it"),
+      help="Address of the stats server (/expvar, /prometheus, /healthz, status page /); "
+           "empty disables it"),
 )
 del S
 

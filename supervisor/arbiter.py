@@ -147,6 +147,7 @@ class Arbiter:
                                             fork_guard=self.signals.blocked)
         self.autocert_sock = None                 # -autocertHTTPAddr, bound before any fork
         self.stats_sock = None                    # -expvarAddr, bound before any fork
+        self.started_wall = time.time()           # the status page's uptime
 
     # -- main loop ---------------------------------------------------------------
 
@@ -641,10 +642,12 @@ class Arbiter:
         if self.stats_sock is None:
             self.stats_sock = helper_procs.open_http_socket(addr, "-expvarAddr")
             host, port = self.stats_sock.getsockname()[:2]
-            log(f"stats on http://{host}:{port}/expvar and /prometheus")
+            log(f"stats on http://{host}:{port}/expvar and /prometheus, status page on /")
         self.helpers.ensure(helper_procs.STATS,
-                            helper_procs.stats_main(self.stats, self.stats_sock, list(sys.argv)),
-                            key=addr)
+                            helper_procs.stats_main(self.stats, self.stats_sock, list(sys.argv),
+                                                    self.config, self.started_wall,
+                                                    getattr(self.listeners, "name", None)),
+                            key=helper_procs.stats_key(self.config))
 
     def _sync_health_helper(self) -> None:
         """The active health checks run in a helper child iff -outHealthCheck is set;

@@ -279,13 +279,19 @@ def open_http_socket(text: str, flag: str = "-autocertHTTPAddr"):
 STATS = "stats"
 
 
-def stats_main(stats, sock, cmdline: list[str]) -> Callable[[], int]:
-    """What the stats helper child runs: /expvar, /prometheus, /healthz on the
-    -expvarAddr socket, read from the shared memory (DESIGN.md §7)."""
+def stats_main(stats, sock, cmdline: list[str], config=None, started: float | None = None,
+               listening: str | None = None) -> Callable[[], int]:
+    """What the stats helper child runs: /expvar, /prometheus, /healthz and the
+    status page on the -expvarAddr socket, read from the shared memory
+    (DESIGN.md §7).  ``config``, ``started`` (the master's start, wall time)
+    and ``listening`` (the bound -in, port 0 resolved) feed the status page's
+    header."""
+    info = status_info(config, started, listening)
+
     def main() -> int:
         from httptp.statsserver import serve
         proctitle.set_title(f"httptp: stats [{sock.getsockname()[0]}:{sock.getsockname()[1]}]")
-        serve(sock, stats, cmdline)
+        serve(sock, stats, cmdline, info)
         return 0
     return main
 
@@ -337,6 +343,20 @@ def _health_probe(config, tls):
         from httptp.tls import cooperative
         client = cooperative(client)        # in this child only: gevent sockets
     return health_probe.HTTPProbe(path, timeout, client, server_name)
+
+
+def status_info(config, started: float | None = None, listening: str | None = None) -> dict:
+    """What the status page says of the configuration: -in, -out and their types."""
+    if config is None:
+        return {"started": started, "in": listening}
+    return {"in": listening or config.in_addr, "in_type": config.in_type,
+            "out": list(config.out), "out_type": config.out_type, "started": started}
+
+
+def stats_key(config) -> tuple:
+    """The settings the running stats helper was started with: a HUP changing
+    -out or -outType restarts it (its page shows them; the chart starts over)."""
+    return (config.expvar_addr, config.out_type, tuple(config.out))
 
 
 def make_cache_dir(path: str) -> None:
