@@ -14,15 +14,10 @@ The page loads nothing else: no CDN, no external file (air-gapped sites);
 its Content-Security-Policy allows exactly its own inline script and style
 (by hash) and fetches from its own origin.
 
-Contracts with code that may or may not be there (``getattr``, so the page
-works before and after it lands):
-
-* health checks: ``Stats.health(index) -> (state, checked_at_wall_time, code)``
-  with ``HEALTH_UNKNOWN``/``HEALTH_UP``/``HEALTH_DOWN`` in ``httptp.stats``;
-  absent, the health column shows "–";
-* discovery: ``upstream_entries(stats) -> [(index, address, origin)]`` in
-  ``httptp.discovery`` (or ``httptp.stats``); absent, every listed name of the
-  upstream table is its own address and origin.
+Health: ``Stats.health(index)`` (the health helper's table); an upstream never
+checked shows "–".  Discovery: ``upstream_entries(stats) -> [(index, address,
+origin)]`` in ``httptp.discovery`` (or ``httptp.stats``) when it is there;
+else every listed name of the upstream table is its own address and origin.
 
 One function, ``upstream_state``, says up / down / ejected / draining.
 Sans-IO apart from the clock arguments: no sockets here.
@@ -58,23 +53,16 @@ TELEPORT_TYPES = ("teleport", "teleports")
 
 # -- contracts with health checks and discovery (maybe not there) --------------------------
 
-def _health_constants() -> tuple[int, int, int]:
-    return (getattr(stats_mod, "HEALTH_UNKNOWN", 0), getattr(stats_mod, "HEALTH_UP", 1),
-            getattr(stats_mod, "HEALTH_DOWN", 2))
-
-
 def health_of(stats, index: int) -> dict | None:
     """``{"state": "up"|"down"|"unknown", "checked_at": wall, "code": int}``, or
-    None when there are no health checks (no ``Stats.health``)."""
-    health = getattr(stats, "health", None)
-    if health is None:
-        return None
+    None when the upstream was never checked (no -outHealthCheck, or not yet)."""
     try:
-        state, checked_at, code = health(index)
-    except (IndexError, ValueError, TypeError):     # an index the health table does not cover
+        state, checked_at, code = stats.health(index)
+    except IndexError:          # an index the health table does not cover
         return None
-    unknown, up, down = _health_constants()
-    name = {up: "up", down: "down"}.get(state, "unknown")
+    if not checked_at and state == stats_mod.HEALTH_UNKNOWN:
+        return None
+    name = {stats_mod.HEALTH_UP: "up", stats_mod.HEALTH_DOWN: "down"}.get(state, "unknown")
     return {"state": name, "checked_at": checked_at or None, "code": code or None}
 
 
