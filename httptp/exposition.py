@@ -88,6 +88,8 @@ _METRICS = {
                           "connection closed) and upstream responses (502)", {"side": "in"}),
     "outResponseTooLarge": ("httptp_too_large", "counter", "", {"side": "out"}),
     "workerRestarts": ("httptp_worker_restarts", "counter", "Worker processes replaced after dying", {}),
+    "outResolveErrors": ("httptp_upstream_resolve_errors", "counter",
+                         "Failed DNS lookups of -out names (the last good addresses stay)", {}),
 }
 
 

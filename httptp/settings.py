@@ -161,6 +161,23 @@ def comma_list(text: str) -> tuple[str, ...]:
     return items
 
 
+def parse_resolvers(text: str) -> tuple[tuple[str, int], ...]:
+    """-resolver: ``ip``, ``ip:port`` or ``[v6]:port``, comma-separated → ((ip, port), ...)."""
+    servers = []
+    for item in comma_list(text):
+        host, port = item, 53
+        if item.startswith("[") or item.count(":") == 1:
+            address = netaddr.parse_address(item, "tcp")
+            host, port = address.host, address.port
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address (a DNS server is given by "
+                             "address, like 10.0.0.2:53)") from None
+        servers.append((host, port))
+    return tuple(servers)
+
+
 def parse_allow_ip(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
     return netaddr.AllowList.parse(text)
 
@@ -294,6 +311,27 @@ SETTINGS: tuple[Setting, ...] = (
     S("outIdleTimeout", positive_duration, "10s", section="Upstream",
       meta="duration", ours=True,
       help="A pooled idle upstream connection is closed after this time"),
+    # -- Discovery (docs/operations.md "Discovery") -------------------------
+    S("outResolveInterval", positive_duration, "10s", section="Upstream",
+      meta="duration", ours=True,
+      help="How often -out names and SRV records are resolved again\n"
+           "An -out host that is not an IP address stands for all its A and AAAA records, "
+           "each its own upstream; _service._proto.name (no port) for its SRV records. "
+           "With -resolver the interval is also capped by the records' TTL."),
+    S("resolver", parse_resolvers, "", section="Upstream", meta="list", ours=True,
+      help="DNS servers (ip or ip:port, comma-separated) asked for -out names, with TTLs\n"
+           "Empty: the system resolver (getaddrinfo: /etc/hosts and resolv.conf; SRV "
+           "records from the resolv.conf servers)."),
+    S("outMaxAddrs", int_at_least(1), "256", section="Upstream", meta="int", ours=True,
+      reloadable=False,
+      help="Room for upstream addresses in the shared table (all -out entries, "
+           "resolved names included)\n"
+           "Addresses beyond it are left out and logged; addresses that left the set keep "
+           "their entry until the room is needed."),
+    S("outResolveWait", parse_duration, "0s", section="Upstream", meta="duration", ours=True,
+      help="At start, wait up to this long for -out names to resolve\n"
+           "0: a name that does not resolve stops the start (and -checkConfig) at once; "
+           "longer suits containers that start before their upstreams."),
     # -- Limits --------------------------------------------------------------
     S("concurrency", int_at_least(1), "100000", section="Limits", meta="int",
       help="Maximum number of concurrent client connections (http) or requests (teleport)\n"

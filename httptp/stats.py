@@ -43,10 +43,12 @@ words                      field                       notes
 4                          WORKER_RESTARTS             counter, master writes
 5                          UPSTREAM_GENERATION         bumped by every ``assign_upstreams``
 6                          BLOCK_WORDS                 words per block (sanity check)
-7                          reserved
+7                          RESOLVE_ERRORS              counter, the resolver helper writes
 8 .. 8+16*U                upstream name table         U entries of 16 words (128 bytes):
                                                        word 0 = state | name_length << 8
-                                                       (state 0 empty, 1 listed, 2 retired),
+                                                       | priority << 16 | weight << 32
+                                                       (state 0 empty, 1 listed, 2 retired;
+                                                       priority, weight: SRV, see below),
                                                        words 1..15 = utf-8 name, <= 120 bytes
 BLOCKS_START + b*BW        block b (BW = BLOCK_WORDS)  ``max_blocks`` blocks
 =========================  ==========================  =======================================
@@ -100,6 +102,16 @@ offset  field         kind     meaning
 30..31  reserved
 ======  ============  =======  =====================================================
 
+Name-table entries: a plain ``-out`` entry is listed under its own text
+(``127.0.0.1:8080``, a unix path).  An address found by resolving an ``-out``
+name (``httptp.discovery``) is listed as ``address NUL origin``
+(``127.0.0.2:8080\0app.example:8080``, ``10.0.0.5:80\0_http._tcp.app``):
+``upstream_entries`` splits them, ``upstream_names`` shows ``address (origin)``.
+Priority (16 bits) and weight (17 bits: SRV weight + 1, 0 for no weight)
+come from SRV answers.  The master writes the table at start and on HUP; when
+``-out`` has names, the resolver helper writes it in between (the master
+stops that helper before its own writes, so there is one writer at a time).
+
 ``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
 survives claim and release (see ``httptp.balancer``).  Sizes: with 256 blocks
 and 64 upstreams the map is about 2.2 MB, and untouched pages are never faulted
@@ -118,10 +130,12 @@ LAYOUT_VERSION = 3
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
 H_WORKER_RESTARTS, H_UPSTREAM_GENERATION, H_BLOCK_WORDS = 4, 5, 6
+H_RESOLVE_ERRORS = 7                # DNS failures of -out names (the resolver helper)
 HEADER_WORDS = 8
 NAME_WORDS = 16                     # per name-table entry
 NAME_BYTES = (NAME_WORDS - 1) * 8   # 120
 NAME_EMPTY, NAME_LISTED, NAME_RETIRED = 0, 1, 2
+ORIGIN_SEP = "\0"                   # "address NUL origin": an address found by resolving
 
 # Block admin words.
 IN_USE, SEQ, PID, SLOT, GENERATION, STATE, HEARTBEAT, STARTED = range(8)
@@ -227,6 +241,39 @@ COUNTERS = (
 GAUGES = (IN_CONNS, OUT_CONNS)
 _FIRST, _LAST = IN_REQUEST_START, OUT_RESPONSE_TOO_LARGE + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
+RESOLVE_ERRORS_NAME = "outResolveErrors"            # header counter, included in totals()
+
+
+def split_upstream_name(name: str) -> tuple[str, str]:
+    """A name-table entry → (dialable address, the -out entry it came from)."""
+    address, sep, origin = name.partition(ORIGIN_SEP)
+    return address, origin if sep else address
+
+
+def display_upstream_name(name: str) -> str:
+    """``address`` for a plain entry, ``address (origin)`` for a resolved one."""
+    address, origin = split_upstream_name(name)
+    return address if origin == address else f"{address} ({origin})"
+
+
+def upstream_entries(stats: Stats) -> list[tuple[int, str, str]]:
+    """(index, address, origin) of every listed upstream, by index; ``origin``
+    is the ``-out`` entry the address came from (== address for a plain IP
+    address or unix path).  For any process: the health checker, the status
+    page.  Read again when ``stats.upstream_generation()`` changes."""
+    return [(index, *split_upstream_name(name))
+            for index, name, _, _ in stats.listed_upstreams()]
+
+
+def pack_meta(priority: int, weight: int | None) -> int:
+    """SRV priority and weight as one table field (weight None: not given)."""
+    stored = 0 if weight is None else min(weight, 0xFFFF) + 1
+    return min(priority, 0xFFFF) | stored << 16
+
+
+def unpack_meta(meta: int) -> tuple[int, int]:
+    """(priority, weight + 1 or 0) from ``pack_meta``'s field."""
+    return meta & 0xFFFF, meta >> 16 & 0x1FFFF
 
 
 def layout_words(max_blocks: int, max_upstreams: int) -> tuple[int, int, int]:
@@ -300,21 +347,26 @@ class Stats:
         w = self._name_word(index)
         flags = self.q[w]
         start = (w + 1) * 8
-        raw = bytes(self._bytes[start:start + (flags >> 8)])
+        raw = bytes(self._bytes[start:start + (flags >> 8 & 0xFF)])
         return flags & 0xFF, raw.decode("utf-8", "replace")
 
-    def _write_name(self, index: int, state: int, raw: bytes) -> None:
+    def _write_name(self, index: int, state: int, raw: bytes, meta: int = 0) -> None:
         w = self._name_word(index)
         self.q[w] = NAME_EMPTY            # readers see an empty entry while the name changes
         start = (w + 1) * 8
         self._bytes[start:start + NAME_BYTES] = raw.ljust(NAME_BYTES, b"\0")
-        self.q[w] = state | len(raw) << 8
+        self.q[w] = state | len(raw) << 8 | meta << 16
+
+    def _set_meta(self, index: int, meta: int) -> None:
+        w = self._name_word(index)
+        if self.q[w] >> 16 != meta:
+            self.q[w] = (self.q[w] & 0xFFFF) | meta << 16
 
     def _set_name_state(self, index: int, state: int) -> None:
         w = self._name_word(index)
         self.q[w] = (self.q[w] & ~0xFF) | state
 
-    def assign_upstreams(self, names: list[str]) -> list[int]:
+    def assign_upstreams(self, names: list[str], meta: dict[str, int] | None = None) -> list[int]:
         """Give every name a stable index; return them in ``names`` order.
 
         A name already in the table keeps its index.  A new name takes an empty
@@ -322,9 +374,11 @@ class Stats:
         used by a name no longer listed; the old name's per-block counters then
         carry over).  Names no longer listed are kept, marked retired, so a HUP
         never remaps an index an old worker still uses.  A repeated name maps to
-        one index.  Raises ValueError for a name over 120 utf-8 bytes and
-        RuntimeError when the table is full.
+        one index.  ``meta``: name → ``priority | weight << 16`` (SRV; see
+        ``pack_meta``), 0 for names not in it.  Raises ValueError for a name
+        over 120 utf-8 bytes and RuntimeError when the table is full.
         """
+        meta = meta or {}
         raws = [n.encode("utf-8") for n in names]
         for raw in raws:
             if len(raw) > NAME_BYTES or not raw:
@@ -338,7 +392,9 @@ class Stats:
         for name, raw in zip(names, raws):
             if name not in table:
                 table[name] = self._free_name_index()
-                self._write_name(table[name], NAME_LISTED, raw)
+                self._write_name(table[name], NAME_LISTED, raw, meta.get(name, 0))
+            else:
+                self._set_meta(table[name], meta.get(name, 0))
             result.append(table[name])
         self.q[H_UPSTREAM_GENERATION] += 1
         return result
@@ -351,16 +407,31 @@ class Stats:
         raise RuntimeError("upstream table full (%d entries)" % self.max_upstreams)
 
     def upstream_names(self) -> dict[int, str]:
-        """Index → name for every listed upstream (retired ones are left out)."""
+        """Index → name for every listed upstream (retired ones are left out);
+        a resolved address shows as ``address (origin)``."""
         names = {}
         for i in range(self.max_upstreams):
             state, name = self._read_name(i)
             if state == NAME_LISTED:
-                names[i] = name
+                names[i] = display_upstream_name(name)
         return names
+
+    def listed_upstreams(self) -> list[tuple[int, str, int, int]]:
+        """(index, table name, priority, weight) of every listed upstream;
+        weight 0 means none given (see ``unpack_meta``)."""
+        entries = []
+        for i in range(self.max_upstreams):
+            state, name = self._read_name(i)
+            if state == NAME_LISTED:
+                priority, weight = unpack_meta(self.q[self._name_word(i)] >> 16)
+                entries.append((i, name, priority, weight))
+        return entries
 
     def upstream_generation(self) -> int:
         return self.q[H_UPSTREAM_GENERATION]
+
+    def incr_resolve_errors(self) -> None:
+        self.q[H_RESOLVE_ERRORS] += 1
 
     # -- blocks (master side) -------------------------------------------------
 
@@ -458,6 +529,7 @@ class Stats:
                 sums[k] += v
         result = {name: sums[field - _FIRST] for name, field, _ in COUNTERS}
         result[WORKER_RESTARTS_NAME] = self.restarts()
+        result[RESOLVE_ERRORS_NAME] = self.q[H_RESOLVE_ERRORS]
         return result
 
     def upstream_totals(self) -> dict[int, dict]:
@@ -493,7 +565,9 @@ class Stats:
                 if d[b + UP_EWMA] > 0.0:
                     ewmas.append(d[b + UP_EWMA])
             ejected = bool(probing) or any(e > revived for e in ejects if e)
-            result[u] = {"name": name, "listed": state == NAME_LISTED, "inflight": inflight,
+            address, origin = split_upstream_name(name)
+            result[u] = {"name": display_upstream_name(name), "address": address,
+                         "origin": origin, "listed": state == NAME_LISTED, "inflight": inflight,
                          "requests": requests, "failures": failures, "ejected": ejected,
                          "ewma": sum(ewmas) / len(ewmas) if ewmas else 0.0,
                          "eject_until": max(ejects, default=0.0) if ejected else 0.0,

@@ -50,7 +50,8 @@ OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "conf
         "outTLSInsecure": "false", "outTLSCert": "", "outTLSKey": "", "autocertHTTPAddr": ":80",
         "autocertDirectory": "https://acme-v02.api.letsencrypt.org/directory",
         "autocertDirectoryCA": "", "autocertEmail": "", "autocertRenewBefore": "720h",
-        "accessLog": "", "logFormat": "text"}
+        "accessLog": "", "logFormat": "text",
+        "outResolveInterval": "10s", "resolver": "", "outMaxAddrs": "256", "outResolveWait": "0s"}
 
 
 def test_table_has_the_original_flags_and_defaults():

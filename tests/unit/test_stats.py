@@ -66,7 +66,8 @@ def test_exact_totals_over_blocks(stats):
     assert totals["inConns"] == 6
     assert totals["workerRestarts"] == stats.restarts() == 1
     assert totals["inRequestSuccess"] == 0
-    assert set(totals) == {name for name, _, _ in st.COUNTERS} | {"workerRestarts"}
+    assert set(totals) == {name for name, _, _ in st.COUNTERS} | {"workerRestarts",
+                                                                   "outResolveErrors"}
     assert stats.block_counters(blocks[1])["inRequestStart"] == 200
 
 
