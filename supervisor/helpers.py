@@ -21,6 +21,12 @@ fork time, with the worker signal dispositions reset by ``in_child``.
 
 The stats helper (``stats_main``) serves -expvarAddr from the shared memory.
 
+The resolver helper (``resolver_main``) runs while -out has DNS or SRV names:
+it resolves them again and again and publishes the addresses in the shared
+upstream table (``httptp.discovery``).  The master writes that table too, at
+start and on HUP, so it stops this helper first with ``stop_now`` (one writer
+at a time) and starts it again after.
+
 The ACME helper: ``autocert_enabled(config)`` says whether it runs
 (``-inType=https`` with no ``-inTLSCert``); ``open_http_socket`` binds the
 ``-autocertHTTPAddr`` socket in the master before any fork, so the port is
@@ -123,6 +129,29 @@ class Helpers:
             helper.respawn_at = None
             if helper.pid is not None:
                 self._tell(helper, signum, min(grace, STOP_GRACE))
+
+    def stop_now(self, name: str, timeout: float = STOP_GRACE) -> None:
+        """Stop helper ``name`` and wait (at most ``timeout``, then SIGKILL) until
+        it has exited: after this it writes nothing.  The next ``ensure``
+        starts it again.  Blocks the master briefly; for a HUP only."""
+        helper = self.helpers.pop(name, None)
+        if helper is None or helper.pid is None:
+            return
+        _kill(helper.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(helper.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            time.sleep(0.01)
+        _kill(helper.pid, signal.SIGKILL)
+        try:
+            os.waitpid(helper.pid, 0)
+        except ChildProcessError:
+            pass
 
     def alive(self) -> int:
         return sum(1 for h in self.helpers.values() if h.pid is not None)
@@ -284,6 +313,24 @@ def stats_main(stats, sock, cmdline: list[str]) -> Callable[[], int]:
         proctitle.set_title(f"httptp: stats [{sock.getsockname()[0]}:{sock.getsockname()[1]}]")
         serve(sock, stats, cmdline)
         return 0
+    return main
+
+
+RESOLVER = "resolver"
+
+
+def resolver_key(config) -> tuple:
+    """The settings the running resolver helper was started with."""
+    return (config.out, config.out_type, config.resolver, config.out_resolve_interval,
+            config.out_max_addrs, config.log_format)
+
+
+def resolver_main(stats, config) -> Callable[[], int]:
+    """What the resolver helper child runs (httptp.discovery.run_helper)."""
+    def main() -> int:
+        from httptp.discovery import run_helper
+        from httptp.logs import error_logger
+        return run_helper(stats, config, error_logger("resolver", config.log_format))
     return main
 
 
