@@ -291,7 +291,10 @@ SETTINGS: tuple[Setting, ...] = (
     # -- Upstream ------------------------------------------------------------
     S("out", parse_string, "127.0.0.1:8043", section="Upstream", meta="list",
       help="Comma-separated upstream addresses (host:port, [v6]:port, or socket paths "
-           "for -outType=unix) to balance requests over"),
+           "for -outType=unix) to balance requests over\n"
+           "A host that is a DNS name stands for all its A and AAAA records, each an upstream "
+           "of its own, resolved again every -outResolveInterval; _service._proto.name (no "
+           "port) for its SRV records (docs/operations.md, Discovery)."),
     S("outType", choice(*ADDR_TYPES), "teleport", section="Upstream",
       help="Type of the upstreams: " + ", ".join(ADDR_TYPES)),
     S("outTimeout", positive_duration, "3s", section="Upstream",
