@@ -296,7 +296,7 @@ def run_helper(stats: Stats, config, log: Callable[[str], None], *,
                 resolver, stats, failures, resolved, origin, address))
         targets = current_set(config, resolved, min(room, config.out_max_addrs))
         if publish(stats, targets):
-            log("upstreams now: " + ", ".join(_short(t) for t in targets))
+            log(f"upstreams now: {describe(targets)}")
         wanted = sum(len(resolved.get(o, [])) for o in names)
         if wanted > len(targets) and not warned_room:
             log(f"-outMaxAddrs: {len(targets)} addresses listed, more resolved; "
@@ -326,6 +326,12 @@ def _next_wait(config, ttl: float | None) -> float:
     if ttl is None:
         return config.out_resolve_interval
     return min(config.out_resolve_interval, max(ttl, MIN_REFRESH))
+
+
+def describe(targets: list[Target], most: int = 10) -> str:
+    """The set for a log line: the first ``most`` upstreams, then a count."""
+    shown = ", ".join(_short(t) for t in targets[:most])
+    return shown + (f" and {len(targets) - most} more" if len(targets) > most else "")
 
 
 def _short(t: Target) -> str:

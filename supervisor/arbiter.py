@@ -673,6 +673,7 @@ class Arbiter:
             resolved = discovery.resolve_start(config, log=log)   # ConfigError: run() says it
         targets = discovery.current_set(config, resolved, self.stats.max_upstreams)
         discovery.publish(self.stats, targets)
+        log(f"upstreams: {discovery.describe(targets)}")
         return [i for i, _, _, _ in self.stats.listed_upstreams()]
 
     def _reassign_upstreams(self, new) -> list[int]:
@@ -685,7 +686,8 @@ class Arbiter:
         known = discovery.known_targets(self.stats)
         resolved = discovery.resolve_start(new, known=known, log=log) if _discovery(new) else {}
         targets = discovery.current_set(new, resolved, self.stats.max_upstreams)
-        discovery.publish(self.stats, targets)
+        if discovery.publish(self.stats, targets):
+            log(f"upstreams now: {discovery.describe(targets)}")
         return [i for i, _, _, _ in self.stats.listed_upstreams()]
 
     def _helper_child(self, name: str) -> None:

@@ -137,6 +137,7 @@ class Helpers:
         helper = self.helpers.pop(name, None)
         if helper is None or helper.pid is None:
             return
+        self.log(f"{self._label(helper)}: stopping it for the reload")
         _kill(helper.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -330,6 +331,7 @@ def resolver_main(stats, config) -> Callable[[], int]:
     def main() -> int:
         from httptp.discovery import run_helper
         from httptp.logs import error_logger
+        signal.signal(signal.SIGTERM, _exit_now)   # stop between (or in) lookups: status 0
         return run_helper(stats, config, error_logger("resolver", config.log_format))
     return main
 
@@ -356,6 +358,10 @@ def acme_main(config, http_sock) -> Callable[[], int]:
 
 
 # -- small things --------------------------------------------------------------------------
+
+def _exit_now(signum, frame):
+    raise SystemExit(0)
+
 
 class _nothing:
     def __enter__(self):

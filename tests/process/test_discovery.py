@@ -6,6 +6,7 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import signal
 import socket
 import threading
 import time
@@ -256,3 +257,31 @@ def test_resolve_wait_waits_for_the_name():
                 p.__exit__(None, None, None)
         finally:
             up.close()
+
+
+def test_hup_moves_to_a_new_name_and_a_bad_one_keeps_the_old(dns_and_upstreams, tmp_path):
+    server, ups = dns_and_upstreams
+    port = ups[0].port
+    server.set("one.test", "A", ["127.0.0.2"])
+    server.set("two.test", "A", ["127.0.0.3", "127.0.0.4"])
+    conf = tmp_path / "httptp.conf"
+
+    def write(out):
+        conf.write_text(f"outType = http\nout = {out}\nresolver = {server.addr}\n"
+                        "outResolveInterval = 1s\n")
+
+    write(f"one.test:{port}")
+    with HttpTp(f"-config={conf}", workers=2) as p:
+        assert served_by(p, 5) == {b"127.0.0.2": 5}
+        write(f"two.test:{port}")
+        p.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reloaded:" in p.output, timeout=20), p.output
+        assert wait_until(lambda: set(served_by(p, 10)) == {b"127.0.0.3", b"127.0.0.4"},
+                          timeout=10), p.output
+        write(f"nowhere.test:{port}")
+        p.signal(signal.SIGHUP)
+        assert wait_until(lambda: "reload failed" in p.output, timeout=20), p.output
+        assert f"-out: nowhere.test:{port} does not resolve" in p.output
+        # the old set stays, and its resolver runs again
+        server.set("two.test", "A", ["127.0.0.5"])
+        assert wait_until(lambda: set(served_by(p, 5)) == {b"127.0.0.5"}, timeout=10), p.output
