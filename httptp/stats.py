@@ -41,7 +41,9 @@ words                      field                       notes
 2                          max_blocks
 3                          max_upstreams
 4                          WORKER_RESTARTS             counter, master writes
-5                          UPSTREAM_GENERATION         bumped by every ``assign_upstreams``
+5                          UPSTREAM_GENERATION         a seqlock: odd while the name table is
+                                                       written; generation = word >> 1, one
+                                                       more after every ``assign_upstreams``
 6                          BLOCK_WORDS                 words per block (sanity check)
 7                          RESOLVE_ERRORS              counter, the resolver helper writes
 8 .. 8+16*U                upstream name table         U entries of 16 words (128 bytes):
@@ -261,8 +263,9 @@ def upstream_entries(stats: Stats) -> list[tuple[int, str, str]]:
     is the ``-out`` entry the address came from (== address for a plain IP
     address or unix path).  For any process: the health checker, the status
     page.  Read again when ``stats.upstream_generation()`` changes."""
-    return [(index, *split_upstream_name(name))
-            for index, name, _, _ in stats.listed_upstreams()]
+    table = stats.upstream_table()
+    entries = table[1] if table is not None else stats.listed_upstreams()
+    return [(index, *split_upstream_name(name)) for index, name, _, _ in entries]
 
 
 def pack_meta(priority: int, weight: int | None) -> int:
@@ -386,17 +389,22 @@ class Stats:
         table = {self._read_name(i)[1]: i for i in range(self.max_upstreams)
                  if self._read_name(i)[0] != NAME_EMPTY}
         wanted = set(names)
-        for name, i in table.items():
-            self._set_name_state(i, NAME_LISTED if name in wanted else NAME_RETIRED)
-        result = []
-        for name, raw in zip(names, raws):
-            if name not in table:
-                table[name] = self._free_name_index()
-                self._write_name(table[name], NAME_LISTED, raw, meta.get(name, 0))
-            else:
-                self._set_meta(table[name], meta.get(name, 0))
-            result.append(table[name])
-        self.q[H_UPSTREAM_GENERATION] += 1
+        q = self.q
+        q[H_UPSTREAM_GENERATION] |= 1          # odd: readers of upstream_table() wait
+        try:
+            for name, i in table.items():
+                self._set_name_state(i, NAME_LISTED if name in wanted else NAME_RETIRED)
+            result = []
+            for name, raw in zip(names, raws):
+                if name not in table:
+                    table[name] = self._free_name_index()
+                    self._write_name(table[name], NAME_LISTED, raw, meta.get(name, 0))
+                else:
+                    self._set_meta(table[name], meta.get(name, 0))
+                result.append(table[name])
+        finally:
+            # even again, one generation on (also after a writer killed mid-write)
+            q[H_UPSTREAM_GENERATION] = (q[H_UPSTREAM_GENERATION] | 1) + 1
         return result
 
     def _free_name_index(self) -> int:
@@ -428,7 +436,21 @@ class Stats:
         return entries
 
     def upstream_generation(self) -> int:
-        return self.q[H_UPSTREAM_GENERATION]
+        """One more after every ``assign_upstreams`` (compare it to notice a change)."""
+        return self.q[H_UPSTREAM_GENERATION] >> 1
+
+    def upstream_table(self, tries: int = 100) -> tuple[int, list] | None:
+        """(generation, ``listed_upstreams()``) read while no writer was at work,
+        or None if one was during every try (ask again later)."""
+        q = self.q
+        for _ in range(tries):
+            seq = q[H_UPSTREAM_GENERATION]
+            if seq & 1:
+                continue
+            entries = self.listed_upstreams()
+            if q[H_UPSTREAM_GENERATION] == seq:
+                return seq >> 1, entries
+        return None
 
     def incr_resolve_errors(self) -> None:
         self.q[H_RESOLVE_ERRORS] += 1

@@ -195,12 +195,12 @@ class Proxy:
         if not self.dynamic:
             return True
         stats = self.stats
-        generation = stats.upstream_generation()
-        if generation == self._generation:
+        if stats.upstream_generation() == self._generation:
             return True
-        entries = stats.listed_upstreams()
-        if stats.upstream_generation() != generation or not entries:
+        table = stats.upstream_table()
+        if table is None or not table[1]:
             return False
+        generation, entries = table
         old = dict(zip(self._names, self.upstreams))
         names, upstreams, weights, priorities = [], [], [], []
         for index, name, priority, weight in entries:

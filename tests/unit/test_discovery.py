@@ -90,6 +90,21 @@ def test_upstream_entries_and_meta():
     assert {i: (p, w) for i, _, p, w in stats.listed_upstreams()}[ids[2]] == (3, 8)
 
 
+def test_upstream_table_is_read_only_between_writes():
+    stats = S.Stats.create(max_blocks=2, max_upstreams=4)
+    stats.assign_upstreams(["127.0.0.1:1"])
+    generation, entries = stats.upstream_table()
+    assert generation == stats.upstream_generation() == 1 and len(entries) == 1
+    stats.q[S.H_UPSTREAM_GENERATION] |= 1            # a writer at work (or killed in it)
+    assert stats.upstream_table(tries=3) is None
+    assert stats.upstream_generation() == 1
+    stats.assign_upstreams(["127.0.0.1:2"])          # the next write ends it
+    assert stats.upstream_table()[0] == 2
+    with pytest.raises(RuntimeError):                 # a full table still ends the write
+        stats.assign_upstreams([f"127.0.0.1:{p}" for p in range(3, 9)])
+    assert stats.upstream_table() is not None
+
+
 def test_resolve_errors_counter_in_totals():
     stats = S.Stats.create(max_blocks=2, max_upstreams=4)
     stats.incr_resolve_errors()
