@@ -114,6 +114,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    at_least = int_at_least(minimum)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > maximum:
+            raise ValueError(f"{value} must not be more than {maximum}")
+        return value
+    return parse
+
+
 def size_or_default(default: int) -> Callable[[str], int]:
     """A byte size; 0 means the default, as fasthttp treats 0 in the original."""
     at_least_0 = int_at_least(0)
@@ -325,12 +336,13 @@ SETTINGS: tuple[Setting, ...] = (
       help="DNS servers (ip or ip:port, comma-separated) asked for -out names, with TTLs\n"
            "Empty: the system resolver (getaddrinfo: /etc/hosts and resolv.conf; SRV "
            "records from the resolv.conf servers)."),
-    S("outMaxAddrs", int_at_least(1), "256", section="Upstream", meta="int", ours=True,
+    S("outMaxAddrs", int_between(1, 4096), "256", section="Upstream", meta="int", ours=True,
       reloadable=False,
       help="Room for upstream addresses in the shared table (all -out entries, "
            "resolved names included)\n"
-           "Addresses beyond it are left out and logged; addresses that left the set keep "
-           "their entry until the room is needed."),
+           "At most 4096. Addresses beyond it are left out and logged; addresses that left "
+           "the set keep their entry until the room is needed. Each worker's shared "
+           "memory holds 256 bytes per entry."),
     S("outResolveWait", parse_duration, "0s", section="Upstream", meta="duration", ours=True,
       help="At start, wait up to this long for -out names to resolve\n"
            "0: a name that does not resolve stops the start (and -checkConfig) at once; "

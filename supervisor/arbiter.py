@@ -683,8 +683,10 @@ class Arbiter:
             return self.stats.assign_upstreams(_upstream_names(new))
         from httptp import discovery
         self.helpers.stop_now(helper_procs.RESOLVER)
+        if not _discovery(new):                 # -out order: the workers' Balancer positions
+            return self.stats.assign_upstreams(_upstream_names(new))
         known = discovery.known_targets(self.stats)
-        resolved = discovery.resolve_start(new, known=known, log=log) if _discovery(new) else {}
+        resolved = discovery.resolve_start(new, known=known, log=log)
         targets = discovery.current_set(new, resolved, self.stats.max_upstreams)
         if discovery.publish(self.stats, targets):
             log(f"upstreams now: {discovery.describe(targets)}")
