@@ -285,3 +285,10 @@ def test_hup_moves_to_a_new_name_and_a_bad_one_keeps_the_old(dns_and_upstreams, 
         # the old set stays, and its resolver runs again
         server.set("two.test", "A", ["127.0.0.5"])
         assert wait_until(lambda: set(served_by(p, 5)) == {b"127.0.0.5"}, timeout=10), p.output
+        # back to a plain address: no resolver helper any more
+        write(f"127.0.0.2:{port}")
+        p.signal(signal.SIGHUP)
+        assert wait_until(lambda: p.output.count("reloaded:") == 2, timeout=20), p.output
+        assert served_by(p, 5) == {b"127.0.0.2": 5}
+        helper_lines = [line for line in p.lines if "resolver helper" in line]
+        assert helper_lines[-1].endswith("stopping it for the reload"), helper_lines
