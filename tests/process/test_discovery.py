@@ -141,6 +141,8 @@ def test_a_record_change_under_load_moves_traffic_without_a_failure(dns_and_upst
             loader.join(60)
         assert after["127.0.0.2"] == before["127.0.0.2"], (before, after)
         assert after["127.0.0.3"] == before["127.0.0.3"], (before, after)
+        # the removed ones' pooled connections were closed by httptp
+        assert wait_until(lambda: not ups[0]._conns and not ups[1]._conns, timeout=5)
         res = result["r"]
         assert res.ok > 0 and res.failed == 0, (res.statuses, res.errors[:3])
         assert "upstreams now: 127.0.0.4" in p.output
