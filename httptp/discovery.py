@@ -234,16 +234,18 @@ def known_targets(stats: Stats) -> dict[str, list[Target]]:
 
 
 def resolve_start(config, *, known: dict[str, list[Target]] | None = None,
-                  log: Callable[[str], None] = lambda m: None,
+                  log: Callable[[str], None] = lambda m: None, wait: float | None = None,
                   sleep=time.sleep, clock=time.monotonic) -> dict[str, list[Target]]:
     """Targets of every -out name, for the start or a HUP: a name in ``known``
     keeps its addresses (the helper refreshes them), the others are asked now.
     A name that does not resolve raises ConfigError (one line), after
-    retrying every second for ``-outResolveWait``."""
+    retrying every second for ``wait`` seconds (default ``-outResolveWait``;
+    a HUP passes 0: the master must not block)."""
     known = known or {}
+    wait = config.out_resolve_wait if wait is None else wait
     resolver = Resolver(config.resolver)
     result = {}
-    deadline = clock() + config.out_resolve_wait
+    deadline = clock() + wait
     waited = False
     for address in config.upstreams:
         origin = str(address)
@@ -252,18 +254,17 @@ def resolve_start(config, *, known: dict[str, list[Target]] | None = None,
         if known.get(origin):
             result[origin] = known[origin]
             continue
-        for _ in range(int(config.out_resolve_wait) + 2):    # bounded: once a second
+        for _ in range(int(wait) + 2):                       # bounded: once a second
             try:
                 result[origin] = resolver.resolve(address)[0]
                 break
             except ResolveError as e:
                 if clock() >= deadline:
-                    wait = (f" after waiting {config.out_resolve_wait:g} s"
-                            if config.out_resolve_wait else "")
-                    raise ConfigError(f"-out: {origin} does not resolve{wait}: {e}") from None
+                    after = f" after waiting {wait:g} s" if wait else ""
+                    raise ConfigError(f"-out: {origin} does not resolve{after}: {e}") from None
                 if not waited:
                     log(f"-out: {origin} does not resolve yet ({e}); waiting up to "
-                        f"{config.out_resolve_wait:g} s (-outResolveWait)")
+                        f"{wait:g} s (-outResolveWait)")
                     waited = True
                 sleep(min(1.0, max(0.0, deadline - clock())))
         else:

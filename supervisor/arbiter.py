@@ -686,7 +686,7 @@ class Arbiter:
         if not _discovery(new):                 # -out order: the workers' Balancer positions
             return self.stats.assign_upstreams(_upstream_names(new))
         known = discovery.known_targets(self.stats)
-        resolved = discovery.resolve_start(new, known=known, log=log)
+        resolved = discovery.resolve_start(new, known=known, log=log, wait=0.0)
         targets = discovery.current_set(new, resolved, self.stats.max_upstreams)
         if discovery.publish(self.stats, targets):
             log(f"upstreams now: {discovery.describe(targets)}")
