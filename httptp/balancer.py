@@ -57,6 +57,12 @@ Rules
   penalty recorded before it, so the upstream takes its share again at once.  A draining worker gets no new
   requests, so it cannot probe: once its cool-down is over its ejection is
   ignored (the worker must ``Stats.set_state(block, STATE_DRAINING)``).
+* **SRV priority and weight** (optional, from ``httptp.discovery``).  Only
+  the available positions (not ejected, not tried) of the lowest priority
+  compete; a higher priority gets requests only while every position of the
+  lower ones is out.  A weight w divides the score by w, so at equal latency
+  an upstream takes in-flight requests in proportion to its weight (nginx's
+  least_conn with weights); an SRV weight of 0 counts as 0.01.
 * **Fail open.**  If every candidate is ejected, pick the one whose ejection
   ends soonest (like nginx); without active health checks ``pick`` never
   refuses while an upstream exists.
@@ -143,9 +149,11 @@ class Balancer:
 
     def __init__(self, stats: Stats, block: int, upstreams: list[int], *, max_fails=3,
                  fail_timeout=5.0, clock=time.monotonic, refresh=0.005, penalty_halflife=3.0,
-                 health_stale_after: float | None = None):
+                 health_stale_after: float | None = None,
+                 weights: list[float] | None = None, priorities: list[int] | None = None):
         """``upstreams``: the stats indexes of the ``-out`` list, in order.
-        ``health_stale_after``: active health checks are on (module doc)."""
+        ``health_stale_after``: active health checks are on (module doc);
+        ``weights``/``priorities``: per position, from SRV (None: all equal)."""
         if not upstreams:
             raise ValueError("a balancer needs at least one upstream")
         self._q, self._d = stats.q, stats.d
@@ -164,6 +172,8 @@ class Balancer:
         self._stale_after = health_stale_after or 0.0
         self._health = [stats.health_base(u) for u in upstreams]
         self._checked, self._down, self._good = [False] * n, [False] * n, [0.0] * n
+        self._inv_w = [1.0 / max(w, 0.01) for w in weights] if weights else [1.0] * n
+        self._prio = list(priorities) if priorities and len(set(priorities)) > 1 else None
         self._next_refresh = -_INF
         self._refresh(clock())
 
@@ -297,6 +307,8 @@ class Balancer:
             latency = lat[i] = d[b + UP_EWMA] or o_ewma[i]
             if latency and (not min_lat or latency < min_lat):
                 min_lat = latency
+        if self._prio is not None:
+            self._lowest_priority_only()
         best = self._lowest_score(order, now, min_lat or 1.0)
         if best < 0:
             if soonest < 0:         # every candidate is down (health checks)
@@ -317,10 +329,20 @@ class Balancer:
             return None             # the holder got no request to probe with: we do it
         return end + PROBE_GRACE
 
+    def _lowest_priority_only(self) -> None:
+        """SRV: keep only the available positions of the lowest priority."""
+        avail, prio = self._avail, self._prio
+        levels = [prio[i] for i in range(self._n) if avail[i]]
+        if levels:
+            best = min(levels)
+            for i in range(self._n):
+                if avail[i] and prio[i] != best:
+                    avail[i] = False
+
     def _lowest_score(self, order, now: float, min_lat: float) -> int:
         q, d, bases, lat, avail = self._q, self._d, self._bases, self._lat, self._avail
         o_inflight, o_penalty, halflife = self._o_inflight, self._o_penalty, self._halflife
-        o_sampled = self._o_sampled
+        o_sampled, inv_w = self._o_sampled, self._inv_w
         best, best_score = -1, _INF
         for i in order:
             if not avail[i]:
@@ -343,7 +365,7 @@ class Balancer:
             else:
                 latency = min_lat
             load = q[b + UP_INFLIGHT] + o_inflight[i]
-            score = (load + 1 + p + o_penalty[i]) * latency
+            score = (load + 1 + p + o_penalty[i]) * latency * inv_w[i]
             if score < best_score:
                 best, best_score = i, score
         return best

@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         # Certificates are read and checked here, before anything binds (exit 2).
         from httptp.tls import build as build_tls
         tls = build_tls(config)
+        resolved = _resolve_names(config)
     except settings.HelpRequested:
         sys.stdout.write(settings.help_text())
         return 0
@@ -37,7 +38,21 @@ def main(argv: list[str] | None = None) -> int:
               + " ".join(inactive), file=sys.stderr)
     # Imported here: the supervisor is heavy and the config tests must not need it.
     from httptp.supervisor.arbiter import Arbiter
-    return Arbiter(config, reload_config=lambda: load_config(args, os.environ), tls=tls).run()
+    return Arbiter(config, reload_config=lambda: load_config(args, os.environ), tls=tls,
+                   resolved=resolved).run()
+
+
+def _resolve_names(config):
+    """-out names resolved now (a name that does not is a ConfigError; with
+    -outResolveWait after waiting), or None when -out has none."""
+    from httptp import discovery
+    if not discovery.uses_discovery(config):
+        return None
+    try:
+        return discovery.resolve_start(
+            config, log=lambda m: print(f"{settings.PROG}: {m}", file=sys.stderr, flush=True))
+    except KeyboardInterrupt:
+        raise ConfigError("-out: interrupted while waiting for names to resolve") from None
 
 
 def _check_only(args: list[str]) -> bool:

@@ -92,6 +92,10 @@ class Config:
     out_health_check_timeout: float
     out_health_check_rise: int
     out_health_check_fall: int
+    out_resolve_interval: float
+    resolver: tuple[tuple[str, int], ...]
+    out_max_addrs: int
+    out_resolve_wait: float
     # derived
     listen: Address
     upstreams: tuple[Address, ...]
@@ -199,8 +203,9 @@ def _build(values: dict[str, Any]) -> Config:
     fields_["out"] = _split_out(values["out"])
     _check_tls_pairs(fields_["in_tls_cert"], fields_["in_tls_key"])
     fields_["listen"] = _listen_address(values["in"], values["inType"])
-    fields_["upstreams"] = tuple(_address("out", text, values["outType"])
+    fields_["upstreams"] = tuple(_address("out", text, values["outType"], allow_srv=True)
                                  for text in fields_["out"])
+    _check_room(fields_["upstreams"], values["outMaxAddrs"])
     _check_writable("accessLog", fields_["access_log"])
     return Config(**fields_)
 
@@ -230,11 +235,24 @@ def _check_tls_pairs(certs: tuple[str, ...], keys: tuple[str, ...]) -> None:
                           f"{len(keys)} key(s); they must pair up")
 
 
-def _address(flag: str, text: str, kind: str, *, allow_port0: bool = False) -> Address:
+def _address(flag: str, text: str, kind: str, *, allow_port0: bool = False,
+             allow_srv: bool = False) -> Address:
     try:
-        return parse_address(text, kind, allow_port0=allow_port0)
+        return parse_address(text, kind, allow_port0=allow_port0, allow_srv=allow_srv)
     except ValueError as e:
         raise ConfigError(f"-{flag}: {e}") from None
+
+
+def _check_room(upstreams: tuple[Address, ...], room: int) -> None:
+    """Every -out entry needs at least one entry of the shared table; a resolved
+    entry's address and origin must fit one entry (httptp.discovery)."""
+    from httptp.discovery import check_origin
+    if len(set(upstreams)) > room:
+        raise ConfigError(f"-out: {len(set(upstreams))} upstreams but -outMaxAddrs is {room}")
+    for address in upstreams:
+        problem = check_origin(address)
+        if problem:
+            raise ConfigError(f"-out: {problem}")
 
 
 def _listen_address(text: str, kind: str) -> Address:

@@ -92,6 +92,8 @@ _METRICS = {
     "outHealthCheckFailures": ("httptp_health_check_failures", "counter",
                                "Active health checks that failed (no answer, or not 2xx/3xx)", {}),
     "workerRestarts": ("httptp_worker_restarts", "counter", "Worker processes replaced after dying", {}),
+    "outResolveErrors": ("httptp_upstream_resolve_errors", "counter",
+                         "Failed DNS lookups of -out names (the last good addresses stay)", {}),
 }
 
 

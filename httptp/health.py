@@ -30,10 +30,10 @@ down        good                down, or up at the ``rise``-th good in a row
 ==========  ==================  ==========================================
 
 Every round re-reads the set of upstreams from the shared name table
-(``Stats.upstream_names``), so upstreams added or retired at run time (a HUP,
+(``Stats.listed_upstreams``), so upstreams added or retired at run time (a HUP,
 DNS discovery) are followed.  How a table entry becomes something to dial is
-``dial_address``, the one place to change when entries stop being plain
-``-out`` addresses.  A machine is keyed by (index, name): an index given to
+``dial_address`` (an ``-out`` address, or a resolved ``address NUL origin``).
+A machine is keyed by (index, name): an index given to
 another name starts over, unknown.  A checker that starts (a HUP, a crash)
 takes each upstream's state from the table when it is fresh (checked within
 ``stale_after`` seconds), so a dead upstream does not get traffic again only
@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 from httptp.netaddr import Address, parse_address
-from httptp.stats import (HEALTH_DOWN, HEALTH_UNKNOWN, HEALTH_UP, HL_MONO, HL_STATE,
-                          HL_SINCE, Stats)
+from httptp.stats import (HEALTH_DOWN, HEALTH_UNKNOWN, HEALTH_UP, HL_MONO, HL_SINCE, HL_STATE,
+                          Stats, display_upstream_name, split_upstream_name)
 
 STATE_NAMES = {HEALTH_UNKNOWN: "unknown", HEALTH_UP: "up", HEALTH_DOWN: "down"}
 
@@ -77,11 +77,10 @@ def stale_after(config) -> float:
 
 
 def dial_address(name: str, out_type: str) -> Address:
-    """The address to check for the upstream-table entry ``name``.
-
-    Today an entry is the ``-out`` address as written (``str(Address)``), so
-    this parses it back.  Raises ValueError for an entry it cannot dial."""
-    return parse_address(name, "unix" if out_type == "unix" else "tcp")
+    """The address to check for the upstream-table entry ``name``: an ``-out``
+    address as written, or a resolved ``address NUL origin`` (discovery).
+    Raises ValueError for an entry it cannot dial."""
+    return parse_address(split_upstream_name(name)[0], "unix" if out_type == "unix" else "tcp")
 
 
 class Hysteresis:
@@ -141,7 +140,7 @@ class Checker:
 
     def targets(self) -> list[Target]:
         """The listed upstreams to check this round (re-read every round)."""
-        names = self.stats.upstream_names()
+        names = {index: name for index, name, _, _ in self.stats.listed_upstreams()}
         for index in [i for i, (name, _) in self.machines.items() if names.get(i) != name]:
             del self.machines[index]            # retired, or the index has a new name
         result = []
@@ -151,7 +150,7 @@ class Checker:
             except ValueError as err:
                 if name not in self._unusable:
                     self._unusable.add(name)
-                    self.log(f"upstream {name}: not checked: {err}")
+                    self.log(f"upstream {display_upstream_name(name)}: not checked: {err}")
                 continue
             if index not in self.machines:
                 self.machines[index] = (name, Hysteresis(self.rise, self.fall,
@@ -182,7 +181,8 @@ class Checker:
         now = self.wall()
         stats.set_health(target.index, machine.state, now, verdict.code)
         if changed:
-            self._log_change(target.name, before, machine.state, verdict, now - since)
+            self._log_change(display_upstream_name(target.name), before, machine.state, verdict,
+                             now - since)
 
     def _log_change(self, name: str, before: int, after: int, verdict: Verdict,
                     lasted: float) -> None:

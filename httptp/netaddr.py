@@ -16,10 +16,11 @@ Network = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A TCP ``host:port`` (host "" = all interfaces; IPv6 without brackets) or a
-    unix socket ``path`` (``@name`` is a Linux abstract socket)."""
+    """A TCP ``host:port`` (host "" = all interfaces; IPv6 without brackets), a
+    unix socket ``path`` (``@name`` is a Linux abstract socket), or an SRV name
+    (``_service._proto.name`` in ``host``: -out only, resolved, never dialled)."""
 
-    kind: str                   # "tcp" or "unix"
+    kind: str                   # "tcp", "unix" or "srv"
     host: str = ""
     port: int = 0
     path: str = ""
@@ -27,6 +28,8 @@ class Address:
     def __str__(self) -> str:
         if self.kind == "unix":
             return self.path
+        if self.kind == "srv":
+            return self.host
         if ":" in self.host:
             return f"[{self.host}]:{self.port}"
         return f"{self.host}:{self.port}"
@@ -43,10 +46,12 @@ class Address:
         return (self.host, self.port)
 
 
-def parse_address(text: str, kind_hint: str, *, allow_port0: bool = False) -> Address:
+def parse_address(text: str, kind_hint: str, *, allow_port0: bool = False,
+                  allow_srv: bool = False) -> Address:
     """Parse one address.  ``kind_hint`` is the -inType/-outType: "unix" means a
     path (a ``unix:`` prefix is accepted), anything else ``host:port``.
-    ``allow_port0`` allows port 0 (listening on a free port).  Raises ValueError."""
+    ``allow_port0`` allows port 0 (listening on a free port); ``allow_srv`` an
+    SRV name ``_service._proto.name`` without a port.  Raises ValueError."""
     if kind_hint == "unix":
         path = text[len("unix:"):] if text.startswith("unix:") else text
         if not path or path == "@":
@@ -54,6 +59,10 @@ def parse_address(text: str, kind_hint: str, *, allow_port0: bool = False) -> Ad
         if "\0" in path:
             raise ValueError(f"NUL byte in unix socket path {text!r}")
         return Address("unix", path=path)
+    if allow_srv and text.startswith("_") and ":" not in text:
+        if not is_srv_name(text):
+            raise ValueError(f"invalid SRV name {text!r}: want _service._proto.name")
+        return Address("srv", host=text)
     host, port_text = _split_host_port(text)
     return Address("tcp", host=host, port=_parse_port(port_text, text, allow_port0))
 
@@ -78,6 +87,23 @@ def _split_host_port(text: str) -> tuple[str, str]:
     if host and not _valid_host(host):
         raise ValueError(f"invalid host {host!r} in {text!r}")
     return host, port
+
+
+def is_srv_name(text: str) -> bool:
+    """``_service._proto.name``: two underscore labels, then a DNS name."""
+    labels = text.rstrip(".").split(".")
+    return (len(labels) >= 3 and all(label.startswith("_") and len(label) > 1
+                                     for label in labels[:2])
+            and _valid_host(".".join(labels[2:])) and not is_ip(".".join(labels[2:])))
+
+
+def is_ip(host: str) -> bool:
+    """An IPv4 or IPv6 literal (a zone ``%eth0`` allowed)."""
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+        return True
+    except ValueError:
+        return False
 
 
 def _valid_host(host: str) -> bool:

@@ -114,6 +114,17 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def int_between(minimum: int, maximum: int) -> Callable[[str], int]:
+    at_least = int_at_least(minimum)
+
+    def parse(text: str) -> int:
+        value = at_least(text)
+        if value > maximum:
+            raise ValueError(f"{value} must not be more than {maximum}")
+        return value
+    return parse
+
+
 def size_or_default(default: int) -> Callable[[str], int]:
     """A byte size; 0 means the default, as fasthttp treats 0 in the original."""
     at_least_0 = int_at_least(0)
@@ -159,6 +170,23 @@ def comma_list(text: str) -> tuple[str, ...]:
     if "" in items:
         raise ValueError(f"empty entry in the list {text!r}")
     return items
+
+
+def parse_resolvers(text: str) -> tuple[tuple[str, int], ...]:
+    """-resolver: ``ip``, ``ip:port`` or ``[v6]:port``, comma-separated → ((ip, port), ...)."""
+    servers = []
+    for item in comma_list(text):
+        host, port = item, 53
+        if item.startswith("[") or item.count(":") == 1:
+            address = netaddr.parse_address(item, "tcp")
+            host, port = address.host, address.port
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{item!r} is not an IP address (a DNS server is given by "
+                             "address, like 10.0.0.2:53)") from None
+        servers.append((host, port))
+    return tuple(servers)
 
 
 def parse_allow_ip(text: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -285,7 +313,10 @@ SETTINGS: tuple[Setting, ...] = (
     # -- Upstream ------------------------------------------------------------
     S("out", parse_string, "127.0.0.1:8043", section="Upstream", meta="list",
       help="Comma-separated upstream addresses (host:port, [v6]:port, or socket paths "
-           "for -outType=unix) to balance requests over"),
+           "for -outType=unix) to balance requests over\n"
+           "A host that is a DNS name stands for all its A and AAAA records, each an upstream "
+           "of its own, resolved again every -outResolveInterval; _service._proto.name (no "
+           "port) for its SRV records (docs/operations.md, Discovery)."),
     S("outType", choice(*ADDR_TYPES), "teleport", section="Upstream",
       help="Type of the upstreams: " + ", ".join(ADDR_TYPES)),
     S("outTimeout", positive_duration, "3s", section="Upstream",
@@ -322,6 +353,28 @@ SETTINGS: tuple[Setting, ...] = (
       help="Good checks in a row that bring a down upstream back up (HAProxy's rise)"),
     S("outHealthCheckFall", int_at_least(1), "3", section="Upstream", meta="int", ours=True,
       help="Failed checks in a row that mark an up upstream down (HAProxy's fall)"),
+    # -- Discovery (docs/operations.md "Discovery") -------------------------
+    S("outResolveInterval", positive_duration, "10s", section="Upstream",
+      meta="duration", ours=True,
+      help="How often -out names and SRV records are resolved again\n"
+           "An -out host that is not an IP address stands for all its A and AAAA records, "
+           "each its own upstream; _service._proto.name (no port) for its SRV records. "
+           "With -resolver the interval is also capped by the records' TTL."),
+    S("resolver", parse_resolvers, "", section="Upstream", meta="list", ours=True,
+      help="DNS servers (ip or ip:port, comma-separated) asked for -out names, with TTLs\n"
+           "Empty: the system resolver (getaddrinfo: /etc/hosts and resolv.conf; SRV "
+           "records from the resolv.conf servers)."),
+    S("outMaxAddrs", int_between(1, 4096), "256", section="Upstream", meta="int", ours=True,
+      reloadable=False,
+      help="Room for upstream addresses in the shared table (all -out entries, "
+           "resolved names included)\n"
+           "At most 4096. Addresses beyond it are left out and logged; addresses that left "
+           "the set keep their entry until the room is needed. Each worker's shared "
+           "memory holds 256 bytes per entry."),
+    S("outResolveWait", parse_duration, "0s", section="Upstream", meta="duration", ours=True,
+      help="At start, wait up to this long for -out names to resolve\n"
+           "0: a name that does not resolve stops the start (and -checkConfig) at once; "
+           "longer suits containers that start before their upstreams."),
     # -- Limits --------------------------------------------------------------
     S("concurrency", int_at_least(1), "100000", section="Limits", meta="int",
       help="Maximum number of concurrent client connections (http) or requests (teleport)\n"

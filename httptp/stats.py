@@ -41,12 +41,16 @@ words                      field                       notes
 2                          max_blocks
 3                          max_upstreams
 4                          WORKER_RESTARTS             counter, master writes
-5                          UPSTREAM_GENERATION         bumped by every ``assign_upstreams``
+5                          UPSTREAM_GENERATION         a seqlock: odd while the name table is
+                                                       written; generation = word >> 1, one
+                                                       more after every ``assign_upstreams``
 6                          BLOCK_WORDS                 words per block (sanity check)
-7                          reserved
+7                          RESOLVE_ERRORS              counter, the resolver helper writes
 8 .. 8+16*U                upstream name table         U entries of 16 words (128 bytes):
                                                        word 0 = state | name_length << 8
-                                                       (state 0 empty, 1 listed, 2 retired),
+                                                       | priority << 16 | weight << 32
+                                                       (state 0 empty, 1 listed, 2 retired;
+                                                       priority, weight: SRV, see below),
                                                        words 1..15 = utf-8 name, <= 120 bytes
 8+16*U .. 8+24*U           upstream health table       U entries of 8 words (64 bytes), one per
                                                        name-table index; written only by the
@@ -106,7 +110,7 @@ offset  field         kind     meaning
 Health entry (offsets relative to ``health_base(u)``; one writer: the health
 checker helper, ``httptp.health``; all zero = unknown, never checked):
 
-======  ============  =======  =====================================================
+======  ============  =======  ==============================================
 offset  field         kind     meaning
 ======  ============  =======  =====================================================
 0       HL_STATE      int      ``HEALTH_UNKNOWN`` 0, ``HEALTH_UP`` 1, ``HEALTH_DOWN`` 2
@@ -121,6 +125,16 @@ offset  field         kind     meaning
 
 The master zeroes an entry when ``assign_upstreams`` gives its index to a new
 name (before the checker knows the name), so a new upstream starts unknown.
+=======
+Name-table entries: a plain ``-out`` entry is listed under its own text
+(``127.0.0.1:8080``, a unix path).  An address found by resolving an ``-out``
+name (``httptp.discovery``) is listed as ``address NUL origin``
+(``127.0.0.2:8080\0app.example:8080``, ``10.0.0.5:80\0_http._tcp.app``):
+``upstream_entries`` splits them, ``upstream_names`` shows ``address (origin)``.
+Priority (16 bits) and weight (17 bits: SRV weight + 1, 0 for no weight)
+come from SRV answers.  The master writes the table at start and on HUP; when
+``-out`` has names, the resolver helper writes it in between (the master
+stops that helper before its own writes, so there is one writer at a time).
 
 ``UP_REVIVED`` is a fact ("upstream u answered a probe at t"), not a gauge: it
 survives claim and release (see ``httptp.balancer``).  Sizes: with 256 blocks
@@ -135,11 +149,12 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 4
+LAYOUT_VERSION = 5
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
 H_WORKER_RESTARTS, H_UPSTREAM_GENERATION, H_BLOCK_WORDS = 4, 5, 6
+H_RESOLVE_ERRORS = 7                # DNS failures of -out names (the resolver helper)
 HEADER_WORDS = 8
 NAME_WORDS = 16                     # per name-table entry
 NAME_BYTES = (NAME_WORDS - 1) * 8   # 120
@@ -150,6 +165,7 @@ HEALTH_UNKNOWN, HEALTH_UP, HEALTH_DOWN = 0, 1, 2
 HL_STATE, HL_CHECKED, HL_CODE, HL_CHECKS, HL_FAILS, HL_GOOD_MONO, HL_MONO, HL_SINCE = range(8)
 HEALTH_CHECKS_NAME = "outHealthChecks"                  # summed in totals()
 HEALTH_CHECK_FAILURES_NAME = "outHealthCheckFailures"
+ORIGIN_SEP = "\0"                   # "address NUL origin": an address found by resolving
 
 # Block admin words.
 IN_USE, SEQ, PID, SLOT, GENERATION, STATE, HEARTBEAT, STARTED = range(8)
@@ -255,6 +271,40 @@ COUNTERS = (
 GAUGES = (IN_CONNS, OUT_CONNS)
 _FIRST, _LAST = IN_REQUEST_START, OUT_RESPONSE_TOO_LARGE + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
+RESOLVE_ERRORS_NAME = "outResolveErrors"            # header counter, included in totals()
+
+
+def split_upstream_name(name: str) -> tuple[str, str]:
+    """A name-table entry → (dialable address, the -out entry it came from)."""
+    address, sep, origin = name.partition(ORIGIN_SEP)
+    return address, origin if sep else address
+
+
+def display_upstream_name(name: str) -> str:
+    """``address`` for a plain entry, ``address (origin)`` for a resolved one."""
+    address, origin = split_upstream_name(name)
+    return address if origin == address else f"{address} ({origin})"
+
+
+def upstream_entries(stats: Stats) -> list[tuple[int, str, str]]:
+    """(index, address, origin) of every listed upstream, by index; ``origin``
+    is the ``-out`` entry the address came from (== address for a plain IP
+    address or unix path).  For any process: the health checker, the status
+    page.  Read again when ``stats.upstream_generation()`` changes."""
+    table = stats.upstream_table()
+    entries = table[1] if table is not None else stats.listed_upstreams()
+    return [(index, *split_upstream_name(name)) for index, name, _, _ in entries]
+
+
+def pack_meta(priority: int, weight: int | None) -> int:
+    """SRV priority and weight as one table field (weight None: not given)."""
+    stored = 0 if weight is None else min(weight, 0xFFFF) + 1
+    return min(priority, 0xFFFF) | stored << 16
+
+
+def unpack_meta(meta: int) -> tuple[int, int]:
+    """(priority, weight + 1 or 0) from ``pack_meta``'s field."""
+    return meta & 0xFFFF, meta >> 16 & 0x1FFFF
 
 
 def layout_words(max_blocks: int, max_upstreams: int) -> tuple[int, int, int]:
@@ -328,21 +378,26 @@ class Stats:
         w = self._name_word(index)
         flags = self.q[w]
         start = (w + 1) * 8
-        raw = bytes(self._bytes[start:start + (flags >> 8)])
+        raw = bytes(self._bytes[start:start + (flags >> 8 & 0xFF)])
         return flags & 0xFF, raw.decode("utf-8", "replace")
 
-    def _write_name(self, index: int, state: int, raw: bytes) -> None:
+    def _write_name(self, index: int, state: int, raw: bytes, meta: int = 0) -> None:
         w = self._name_word(index)
         self.q[w] = NAME_EMPTY            # readers see an empty entry while the name changes
         start = (w + 1) * 8
         self._bytes[start:start + NAME_BYTES] = raw.ljust(NAME_BYTES, b"\0")
-        self.q[w] = state | len(raw) << 8
+        self.q[w] = state | len(raw) << 8 | meta << 16
+
+    def _set_meta(self, index: int, meta: int) -> None:
+        w = self._name_word(index)
+        if self.q[w] >> 16 != meta:
+            self.q[w] = (self.q[w] & 0xFFFF) | meta << 16
 
     def _set_name_state(self, index: int, state: int) -> None:
         w = self._name_word(index)
         self.q[w] = (self.q[w] & ~0xFF) | state
 
-    def assign_upstreams(self, names: list[str]) -> list[int]:
+    def assign_upstreams(self, names: list[str], meta: dict[str, int] | None = None) -> list[int]:
         """Give every name a stable index; return them in ``names`` order.
 
         A name already in the table keeps its index.  A new name takes an empty
@@ -350,9 +405,11 @@ class Stats:
         used by a name no longer listed; the old name's per-block counters then
         carry over).  Names no longer listed are kept, marked retired, so a HUP
         never remaps an index an old worker still uses.  A repeated name maps to
-        one index.  Raises ValueError for a name over 120 utf-8 bytes and
-        RuntimeError when the table is full.
+        one index.  ``meta``: name → ``priority | weight << 16`` (SRV; see
+        ``pack_meta``), 0 for names not in it.  Raises ValueError for a name
+        over 120 utf-8 bytes and RuntimeError when the table is full.
         """
+        meta = meta or {}
         raws = [n.encode("utf-8") for n in names]
         for raw in raws:
             if len(raw) > NAME_BYTES or not raw:
@@ -360,16 +417,23 @@ class Stats:
         table = {self._read_name(i)[1]: i for i in range(self.max_upstreams)
                  if self._read_name(i)[0] != NAME_EMPTY}
         wanted = set(names)
-        for name, i in table.items():
-            self._set_name_state(i, NAME_LISTED if name in wanted else NAME_RETIRED)
-        result = []
-        for name, raw in zip(names, raws):
-            if name not in table:
-                table[name] = self._free_name_index()
-                self._write_name(table[name], NAME_LISTED, raw)
-                self._zero_health(table[name])
-            result.append(table[name])
-        self.q[H_UPSTREAM_GENERATION] += 1
+        q = self.q
+        q[H_UPSTREAM_GENERATION] |= 1          # odd: readers of upstream_table() wait
+        try:
+            for name, i in table.items():
+                self._set_name_state(i, NAME_LISTED if name in wanted else NAME_RETIRED)
+            result = []
+            for name, raw in zip(names, raws):
+                if name not in table:
+                    table[name] = self._free_name_index()
+                    self._write_name(table[name], NAME_LISTED, raw, meta.get(name, 0))
+                    self._zero_health(table[name])
+                else:
+                    self._set_meta(table[name], meta.get(name, 0))
+                result.append(table[name])
+        finally:
+            # even again, one generation on (also after a writer killed mid-write)
+            q[H_UPSTREAM_GENERATION] = (q[H_UPSTREAM_GENERATION] | 1) + 1
         return result
 
     def _free_name_index(self) -> int:
@@ -380,12 +444,13 @@ class Stats:
         raise RuntimeError("upstream table full (%d entries)" % self.max_upstreams)
 
     def upstream_names(self) -> dict[int, str]:
-        """Index → name for every listed upstream (retired ones are left out)."""
+        """Index → name for every listed upstream (retired ones are left out);
+        a resolved address shows as ``address (origin)``."""
         names = {}
         for i in range(self.max_upstreams):
             state, name = self._read_name(i)
             if state == NAME_LISTED:
-                names[i] = name
+                names[i] = display_upstream_name(name)
         return names
 
     def upstream_name(self, index: int) -> str | None:
@@ -393,8 +458,36 @@ class Stats:
         state, name = self._read_name(index)
         return name if state == NAME_LISTED else None
 
+    def listed_upstreams(self) -> list[tuple[int, str, int, int]]:
+        """(index, table name, priority, weight) of every listed upstream;
+        weight 0 means none given (see ``unpack_meta``)."""
+        entries = []
+        for i in range(self.max_upstreams):
+            state, name = self._read_name(i)
+            if state == NAME_LISTED:
+                priority, weight = unpack_meta(self.q[self._name_word(i)] >> 16)
+                entries.append((i, name, priority, weight))
+        return entries
+
     def upstream_generation(self) -> int:
-        return self.q[H_UPSTREAM_GENERATION]
+        """One more after every ``assign_upstreams`` (compare it to notice a change)."""
+        return self.q[H_UPSTREAM_GENERATION] >> 1
+
+    def upstream_table(self, tries: int = 100) -> tuple[int, list] | None:
+        """(generation, ``listed_upstreams()``) read while no writer was at work,
+        or None if one was during every try (ask again later)."""
+        q = self.q
+        for _ in range(tries):
+            seq = q[H_UPSTREAM_GENERATION]
+            if seq & 1:
+                continue
+            entries = self.listed_upstreams()
+            if q[H_UPSTREAM_GENERATION] == seq:
+                return seq >> 1, entries
+        return None
+
+    def incr_resolve_errors(self) -> None:
+        self.q[H_RESOLVE_ERRORS] += 1
 
     # -- upstream health table (the health checker writes) -----------------------
 
@@ -550,6 +643,7 @@ class Stats:
             fails += self.q[base + HL_FAILS]
         result[HEALTH_CHECKS_NAME] = checks
         result[HEALTH_CHECK_FAILURES_NAME] = fails
+        result[RESOLVE_ERRORS_NAME] = self.q[H_RESOLVE_ERRORS]
         return result
 
     def upstream_totals(self) -> dict[int, dict]:
@@ -585,7 +679,9 @@ class Stats:
                 if d[b + UP_EWMA] > 0.0:
                     ewmas.append(d[b + UP_EWMA])
             ejected = bool(probing) or any(e > revived for e in ejects if e)
-            result[u] = {"name": name, "listed": state == NAME_LISTED, "inflight": inflight,
+            address, origin = split_upstream_name(name)
+            result[u] = {"name": display_upstream_name(name), "address": address,
+                         "origin": origin, "listed": state == NAME_LISTED, "inflight": inflight,
                          "requests": requests, "failures": failures, "ejected": ejected,
                          "ewma": sum(ewmas) / len(ewmas) if ewmas else 0.0,
                          "eject_until": max(ejects, default=0.0) if ejected else 0.0,

@@ -43,6 +43,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from httptp.errors import ConfigError
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
 from httptp.supervisor import proctitle, systemd
@@ -109,6 +110,9 @@ class Arbiter:
     ``tls`` is what ``httptp.tls.build(config)`` returned (built before binding,
     so certificate errors stop the start); a HUP rebuilds it from the new config.
     ``stats`` is an existing ``httptp.stats.Stats`` to use instead of a new map.
+    ``resolved`` is what ``httptp.discovery.resolve_start`` returned for the
+    -out names (the cli resolves them before anything binds); None: resolve
+    them at start.
     """
 
     heartbeat_timeout = 30.0   # a ready worker silent this long is killed
@@ -117,8 +121,9 @@ class Arbiter:
 
     def __init__(self, config, reload_config: Callable[[], object],
                  worker_main: Callable[..., int] | None = None, *, stats=None,
-                 tls=None) -> None:
+                 tls=None, resolved=None) -> None:
         self.config = config
+        self.resolved = resolved                  # -out names → their first addresses
         set_log_format(getattr(config, "log_format", "text"))
         self.tls = tls                            # httptp.tls.TLS or None: inherited by the fork
         self.reload_config = reload_config
@@ -158,7 +163,7 @@ class Arbiter:
             self.start()
             self.loop()
             self.log_summary()
-        except ListenError as err:
+        except (ListenError, ConfigError) as err:
             log(str(err))
             return 1
         finally:
@@ -171,9 +176,10 @@ class Arbiter:
         config = self.config
         self.listeners = open_listeners(config.listen, config.workers, config.reuse_port)
         if self.stats is None:
-            self.stats = Stats.create(max_blocks=max(64, 4 * config.workers + 2))
+            self.stats = Stats.create(max_blocks=max(64, 4 * config.workers + 2),
+                                      max_upstreams=getattr(config, "out_max_addrs", 64))
         self.max_slots = max(1, (self.stats.max_blocks - 1) // 2)
-        self.upstream_ids = self.stats.assign_upstreams(_upstream_names(config))
+        self.upstream_ids = self._assign_upstreams(config, self.resolved)
         log(f"listening on {self.listeners.name} pid={os.getpid()}")
         warning = raise_open_files(config.concurrency, config.workers)
         if warning:
@@ -519,9 +525,10 @@ class Arbiter:
             if refused:
                 raise ValueError(f"changing {refused} needs a restart")
             tls = _build_tls(new)      # certificates read again: renewed files are picked up
-            upstream_ids = self.stats.assign_upstreams(_upstream_names(new))
+            upstream_ids = self._reassign_upstreams(new)
         except (Exception, SystemExit) as err:
             log(f"reload failed, keeping the running configuration: {_one_line(err)}")
+            self.sync_helpers()        # the resolver helper, if _reassign_upstreams stopped it
             return
         systemd.reloading("reloading")
         self.previous = (self.config, self.upstream_ids, self.tls, self.config_generations,
@@ -617,6 +624,7 @@ class Arbiter:
         config = self.config
         self._sync_stats_helper()
         self._sync_health_helper()
+        self._sync_resolver_helper()
         if not helper_procs.autocert_enabled(config):
             self.helpers.remove(helper_procs.ACME)
             return
@@ -658,6 +666,45 @@ class Arbiter:
         self.helpers.ensure(helper_procs.HEALTH,
                             helper_procs.health_main(self.config, self.stats, self.tls),
                             key=helper_procs.health_key(self.config, self.generation))
+
+    def _sync_resolver_helper(self) -> None:
+        """The resolver helper runs iff -out has names (httptp.discovery); it
+        is the table's only writer while it runs."""
+        if not _discovery(self.config):
+            self.helpers.remove(helper_procs.RESOLVER)
+            return
+        self.helpers.ensure(helper_procs.RESOLVER,
+                            helper_procs.resolver_main(self.stats, self.config),
+                            key=helper_procs.resolver_key(self.config))
+
+    def _assign_upstreams(self, config, resolved) -> list[int]:
+        """List ``config``'s upstreams in the shared table (at start); their
+        indexes (plain entries in -out order; with names, every listed one)."""
+        if not _discovery(config):
+            return self.stats.assign_upstreams(_upstream_names(config))
+        from httptp import discovery
+        if resolved is None:
+            resolved = discovery.resolve_start(config, log=log)   # ConfigError: run() says it
+        targets = discovery.current_set(config, resolved, self.stats.max_upstreams)
+        discovery.publish(self.stats, targets)
+        log(f"upstreams: {discovery.describe(targets)}")
+        return [i for i, _, _, _ in self.stats.listed_upstreams()]
+
+    def _reassign_upstreams(self, new) -> list[int]:
+        """On HUP: stop the resolver helper (one writer at a time), keep the
+        addresses of names still in -out, resolve new names now."""
+        if not (_discovery(new) or _discovery(self.config)):
+            return self.stats.assign_upstreams(_upstream_names(new))
+        from httptp import discovery
+        self.helpers.stop_now(helper_procs.RESOLVER)
+        if not _discovery(new):                 # -out order: the workers' Balancer positions
+            return self.stats.assign_upstreams(_upstream_names(new))
+        known = discovery.known_targets(self.stats)
+        resolved = discovery.resolve_start(new, known=known, log=log, wait=0.0)
+        targets = discovery.current_set(new, resolved, self.stats.max_upstreams)
+        if discovery.publish(self.stats, targets):
+            log(f"upstreams now: {discovery.describe(targets)}")
+        return [i for i, _, _, _ in self.stats.listed_upstreams()]
 
     def _helper_child(self, name: str) -> None:
         """First thing in a new helper child: worker signals, no proxy listeners."""
@@ -737,6 +784,11 @@ def _restart_needed(old, new) -> str:
     """The flags (``-in, -inType``) a HUP cannot change, "" if none."""
     from httptp.config import restart_needed
     return ", ".join(f"-{name}" for name in sorted(restart_needed(old, new)))
+
+
+def _discovery(config) -> bool:
+    from httptp.discovery import uses_discovery
+    return uses_discovery(config)
 
 
 def _upstream_names(config) -> list[str]:

@@ -24,6 +24,12 @@ The stats helper (``stats_main``) serves -expvarAddr from the shared memory.
 The health helper (``health_main``) runs the -outHealthCheck checks and
 publishes them in the shared memory's health table (``httptp.health``).
 
+The resolver helper (``resolver_main``) runs while -out has DNS or SRV names:
+it resolves them again and again and publishes the addresses in the shared
+upstream table (``httptp.discovery``).  The master writes that table too, at
+start and on HUP, so it stops this helper first with ``stop_now`` (one writer
+at a time) and starts it again after.
+
 The ACME helper: ``autocert_enabled(config)`` says whether it runs
 (``-inType=https`` with no ``-inTLSCert``); ``open_http_socket`` binds the
 ``-autocertHTTPAddr`` socket in the master before any fork, so the port is
@@ -126,6 +132,30 @@ class Helpers:
             helper.respawn_at = None
             if helper.pid is not None:
                 self._tell(helper, signum, min(grace, STOP_GRACE))
+
+    def stop_now(self, name: str, timeout: float = STOP_GRACE) -> None:
+        """Stop helper ``name`` and wait (at most ``timeout``, then SIGKILL) until
+        it has exited: after this it writes nothing.  The next ``ensure``
+        starts it again.  Blocks the master briefly; for a HUP only."""
+        helper = self.helpers.pop(name, None)
+        if helper is None or helper.pid is None:
+            return
+        self.log(f"{self._label(helper)}: stopping it for the reload")
+        _kill(helper.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                pid, status = os.waitpid(helper.pid, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid:
+                return
+            time.sleep(0.01)
+        _kill(helper.pid, signal.SIGKILL)
+        try:
+            os.waitpid(helper.pid, 0)
+        except ChildProcessError:
+            pass
 
     def alive(self) -> int:
         return sum(1 for h in self.helpers.values() if h.pid is not None)
@@ -359,6 +389,25 @@ def stats_key(config) -> tuple:
     return (config.expvar_addr, config.out_type, tuple(config.out))
 
 
+RESOLVER = "resolver"
+
+
+def resolver_key(config) -> tuple:
+    """The settings the running resolver helper was started with."""
+    return (config.out, config.out_type, config.resolver, config.out_resolve_interval,
+            config.out_max_addrs, config.log_format)
+
+
+def resolver_main(stats, config) -> Callable[[], int]:
+    """What the resolver helper child runs (httptp.discovery.run_helper)."""
+    def main() -> int:
+        from httptp.discovery import run_helper
+        from httptp.logs import error_logger
+        signal.signal(signal.SIGTERM, _exit_now)   # stop between (or in) lookups: status 0
+        return run_helper(stats, config, error_logger("resolver", config.log_format))
+    return main
+
+
 def make_cache_dir(path: str) -> None:
     """Create the autocert cache directory 0700 before any fork (workers write
     requests into it before the helper may have started).  Raises ListenError."""
@@ -381,6 +430,10 @@ def acme_main(config, http_sock) -> Callable[[], int]:
 
 
 # -- small things --------------------------------------------------------------------------
+
+def _exit_now(signum, frame):
+    raise SystemExit(0)
+
 
 class _nothing:
     def __enter__(self):

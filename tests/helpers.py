@@ -86,7 +86,8 @@ class Upstream:
     ``connections`` counts accepted connections.
     """
 
-    def __init__(self, handler=None, name="up", unix_path: str | None = None, delay: float = 0.0):
+    def __init__(self, handler=None, name="up", unix_path: str | None = None, delay: float = 0.0,
+                 host: str = "127.0.0.1", port: int = 0):
         self.name = name
         self.delay = delay
         self.handler = handler or (lambda m, p, h, b: Reply(body=self.name.encode()))
@@ -99,8 +100,8 @@ class Upstream:
         else:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            self.sock.bind(("127.0.0.1", 0))
-            self.addr = "127.0.0.1:%d" % self.sock.getsockname()[1]
+            self.sock.bind((host, port))
+            self.addr = "%s:%d" % (host, self.sock.getsockname()[1])
         self.sock.listen(1024)
         self.received: list[bytes] = []
         self.requests = 0

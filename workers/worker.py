@@ -14,7 +14,8 @@ signal handlers through gevent:
 * the master going away (our parent pid changes) drains us too.
 
 A heartbeat greenlet writes the time into our shared-memory block every second;
-the master kills a worker whose heartbeat stops (a wedged hub).
+the master kills a worker whose heartbeat stops (a wedged hub).  The same beat
+picks up a new set of upstream addresses (discovery: Proxy.refresh_upstreams).
 
 A worker that cannot boot (anything before it reports ready fails: the access
 log will not open, a module will not import...) writes one line naming the
@@ -213,6 +214,11 @@ class Worker:
         while True:
             stats.beat(block, time.monotonic())
             self.refusals.flush()
+            try:
+                self.proxy.refresh_upstreams()  # discovery: a new set of addresses
+            except Exception as e:              # a bug: keep the old set, keep beating
+                self.refusals.say("upstream set", f"upstream set not updated: "
+                                  f"{e.__class__.__name__}: {e}")
             if os.getppid() != self._ppid and not self.draining:
                 self.drain()            # first: the log below may fail with the master gone
                 self.log("master went away; draining")

@@ -405,6 +405,7 @@ class HTTPUpstream:
         self.write_timeout = write_timeout
         self.q = stats.q
         self.base = stats.block_base(block)
+        self.retired = False           # left the -out set: no pooling, close when done
         self._sockaddr = None
         if address.kind == "unix":
             self._sockaddr = (_socket.AF_UNIX, address.sockaddr())
@@ -482,7 +483,7 @@ class HTTPUpstream:
         """An exchange is over with ``conn``: pool it (``keep``) or close it
         (``orderly``: a whole response came, so TLS gets our close_notify),
         and let the next waiting exchange in."""
-        if keep and not conn.transport.closed and not conn.tunnel:
+        if keep and not conn.transport.closed and not conn.tunnel and not self.retired:
             conn.exchange = None
             conn.idle_since = time.monotonic()
             # the response may have ended while the client's writes backed up
@@ -519,6 +520,18 @@ class HTTPUpstream:
     def close(self) -> None:
         while self._idle:
             self._close(self._idle.pop(), orderly=True)
+
+    def retire(self) -> None:
+        """This address left the -out set (discovery): the balancer sends it
+        nothing new; requests in flight finish, then their connections close,
+        and the idle ones close now."""
+        self.retired = True
+        self.close()
+
+    @property
+    def busy(self) -> bool:
+        """Connections in use or being dialled, or exchanges waiting for one."""
+        return self._busy > 0 or bool(self._waiting)
 
     @property
     def idle_count(self) -> int:

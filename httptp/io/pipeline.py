@@ -54,15 +54,27 @@ and answers from its callback, in the hub as well.  Teleport in:
 from the hub whose downstream, a ``TeleportAnswer``, collects the whole
 response (bounded by -outMaxBodySize) and hands the connection its
 ``Answer``.
+
+Discovery (-out names, ``httptp.discovery``): the upstreams are the listed
+entries of the shared table, not the -out list.  ``refresh_upstreams`` (the
+worker's heartbeat, every second) reads the table's generation and, when it
+changed, builds a new upstream list and balancer in one step of the hub: an
+upstream still listed keeps its object (and its pooled connections), a new
+address gets one, a removed one is retired (no new request: it is not in the
+new balancer; in-flight exchanges hold their upstream and lease and finish;
+its connections close as they come back).  A retry after the swap may pick
+the upstream it already tried (``tried`` holds positions of the old list).
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 
 from httptp import stats as S
 from httptp.balancer import Balancer
+from httptp.discovery import uses_discovery
 from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, NoUpstreamUp, ProxyError,
                            ResponseTooLarge, UpgradeNotSupported, UpstreamError)
 from httptp.http import policy, writer
@@ -74,6 +86,7 @@ from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Timer
 from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
+from httptp.netaddr import parse_address
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -145,19 +158,94 @@ class Proxy:
         per_addr = math.ceil(config.concurrency / n_out)
         per_worker = max(1, math.ceil(per_addr / max(1, config.workers)))
         self.out_teleport = config.out_type in ("teleport", "teleports")
-        self.upstreams = [self._upstream(addr, per_worker, stats, block, parser_module)
-                          for addr in config.upstreams]
-        self.balancer = Balancer(stats, block, list(upstream_ids),
-                                 max_fails=config.out_max_fails,
-                                 fail_timeout=config.out_fail_timeout,
-                                 health_stale_after=_health_stale_after(config))
+        self.stats, self.block = stats, block
+        self._parser_module = parser_module
+        self._retiring: list = []               # (upstream, close-by time)
+        self.dynamic = uses_discovery(config)
+        if self.dynamic:
+            self._generation = -1
+            self._names: list[tuple[int, str]] = []
+            self.upstreams, self.balancer = [], None
+            for _ in range(1000):               # the table is being written: try again
+                if self.refresh_upstreams():
+                    break
+                os.sched_yield()
+            else:
+                raise RuntimeError("no upstream listed in the shared table")
+        else:
+            self.upstreams = [self._upstream(addr, per_worker, stats, block, parser_module)
+                              for addr in config.upstreams]
+            self.balancer = Balancer(stats, block, list(upstream_ids),
+                                     max_fails=config.out_max_fails,
+                                     fail_timeout=config.out_fail_timeout,
+                                     health_stale_after=_health_stale_after(config))
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
         self.single = len(self.upstreams) == 1
         self.log_errors = config.log_all_errors
         self.max_body = config.out_max_body_size
         self._spare_timers: list[Timer] = []   # for teleport-in answers
 
-    def _upstream(self, addr, per_worker: int, stats, block: int, parser_module):
+    # -- discovery: the set of upstreams changes -------------------------------------
+
+    def refresh_upstreams(self) -> bool:
+        """Take the shared table's current set if it changed (module doc); close
+        retired upstreams that are done.  Cheap when nothing changed: one
+        read.  False when the table was being written (try on the next beat)."""
+        if self._retiring:
+            self._close_retired()
+        if not self.dynamic:
+            return True
+        stats = self.stats
+        if stats.upstream_generation() == self._generation:
+            return True
+        table = stats.upstream_table()
+        if table is None or not table[1]:
+            return False
+        generation, entries = table
+        old = dict(zip(self._names, self.upstreams))
+        names, upstreams, weights, priorities = [], [], [], []
+        for index, name, priority, weight in entries:
+            up = old.pop((index, name), None) or self._discovered(name, len(entries))
+            names.append((index, name))
+            upstreams.append(up)
+            weights.append(weight - 1 if weight else 1.0)
+            priorities.append(priority)
+        cfg = self.config
+        self.balancer = Balancer(stats, self.block, [i for i, _ in names],
+                                 max_fails=cfg.out_max_fails, fail_timeout=cfg.out_fail_timeout,
+                                 health_stale_after=_health_stale_after(cfg),
+                                 weights=weights, priorities=priorities)
+        self.upstreams, self._names, self._generation = upstreams, names, generation
+        self.single = len(upstreams) == 1
+        deadline = time.monotonic() + cfg.out_timeout + 5.0
+        for up in old.values():
+            up.retire()
+            self._retiring.append((up, deadline))
+        return True
+
+    def _discovered(self, name: str, count: int):
+        """An upstream object for a table entry (``address NUL origin``)."""
+        address, origin = S.split_upstream_name(name)
+        cfg = self.config
+        per_addr = math.ceil(cfg.concurrency / max(1, count))
+        per_worker = max(1, math.ceil(per_addr / max(1, cfg.workers)))
+        # TLS: the -out name; an SRV target's name is not kept (-outTLSServerName)
+        host = origin.rpartition(":")[0] if not origin.startswith("_") else None
+        return self._upstream(parse_address(address, cfg.out_type), per_worker, self.stats,
+                              self.block, self._parser_module, server_name=host)
+
+    def _close_retired(self) -> None:
+        now = time.monotonic()
+        still = []
+        for up, deadline in self._retiring:
+            if up.busy and now < deadline:
+                still.append((up, deadline))
+            else:
+                up.close()
+        self._retiring = still
+
+    def _upstream(self, addr, per_worker: int, stats, block: int, parser_module,
+                  server_name: str | None = None):
         cfg = self.config
         if self.out_teleport:
             from httptp.io.teleport_upstream import TeleportUpstream
@@ -169,23 +257,24 @@ class Proxy:
                                     max_header_size=cfg.out_max_header_size,
                                     max_body_size=cfg.out_max_body_size, stats=stats,
                                     block=block, log=self.log, tls_context=self.tls_context,
-                                    server_hostname=self._server_name(addr))
+                                    server_hostname=self._server_name(addr, server_name))
         return HTTPUpstream(addr, parser_module=parser_module,
                             max_header_size=cfg.out_max_header_size,
                             max_body_size=cfg.out_max_body_size, max_conns=per_worker,
                             idle_timeout=cfg.out_idle_timeout, stats=stats, block=block,
                             tls_context=self._plain_context(),
-                            server_hostname=self._server_name(addr))
+                            server_hostname=self._server_name(addr, server_name))
 
     def _plain_context(self):
         """The client context as a stdlib one (wrap_bio: the transport does the IO)."""
         return self.tls_context
 
-    def _server_name(self, addr) -> str | None:
-        """SNI and verification name: -outTLSServerName, else the -out host."""
+    def _server_name(self, addr, name: str | None = None) -> str | None:
+        """SNI and verification name: -outTLSServerName, else the -out host
+        (``name``: the name a discovered address came from)."""
         if self.tls_context is None:
             return None
-        return self.tls_server_name or (addr.host if addr.kind == "tcp" else None)
+        return self.tls_server_name or name or (addr.host if addr.kind == "tcp" else None)
 
     def exchange_timer(self) -> Timer:
         """A -outTimeout timer for one client connection to re-arm per request."""
@@ -293,6 +382,9 @@ class Proxy:
     def close(self) -> None:
         for u in self.upstreams:
             u.close()
+        for u, _ in self._retiring:
+            u.close()
+        self._retiring = []
         while self._spare_timers:
             self._spare_timers.pop().close()
 

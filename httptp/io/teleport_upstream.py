@@ -61,3 +61,11 @@ class TeleportUpstream:
     def close(self) -> None:
         for c in self.clients:
             c.close()
+
+    def retire(self) -> None:
+        """This address left the -out set: nothing new is sent; the pipeline
+        closes it once ``busy`` is false (or after a deadline)."""
+
+    @property
+    def busy(self) -> bool:
+        return self.pending > 0

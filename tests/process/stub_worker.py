@@ -3,7 +3,7 @@
 Run as ``python stub_worker.py <httptp flags>``; the real Config and Stats are
 used, only ``worker_main`` is replaced.  Each answer's body is
 ``"<worker pid> <generation>\\n"``.  Paths: ``/slow`` takes 1.5 s, ``/hang``
-never answers (and stops the heartbeat).  An upstream named ``crash:1`` makes
+never answers (and stops the heartbeat).  An upstream on port 9 (discard: ``127.0.0.1:9``) makes
 the worker raise at boot.
 
 Environment: ``STUB_RELOAD_FILE`` holds the extra flags a HUP adds (or
@@ -31,7 +31,7 @@ def serve(config, listener, stats, block, slot, generation, upstream_ids) -> int
     signal.signal(signal.SIGQUIT, lambda signum, frame: os._exit(0))
     signal.signal(signal.SIGUSR1, lambda signum, frame: print(f"stub {os.getpid()} USR1",
                                                               file=sys.stderr, flush=True))
-    if any(str(u).startswith("crash") for u in config.upstreams):
+    if any(getattr(u, "port", 0) == 9 for u in config.upstreams):
         raise RuntimeError("stub told to crash")
     time.sleep(float(os.environ.get("STUB_BOOT_DELAY", "0")))
     listener.settimeout(0.1)

@@ -222,7 +222,7 @@ def test_hup_with_a_failing_reload_keeps_the_workers(tmp_path):
 def test_hup_is_aborted_when_a_new_worker_dies_before_ready(tmp_path):
     with Master(tmp_path, workers=2) as m:
         old = m.children()
-        m.reload_file.write_text("-out=crash:1")
+        m.reload_file.write_text("-out=127.0.0.1:9")   # the stub crashes
         m.signal(signal.SIGHUP)
         assert m.wait_for("reload aborted, keeping the running workers"), m.output
         assert "crashed: RuntimeError: stub told to crash at stub_worker.py:" in m.output

@@ -67,7 +67,7 @@ def test_exact_totals_over_blocks(stats):
     assert totals["workerRestarts"] == stats.restarts() == 1
     assert totals["inRequestSuccess"] == 0
     assert set(totals) == {name for name, _, _ in st.COUNTERS} | {
-        "workerRestarts", "outHealthChecks", "outHealthCheckFailures"}
+        "workerRestarts", "outHealthChecks", "outHealthCheckFailures", "outResolveErrors"}
     assert stats.block_counters(blocks[1])["inRequestStart"] == 200
 
 
