@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.dnsserver import DNSServer
-from tests.helpers import HttpTp, Upstream, load, run_httptp, wait_until
+from tests.helpers import HttpTp, Reply, Upstream, load, run_httptp, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -294,3 +294,27 @@ def test_hup_moves_to_a_new_name_and_a_bad_one_keeps_the_old(dns_and_upstreams, 
         assert served_by(p, 5) == {b"127.0.0.2": 5}
         helper_lines = [line for line in p.lines if "resolver helper" in line]
         assert helper_lines[-1].endswith("stopping it for the reload"), helper_lines
+
+
+def test_health_checks_follow_resolved_addresses(dns_and_upstreams):
+    """Discovery and -outHealthCheck together: each resolved address is checked
+    on its own, the one that fails its checks gets no client request, and the
+    status page shows it down under the name it came from."""
+    server, ups = dns_and_upstreams
+    port = ups[0].port
+    ups[1].handler = lambda m, p, h, b: Reply(status=503, body=b"sick")
+    server.set("app.test", "A", ["127.0.0.2", "127.0.0.3"])
+    with httptp_for(server, f"app.test:{port}", "-outHealthCheck=/health",
+                    "-outHealthCheckInterval=1s", "-outHealthCheckFall=1") as p:
+        assert wait_until(lambda: "is down" in p.output, timeout=15), p.output
+        assert f"upstream 127.0.0.3:{port} (app.test:{port}) is down" in p.output, p.output
+        sick_before = ups[1].requests
+        res = load(p.host, p.port, threads=4, duration=1.5, max_requests=300)
+        assert res.failed == 0, res.errors[:3]
+        assert ups[0].requests > 0
+        # only the checker's GET /health reached the sick one (about one a second)
+        assert ups[1].requests - sick_before <= 3, (sick_before, ups[1].requests)
+        doc = json.loads(stats_get(p, "/status.json"))
+        states = {u["address"]: (u["origin"], u["state"]) for u in doc["upstreams"]}
+        assert states[f"127.0.0.3:{port}"] == (f"app.test:{port}", "down"), states
+        assert states[f"127.0.0.2:{port}"][1] == "up", states
