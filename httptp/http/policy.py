@@ -40,6 +40,27 @@ def _drop_set(headers: list, base: frozenset) -> frozenset:
     return base
 
 
+# Whether a field name (as spelt) is forwarded, for the base drop sets: one
+# dict lookup per field instead of a lower() and a set lookup.  Names come
+# from peers, so each cache is bounded.
+_CACHE_MAX = 4096
+_request_keeps: dict = {}
+_response_keeps: dict = {}
+
+
+def _kept(headers: list, drop: frozenset, keeps: dict) -> list:
+    out = []
+    for h in headers:
+        keep = keeps.get(h[0])
+        if keep is None:
+            keep = h[0].lower() not in drop
+            if len(keeps) < _CACHE_MAX:
+                keeps[h[0]] = keep
+        if keep:
+            out.append(h)
+    return out
+
+
 def forward_request_headers(headers: list, client_ip_header: bytes | None,
                             client_ip: bytes | None) -> list:
     """Headers to send upstream: drop hop-by-hop, Connection-named,
@@ -58,6 +79,8 @@ def forward_request_headers(headers: list, client_ip_header: bytes | None,
         out = [h for h in headers if h[0].lower() not in drop]
         out.append((client_ip_header, client_ip))
         return out
+    if drop is _REQUEST_DROP:
+        return _kept(headers, drop, _request_keeps)
     return [h for h in headers if h[0].lower() not in drop]
 
 
@@ -82,4 +105,6 @@ def forward_response_headers(headers: list) -> list:
     """Headers to send to the client: drop hop-by-hop, Connection-named and
     Content-Length (the writer sets framing)."""
     drop = _drop_set(headers, _RESPONSE_DROP)
+    if drop is _RESPONSE_DROP:
+        return _kept(headers, drop, _response_keeps)
     return [h for h in headers if h[0].lower() not in drop]
