@@ -29,7 +29,7 @@ and it gives the exchange ``body_data``/``body_end`` (the request body),
 
 Errors: every upstream driver raises or reports only ``UpstreamError`` (with
 ``sent_nothing_back``) and the exchange's timer reports the timeout; this
-module alone maps them to answers (``_ANSWERS``: 502, 504).  Until the
+module alone maps them to answers (``_answer``: 502, 504).  Until the
 response head went out, a failure is answered; after it, the client
 connection is cut (a 502 can no longer be sent).
 
@@ -677,7 +677,7 @@ class Exchange:
             if len(self.tried) == 1 and not proxy.single:
                 self._try()
                 return
-        err = _from(BadGateway(str(e)), up, elapsed)
+        err = _answer(e, up, elapsed)
         self._fail(err)
 
     def _timed_out(self) -> None:
@@ -707,8 +707,8 @@ class Exchange:
             self.lease = None
         if self.proxy.log_errors:
             self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
-        self._fail(_from(GatewayTimeout("no free upstream connection before the deadline"
-                                        if waited is not None else ""), up, elapsed))
+        self._fail(_answer(None, up, elapsed, "no free upstream connection before the deadline"
+                           if waited is not None else ""))
 
     def _fail(self, err: ProxyError) -> None:
         self.finished = True
@@ -873,7 +873,7 @@ class TeleportExchange:
             self.tried = {lease.index}
             self._try()
             return
-        err = _from(BadGateway(str(result)), up, elapsed)
+        err = _answer(result, up, elapsed)
         self._fail(err)
 
     def _timed_out(self) -> None:
@@ -889,7 +889,7 @@ class TeleportExchange:
             self.lease = None
         if self.proxy.log_errors:
             self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
-        err = _from(GatewayTimeout(), up, elapsed)
+        err = _answer(None, up, elapsed)
         self._fail(err)
 
     def _fail(self, err: ProxyError) -> None:
@@ -991,7 +991,12 @@ def _health_stale_after(config) -> float | None:
     return stale_after(config)
 
 
-def _from(err: ProxyError, upstream, elapsed: float) -> ProxyError:
-    """``err`` naming the upstream it came from and how long it took (access log)."""
-    err.upstream, err.upstream_time = upstream.name, elapsed
-    return err
+def _answer(err: UpstreamError | None, upstream, elapsed: float,
+            detail: str | None = None) -> ProxyError:
+    """The one table from upstream outcomes to answers: an ``UpstreamError``
+    (refused, reset, malformed, too large...) is a 502, no answer before
+    -outTimeout (``err`` None) a 504.  The answer names the upstream and how
+    long it took (access log)."""
+    answer = BadGateway(str(err)) if err is not None else GatewayTimeout(detail or "")
+    answer.upstream, answer.upstream_time = upstream.name, elapsed
+    return answer

@@ -46,10 +46,6 @@ class TeleportUpstream:
     #: ``cancel(call)``: the caller's -outTimeout passed, stop waiting for ``call``
     cancel = staticmethod(TeleportClient.cancel)
 
-    def exchange(self, method: bytes, target: bytes, headers: list, body: bytes, deadline: float,
-                 retry_stale: bool):
-        return least_pending(self.clients).request(method, target, headers, body, deadline)
-
     @property
     def pending(self) -> int:
         return sum(c.pending for c in self.clients)
