@@ -23,7 +23,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from httptp import netaddr
 from httptp.teleport import codecs as _codecs
@@ -224,7 +224,22 @@ def parse_header_name(text: str) -> str:
 # ---------------------------------------------------------------------------
 # The table.
 
-ADDR_TYPES = ("http", "https", "unix", "teleport", "teleports")
+class AddrType(NamedTuple):
+    """What an -inType/-outType value means; code asks this table, never the name."""
+
+    name: str
+    teleport: bool      # the teleport protocol (else HTTP/1.1)
+    tls: bool           # over TLS
+
+
+ADDR_TYPE = {t.name: t for t in (
+    AddrType("http", False, False),
+    AddrType("https", False, True),
+    AddrType("unix", False, False),
+    AddrType("teleport", True, False),
+    AddrType("teleports", True, True),
+)}
+ADDR_TYPES = tuple(ADDR_TYPE)
 CODECS = _codecs.NAMES          # none, flate, snappy, zstd, brotli: one registry
 _OURS_ONLY = " and ".join(c.name for c in _codecs.REGISTRY if not c.go)
 SECTIONS = ("Listener", "Upstream", "Limits", "Teleport", "TLS", "Process", "Stats")

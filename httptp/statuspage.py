@@ -36,6 +36,7 @@ from collections import deque
 
 import httptp
 from httptp import stats as stats_mod
+from httptp.settings import ADDR_TYPE
 from httptp.stats import (IN_CONNS, IN_REQUEST_START, LATENCY_BUCKETS, STATE_BOOTING,
                           STATE_DRAINING, STATE_READY)
 
@@ -48,7 +49,7 @@ WORKER_STATES = {STATE_BOOTING: "booting", STATE_READY: "ready", STATE_DRAINING:
 # Requests httptp answered itself with an error (the reasons of httptp_request_errors).
 ERROR_COUNTERS = ("inRequestTimeoutError", "inRequestOtherError", "inRequestBadRequest",
                   "inRequestOverload")
-TELEPORT_TYPES = ("teleport", "teleports")
+TELEPORT_TYPES = tuple(t.name for t in ADDR_TYPE.values() if t.teleport)
 
 
 # -- contracts with health checks and discovery (maybe not there) --------------------------

@@ -62,6 +62,7 @@ import weakref
 from typing import Callable
 
 from httptp.errors import ConfigError
+from httptp.settings import ADDR_TYPE
 
 TICKET_PERIOD = 12 * 3600.0
 _SSL_CTRL_GET_TLSEXT_TICKET_KEYS = 58
@@ -459,7 +460,7 @@ def server_tls(config, fallback: Callable[[str], ssl.SSLContext | None] | None =
                           f"-inTLSKey has {len(config.in_tls_key)} key(s); they must pair up")
     autocert = None
     if not config.in_tls_cert:
-        if config.in_type == "teleports":
+        if ADDR_TYPE[config.in_type].teleport:
             raise ConfigError("-inTLSCert: teleports needs a certificate")
         if fallback is None:
             # https without certificates: autocert (ACME), as in the original.
@@ -476,7 +477,7 @@ def server_tls(config, fallback: Callable[[str], ssl.SSLContext | None] | None =
                                      make_context=make_context, sleep=_cooperative_sleep, log=log)
             fallback = autocert.context_for
     server = ServerTLS(list(zip(config.in_tls_cert, config.in_tls_key)),
-                       alpn=ALPN_HTTP if config.in_type == "https" else None,
+                       alpn=None if ADDR_TYPE[config.in_type].teleport else ALPN_HTTP,
                        client_ca=getattr(config, "in_tls_client_ca", ""),
                        ticket_key=config.in_tls_session_ticket_key, fallback=fallback, log=log)
     if autocert is not None:
@@ -497,11 +498,11 @@ def client_context(config, log: Callable[[str], None] = _log) -> ssl.SSLContext 
 
     Verification is on: against ``-outTLSCA`` only when given (the system roots
     are then not trusted), else the system roots.  ``-outTLSInsecure`` turns it off."""
-    if config.out_type not in ("https", "teleports"):
+    if not ADDR_TYPE[config.out_type].tls:
         return None
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     _hardened(ctx)
-    if config.out_type == "https":
+    if not ADDR_TYPE[config.out_type].teleport:
         ctx.set_alpn_protocols(ALPN_HTTP)
     if config.out_tls_ca:
         _load_verify(ctx, "outTLSCA", config.out_tls_ca)
@@ -547,7 +548,7 @@ def build(config, fallback: Callable[[str], ssl.SSLContext | None] | None = None
     """Every TLS object ``config`` needs (None when it needs none).  Called in the
     master before binding and forking, and again on HUP.  Raises ConfigError."""
     server = None
-    if config.in_type in ("https", "teleports"):
+    if ADDR_TYPE[config.in_type].tls:
         server = server_tls(config, fallback, log)
     elif getattr(config, "in_tls_client_ca", ""):
         raise ConfigError("-inTLSClientCA: only for -inType=https or teleports")

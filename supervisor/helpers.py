@@ -48,6 +48,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable, ContextManager
 
+from httptp.settings import ADDR_TYPE
 from httptp.supervisor import proctitle
 from httptp.supervisor.procs import Backoff, flush_std as _flush_std, kill as _kill
 
@@ -363,7 +364,7 @@ def _health_probe(config, tls):
     client = tls.client if tls is not None else None
     server_name = tls.server_name if tls is not None else ""
     path, timeout = config.out_health_check, config.out_health_check_timeout
-    if config.out_type in ("teleport", "teleports"):
+    if ADDR_TYPE[config.out_type].teleport:
         from httptp.teleport.handshake import BY_NAME
         return health_probe.TeleportProbe(
             path, timeout, compress=BY_NAME[config.out_compress],

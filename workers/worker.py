@@ -46,6 +46,7 @@ from httptp.io.pipeline import Proxy
 from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.logs import AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
+from httptp.settings import ADDR_TYPE
 from httptp.supervisor.procs import WORKER_BOOT_ERROR, report_boot_error
 from httptp.tls import error_text as tls_error_text
 
@@ -85,7 +86,7 @@ class Worker:
         self.allow = (AllowList.from_networks(config.in_allow_ip)
                       if config.in_allow_ip and not self.is_unix else None)
         self.max_conns = max(1, math.ceil(config.concurrency / max(1, config.workers)))
-        self.teleport = self._teleport_server() if config.in_type in ("teleport", "teleports") else None
+        self.teleport = self._teleport_server() if ADDR_TYPE[config.in_type].teleport else None
         # every listener type: callbacks on the loop, an accept watcher
         self.listener = _stdsocket.socket(listener.family, listener.type,
                                           fileno=listener.detach())

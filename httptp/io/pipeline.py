@@ -87,6 +87,7 @@ from httptp.io.timers import Timer
 from httptp.io.transport import HIGH_WATER
 from httptp.logs import RateLimitedLog
 from httptp.netaddr import parse_address
+from httptp.settings import ADDR_TYPE
 
 # RFC 9110 §9.2.2: safe to send twice.
 IDEMPOTENT = frozenset((b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"))
@@ -157,7 +158,7 @@ class Proxy:
         # between the workers.
         per_addr = math.ceil(config.concurrency / n_out)
         per_worker = max(1, math.ceil(per_addr / max(1, config.workers)))
-        self.out_teleport = config.out_type in ("teleport", "teleports")
+        self.out_teleport = ADDR_TYPE[config.out_type].teleport
         self.stats, self.block = stats, block
         self._parser_module = parser_module
         self._retiring: list = []               # (upstream, close-by time)
