@@ -47,7 +47,7 @@ from gevent import socket
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from hotpath import REQUEST as GET_REQUEST, RESPONSE as GET_RESPONSE  # noqa: E402
-from hotpath import read_response  # noqa: E402
+from hotpath import connect_to, read_response  # noqa: E402
 
 NO_BID = (b"HTTP/1.1 204 No Content\r\nServer: nginx/1.22.1\r\nDate: Sun, 29 Nov 2026 11:00:00 GMT\r\n"
           b"Connection: keep-alive\r\n\r\n")
@@ -152,14 +152,6 @@ def run_clients(connect, requests: list[bytes], conns: int, per_conn: int) -> tu
     return time.process_time() - t0, time.perf_counter() - w0
 
 
-def connect_unix(path: str):
-    def connect():
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.connect(path)
-        return s
-    return connect
-
-
 # --------------------------------------------------------------------------- the chain
 
 def build_worker(argv: list[str], listener):
@@ -212,13 +204,12 @@ def link_counters(a, b) -> tuple[int, int, int, int, int, int]:
 # --------------------------------------------------------------------------- py-spy output
 
 # Where a sampled stack starts (the greenlet's function) says whose work it is.
+# Both httptp sides run in the hub's callbacks (no greenlet per connection,
+# exchange or link since issue 11), so the hub's share is all of A and B.
 ROLES = (
-    ("TeleportExchange._run", "A: teleport exchanges (TeleportClient.request)"),
-    ("_Link._run_writer", "A: teleport writer"),
-    ("_Link._run_reader", "A: teleport reader"),
     ("client ", "bench: clients"),
     ("upstream_server.", "bench: upstream"),
-    ("Hub.run", "hub (libev callbacks: A's http in, all of B)"),
+    ("Hub.run", "hub (libev callbacks: all of A and B)"),
 )
 
 
@@ -282,15 +273,15 @@ def main() -> int:
         in_path, a, b = start_chain(tmp, up_path, args.codec, args.delay)
         per_conn = max(1, args.requests // args.conns)
         n = per_conn * args.conns
-        run_clients(connect_unix(in_path), requests, args.conns, 200)     # warm up
-        direct, _ = run_clients(connect_unix(up_path), requests, args.conns, per_conn)
+        run_clients(connect_to(in_path), requests, args.conns, 200)     # warm up
+        direct, _ = run_clients(connect_to(up_path), requests, args.conns, per_conn)
         before = link_counters(a, b)
         prof = None
         if args.profile:
             import cProfile
             prof = cProfile.Profile()
             prof.enable()
-        chained, wall = run_clients(connect_unix(in_path), requests, args.conns, per_conn)
+        chained, wall = run_clients(connect_to(in_path), requests, args.conns, per_conn)
         if prof is not None:
             prof.disable()
         after = link_counters(a, b)

@@ -14,7 +14,6 @@ import argparse
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,18 +21,11 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from tests.helpers import HttpTp, Reply, Upstream, load, raw_exchange, wait_until  # noqa: E402
+from tests.helpers import HttpTp, Reply, Upstream, dead_address, load, raw_exchange, wait_until  # noqa: E402
 
 BODY = (b'{"id":"%d","seatbid":[{"bid":[{"id":"1","impid":"1","price":0.42,'
         b'"adm":"<div class=\\"ad\\">' + b"creative " * 60 + b'</div>","crid":"c-17"}]}]}')
 
-
-def dead_address() -> str:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % s.getsockname()[1]
-    s.close()
-    return addr
 
 
 def main() -> int:

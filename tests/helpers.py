@@ -355,6 +355,15 @@ class HttpTp:
         self.kill()
 
 
+def dead_address() -> str:
+    """A loopback port nobody listens on (connections are refused)."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    addr = "127.0.0.1:%d" % s.getsockname()[1]
+    s.close()
+    return addr
+
+
 def run_httptp(*args: str, timeout=10.0, env=None) -> subprocess.CompletedProcess:
     e = dict(os.environ)
     e.update(env or {})

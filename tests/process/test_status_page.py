@@ -11,14 +11,12 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
-import time
 
 import pytest
 
-from tests.helpers import HttpTp, Upstream, get, wait_until
+from tests.helpers import HttpTp, Upstream, dead_address, get, wait_until
 from tests.unit.test_statuspage import parse
 
 pytestmark = pytest.mark.timeout(120)
@@ -40,14 +38,6 @@ def fetch(port: int, path: str):
     finally:
         c.close()
 
-
-def dead_address() -> str:
-    """A loopback port nobody listens on (connections are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % s.getsockname()[1]
-    s.close()
-    return addr
 
 
 def requests_through(p: HttpTp, n: int) -> None:
