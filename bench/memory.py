@@ -34,9 +34,11 @@ import os
 import socket
 import socketserver
 import sys
-import threading
 import time
 import zlib
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.helpers import PeakRSS, status_bytes  # noqa: E402  (one RSS sampler for bench and tests)
 
 MiB = 1 << 20
 TARGET = 64 * MiB
@@ -155,25 +157,6 @@ def serve_upstream() -> None:
 
 # --------------------------------------------------------------------------- /proc
 
-def status_bytes(pid: int, key: str) -> int:
-    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM), in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
-
-
-def reset_peak(pid: int) -> bool:
-    """Reset VmHWM to the current RSS (Linux 4.0+); False when we may not."""
-    try:
-        with open(f"/proc/{pid}/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def cpu_ticks(pid: int) -> int:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
@@ -189,30 +172,6 @@ def wait_idle(pid: int, timeout: float = 30.0) -> None:
         still = still + 1 if now == last else 0
         last = now
         time.sleep(0.1)
-
-
-class Sampler:
-    """The peak of VmRSS of ``pid``, sampled every 10 ms in a thread."""
-
-    def __init__(self, pid: int):
-        self.pid, self.peak, self.samples = pid, 0, 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, status_bytes(self.pid, "VmRSS"))
-                self.samples += 1
-            except (OSError, RuntimeError):
-                return
-            self._stop.wait(0.01)
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.peak
 
 
 # --------------------------------------------------------------------------- the clients
@@ -368,20 +327,16 @@ def measure(pid: int, run) -> dict:
     """Run ``run(deadline)`` while sampling ``pid``'s RSS; its figures plus
     before, peak and growth (bytes).  An exception is recorded, not raised."""
     time.sleep(0.3)                                     # the warm-up's buffers are freed
-    before = status_bytes(pid, "VmRSS")
-    hwm_reset = reset_peak(pid)
-    sampler = Sampler(pid)
+    rss = PeakRSS(pid)
     out: dict = {}
     try:
         out = run(time.monotonic() + CASE_TIMEOUT)
     except Exception as e:                              # noqa: BLE001 - recorded in the report
         out = {"error": f"{type(e).__name__}: {e}"}
     finally:
-        peak = sampler.stop()
-    if hwm_reset:
-        peak = max(peak, status_bytes(pid, "VmHWM"))
-    out.update(before=before, peak=peak, growth=peak - before, hwm=hwm_reset, samples=sampler.samples,
-               after=status_bytes(pid, "VmRSS"))
+        growth = rss.stop()
+    out.update(before=rss.start, peak=rss.start + growth, growth=growth, hwm=rss.hwm,
+               samples=rss.samples, after=status_bytes(pid, "VmRSS"))
     return out
 
 

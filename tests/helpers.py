@@ -355,6 +355,55 @@ class HttpTp:
         self.kill()
 
 
+def status_bytes(pid: int, key: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {key} in /proc/{pid}/status")
+
+
+class PeakRSS:
+    """A process's RSS growth over a stretch of work: its peak (VmHWM, reset
+    first when we may, and VmRSS sampled every 10 ms in a thread) minus its
+    RSS at the start.  For tests/process/test_streaming.py and bench/memory.py."""
+
+    def __init__(self, pid: int):
+        self.pid, self.samples = pid, 0
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as f:
+                f.write("5")        # VmHWM := VmRSS (Linux 4.0+; root or the owner)
+            self.hwm = True
+        except OSError:
+            self.hwm = False
+        self.start = self.peak = status_bytes(pid, "VmRSS")
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, status_bytes(self.pid, "VmRSS"))
+                self.samples += 1
+            except (OSError, RuntimeError):
+                return
+            self._stop.wait(0.01)
+
+    def growth(self) -> int:
+        peak = self.peak
+        if self.hwm:
+            peak = max(peak, status_bytes(self.pid, "VmHWM"))
+        return peak - self.start
+
+    def stop(self) -> int:
+        """Stop sampling; the growth in bytes."""
+        self._stop.set()
+        self._thread.join(5)
+        return self.growth()
+
+
 def dead_address() -> str:
     """A loopback port nobody listens on (connections are refused)."""
     s = socket.socket()

@@ -29,7 +29,7 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, wait_until
+from tests.helpers import HttpTp, PeakRSS, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -229,52 +229,6 @@ class StreamUpstream:
 
 # --------------------------------------------------------------------------- memory
 
-def status_bytes(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no {key} in /proc/{pid}/status")
-
-
-class Memory:
-    """The worker's RSS growth over a case: its peak (VmHWM, reset first when
-    we may, and VmRSS sampled every 10 ms) minus its RSS at the start."""
-
-    def __init__(self, pid: int):
-        self.pid = pid
-        try:
-            with open(f"/proc/{pid}/clear_refs", "w") as f:
-                f.write("5")
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-        self.start = status_bytes(pid, "VmRSS")
-        self.peak = self.start
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self):
-        while not self._stop.is_set():
-            try:
-                self.peak = max(self.peak, status_bytes(self.pid, "VmRSS"))
-            except (OSError, RuntimeError):
-                return
-            self._stop.wait(0.01)
-
-    def growth(self) -> int:
-        peak = self.peak
-        if self.hwm:
-            peak = max(peak, status_bytes(self.pid, "VmHWM"))
-        return peak - self.start
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join(5)
-        return self.growth()
-
-
 # --------------------------------------------------------------------------- fixtures
 
 @pytest.fixture
@@ -367,7 +321,7 @@ def no_traceback(p: HttpTp):
 def test_a_200mb_response_streams_in_bounded_memory(up, kind):
     p, pid = start(up)
     with p:
-        mem = Memory(pid)
+        mem = PeakRSS(pid)
         c = connection(p.port)
         c.request("GET", f"/{kind}/{BIG}")
         r = c.getresponse()
@@ -396,7 +350,7 @@ def test_a_200mb_response_streams_in_bounded_memory(up, kind):
 def test_b_100mb_upload_streams_in_bounded_memory(up, chunked):
     p, pid = start(up)
     with p:
-        mem = Memory(pid)
+        mem = PeakRSS(pid)
         got = upload(p.port, UPLOAD, chunked)
         growth = mem.stop()
         assert got == (UPLOAD, digest(UPLOAD))
@@ -410,7 +364,7 @@ def test_b_100mb_upload_streams_in_bounded_memory(up, chunked):
 def test_c_slow_reader_holds_the_upstream_back(up):
     p, pid = start(up)
     with p:
-        mem = Memory(pid)
+        mem = PeakRSS(pid)
         c = connection(p.port, rcvbuf=64 * 1024)
         c.request("GET", f"/cl/{BIG}")
         r = c.getresponse()
@@ -448,7 +402,7 @@ def test_d_slow_upstream_holds_the_client_back(up, chunked):
     client sends as fast as it can."""
     p, pid = start(up, "-outTimeout=1s")
     with p:
-        mem = Memory(pid)
+        mem = PeakRSS(pid)
         sent = up.progress
         box = {}
 
@@ -599,7 +553,7 @@ def test_f_client_gone_mid_response_is_logged_499(up, tmp_path):
     log = tmp_path / "access.log"
     p, pid = start(up, f"-accessLog={log}")
     with p:
-        mem = Memory(pid)
+        mem = PeakRSS(pid)
         s = socket.create_connection(("127.0.0.1", p.port), timeout=10)
         s.sendall(b"GET /cl/%d HTTP/1.1\r\nHost: x\r\n\r\n" % BIG)
         got = 0
