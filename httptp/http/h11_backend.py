@@ -102,7 +102,7 @@ class RequestParser:
         except ProtocolError as e:
             self._dead = e
         if self._dead is not None:
-            raise self._dead
+            return _p.after_complete(events, self._dead)
         return events
 
     def _receive(self, data: bytes):

@@ -200,17 +200,16 @@ class RequestParser(_Headers):
         self._completed = False
         try:
             self._feed(data)
+            if self._in_head and self._started and not self._closed:
+                self._count_head(data)
         except HttpParserError as e:
             if self._closed and self._error is None:
                 return events           # bytes after a non-keep-alive request: ignored
-            err = self._error or ProtocolError(f"malformed request: {e}")
-            self._dead = err
-            raise err from None
+            self._dead = self._error or ProtocolError(f"malformed request: {e}")
+            return _p.after_complete(events, self._dead)
         except ProtocolError as e:
             self._dead = e
-            raise
-        if self._in_head and self._started and not self._closed:
-            self._count_head(data)
+            return _p.after_complete(events, e)
         return events
 
     def _feed(self, data):

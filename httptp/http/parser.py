@@ -10,7 +10,10 @@ Python).  Each module exposes the same two classes:
     ``feed(data) -> list`` of events; ``feed(b"")`` is EOF.  Pipelined requests
     come out in order (head, Data*, END, head, ...).  A head is returned as soon
     as its header block is complete, before any body byte.  Anything bad raises
-    ``ProtocolError`` (400, 413 or 431) and the parser stays dead.  EOF inside a
+    ``ProtocolError`` (400, 413 or 431) and the parser stays dead; when the bad
+    bytes follow whole requests in the same feed, ``feed`` returns those
+    requests' events with the ``ProtocolError`` as the last event instead, so
+    that they are answered first, in order (`after_complete`).  EOF inside a
     message raises; EOF between messages returns ``[]``.  After a request that
     does not keep the connection alive, further bytes are ignored (RFC 9112
     §9.6: the server must not process them).
@@ -41,7 +44,7 @@ import re
 
 from httptp.errors import ProtocolError
 from httptp.http import rules
-from httptp.http.events import RequestHead, ResponseHead
+from httptp.http.events import END, RequestHead, ResponseHead
 from httptp.http.host import upstream_target, valid_host
 from httptp.http.rules import FramingViolation
 from httptp.http.rules import content_length as _content_length
@@ -132,6 +135,19 @@ def check_empty_lines(gap: bytes, at_end: bool) -> bool:
     if b"\r" in gap and b"\r" in gap.replace(b"\r\n", b""):
         raise ProtocolError(BARE_CR)
     return cr
+
+
+def after_complete(events: list, err: ProtocolError) -> list:
+    """A RequestParser's ``feed`` failed with ``err`` (it stays dead): the
+    events up to the last request that ended in this feed, with ``err`` last,
+    so that those requests are answered first; raises ``err`` when no request
+    ended in this feed (what came of a later one is dropped: it is the bad one)."""
+    for i in range(len(events) - 1, -1, -1):
+        if events[i] is END:
+            del events[i + 1:]
+            events.append(err)
+            return events
+    raise err
 
 
 def feed_after_response(method: bytes | None, head: ResponseHead | None, data: bytes) -> list:

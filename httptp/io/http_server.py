@@ -176,6 +176,10 @@ class ClientConn:
             self._bad_input(e)
             return
         if events:
+            if events[-1].__class__ is not Data and isinstance(events[-1], ProtocolError):
+                # whole requests, then bad bytes: those are answered first, then
+                # the error (the parser is dead: nothing more to read)
+                self.transport.pause_reading()
             self._events.extend(events)
             self._pump()
         if self.gone:

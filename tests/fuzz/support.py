@@ -54,6 +54,14 @@ def _fields(headers) -> int:
     return sum(len(k) + len(v) for k, v in headers)
 
 
+def raising(events: list) -> list:
+    """``events`` from a RequestParser's ``feed``; a ProtocolError as the last
+    event (the whole requests before bad bytes come first) is raised here."""
+    if events and isinstance(events[-1], ProtocolError):
+        raise events[-1]
+    return events
+
+
 def run_parser(parser, pieces: list, *, start: bytes | None = None, eof: bool = True,
                bound: int | None = None):
     """Feed ``pieces`` then EOF; return ``(events, status)`` with status None
@@ -65,12 +73,12 @@ def run_parser(parser, pieces: list, *, start: bytes | None = None, eof: bool = 
     events, biggest = [], 0
     try:
         for piece in pieces:
-            events += parser.feed(piece)
+            events += raising(parser.feed(piece))
             biggest = max(biggest, len(piece))
             if bound is not None:
                 assert held(parser) <= bound + biggest, (held(parser), bound, biggest)
         if eof:
-            events += parser.feed(b"")
+            events += raising(parser.feed(b""))
     except ProtocolError as e:
         assert e.status in (400, 413, 431), e.status
         return events, e.status

@@ -910,8 +910,6 @@ def test_bad_request_answers_400_and_closes(make_rig, upstream):
     assert [r.target for r in upstream.requests] == [b"/ok"]
 
 
-@pytest.mark.xfail(strict=True, reason="the parsers raise for the whole read: a good request "
-                   "completed in the same read as a bad one is lost, not answered first")
 def test_good_request_in_the_same_read_as_a_bad_one_is_answered_first(make_rig, upstream):
     rig = make_rig()
     conn, client = rig.connect()
