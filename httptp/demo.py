@@ -473,7 +473,8 @@ def main() -> int:
         print(f"\ndemo: serving ({codec}); try   curl -i http://{serving.a_addr}/hello   (Ctrl-C stops)",
               flush=True)
         if stats:
-            print(f"demo: stats: {stats}/expvar   {stats}/prometheus", flush=True)
+            print(f"demo: status page: {stats}/   stats: {stats}/expvar   {stats}/prometheus",
+                  flush=True)
         _serve_until_stopped(serving)
         return 1                                # not reached: it returns by raising
     except (KeyboardInterrupt, _Stopped) as why:
