@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from bisect import bisect_left
 
 from httptp import stats as S
 from httptp.balancer import Balancer
@@ -149,6 +150,7 @@ class Proxy:
         self.tls_context = tls.client if tls is not None else None
         self.tls_server_name = tls.server_name if tls is not None else ""
         self.q = stats.q
+        self.d = stats.d
         self.base = stats.block_base(block)
         self.timeout = config.out_timeout
         n_out = len(config.upstreams)
@@ -322,6 +324,8 @@ class Proxy:
         q[b + S.IN_REQUEST_SUCCESS] += 1
         if status != 200:
             q[b + S.IN_REQUEST_NON200] += 1
+        q[b + (S.RESP_1XX - 1 + status // 100 if 100 <= status < 600 else S.RESP_OTHER)] += 1
+        self._took(ex.started)
         if self.access_log is not None:
             self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size,
                                 ex.upstream_name, ex.upstream_time)
@@ -332,10 +336,19 @@ class Proxy:
             q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
         elif err.status != 499:
             q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+        if err.status != 499:
+            self._took(ex.started)
         if self.access_log is not None:
             self.access_log.log(ex.client_ip or ex.peer, ex.head, err.status,
                                 len(err.payload) if size is None else size,
                                 err.upstream, err.upstream_time)
+
+    def _took(self, started: float) -> None:
+        """The request duration histogram: from ``begin`` to its answer."""
+        seconds = time.monotonic() - started
+        b = self.base
+        self.q[b + S.DURATION_HIST + bisect_left(S.LATENCY_BUCKETS, seconds)] += 1
+        self.d[b + S.DURATION_SUM] += seconds
 
     def upstream_error(self, upstream, e: UpstreamError) -> None:
         if e.__class__ is ResponseTooLarge:
@@ -397,7 +410,7 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs", "up_mark")
+                 "tunnel_eofs", "up_mark", "started")
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
                  client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
@@ -437,6 +450,7 @@ class Exchange:
         self.tunnel_eofs = 0
         self.up_mark = -1           # what the upstream had not taken when -outTimeout was
                                     # armed (-1: not measured, to save a syscall per request)
+        self.started = time.monotonic()     # the request duration histogram
 
     # -- the request ----------------------------------------------------------------------
 
@@ -788,7 +802,7 @@ class TeleportExchange:
 
     __slots__ = ("proxy", "down", "head", "target", "headers", "client_ip", "peer", "timer",
                  "body", "finished", "upstream_name", "upstream_time", "head_sent", "size",
-                 "tried", "lease", "upstream", "call", "t0")
+                 "tried", "lease", "upstream", "call", "t0", "started")
 
     def __init__(self, proxy: Proxy, down, head, target, headers, client_ip, peer, timer):
         self.proxy = proxy
@@ -810,6 +824,7 @@ class TeleportExchange:
         self.upstream = None
         self.call = None                # the request in flight on its link
         self.t0 = 0.0
+        self.started = time.monotonic()     # the request duration histogram
 
     def start(self, body: list, body_done: bool) -> None:
         self.body = body
