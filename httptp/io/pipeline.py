@@ -182,6 +182,7 @@ class Proxy:
                                      fail_timeout=config.out_fail_timeout,
                                      health_stale_after=_health_stale_after(config))
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
+        self.forwarded_proto = _forwarded_proto(config)
         self.single = len(self.upstreams) == 1
         self.log_errors = config.log_all_errors
         self.max_body = config.out_max_body_size
@@ -290,7 +291,8 @@ class Proxy:
         ``body_done``: the whole body is already there (so the request may be
         sent again); ``tunnel``: the downstream can carry an Upgrade."""
         q, b = self.q, self.base
-        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
+        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip,
+                                                 self.forwarded_proto)
         target = head.target
         if target[:1] != b"/":          # absolute-form, or OPTIONS *
             target, headers = _origin_form(head.method, target, headers)
@@ -1004,6 +1006,15 @@ def _health_stale_after(config) -> float | None:
         return None
     from httptp.health import stale_after
     return stale_after(config)
+
+
+def _forwarded_proto(config) -> bytes | None:
+    """X-Forwarded-Proto's value (-forwardedProto): the scheme of an http or
+    https listener; None for unix (the local proxy in front knows the scheme)
+    and teleport (the first hop set it)."""
+    if not getattr(config, "forwarded_proto", False) or config.in_type not in ("http", "https"):
+        return None
+    return config.in_type.encode("ascii")
 
 
 def _from(err: ProxyError, upstream, elapsed: float) -> ProxyError:
