@@ -197,3 +197,19 @@ def test_set_host_replaces_in_place_or_appends():
 def test_upstream_target(method, target, upstream):
     from httptp.http.host import upstream_target
     assert upstream_target(method, target) == upstream
+
+
+@pytest.mark.parametrize("args, proto", [
+    (["-inType=http"], b"http"),
+    (["-inType=https", "-inTLSCert=c.pem", "-inTLSKey=k.pem"], b"https"),
+    (["-inType=https", "-inTLSCert=c.pem", "-inTLSKey=k.pem", "-forwardedProto=false"], None),
+    (["-inType=unix", "-in=/tmp/x.sock"], None),
+    (["-inType=teleport"], None),
+    (["-inType=teleports", "-inTLSCert=c.pem", "-inTLSKey=k.pem"], None),
+])
+def test_forwarded_proto_per_listener(args, proto):
+    """http and https listeners set their scheme; unix (behind a local proxy)
+    and teleport (the first hop set it) pass on what came."""
+    from httptp.config import load_config
+    from httptp.io.pipeline import _forwarded_proto
+    assert _forwarded_proto(load_config([*args, "-outType=http"], {})) == proto
