@@ -206,7 +206,10 @@ class ProcessCollector:
         self.cpu = procstats.CpuClock()
 
     def collect(self):
-        got = procstats.sample(self.master)
+        try:
+            got = procstats.sample(self.master)
+        except (OSError, ValueError):       # /proc not as expected: no process_* this time
+            got = None
         if got is None:
             return
         cpu = CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time spent "
