@@ -5,19 +5,22 @@ process of the master) serves them.
 
 * ``/expvar``: JSON with the original's counter names (PROTOCOL.md §3.6), summed
   over every worker block, plus ``cmdline``; ``?r=REGEXP`` keeps matching names.
-* ``/prometheus``: first the original's block, byte-compatible: for every
-  integer expvar, sorted by name, ``# TYPE <name> counter`` then ``<name> <value>``
-  (the original labelled gauges "counter" too; dashboards built on it keep
-  working).  prometheus-client cannot write that block (its counters always end
-  in ``_total`` and carry HELP), so it is formatted here.  Then the ``httptp_*``
-  metrics from a custom collector in a private registry (not prometheus-client's
-  multiprocess mode): Prometheus names with units and HELP, and per-upstream
-  labels.
+* ``/prometheus`` (and ``/metrics``): first the original's block: for every
+  integer expvar, sorted by name, ``# HELP <name> ...``, ``# TYPE <name>
+  counter`` (``gauge`` for ``inConns`` and ``outConns``, which the original
+  labelled "counter" too) then ``<name> <value>``: the names and values
+  dashboards built on the original read.  prometheus-client cannot write that
+  block (its counters always end in ``_total``), so it is formatted here.
+  Then the ``httptp_*`` metrics from a custom collector in a private registry
+  (not prometheus-client's multiprocess mode): Prometheus names with units and
+  HELP, and per-upstream labels; then ``process_*``, summed over the master
+  and its children (``httptp.procstats``).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 
@@ -26,14 +29,13 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily, Hist
                                    InfoMetricFamily)
 
 import httptp
-from httptp.stats import LATENCY_BUCKETS
+from httptp import procstats
+from httptp.stats import COUNTERS, LATENCY_BUCKETS
 
 # expvar name -> (metric name, kind, help, labels).  Metrics that share a name
 # differ by label values; one family per metric name.
 _METRICS = {
     "inRequestStart": ("httptp_requests_started", "counter", "Requests received from clients", {}),
-    "inRequestSuccess": ("httptp_requests_proxied", "counter",
-                         "Requests answered with the upstream's response", {}),
     "inRequestNon200": ("httptp_requests_proxied_non200", "counter",
                         "Proxied responses whose status was not 200", {}),
     "inRequestTimeoutError": ("httptp_request_errors", "counter",
@@ -115,6 +117,7 @@ class StatsCollector:
                 fam = families[name] = cls(name, help_ or name, labels=list(labels))
             fam.add_metric(list(labels.values()), totals[expvar])
         yield from families.values()
+        yield from self._requests()
         ratio = GaugeMetricFamily("httptp_teleport_compression_ratio",
                                   "Teleport plain bytes per compressed byte so far, by direction",
                                   labels=["direction"])
@@ -132,6 +135,21 @@ class StatsCollector:
         info.add_metric([], {"version": httptp.__version__,
                              "python": "%d.%d.%d" % sys.version_info[:3]})
         yield info
+
+    def _requests(self):
+        proxied = CounterMetricFamily("httptp_requests_proxied",
+                                      "Requests answered with the upstream's response, by "
+                                      "status class", labels=["code"])
+        for code, n in self.stats.response_classes().items():
+            proxied.add_metric([code], n)
+        yield proxied
+        counts, total = self.stats.request_durations()
+        duration = HistogramMetricFamily(
+            "httptp_request_duration_seconds",
+            "Whole request duration as the client sees it (request head read to the last "
+            "byte of the answer written), proxied or answered 502/503/504 in the upstream's place")
+        duration.add_metric([], _cumulative(counts), total)
+        yield duration
 
     def _upstreams(self):
         names = self.stats.upstream_names()
@@ -174,23 +192,59 @@ class StatsCollector:
             health.add_metric([name], h["state"])
             checks.add_metric([name], h["checks"])
             check_fails.add_metric([name], h["failures"])
-            cumulative, buckets = 0, []
-            for bound, n in zip((*LATENCY_BUCKETS, float("inf")), u["latency_buckets"]):
-                cumulative += n
-                buckets.append((_bound(bound), cumulative))
-            latency.add_metric([name], buckets, u["latency_sum"])
+            latency.add_metric([name], _cumulative(u["latency_buckets"]), u["latency_sum"])
         return req, fail, inflight, ejected, ewma, health, checks, check_fails, latency
 
 
-class Exposition:
-    """What the stats server answers.  One per stats-server process."""
+class ProcessCollector:
+    """``process_*`` summed over a master and its children (``httptp.procstats``):
+    the names of prometheus-client's own process collector, which sees one
+    process only."""
 
-    def __init__(self, stats, cmdline: list[str] | None = None):
+    def __init__(self, master: int):
+        self.master = master
+        self.cpu = procstats.CpuClock()
+
+    def collect(self):
+        try:
+            got = procstats.sample(self.master)
+        except (OSError, ValueError):       # /proc not as expected: no process_* this time
+            got = None
+        if got is None:
+            return
+        cpu = CounterMetricFamily("process_cpu_seconds", "Total user and system CPU time spent "
+                                  "in seconds (the master and its children, reaped ones "
+                                  "included)")
+        cpu.add_metric([], self.cpu(got.cpu_seconds))
+        yield cpu
+        for name, help_, value in (
+                ("process_resident_memory_bytes", "Resident memory size in bytes, summed "
+                 "(pages shared after fork count once per process)", got.resident_bytes),
+                ("process_virtual_memory_bytes", "Virtual memory size in bytes, summed",
+                 got.virtual_bytes),
+                ("process_open_fds", "Number of open file descriptors, summed", got.open_fds),
+                ("process_max_fds", "Maximum number of open file descriptors (the master's)",
+                 got.max_fds),
+                ("process_start_time_seconds", "Start time of the master since unix epoch in "
+                 "seconds", got.start_time),
+                ("httptp_processes", "Processes the process_* metrics sum: the master, its "
+                 "workers and helpers", got.processes)):
+            if value is not None:
+                yield GaugeMetricFamily(name, help_, value=value)
+
+
+class Exposition:
+    """What the stats server answers.  One per stats-server process.
+    ``master``: the pid whose process tree ``process_*`` sums (the stats
+    helper's parent; default: this process)."""
+
+    def __init__(self, stats, cmdline: list[str] | None = None, master: int | None = None):
         self.stats = stats
         self.cmdline = list(cmdline if cmdline is not None else sys.argv)
         self.own = {"expvarHandlerCalls": 0, "prometheusHandlerCalls": 0, "expvarRegexpErrors": 0}
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(StatsCollector(stats))
+        self.registry.register(ProcessCollector(os.getpid() if master is None else master))
 
     def _integers(self) -> dict[str, int]:
         values = dict(self.stats.totals())
@@ -214,9 +268,69 @@ class Exposition:
         self.own["prometheusHandlerCalls"] += 1
         compat = []
         for name, value in sorted(self._integers().items()):
-            compat.append(f"# TYPE {name} counter\n{name} {value}\n")
+            help_ = COMPAT_HELP.get(name, "httptp counter (docs/metrics.md)")
+            compat.append(f"# HELP {name} {help_}\n# TYPE {name} {_KINDS.get(name, 'counter')}\n"
+                          f"{name} {value}\n")
         return "".join(compat).encode() + generate_latest(self.registry)
 
 
 def _bound(value: float) -> str:
     return "+Inf" if value == float("inf") else repr(value)
+
+
+def _cumulative(counts: list[int]) -> list[tuple[str, int]]:
+    """Per-bucket counts of ``LATENCY_BUCKETS`` and +Inf → (le, cumulative count)."""
+    total, buckets = 0, []
+    for bound, n in zip((*LATENCY_BUCKETS, float("inf")), counts):
+        total += n
+        buckets.append((_bound(bound), total))
+    return buckets
+
+
+_KINDS = {name: kind for name, _, kind in COUNTERS}
+
+# HELP of the original's names in the compatibility block (docs/metrics.md).
+COMPAT_HELP = {
+    "inRequestStart": "Requests received from clients",
+    "inRequestSuccess": "Requests answered with the upstream's response (any status)",
+    "inRequestNon200": "Proxied responses whose status was not 200",
+    "inRequestTimeoutError": "Requests answered 504: the upstream took longer than -outTimeout",
+    "inRequestOtherError": "Requests answered 502: the upstream failed",
+    "inRequestBadRequest": "Requests answered 4xx by httptp itself",
+    "inRequestOverload": "Requests answered 503 (http) or 429 (teleport) over -concurrency",
+    "inRequestTooLarge": "Requests refused for -inMaxHeaderSize or -inMaxBodySize",
+    "inAcceptSuccess": "Client connections accepted",
+    "inAcceptError": "Failed accept calls",
+    "inConnsRejectedByAllowList": "Client connections closed at accept by -inAllowIP",
+    "inConns": "Open client connections",
+    "inBytesRead": "Bytes read from client sockets",
+    "inBytesWritten": "Bytes written to client sockets",
+    "inReadCalls": "Read calls on client sockets",
+    "inWriteCalls": "Write calls on client sockets",
+    "inReadError": "Failed reads on client sockets",
+    "inWriteError": "Failed writes on client sockets",
+    "inTeleportErrors": "Teleport clients dropped for a protocol error",
+    "inTLSHandshakeErrors": "TLS handshakes that failed or timed out on the listener",
+    "outDialSuccess": "Connections opened to upstreams",
+    "outDialError": "Failed connection attempts to upstreams",
+    "outConns": "Open upstream connections",
+    "outBytesRead": "Bytes read from upstream sockets",
+    "outBytesWritten": "Bytes written to upstream sockets",
+    "outReadCalls": "Read calls on upstream sockets",
+    "outWriteCalls": "Write calls on upstream sockets",
+    "outReadError": "Failed reads on upstream sockets",
+    "outWriteError": "Failed writes on upstream sockets",
+    "outTeleportErrors": "Teleport upstream connections dropped for a protocol error",
+    "outResponseTooLarge": "Upstream responses over -outMaxHeaderSize or -outMaxBodySize",
+    "outHealthChecks": "Active health checks sent",
+    "outHealthCheckFailures": "Active health checks that failed",
+    "outResolveErrors": "Failed DNS lookups of -out names",
+    "teleportSentPlainBytes": "Teleport frame bytes handed to our compressors",
+    "teleportSentCompressedBytes": "Bytes our teleport compressors produced",
+    "teleportReceivedCompressedBytes": "Bytes fed to our teleport decompressors",
+    "teleportReceivedPlainBytes": "Teleport frame bytes our decompressors produced",
+    "workerRestarts": "Worker processes replaced after dying",
+    "expvarHandlerCalls": "/expvar requests served by this stats server",
+    "prometheusHandlerCalls": "/prometheus and /metrics requests served by this stats server",
+    "expvarRegexpErrors": "/expvar requests with a bad regexp",
+}

@@ -316,9 +316,17 @@ SETTINGS: tuple[Setting, ...] = (
            "IPv4 entries. Unix-socket peers are never blocked. The original takes only exact "
            "IPv4 addresses."),
     S("clientIPHeader", parse_header_name, "", section="Listener",
-      help="Header set (replaced) to the client's IP address in requests sent upstream; "
-           "empty sets none\n"
-           "Only for http, https and unix listeners. Unix peers are reported as 0.0.0.0."),
+      help="Header set (replaced) to the client's IP address in requests sent upstream, "
+           "X-Forwarded-For appended to; empty sets none\n"
+           "Only for http, https and unix listeners. Unix peers are reported as 0.0.0.0. "
+           "X-Forwarded-For is a list: the client's address goes after the values the "
+           "request came with, in one field (nginx's $proxy_add_x_forwarded_for); the Go "
+           "original replaced it like any other name."),
+    S("forwardedProto", parse_bool, "true", section="Listener", meta="bool", ours=True,
+      help="Set X-Forwarded-Proto (http or https) in requests sent upstream\n"
+           "Only for http and https listeners; what a client sent under that name is "
+           "replaced. A unix listener (behind a local proxy that knows the scheme) and a "
+           "teleport listener (the first hop set it) pass on what they received."),
     S("inHeaderTimeout", positive_duration, "10s", section="Listener",
       meta="duration", ours=True,
       help="The whole request header must arrive within this time, or the client gets 408"),
@@ -504,7 +512,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="Check the configuration, print 'configuration OK' and exit"),
     # -- Stats ---------------------------------------------------------------
     S("expvarAddr", parse_string, "localhost:8040", section="Stats", reloadable=False,
-      help="Address of the stats server (/expvar, /prometheus, /healthz, status page /); "
+      help="Address of the stats server (/expvar, /prometheus or /metrics, /healthz, "
+           "status page /); "
            "empty disables it"),
 )
 del S

@@ -80,9 +80,21 @@ offset     field                   kind      writer
                                                payload before and after the codec
 41, 42     inRequestTooLarge,      counter   worker: messages refused for a size limit
            outResponseTooLarge
-43 .. 47   reserved
-40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
+43 .. 47   RESP_1XX .. RESP_5XX    counter   worker: proxied responses by status class
+48         RESP_OTHER              counter   worker: proxied responses outside 100..599
+49 .. 61   DURATION_HIST           counter   worker: whole-request duration as the client
+                                               sees it, one word per bucket of
+                                               ``LATENCY_BUCKETS`` then +Inf (not cumulative)
+62         DURATION_SUM            float     worker: sum of those durations, seconds
+63 .. 71   reserved
+72 + 32*u  upstream u (32 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
+
+The status classes and the duration histogram are not in ``COUNTERS`` (they
+are no expvar of the original): ``response_classes()`` and
+``request_durations()`` sum them; ``httptp.exposition`` shows them as
+``httptp_requests_proxied_total{code=...}`` and
+``httptp_request_duration_seconds``.
 
 Per upstream (offsets relative to ``upstream_base(b, u)``; 256 bytes each):
 
@@ -149,7 +161,7 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 5
+LAYOUT_VERSION = 6
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
@@ -215,7 +227,17 @@ TELEPORT_RECEIVED_PLAIN = 40
 # responses over -outMaxHeaderSize or -outMaxBodySize (502).
 IN_REQUEST_TOO_LARGE = 41
 OUT_RESPONSE_TOO_LARGE = 42
-BLOCK_HEADER_WORDS = 48             # admin + counters + gauges + spare, 64-byte aligned
+# Proxied responses by status class: RESP_1XX - 1 + status // 100 for 100..599,
+# RESP_OTHER for anything else an upstream may send (600..999).
+RESP_1XX = 43
+RESP_OTHER = 48
+CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")     # words RESP_1XX .. RESP_OTHER
+# Whole-request duration as the client sees it (from its request head read to
+# the last byte of the answer handed to its socket), every request proxied or
+# answered 502/503/504 in the upstream's place: one word per bucket of LATENCY_BUCKETS, +Inf, then the sum (float).
+DURATION_HIST = 49
+DURATION_SUM = 62
+BLOCK_HEADER_WORDS = 72             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
 UP_INFLIGHT, UP_REQUESTS, UP_FAILURES, UP_CONSEC, UP_EWMA = 0, 1, 2, 3, 4
@@ -227,6 +249,7 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 UP_HIST = 16                        # 12 bounded buckets, then +Inf at UP_HIST + 12
 UP_HIST_SUM = UP_HIST + len(LATENCY_BUCKETS) + 1    # float, seconds
 UP_WORDS = 32
+assert DURATION_SUM == DURATION_HIST + len(LATENCY_BUCKETS) + 1 <= BLOCK_HEADER_WORDS
 # Zeroed on claim/release: everything except the counters and UP_REVIVED.
 UP_GAUGES = (UP_INFLIGHT, UP_CONSEC, UP_EWMA, UP_EWMA_T, UP_PENALTY, UP_PENALTY_T, UP_EJECT,
              UP_PROBING)
@@ -645,6 +668,27 @@ class Stats:
         result[HEALTH_CHECK_FAILURES_NAME] = fails
         result[RESOLVE_ERRORS_NAME] = self.q[H_RESOLVE_ERRORS]
         return result
+
+    def response_classes(self) -> dict[str, int]:
+        """Proxied responses by status class (``CODE_CLASSES``), over all blocks."""
+        sums = [0] * len(CODE_CLASSES)
+        for block in range(self.max_blocks):
+            base = self.block_base(block) + RESP_1XX
+            for k, v in enumerate(self.q[base:base + len(CODE_CLASSES)].tolist()):
+                sums[k] += v
+        return dict(zip(CODE_CLASSES, sums))
+
+    def request_durations(self) -> tuple[list[int], float]:
+        """(per-bucket counts, not cumulative, +Inf last; sum in seconds) of the
+        whole-request durations, over all blocks."""
+        n = len(LATENCY_BUCKETS) + 1
+        hist, total = [0] * n, 0.0
+        for block in range(self.max_blocks):
+            base = self.block_base(block)
+            for k, v in enumerate(self.q[base + DURATION_HIST:base + DURATION_HIST + n].tolist()):
+                hist[k] += v
+            total += self.d[base + DURATION_SUM]
+        return hist, total
 
     def upstream_totals(self) -> dict[int, dict]:
         """Per assigned upstream index (listed or retired): the cluster-wide view.

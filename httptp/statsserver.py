@@ -1,5 +1,6 @@
-"""The stats server: /expvar, /prometheus, /healthz, and the status page
-(/ and /status.json, httptp.statuspage) on -expvarAddr.
+"""The stats server: /expvar, /prometheus (also as /metrics, Prometheus'
+default path), /healthz, and the status page (/ and /status.json,
+httptp.statuspage) on -expvarAddr; GET or HEAD on each.
 
 Runs in a helper child of the master (never in the master, which runs no
 threads; never in a worker, so a busy worker cannot slow the numbers down), on
@@ -11,6 +12,7 @@ totals every second for the page's chart (``statuspage.History``).
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -71,7 +73,7 @@ class _Handler(BaseHTTPRequestHandler):
             except ValueError as e:
                 return self._send(400, f"{e}\n".encode(), "text/plain; charset=utf-8")
             return self._send(200, body, "application/json; charset=utf-8")
-        if url.path == "/prometheus":
+        if url.path in ("/prometheus", "/metrics"):
             return self._send(200, exp.prometheus(), "text/plain; version=0.0.4; charset=utf-8")
         if url.path == "/healthz":
             ready = healthy_workers(exp.stats)
@@ -142,11 +144,13 @@ class _Server(ThreadingHTTPServer):
 
 
 def make_server(sock, stats, cmdline: list[str] | None = None, info: dict | None = None,
-                history: statuspage.History | None = None) -> ThreadingHTTPServer:
+                history: statuspage.History | None = None,
+                master: int | None = None) -> ThreadingHTTPServer:
     """An HTTP server on the already listening ``sock``.  ``info`` is what the
-    status page says of the configuration (``statuspage.status``)."""
+    status page says of the configuration (``statuspage.status``); ``master``
+    the pid whose process tree ``process_*`` sums (default: this process)."""
     handler = type("StatsHandler", (_Handler,), {
-        "exposition": Exposition(stats, cmdline), "info": dict(info or {}),
+        "exposition": Exposition(stats, cmdline, master), "info": dict(info or {}),
         "history": history or statuspage.History(stats)})
     server = _Server(sock.getsockname()[:2], handler, bind_and_activate=False)
     server.socket.close()
@@ -164,7 +168,7 @@ def serve(sock, stats, cmdline: list[str] | None = None, info: dict | None = Non
     stop = threading.Event()
     sampler = threading.Thread(target=history.run, args=(stop,), name="status-history", daemon=True)
     sampler.start()
-    server = make_server(sock, stats, cmdline, info, history)
+    server = make_server(sock, stats, cmdline, info, history, master=os.getppid())
     server.daemon_threads = False           # server_close() joins the request threads
     signal.signal(signal.SIGTERM, lambda signum, frame: threading.Thread(
         target=server.shutdown, name="stats-shutdown", daemon=True).start())

@@ -4,6 +4,15 @@ Hop-by-hop headers (RFC 9110 §7.6.1) and the headers named by ``Connection``
 belong to one connection and are never forwarded.  ``Content-Length`` and
 ``Expect`` are re-derived by the proxy for every message it writes
 (``httptp.http.writer``), so they are dropped too.
+
+Headers the proxy adds to a request (``forward_request_headers``):
+
+* ``-clientIPHeader``: the client's address.  ``X-Forwarded-For`` (any case)
+  is a list: the client's address is appended to the values it came with, in
+  one field (nginx's ``$proxy_add_x_forwarded_for``, HAProxy's ``option
+  forwardfor``).  Any other name is set: what the client sent under it is
+  dropped, as the Go original does.
+* ``-forwardedProto``: ``X-Forwarded-Proto: http`` or ``https`` (set).
 """
 
 from __future__ import annotations
@@ -14,7 +23,8 @@ HOP_BY_HOP = frozenset((
 ))
 _REQUEST_DROP = HOP_BY_HOP | {b"content-length", b"expect"}
 _RESPONSE_DROP = HOP_BY_HOP | {b"content-length"}
-_with_ip_header: dict = {}     # client-IP header name -> _REQUEST_DROP plus its lower-case name
+_XFF = b"x-forwarded-for"       # the one client-IP header that is appended to
+_XFP = (b"X-Forwarded-Proto", b"x-forwarded-proto")
 
 
 def connection_tokens(headers: list) -> frozenset:
@@ -61,27 +71,88 @@ def _kept(headers: list, drop: frozenset, keeps: dict) -> list:
     return out
 
 
+class _Added:
+    """What adding a client-IP header and/or X-Forwarded-Proto means for the
+    fields a request came with: one per (header name as spelt, proto or not)."""
+
+    __slots__ = ("drop", "append", "keeps")
+
+    def __init__(self, client_ip_header: bytes | None, proto: bool):
+        named = {client_ip_header.lower()} if client_ip_header else set()
+        self.drop = _REQUEST_DROP | named | ({_XFP[1]} if proto else set())
+        self.append = _XFF in named
+        self.keeps: dict = {}   # field name as spelt -> 1 keep, 0 drop, 2 drop and collect
+
+    def classify(self, name: bytes) -> int:
+        lower = name.lower()
+        keep = 2 if self.append and lower == _XFF else int(lower not in self.drop)
+        if len(self.keeps) < _CACHE_MAX:
+            self.keeps[name] = keep
+        return keep
+
+
+_added: dict = {}       # (client_ip_header, proto is not None) -> _Added (config values)
+
+
 def forward_request_headers(headers: list, client_ip_header: bytes | None,
-                            client_ip: bytes | None) -> list:
+                            client_ip: bytes | None, proto: bytes | None = None) -> list:
     """Headers to send upstream: drop hop-by-hop, Connection-named,
-    Content-Length and Expect; when both ``client_ip_header`` and
-    ``client_ip`` are given, replace any such header (any case) with one
-    ``client_ip_header: client_ip`` at the end."""
+    Content-Length and Expect.  When both ``client_ip_header`` and
+    ``client_ip`` are given, one ``client_ip_header`` field goes at the end:
+    for X-Forwarded-For the values the request came with, then ``client_ip``
+    (appended); for any other name ``client_ip`` alone (set: the client's
+    own fields of that name are dropped).  ``proto`` (``b"http"``,
+    ``b"https"``): one ``X-Forwarded-Proto: proto`` at the end, set."""
     drop = _drop_set(headers, _REQUEST_DROP)
-    if client_ip_header and client_ip is not None:
+    if client_ip is None:
+        client_ip_header = None
+    if client_ip_header is None and proto is None:
         if drop is _REQUEST_DROP:
-            with_ip = _with_ip_header.get(client_ip_header)
-            if with_ip is None:
-                with_ip = _with_ip_header[client_ip_header] = drop | {client_ip_header.lower()}
-            drop = with_ip
-        else:
-            drop = drop | {client_ip_header.lower()}
-        out = [h for h in headers if h[0].lower() not in drop]
-        out.append((client_ip_header, client_ip))
-        return out
+            return _kept(headers, drop, _request_keeps)
+        return [h for h in headers if h[0].lower() not in drop]
+    key = (client_ip_header, proto is not None)
+    rule = _added.get(key)
+    if rule is None:
+        rule = _Added(client_ip_header, proto is not None)
+        if len(_added) < 64:
+            _added[key] = rule
     if drop is _REQUEST_DROP:
-        return _kept(headers, drop, _request_keeps)
-    return [h for h in headers if h[0].lower() not in drop]
+        out, prior = _kept_collect(headers, rule)
+    else:                           # Connection names more fields: the slow way
+        prior = (_values(headers, _XFF) if rule.append and _XFF not in drop else None)
+        drop = drop | rule.drop
+        out = [h for h in headers if h[0].lower() not in drop]
+    if client_ip_header is not None:
+        if prior:
+            prior.append(client_ip)
+            client_ip = b", ".join(prior)
+        out.append((client_ip_header, client_ip))
+    if proto is not None:
+        out.append((_XFP[0], proto))
+    return out
+
+
+def _kept_collect(headers: list, rule: _Added) -> tuple[list, list | None]:
+    """(the fields kept, the non-empty X-Forwarded-For values when appending)."""
+    keeps = rule.keeps
+    out, prior = [], None
+    for h in headers:
+        keep = keeps.get(h[0])
+        if keep is None:
+            keep = rule.classify(h[0])
+        if keep == 1:
+            out.append(h)
+        elif keep == 2 and h[1]:
+            if prior is None:
+                prior = [h[1]]
+            else:
+                prior.append(h[1])
+    return out, prior
+
+
+def _values(headers: list, lower: bytes) -> list | None:
+    values = [v for n, v in headers if v and len(n) == len(lower) and n.lower() == lower]
+    return values or None
 
 
 def set_host(headers: list, authority: bytes) -> list:

@@ -71,6 +71,7 @@ from __future__ import annotations
 import math
 import os
 import time
+from bisect import bisect_left
 
 from httptp import stats as S
 from httptp.balancer import Balancer
@@ -150,6 +151,7 @@ class Proxy:
         self.tls_context = tls.client if tls is not None else None
         self.tls_server_name = tls.server_name if tls is not None else ""
         self.q = stats.q
+        self.d = stats.d
         self.base = stats.block_base(block)
         self.timeout = config.out_timeout
         n_out = len(config.upstreams)
@@ -181,6 +183,7 @@ class Proxy:
                                      fail_timeout=config.out_fail_timeout,
                                      health_stale_after=_health_stale_after(config))
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
+        self.forwarded_proto = _forwarded_proto(config)
         self.single = len(self.upstreams) == 1
         self.log_errors = config.log_all_errors
         self.max_body = config.out_max_body_size
@@ -289,7 +292,8 @@ class Proxy:
         ``body_done``: the whole body is already there (so the request may be
         sent again); ``tunnel``: the downstream can carry an Upgrade."""
         q, b = self.q, self.base
-        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
+        headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip,
+                                                 self.forwarded_proto)
         target = head.target
         if target[:1] != b"/":          # absolute-form, or OPTIONS *
             target, headers = _origin_form(head.method, target, headers)
@@ -323,6 +327,8 @@ class Proxy:
         q[b + S.IN_REQUEST_SUCCESS] += 1
         if status != 200:
             q[b + S.IN_REQUEST_NON200] += 1
+        q[b + (S.RESP_1XX - 1 + status // 100 if 100 <= status < 600 else S.RESP_OTHER)] += 1
+        self._took(ex.started)
         if self.access_log is not None:
             self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size,
                                 ex.upstream_name, ex.upstream_time)
@@ -333,10 +339,19 @@ class Proxy:
             q[b + S.IN_REQUEST_TIMEOUT_ERROR] += 1
         elif err.status != 499:
             q[b + S.IN_REQUEST_OTHER_ERROR] += 1
+        if err.status != 499:
+            self._took(ex.started)
         if self.access_log is not None:
             self.access_log.log(ex.client_ip or ex.peer, ex.head, err.status,
                                 len(err.payload) if size is None else size,
                                 err.upstream, err.upstream_time)
+
+    def _took(self, started: float) -> None:
+        """The request duration histogram: from ``begin`` to its answer."""
+        seconds = time.monotonic() - started
+        b = self.base
+        self.q[b + S.DURATION_HIST + bisect_left(S.LATENCY_BUCKETS, seconds)] += 1
+        self.d[b + S.DURATION_SUM] += seconds
 
     def upstream_error(self, upstream, e: UpstreamError) -> None:
         if e.__class__ is ResponseTooLarge:
@@ -398,7 +413,7 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs", "up_mark")
+                 "tunnel_eofs", "up_mark", "started")
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
                  client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
@@ -438,6 +453,7 @@ class Exchange:
         self.tunnel_eofs = 0
         self.up_mark = -1           # what the upstream had not taken when -outTimeout was
                                     # armed (-1: not measured, to save a syscall per request)
+        self.started = time.monotonic()     # the request duration histogram
 
     # -- the request ----------------------------------------------------------------------
 
@@ -789,7 +805,7 @@ class TeleportExchange:
 
     __slots__ = ("proxy", "down", "head", "target", "headers", "client_ip", "peer", "timer",
                  "body", "finished", "upstream_name", "upstream_time", "head_sent", "size",
-                 "tried", "lease", "upstream", "call", "t0")
+                 "tried", "lease", "upstream", "call", "t0", "started")
 
     def __init__(self, proxy: Proxy, down, head, target, headers, client_ip, peer, timer):
         self.proxy = proxy
@@ -811,6 +827,7 @@ class TeleportExchange:
         self.upstream = None
         self.call = None                # the request in flight on its link
         self.t0 = 0.0
+        self.started = time.monotonic()     # the request duration histogram
 
     def start(self, body: list, body_done: bool) -> None:
         self.body = body
@@ -1001,3 +1018,12 @@ def _answer(err: UpstreamError | None, upstream, elapsed: float,
     answer = BadGateway(str(err)) if err is not None else GatewayTimeout(detail or "")
     answer.upstream, answer.upstream_time = upstream.name, elapsed
     return answer
+
+
+def _forwarded_proto(config) -> bytes | None:
+    """X-Forwarded-Proto's value (-forwardedProto): the scheme of an http or
+    https listener; None for unix (the local proxy in front knows the scheme)
+    and teleport (the first hop set it)."""
+    if not getattr(config, "forwarded_proto", False) or config.in_type not in ("http", "https"):
+        return None
+    return config.in_type.encode("ascii")

@@ -91,6 +91,31 @@ def test_prometheus_parses_without_duplicates_and_keeps_the_original_block(serve
     assert any(s.labels.get("version") for s in families["httptp_build_info"].samples)
 
 
+def test_metrics_is_prometheus_and_head_works_on_every_path(server):
+    """/metrics (Prometheus' default path) answers what /prometheus does, and
+    HEAD answers every path as GET would, without the body."""
+    status, ctype, body = fetch(server, "/metrics")
+    assert status == 200 and ctype == "text/plain; version=0.0.4; charset=utf-8"
+    names = {f.name for f in text_string_to_metric_families(body.decode())}
+    assert {f.name for f in text_string_to_metric_families(
+        fetch(server, "/prometheus")[2].decode())} == names
+    assert {"inRequestStart", "httptp_requests_started", "process_cpu_seconds"} <= names
+    for path in ("/", "/status.json", "/expvar", "/prometheus", "/metrics", "/healthz",
+                 "/nothing"):
+        got = fetch(server, path)
+        c = http.client.HTTPConnection("127.0.0.1", server, timeout=5)
+        try:
+            c.request("HEAD", path)
+            r = c.getresponse()
+            assert (r.status, r.getheader("content-type")) == got[:2], path
+            assert int(r.getheader("content-length")) > 0 and r.read() == b"", path
+            c.request("GET", path)         # the connection is still in step
+            again = c.getresponse()
+            assert again.status == got[0] and again.read()
+        finally:
+            c.close()
+
+
 def test_healthz_and_unknown_path(server, stats):
     assert fetch(server, "/healthz")[0] == 200
     assert fetch(server, "/nope")[:1] == (400,)
@@ -132,6 +157,79 @@ def test_latency_histogram_and_teleport_ratio(stats):
     assert le_5ms == 3
     ratio = families["httptp_teleport_compression_ratio"].samples
     assert [(s.labels["direction"], s.value) for s in ratio] == [("sent", 8.0)]
+
+
+def test_compat_block_has_help_and_types_gauges_as_gauges(stats):
+    text = Exposition(stats).prometheus().decode()
+    compat = text[:text.index("# HELP httptp_")]
+    names = set(json.loads(Exposition(stats).expvar())) - {"cmdline"}
+    for name in names:
+        kind = "gauge" if name in ("inConns", "outConns") else "counter"
+        assert f"# TYPE {name} {kind}\n{name} " in compat, name
+        help_line = next(line for line in compat.splitlines()
+                         if line.startswith(f"# HELP {name} "))
+        assert "docs/metrics.md" not in help_line, f"{name} has no help of its own"
+    assert compat.count("# HELP ") == compat.count("# TYPE ") == len(names)
+
+
+def test_code_classes_and_request_duration(stats):
+    block = stats.blocks_in_use()[0]
+    base = stats.block_base(block)
+    for status, n in ((200, 3), (302, 1), (404, 2), (503, 1), (101, 1)):
+        stats.q[base + S.RESP_1XX - 1 + status // 100] += n
+    stats.q[base + S.RESP_OTHER] += 1
+    for seconds in (0.0004, 0.02, 0.02, 7.0):
+        stats.q[base + S.DURATION_HIST + __import__("bisect").bisect_left(
+            S.LATENCY_BUCKETS, seconds)] += 1
+        stats.d[base + S.DURATION_SUM] += seconds
+    text = Exposition(stats).prometheus().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    proxied = {s.labels["code"]: s.value for s in families["httptp_requests_proxied"].samples
+               if s.name.endswith("_total")}
+    assert proxied == {"1xx": 1, "2xx": 3, "3xx": 1, "4xx": 2, "5xx": 1, "other": 1}
+    hist = {s.labels.get("le", s.name): s.value
+            for s in families["httptp_request_duration_seconds"].samples}
+    assert hist["0.001"] == 1 and hist["0.025"] == 3 and hist["5.0"] == 3 and hist["+Inf"] == 4
+    assert hist["httptp_request_duration_seconds_count"] == 4
+    assert hist["httptp_request_duration_seconds_sum"] == pytest.approx(7.0404)
+
+
+def test_process_metrics_sum_this_process_and_its_children(stats):
+    import subprocess
+    import sys
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        text = Exposition(stats).prometheus().decode()     # master: this process
+    finally:
+        child.kill()
+        child.wait()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    value = {name: families[name].samples[0].value for name in (
+        "process_cpu_seconds", "process_resident_memory_bytes", "process_virtual_memory_bytes",
+        "process_open_fds", "process_max_fds", "process_start_time_seconds", "httptp_processes")}
+    assert value["httptp_processes"] >= 2
+    assert value["process_cpu_seconds"] > 0
+    assert 1 << 20 < value["process_resident_memory_bytes"] < value["process_virtual_memory_bytes"]
+    assert 3 <= value["process_open_fds"] <= 2 * value["process_max_fds"]
+    assert time.time() - 7 * 86400 < value["process_start_time_seconds"] <= time.time()
+    assert families["process_cpu_seconds"].type == "counter"
+
+
+def test_proc_children_fall_back_to_a_scan(tmp_path):
+    """A kernel without /proc/<pid>/task/<tid>/children: parents from every stat."""
+    from httptp import procstats
+    for pid, ppid in ((10, 1), (11, 10), (12, 10), (13, 11)):
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "stat").write_text(f"{pid} (a (b) c) S {ppid} 0 0\n")
+    (tmp_path / "10" / "task" / "10").mkdir(parents=True)      # no "children" in it
+    assert sorted(procstats.children(10, str(tmp_path))) == [11, 12]
+    assert procstats.children(99, str(tmp_path)) == []
+
+
+def test_cpu_clock_never_goes_back():
+    from httptp.procstats import CpuClock
+    clock = CpuClock()
+    assert [clock(v) for v in (1.0, 3.0, 2.5, 4.0)] == [1.0, 3.0, 3.0, 4.0]
 
 
 @pytest.mark.skipif(not __import__("shutil").which("promtool"),

@@ -88,14 +88,62 @@ def test_forward_request_headers():
 
 
 def test_forward_request_headers_replaces_client_ip():
-    out = policy.forward_request_headers(REQ, b"X-Forwarded-For", b"10.0.0.1")
-    assert out == [(b"Host", b"a"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"10.0.0.1")]
+    out = policy.forward_request_headers(REQ, b"X-Real-IP", b"10.0.0.1")
+    assert out == [(b"Host", b"a"), (b"X-Forwarded-For", b"6.6.6.6"), (b"Accept", b"*/*"),
+                   (b"X-Real-IP", b"10.0.0.1")]
     out = policy.forward_request_headers([(b"x-real-ip", b"1"), (b"X-REAL-IP", b"2")],
                                          b"X-Real-IP", b"9")
     assert out == [(b"X-Real-IP", b"9")]
     # a header name but no address: nothing replaced
     assert policy.forward_request_headers([(b"X-Real-IP", b"1")], b"X-Real-IP", None) == [
         (b"X-Real-IP", b"1")]
+
+
+@pytest.mark.parametrize("spelling", [b"X-Forwarded-For", b"x-forwarded-for", b"X-FORWARDED-FOR"])
+def test_x_forwarded_for_is_appended_to(spelling):
+    """nginx's $proxy_add_x_forwarded_for: every field the request came with,
+    in order, in one field at the end, then the client's address."""
+    out = policy.forward_request_headers(REQ, spelling, b"10.0.0.1")
+    assert out == [(b"Host", b"a"), (b"Accept", b"*/*"), (spelling, b"6.6.6.6, 10.0.0.1")]
+    hs = [(b"x-forwarded-for", b"1.1.1.1, 2.2.2.2"), (b"Host", b"h"), (b"X-Forwarded-For", b""),
+          (b"X-FORWARDED-FOR", b"3.3.3.3"), (b"Connection", b"keep-alive")]
+    for _ in range(2):                  # the second time from the per-spelling cache
+        assert policy.forward_request_headers(hs, spelling, b"::1") == [
+            (b"Host", b"h"), (spelling, b"1.1.1.1, 2.2.2.2, 3.3.3.3, ::1")]
+    # none came: the address alone
+    assert policy.forward_request_headers([(b"Host", b"h")], spelling, b"10.0.0.1") == [
+        (b"Host", b"h"), (spelling, b"10.0.0.1")]
+    # no address (a teleport listener): the client's fields pass as they are
+    assert policy.forward_request_headers(hs[:2], spelling, None) == hs[:2]
+
+
+def test_x_forwarded_for_named_by_connection_is_not_kept():
+    """A client that makes X-Forwarded-For hop-by-hop (Connection names it)
+    gets its list dropped, not appended to (the slow path)."""
+    hs = [(b"X-Forwarded-For", b"6.6.6.6"), (b"Connection", b"X-Forwarded-For, x-other"),
+          (b"X-Other", b"1"), (b"Host", b"h")]
+    assert policy.forward_request_headers(hs, b"X-Forwarded-For", b"10.0.0.1") == [
+        (b"Host", b"h"), (b"X-Forwarded-For", b"10.0.0.1")]
+    hs[1] = (b"Connection", b"x-other")
+    assert policy.forward_request_headers(hs, b"X-Forwarded-For", b"10.0.0.1") == [
+        (b"Host", b"h"), (b"X-Forwarded-For", b"6.6.6.6, 10.0.0.1")]
+
+
+def test_x_forwarded_proto_is_set():
+    hs = [(b"Host", b"h"), (b"x-forwarded-proto", b"https"), (b"X-Forwarded-Proto", b"ftp"),
+          (b"Accept", b"*/*")]
+    assert policy.forward_request_headers(hs, None, None, b"http") == [
+        (b"Host", b"h"), (b"Accept", b"*/*"), (b"X-Forwarded-Proto", b"http")]
+    assert policy.forward_request_headers(hs, b"X-Forwarded-For", b"10.0.0.1", b"https") == [
+        (b"Host", b"h"), (b"Accept", b"*/*"), (b"X-Forwarded-For", b"10.0.0.1"),
+        (b"X-Forwarded-Proto", b"https")]
+    # without a proto (unix and teleport listeners) the client's value passes
+    assert policy.forward_request_headers(hs, b"X-Real-IP", b"10.0.0.1") == hs + [
+        (b"X-Real-IP", b"10.0.0.1")]
+    # the slow path (Connection names a field) does the same
+    slow = hs + [(b"Connection", b"x-gone"), (b"X-Gone", b"1")]
+    assert policy.forward_request_headers(slow, None, None, b"https") == [
+        (b"Host", b"h"), (b"Accept", b"*/*"), (b"X-Forwarded-Proto", b"https")]
 
 
 def test_forward_request_headers_fast_path_keeps_order_and_case():
@@ -149,3 +197,19 @@ def test_set_host_replaces_in_place_or_appends():
 def test_upstream_target(method, target, upstream):
     from httptp.http.host import upstream_target
     assert upstream_target(method, target) == upstream
+
+
+@pytest.mark.parametrize("args, proto", [
+    (["-inType=http"], b"http"),
+    (["-inType=https", "-inTLSCert=c.pem", "-inTLSKey=k.pem"], b"https"),
+    (["-inType=https", "-inTLSCert=c.pem", "-inTLSKey=k.pem", "-forwardedProto=false"], None),
+    (["-inType=unix", "-in=/tmp/x.sock"], None),
+    (["-inType=teleport"], None),
+    (["-inType=teleports", "-inTLSCert=c.pem", "-inTLSKey=k.pem"], None),
+])
+def test_forwarded_proto_per_listener(args, proto):
+    """http and https listeners set their scheme; unix (behind a local proxy)
+    and teleport (the first hop set it) pass on what came."""
+    from httptp.config import load_config
+    from httptp.io.pipeline import _forwarded_proto
+    assert _forwarded_proto(load_config([*args, "-outType=http"], {})) == proto

@@ -185,3 +185,26 @@ def test_forked_child_counts_are_seen_by_parent(stats):
     assert stats.totals()["inBytesRead"] == 12345
     assert stats.block_info(block)["heartbeat"] == 77.5
     assert stats.block_info(block)["pid"] == pid
+
+
+def test_status_classes_and_durations_sum_over_blocks_and_survive_reuse(stats):
+    counters = {field for _, field, _ in st.COUNTERS}
+    words = set(range(st.RESP_1XX, st.RESP_OTHER + 1)) | set(
+        range(st.DURATION_HIST, st.DURATION_SUM + 1))
+    assert not words & counters and not words & set(range(st.STARTED + 1))
+    assert max(words) < st.BLOCK_HEADER_WORDS and st.BLOCK_HEADER_WORDS % 8 == 0
+    a, b = stats.claim_block(0, 0, 1), stats.claim_block(0, 1, 1)
+    for block, status in ((a, 200), (a, 204), (b, 503), (b, 404)):
+        stats.q[stats.block_base(block) + st.RESP_1XX - 1 + status // 100] += 1
+    stats.q[stats.block_base(b) + st.RESP_OTHER] += 1
+    stats.q[stats.block_base(a) + st.DURATION_HIST] += 2          # <= 1 ms
+    stats.q[stats.block_base(b) + st.DURATION_HIST + len(st.LATENCY_BUCKETS)] += 1   # +Inf
+    stats.d[stats.block_base(a) + st.DURATION_SUM] += 0.001
+    stats.d[stats.block_base(b) + st.DURATION_SUM] += 9.0
+    stats.release_block(b)                  # a dead worker's counts stay
+    stats.claim_block(0, 1, 2)
+    assert stats.response_classes() == {"1xx": 0, "2xx": 2, "3xx": 0, "4xx": 1, "5xx": 1,
+                                        "other": 1}
+    hist, total = stats.request_durations()
+    assert hist == [2] + [0] * (len(st.LATENCY_BUCKETS) - 1) + [1] and total == 9.001
+    assert "2xx" not in stats.totals()      # not an expvar of the original
