@@ -160,6 +160,16 @@ def test_watchdog_pings_while_heartbeats_are_fresh(tmp_path, notify):
         assert not any("killing it" in line for line in m.lines), m.output
 
 
+def test_watchdog_with_the_real_workers(notify):
+    """The real httptp (gevent workers, one heartbeat a second), WatchdogSec=2s."""
+    env = dict(notify.env, WATCHDOG_USEC="2000000")
+    with HttpTp("-outType=http", "-out=127.0.0.1:1", workers=2, env=env) as p:
+        assert notify.next()[0] == "READY=1"
+        for _ in range(3):
+            assert notify.next(skip_watchdog=False) == ["WATCHDOG=1"]
+        assert "watchdog" not in p.output, p.output
+
+
 def test_watchdog_of_another_process_is_not_ours(tmp_path, notify):
     """WATCHDOG_PID names the process systemd watches; a child that inherited
     the variables must not ping for it."""

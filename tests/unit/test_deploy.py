@@ -106,6 +106,21 @@ def test_unit_hardening():
     assert UNIT_KEYS["WatchdogSec"]
 
 
+def test_unit_commands_accept_the_example_config(tmp_path):
+    """As installed by the comment at the top of the unit: the example config
+    as /etc/httptp/httptp.conf.  ExecStart's flags pass -checkConfig, as
+    ExecReload's first command does."""
+    conf = tmp_path / "httptp.conf"
+    conf.write_text((DEPLOY / "httptp.conf.example").read_text())
+    assert "install -D -m 0644 deploy/httptp.conf.example /etc/httptp/httptp.conf" in UNIT.read_text()
+    for command in (UNIT_KEYS["ExecStart"][0] + " -checkConfig", UNIT_KEYS["ExecReload"][0]):
+        argv = [a.replace("/etc/httptp/httptp.conf", str(conf)) for a in command.split()]
+        assert argv[0] == "/usr/local/bin/httptp"
+        run = subprocess.run([HTTPTP, *argv[1:]], capture_output=True, text=True, timeout=60,
+                             env={"PATH": "/usr/bin:/bin"})
+        assert run.returncode == 0 and run.stdout == "configuration OK\n", run.stderr
+
+
 def _for_analysis(tmp_path):
     """The unit with ExecStart's /usr/local/bin/httptp replaced by this venv's
     httptp: verify checks that the commands exist."""
