@@ -7,7 +7,13 @@
   kernel's ``prctl(PR_SET_MDWE)`` when the kernel has it (Linux 6.3), else
   with a seccomp filter.  The wrapper here sets the same prctl and execs
   httptp, which must then serve https with a session ticket key (ctypes).
-  systemd-run cannot start units in this sandbox (no systemd as PID 1).
+- ``SystemCallFilter=``: the unit's filter, expanded by ``systemd-analyze
+  syscall-filter``, loaded through libseccomp (with ``NoNewPrivileges``) before
+  exec; httptp serves https, reloads, reopens its log and stops under it.
+
+systemd-run cannot start units in this sandbox (no systemd as PID 1), so the
+other settings of the unit (ProtectSystem=, DynamicUser=, the directories) are
+checked by systemd-analyze only.
 
 The unit file itself is checked by systemd-analyze in tests/unit/test_deploy.py.
 """
@@ -15,13 +21,16 @@ The unit file itself is checked by systemd-analyze in tests/unit/test_deploy.py.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import os
+import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -220,6 +229,115 @@ def test_https_with_ticket_keys_under_memory_deny_write_execute(tmp_path):
             again, _, reused = _https_get(p.port, ctx, session)
             assert again.startswith(b"HTTP/1.1 200") and reused
             assert "Traceback" not in p.output, p.output
+    finally:
+        up.close()
+
+
+# ------------------------------------------------ SystemCallFilter= of the unit
+
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+UNIT = Path(__file__).resolve().parents[2] / "deploy" / "httptp.service"
+# NoNewPrivileges=yes, then the unit's SystemCallFilter= as an allow-list
+# (SystemCallErrorNumber=EPERM for the rest) through libseccomp, as systemd
+# loads it, and MemoryDenyWriteExecute=yes as the kernel's PR_SET_MDWE; then exec.
+SANDBOX_EXEC = """
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0                    # PR_SET_NO_NEW_PRIVS
+seccomp = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+seccomp.seccomp_init.restype = ctypes.c_void_p
+seccomp.seccomp_init.argtypes = [ctypes.c_uint32]
+seccomp.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+seccomp.seccomp_rule_add.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint]
+seccomp.seccomp_load.argtypes = [ctypes.c_void_p]
+ctx = seccomp.seccomp_init(0x00050000 | 1)                # SCMP_ACT_ERRNO(EPERM)
+for name in sys.argv[1].split(","):
+    nr = seccomp.seccomp_syscall_resolve_name(name.encode())
+    if nr >= 0:                                           # < 0: not on this architecture
+        assert seccomp.seccomp_rule_add(ctx, 0x7fff0000, nr, 0) == 0, name   # SCMP_ACT_ALLOW
+assert seccomp.seccomp_load(ctx) == 0
+if sys.argv[2] == "mdwe":
+    assert libc.prctl(65, 1, 0, 0, 0) == 0                # PR_SET_MDWE, REFUSE_EXEC_GAIN
+os.execv(sys.argv[3], sys.argv[3:])
+"""
+
+
+def _syscall_set(group: str, depth: int = 0) -> set[str]:
+    """The system calls of ``@group``, nested groups expanded (systemd-analyze)."""
+    assert depth < 10, group
+    out = subprocess.run([SYSTEMD_ANALYZE, "syscall-filter", "--no-pager", group],
+                         capture_output=True, text=True, timeout=30, check=True).stdout
+    names: set[str] = set()
+    for line in out.splitlines()[1:]:
+        item = line.strip()
+        if not line.startswith(" ") or not item or item.startswith("#"):
+            continue
+        names |= _syscall_set(item, depth + 1) if item.startswith("@") else {item}
+    return names
+
+
+def _unit_allowed_syscalls() -> set[str]:
+    """SystemCallFilter= lines of the unit, in order: an allow-list, then ~ removals."""
+    allowed: set[str] | None = None
+    for line in UNIT.read_text().splitlines():
+        if not line.startswith("SystemCallFilter="):
+            continue
+        value = line.split("=", 1)[1]
+        deny = value.startswith("~")
+        names: set[str] = set()
+        for item in value.lstrip("~").split():
+            names |= _syscall_set(item) if item.startswith("@") else {item}
+        assert allowed is not None or not deny, "the unit's first SystemCallFilter= allows"
+        allowed = (allowed - names) if deny else ((allowed or set()) | names)
+    assert allowed, "no SystemCallFilter= in the unit"
+    return allowed
+
+
+@pytest.mark.skipif(SYSTEMD_ANALYZE is None,
+                    reason="systemd-analyze not installed (make test-deps installs Debian's systemd)")
+@pytest.mark.skipif(not os.path.exists("/usr/lib/x86_64-linux-gnu/libseccomp.so.2")
+                    and ctypes.util.find_library("seccomp") is None,
+                    reason="no libseccomp (Debian's libseccomp2, a dependency of systemd)")
+def test_https_reload_and_reopen_under_the_units_syscall_filter(tmp_path):
+    """httptp with the unit's SystemCallFilter= (and MDWE when the kernel has it):
+    https with a ticket key and session resumption, a HUP (new workers, TLS
+    rebuilt), a USR1, and a graceful stop, with no call refused on the way."""
+    trustme = pytest.importorskip("trustme")
+    allowed = _unit_allowed_syscalls()
+    assert "setuid" not in allowed and "read" in allowed     # ~@privileged, @basic-io
+    wrap = [sys.executable, "-c", SANDBOX_EXEC, ",".join(sorted(allowed)),
+            "mdwe" if _mdwe_available() else "-"]
+    probe = subprocess.run([*wrap, sys.executable, "-c", "import os; os.setuid(0)"],
+                           capture_output=True, text=True, timeout=30)
+    assert "PermissionError" in probe.stderr, probe        # the filter is in force
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "site.pem"))
+    cert.private_key_pem.write_to_path(str(tmp_path / "site.key"))
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    log = tmp_path / "access.log"
+    up = Upstream()
+    try:
+        with HttpTp("-inType=https", f"-inTLSCert={tmp_path / 'site.pem'}",
+                    f"-inTLSKey={tmp_path / 'site.key'}", "-inTLSSessionTicketKey=sandbox",
+                    "-outType=http", f"-out={up.addr}", f"-accessLog={log}",
+                    "-expvarAddr=127.0.0.1:0", workers=2, wrap=wrap) as p:
+            first, session, _ = _https_get(p.port, ctx)
+            assert first.startswith(b"HTTP/1.1 200"), first
+            p.signal(signal.SIGHUP)
+            assert wait_until(lambda: "reloaded: 2 workers run generation 1" in p.output, 30), \
+                p.output
+            again, _, reused = _https_get(p.port, ctx, session)
+            assert again.startswith(b"HTTP/1.1 200") and reused
+            log.rename(tmp_path / "access.log.1")
+            p.signal(signal.SIGUSR1)
+            assert wait_until(lambda: _https_get(p.port, ctx)[0].startswith(b"HTTP/1.1 200")
+                              and log.exists(), 10)
+            p.signal(signal.SIGTERM)
+            assert p.wait(30) == 0, p.output
+        for bad in ("Traceback", "Operation not permitted", "PermissionError", "crashed"):
+            assert bad not in p.output, p.output
     finally:
         up.close()
 
