@@ -531,7 +531,7 @@ class Arbiter:
             tls = _build_tls(new)      # certificates read again: renewed files are picked up
             upstream_ids = self._reassign_upstreams(new)
         except (Exception, SystemExit) as err:
-            log(f"reload failed, keeping the running configuration: {_one_line(err)}")
+            log(f"error: reload failed, keeping the running configuration: {_one_line(err)}")
             self.notify_reload_refused(_one_line(err))
             self.sync_helpers()        # the resolver helper, if _reassign_upstreams stopped it
             return

@@ -109,7 +109,7 @@ def test_a_refused_reload_is_told_to_systemd(tmp_path, notify):
             status = _refused_status(notify)
             assert status.startswith("reload refused, keeping the running configuration: "), status
             assert "outTimeout" in status and "generation 0" in status, status
-            assert wait_until(lambda: "reload failed, keeping the running configuration" in p.output)
+            assert wait_until(lambda: "httptp: error: reload failed, keeping the running configuration" in p.output)
             # a good reload afterwards says nothing of the refusal
             conf.write_text(f"outType = http\nout = {up.addr}\noutTimeout = 5s\n")
             p.signal(signal.SIGHUP)
