@@ -18,11 +18,13 @@ venv: $(STAMP)
 run: venv
 	$(BIN)/python -m httptp.demo
 
-# Debian tools the tests drive as real peers.  Installed when missing and we
+# Debian tools the tests drive as real peers, or check files with
+# (systemd-analyze: deploy/httptp.service).  Installed when missing and we
 # may (root with apt); otherwise the tests that need them skip and say why.
-APT_TEST_PKGS := slowhttptest pebble prometheus chromium
+# Each is a package, or package:command when the command has another name.
+APT_TEST_PKGS := slowhttptest pebble prometheus chromium systemd:systemd-analyze
 test-deps:
-	@missing=""; for p in $(APT_TEST_PKGS); do command -v $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_TEST_PKGS); do command -v $${p#*:} >/dev/null 2>&1 || missing="$$missing $${p%%:*}"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    echo "installing:$$missing"; \

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import os
 import re
 import sys
 from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
-from httptp import netaddr
+from httptp import cpus, netaddr
 from httptp.teleport import codecs as _codecs
 
 ENV_PREFIX = "HTTPTP_"
@@ -156,9 +155,10 @@ def parse_string(text: str) -> str:
 
 
 def parse_workers(text: str) -> int:
-    """``auto`` → the CPU count; otherwise an integer of at least 1."""
+    """``auto`` → the CPUs this process may use (affinity, cgroup quota:
+    httptp.cpus); otherwise an integer of at least 1."""
     if text.strip() == "auto":
-        return os.cpu_count() or 1
+        return cpus.available_cpus()
     return int_at_least(1)(text)
 
 
@@ -489,7 +489,9 @@ SETTINGS: tuple[Setting, ...] = (
       help="Renew an autocert certificate when it expires within this time"),
     # -- Process -------------------------------------------------------------
     S("workers", parse_workers, "auto", section="Process", meta="int", ours=True,
-      help="Number of worker processes; auto is the number of CPUs"),
+      help="Number of worker processes; auto is the number of CPUs this process may use\n"
+           "auto counts the CPUs of the affinity mask (taskset, CPUAffinity=), lowered to "
+           "the cgroup v2 cpu.max quota (a container's CPU limit) rounded up."),
     S("gracefulTimeout", parse_duration, "30s", section="Process", meta="duration",
       ours=True,
       help="On TERM, INT or HUP, how long workers may finish in-flight requests "
@@ -605,12 +607,15 @@ def help_text() -> str:
     """Go-flag-style help: every flag, its value kind, first help line, default."""
     lines = [f"Usage of {PROG}: {PROG} [flags]",
              "Flags may be written -flag value, -flag=value, --flag or --flag=value; "
-             "also set by HTTPTP_FLAG_NAME environment variables or a -config file.", ""]
+             "also set by HTTPTP_FLAG_NAME environment variables or a -config file.",
+             "A HUP (reload) applies a change to any flag but those marked [restart].", ""]
     for section in SECTIONS:
         lines.append(f"{section}:")
         for s in (s for s in SETTINGS if s.section == section):
             lines.append(f"  -{s.name}" + ("" if s.is_bool else f" {s.meta}"))
             note = "" if s.implemented or not s.refuse else " [not implemented yet]"
+            if not s.reloadable and s.name not in CLI_ONLY:
+                note += " [restart]"
             lines.append(f"        {s.summary} (default {_shown_default(s)}){note}")
         lines.append("")
     lines.append("  -help")

@@ -59,6 +59,7 @@ BACKOFF_FIRST = 0.1        # then 0.2, 0.4 ... for workers dying young, per slot
 BACKOFF_MAX = 10.0
 QUIT_GRACE = 1.0           # QUIT: how long workers get before SIGKILL
 REAP_GRACE = 5.0           # after the last SIGKILL, how long we wait to reap
+WATCHDOG_MIN_STALE = 3.0   # a heartbeat older than max(this, WatchdogSec=) is stale
 
 
 _log = error_logger("", "text")
@@ -153,6 +154,8 @@ class Arbiter:
         self.autocert_sock = None                 # -autocertHTTPAddr, bound before any fork
         self.stats_sock = None                    # -expvarAddr, bound before any fork
         self.started_wall = time.time()           # the status page's uptime
+        self.watchdog = systemd.Watchdog()        # WatchdogSec= of the unit, if any
+        self.watchdog_stale = False               # logged once per stale spell
 
     # -- main loop ---------------------------------------------------------------
 
@@ -206,7 +209,7 @@ class Arbiter:
         busy = (self.stopping or self.rolling or self.ready_deadline is not None
                 or any(s.respawn_at is not None for s in self.slots.values())
                 or self.helpers.busy())
-        return 0.05 if busy else 1.0
+        return min(0.05 if busy else 1.0, self.watchdog.due_in(time.monotonic()))
 
     def dispatch(self, signum: int) -> None:
         entry = SIGNALS.get(signum)
@@ -224,6 +227,7 @@ class Arbiter:
         if self.rolling:
             self.roll()
         self.notify_ready(now)
+        self.notify_watchdog(now)
 
     def log_summary(self) -> None:
         """One line at exit: requests served in all, and by each worker block.
@@ -527,7 +531,8 @@ class Arbiter:
             tls = _build_tls(new)      # certificates read again: renewed files are picked up
             upstream_ids = self._reassign_upstreams(new)
         except (Exception, SystemExit) as err:
-            log(f"reload failed, keeping the running configuration: {_one_line(err)}")
+            log(f"error: reload failed, keeping the running configuration: {_one_line(err)}")
+            self.notify_reload_refused(_one_line(err))
             self.sync_helpers()        # the resolver helper, if _reassign_upstreams stopped it
             return
         systemd.reloading("reloading")
@@ -608,7 +613,7 @@ class Arbiter:
         self.sync_helpers()
         self._set_title()
         log(f"reload aborted, keeping the running workers: {reason}")
-        systemd.ready(self._status())
+        systemd.ready(f"reload aborted, keeping the running workers: {reason}; {self._status()}")
 
     # -- helper processes (ACME) ------------------------------------------------------
 
@@ -758,6 +763,52 @@ class Arbiter:
 
     def _status(self) -> str:
         return f"{len(self.slots)} workers on {self.listeners.name}, generation {self.generation}"
+
+    def notify_reload_refused(self, reason: str) -> None:
+        """A HUP whose configuration was refused, told to systemd as a reload
+        that ended on the old configuration: ``RELOADING=1``, then ``READY=1``
+        with a ``STATUS=`` line that says why (``systemctl status`` shows it)."""
+        systemd.reloading("reloading")
+        systemd.ready(f"reload refused, keeping the running configuration: {reason}; "
+                      f"{self._status()}")
+
+    def notify_watchdog(self, now: float) -> None:
+        """``WATCHDOG=1`` every half ``WatchdogSec=`` while the workers' heartbeats
+        in the shared memory are fresh: the master's loop runs and some worker
+        serves.  While starting (before ``READY=1``) and while stopping, the
+        start and stop timeouts of the unit rule instead, so it pings regardless.
+        One wedged worker of several is the master's to kill (``heartbeat_timeout``);
+        none fresh for ``WatchdogSec=`` means the service serves nothing, and
+        systemd restarts it."""
+        if self.watchdog.due_in(now) > 0:
+            return
+        starting = self.ready_deadline is not None
+        fresh = starting or self.stopping or self._heartbeats_fresh(now)
+        if fresh:
+            if self.watchdog_stale:
+                log("watchdog: worker heartbeats are fresh again; WATCHDOG=1 to systemd resumes")
+            self.watchdog_stale = False
+            self.watchdog.ping(now)
+            return
+        self.watchdog.skip(now)
+        if not self.watchdog_stale:
+            self.watchdog_stale = True
+            log(f"error: watchdog: no worker has sent a heartbeat for {self._stale_after():g} s; "
+                "not sending WATCHDOG=1, systemd will restart httptp")
+
+    def _stale_after(self) -> float:
+        return max(WATCHDOG_MIN_STALE, self.watchdog.timeout or 0.0)
+
+    def _heartbeats_fresh(self, now: float) -> bool:
+        """Has some ready worker beaten within ``_stale_after()``?"""
+        stale_after = self._stale_after()
+        for worker in self.workers.values():
+            if worker.ready_at is None or worker.killed:
+                continue
+            heartbeat = self.stats.block_info(worker.block)["heartbeat"]
+            if now - max(heartbeat, worker.ready_at) <= stale_after:
+                return True
+        return False
 
     def _set_title(self) -> None:
         out = ",".join(_upstream_names(self.config))

@@ -208,10 +208,10 @@ def test_hup_with_a_failing_reload_keeps_the_workers(tmp_path):
         old = m.children()
         m.reload_file.write_text("fail: boom")
         m.signal(signal.SIGHUP)
-        assert m.wait_for("httptp: reload failed, keeping the running configuration: boom")
+        assert m.wait_for("httptp: error: reload failed, keeping the running configuration: boom")
         m.reload_file.write_text("-in=127.0.0.1:1")
         m.signal(signal.SIGHUP)
-        assert m.wait_for("httptp: reload failed, keeping the running configuration: "
+        assert m.wait_for("httptp: error: reload failed, keeping the running configuration: "
                           "changing -in needs a restart"), m.output
         time.sleep(0.2)
         assert m.children() == old

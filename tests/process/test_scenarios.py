@@ -1,22 +1,24 @@
 """docs/scenarios.md and docs/metrics.md, run for real.
 
 Scenarios: every fenced ``sh`` block of docs/scenarios.md whose first line is
-``# scenario: NAME`` (optionally ``(skip: reason)``) is one test.  Inside it:
-
-- ``\\`` continues a line; ``#`` comment lines are ignored;
-- a line ending in ``&`` is a background process: ``httptp ...`` runs the real
-  command (``-expvarAddr=`` is added when the line has none; the test waits
-  for "listening on"), ``python3 -m http.server PORT ...`` runs with this
-  interpreter (the test waits until PORT accepts);
-- any other line runs in bash and must exit 0, or, when it ends with
-  ``# → TEXT``, print TEXT as its last line.
+``# scenario: NAME`` (optionally ``(skip: reason)``) is one test.  The block
+runs as written, as one bash script, as a reader who pasted it into a shell:
+background lines (``&``) start their processes, and the block's own
+readiness line (``until curl ...; do sleep 0.2; done``) is the only wait.
+The test adds no wait of its own.  Around each foreground command (one
+logical line: ``\\`` continues it) it records the output and the exit
+status, and stops the script at the first command that fails: a command must
+exit 0, or, when it ends with ``# → TEXT``, print TEXT as its last line.
+When the script ends, its background processes are stopped as the page says
+(``kill $(jobs -p)``) and waited for.
 
 Before running, every port of ``127.0.0.1:PORT``, ``localhost:PORT`` and
 ``http.server PORT`` is replaced by a free port (the same doc port → the
 same free port within a scenario), ``/tmp/httptp-`` by a temporary directory,
 and ``/etc/httptp/certs/NAME.pem|.key`` by certificates made with trustme
 (``ca.pem`` is the CA; any other NAME gets a certificate for localhost and
-127.0.0.1 signed by it).  Every wait is bounded; every process is killed.
+127.0.0.1 signed by it).  ``httptp`` and ``python3`` are this venv's, and
+``HTTPTP_WORKERS=1`` keeps the machine light (docs/scenarios.md says so).
 
 Metrics: every metric name documented in docs/metrics.md must appear in the
 live /prometheus output of a real httptp, and every live ``httptp_*`` family
@@ -31,16 +33,14 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import HttpTp, Upstream
+from tests.helpers import HTTPTP, HttpTp, Upstream
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -51,15 +51,38 @@ METRICS_MD = ROOT / "docs" / "metrics.md"
 # The scenarios the docs must keep (a scenario dropped from the page fails here).
 EXPECTED = {"rtb", "unix-app", "unix-both", "teleports", "teleports-mtls", "batching", "codecs",
             "access", "balancing", "https", "acme"}
+SCRIPT_TIMEOUT = 75.0      # the whole script, its final kill $(jobs -p) and wait included
+STOP_TIMEOUT = 20.0        # after a TERM to a script that did not end (a loop that never ends)
 
 
 # --------------------------------------------------------------------------- parsing
 
 @dataclass
+class Command:
+    """One logical line of a block: its lines as written (continuations included)."""
+    raw: list[str]
+
+    @property
+    def text(self) -> str:
+        """The logical line: continuations joined, stripped."""
+        return " ".join(l.rstrip()[:-1].rstrip() if l.rstrip().endswith("\\") else l.strip()
+                        for l in self.raw).strip()
+
+    @property
+    def is_comment(self) -> bool:
+        return not self.text or self.text.startswith("#")
+
+
+@dataclass
 class Scenario:
     name: str
     skip: str | None
-    lines: list[str] = field(default_factory=list)
+    commands: list[Command] = field(default_factory=list)
+
+    @property
+    def lines(self) -> list[str]:
+        """The logical lines that are not comments."""
+        return [c.text for c in self.commands if not c.is_comment]
 
 
 _HEAD = re.compile(r"#\s*scenario:\s*([\w-]+)\s*(?:\(skip:\s*(.*)\))?\s*$")
@@ -73,14 +96,14 @@ def parse_scenarios(text: str) -> list[Scenario]:
         if not m:
             continue
         sc = Scenario(m.group(1), m.group(2))
-        joined, buf = [], ""
+        buf: list[str] = []
         for line in raw[1:]:
-            if line.rstrip().endswith("\\"):
-                buf += line.rstrip()[:-1] + " "
-                continue
-            joined.append(buf + line)
-            buf = ""
-        sc.lines = [l.strip() for l in joined if l.strip() and not l.strip().startswith("#")]
+            buf.append(line)
+            if not line.rstrip().endswith("\\"):
+                sc.commands.append(Command(buf))
+                buf = []
+        if buf:
+            sc.commands.append(Command(buf))
         out.append(sc)
     return out
 
@@ -130,70 +153,115 @@ class Rewriter:
 
 # --------------------------------------------------------------------------- running
 
-def wait_port(port: int, proc: subprocess.Popen, timeout=10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"{proc.args} exited {proc.returncode}")
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise AssertionError(f"{proc.args}: port {port} did not open in {timeout} s")
-
-
-class Runner:
-    def __init__(self, tmp: Path):
-        self.tmp = tmp
-        self.httptps: list[HttpTp] = []
-        self.others: list[subprocess.Popen] = []
-
-    def background(self, line: str) -> None:
-        argv = shlex.split(line, comments=True)[:-1]      # without the "&"
-        if argv[0] == "httptp":
-            args = argv[1:]
-            if not any(a.startswith("-expvarAddr") for a in args):
-                args.append("-expvarAddr=")
-            self.httptps.append(HttpTp(*args, workers=1))     # a -workers in the docs wins
-        elif argv[:3] == ["python3", "-m", "http.server"]:
-            proc = subprocess.Popen([sys.executable, *argv[1:]], cwd=self.tmp,
-                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.DEVNULL, start_new_session=True)
-            self.others.append(proc)
-            wait_port(int(argv[3]), proc)
-        else:
-            raise AssertionError(f"unknown background command in docs/scenarios.md: {line}")
-
-    def foreground(self, line: str) -> None:
-        expect = None
-        m = re.search(r"#\s*→\s*(\S+)\s*$", line)
-        if m:
-            expect = m.group(1)
-        r = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=60,
-                           cwd=self.tmp, stdin=subprocess.DEVNULL)
-        where = f"{line}\nstdout: {r.stdout}\nstderr: {r.stderr}\n{self.logs()}"
-        if expect is None:
-            assert r.returncode == 0, f"exit {r.returncode}: {where}"
-        else:
-            last = (r.stdout.strip().splitlines() or [""])[-1].strip()
-            assert last == expect, f"want {expect!r}, got {last!r}: {where}"
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {' '.join(p.args)}\n{p.output}" for p in self.httptps)
-
-    def close(self) -> None:
-        for p in reversed(self.httptps):
-            p.__exit__(None, None, None)
-        for proc in self.others:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(5)
-
-
 def is_background(line: str) -> bool:
     """Ends with a lone ``&`` (a comment may follow)."""
     return re.search(r"(?<!&)&\s*(#.*)?$", line) is not None
+
+
+_EXPECT = re.compile(r"#\s*→\s*(\S+)\s*$")
+
+
+@dataclass
+class Step:
+    """A foreground command and where its results land."""
+    number: int
+    text: str
+    expect: str | None
+
+
+def build_script(sc: Scenario, rewrite, results: Path) -> tuple[str, list[Step]]:
+    """The block as a bash script: its lines as written (rewritten), each
+    foreground command wrapped to record its output, then checked."""
+    out = [f"# docs/scenarios.md, scenario {sc.name}",
+           "trap 'kill $(jobs -p) 2>/dev/null; wait' EXIT    # the page: kill $(jobs -p)",
+           "trap 'exit 143' TERM", ""]
+    steps: list[Step] = []
+    for command in sc.commands:
+        raw = [rewrite(line) for line in command.raw]
+        text = rewrite(command.text)
+        if command.is_comment or is_background(text):
+            out += raw
+            continue
+        m = _EXPECT.search(text)
+        step = Step(len(steps) + 1, text, m.group(1) if m else None)
+        steps.append(step)
+        where = shlex.quote(str(results / str(step.number)))
+        out += ["{", *raw, f"}} >{where}.out 2>{where}.err; echo $? >{where}.rc"]
+        if step.expect is None:
+            out.append(f'[ "$(cat {where}.rc)" = 0 ] || exit 1')
+        else:
+            out.append(f'[ "$(tail -n 1 {where}.out)" = {shlex.quote(step.expect)} ] || exit 1')
+    return "\n".join(out) + "\n", steps
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def run_script(script: Path, tmp: Path, log: Path) -> int | None:
+    """Run it in bash; its exit status, or None if it did not end in time."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HTTPTP_")}
+    env["PATH"] = os.path.dirname(HTTPTP) + os.pathsep + env.get("PATH", "")
+    env["HTTPTP_WORKERS"] = "1"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(script)], cwd=tmp, stdin=subprocess.DEVNULL,
+                                stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            return proc.wait(SCRIPT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGTERM)        # its EXIT trap stops the background jobs
+            try:
+                proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                pass
+            return None
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)   # whatever is left of the group
+            except (ProcessLookupError, PermissionError):
+                pass
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                pass
+
+
+def failure(steps: list[Step], results: Path, status: int | None, log: Path) -> str | None:
+    """What went wrong, or None."""
+    for step in steps:
+        rc = _read(results / f"{step.number}.rc").strip()
+        out = _read(results / f"{step.number}.out")
+        why = None
+        if not rc:
+            why = "did not finish" if status is None else "did not run"
+        elif step.expect is None and rc != "0":
+            why = f"exited {rc}"
+        elif step.expect is not None:
+            last = (out.strip().splitlines() or [""])[-1].strip()
+            if last != step.expect:
+                why = f"want {step.expect!r} as the last line, got {last!r}"
+        if why:
+            return (f"{step.text}\n{why}\nstdout: {out}\nstderr: "
+                    f"{_read(results / f'{step.number}.err')}\n--- log\n{_read(log)}")
+    if status != 0:
+        return f"the script exited {status}\n--- log\n{_read(log)}"
+    return None
+
+
+def tracebacks(log_text: str) -> list[str]:
+    """httptp's tracebacks in the log (http.server's own, for a client that hung
+    up, are not httptp's)."""
+    found = []
+    lines = log_text.splitlines()
+    for i, line in enumerate(lines):
+        if line.startswith("Traceback") and not (
+                i and "Exception occurred during processing of request" in lines[i - 1]):
+            found.append("\n".join(lines[i:i + 20]))
+    return found
 
 
 SCENARIOS = parse_scenarios(SCENARIOS_MD.read_text())
@@ -204,24 +272,47 @@ def test_the_page_keeps_every_scenario():
 
 
 @pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
+def test_every_scenario_waits_for_readiness_before_its_first_request(sc: Scenario):
+    """Pasted into a shell, the first curl must not race the processes that
+    were just started: a readiness loop comes after the last background line
+    and before the first other command."""
+    lines = sc.lines
+    if sc.skip or not any(is_background(l) for l in lines):
+        return
+    last_bg = max(i for i, l in enumerate(lines) if is_background(l))
+    first_fg = min(i for i, l in enumerate(lines) if not is_background(l))
+    assert first_fg > last_bg, f"{sc.name}: a request before the last process starts"
+    wait = lines[first_fg]
+    assert wait.startswith("until curl -fs") and wait.endswith("do sleep 0.2; done"), wait
+    started = [l for l in lines if is_background(l)]
+    for line in started:
+        m = re.search(r"-expvarAddr=(\S*)", line) if line.startswith("httptp ") else None
+        if m:
+            assert m.group(1), f"{sc.name}: an httptp without stats cannot be waited for: {line}"
+            assert f"{m.group(1)}/healthz" in wait, f"{sc.name}: not waited for: {line}"
+        elif line.startswith("python3 -m http.server "):
+            port = line.split()[3]
+            assert f"127.0.0.1:{port} " in wait + " ", f"{sc.name}: not waited for: {line}"
+
+
+@pytest.mark.parametrize("sc", SCENARIOS, ids=[s.name for s in SCENARIOS])
 def test_scenario(sc: Scenario):
     if sc.skip:
         pytest.skip(sc.skip)
+    assert any(l.startswith("httptp ") for l in sc.lines), "a scenario runs httptp"
+    assert not all(map(is_background, sc.lines)), "a scenario sends a request"
     tmp = Path(tempfile.mkdtemp(prefix="hsc-"))      # short: unix socket paths
-    rewrite, runner = Rewriter(tmp), Runner(tmp)
     try:
-        assert any(l.startswith("httptp ") for l in sc.lines), "a scenario runs httptp"
-        assert not all(map(is_background, sc.lines)), "a scenario sends a request"
-        for line in sc.lines:
-            line = rewrite(line)
-            if is_background(line):
-                runner.background(line)
-            else:
-                runner.foreground(line)
-        for p in runner.httptps:
-            assert "Traceback" not in p.output, p.output
+        results = tmp / "results"
+        results.mkdir()
+        text, steps = build_script(sc, Rewriter(tmp), results)
+        script, log = tmp / "scenario.sh", tmp / "scenario.log"
+        script.write_text(text)
+        status = run_script(script, tmp, log)
+        problem = failure(steps, results, status, log)
+        assert problem is None, f"scenario {sc.name}:\n{problem}\n--- script\n{text}"
+        assert not tracebacks(_read(log)), _read(log)
     finally:
-        runner.close()
         subprocess.run(["rm", "-rf", str(tmp)], timeout=10)
 
 

@@ -206,7 +206,7 @@ def test_termination_grace_covers_the_drain(scenario, tmp_path):
 
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_workers_match_the_cpu_request(scenario, tmp_path):
-    """-workers=auto counts the node's CPUs, not the pod's."""
+    """-workers=auto counts the CPU limit (none here: the node's CPUs), not the request."""
     kinds = _scenario(scenario)
     _, cfg = _config(kinds, tmp_path)
     assert "workers" in _conf_text(kinds)

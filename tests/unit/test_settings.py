@@ -5,12 +5,13 @@ import dataclasses
 import ipaddress
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
 import pytest
 
-from httptp import cli, settings
+from httptp import cli, cpus, settings
 from httptp.config import (NOT_YET_ACTIVE, Config, check_implemented, diff, inactive_in_use,
                            load_config, restart_needed)
 from httptp.errors import ConfigError
@@ -97,7 +98,7 @@ def test_defaults():
     assert (c.in_max_body_size, c.in_max_header_size, c.out_max_header_size) == (4194304, 4096, 4096)
     assert c.in_get_only is False and c.reuse_port is False and c.in_allow_ip == ()
     assert c.in_tls_cert == () and c.in_tls_key == ()
-    assert c.workers == (os.cpu_count() or 1) and c.graceful_timeout == 30.0
+    assert c.workers == cpus.available_cpus() and c.graceful_timeout == 30.0
     assert c.http_parser == "auto" and c.config_file is None
     assert (c.in_header_timeout, c.in_idle_timeout) == (10.0, 60.0)
     assert (c.out_max_fails, c.out_fail_timeout, c.out_idle_timeout) == (3, 5.0, 10.0)
@@ -179,6 +180,18 @@ def test_help_text_lists_every_flag_with_default():
         assert f"\n  -{s.name}" in text
     assert '(default "127.0.0.1:8080")' in text and "(default 3s)" in text
     assert "(default 100000)" in text and '(default "^.*$")' in text
+
+
+def test_help_marks_the_settings_a_hup_cannot_change():
+    """docs/operations.md: -help marks each setting reload or restart."""
+    text = settings.help_text()
+    assert "A HUP (reload) applies a change to any flag but those marked [restart]." in text
+    blocks = dict(re.findall(r"(?m)^  -(\w+).*\n(.*)$", text))
+    for s in SETTINGS:
+        marked = blocks[s.name].endswith("[restart]")
+        assert marked == (not s.reloadable and s.name not in settings.CLI_ONLY), s.name
+    assert blocks["in"].endswith("[restart]") and blocks["expvarAddr"].endswith("[restart]")
+    assert not blocks["out"].endswith("[restart]")
 
 
 # --- values ----------------------------------------------------------------
