@@ -25,6 +25,7 @@ import sys
 import time
 
 FORMATS = ("text", "json")
+INFO, WARNING, ERROR = "info", "warning", "error"      # the JSON error log's "level"
 
 
 def _iso(now: float) -> str:
@@ -32,24 +33,36 @@ def _iso(now: float) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + ".%03dZ" % int(now % 1 * 1000)
 
 
-def error_logger(who: str, fmt: str = "text"):
-    """A ``log(message)`` for stderr, in the chosen format."""
+def error_logger(who: str, fmt: str = "text", level: str = INFO):
+    """A ``log(message, level=<level>)`` for stderr, in the chosen format;
+    ``level`` (info, warning, error) shows in JSON only."""
     if fmt == "json":
-        def line(message: str) -> str:
-            return json.dumps({"time": _iso(time.time()), "who": who, "msg": message}) + "\n"
+        def line(message: str, level: str) -> str:
+            return json.dumps({"time": _iso(time.time()), "level": level, "who": who,
+                               "msg": message}) + "\n"
     else:
         prefix = f"httptp: {who}: " if who else "httptp: "
 
-        def line(message: str) -> str:
+        def line(message: str, level: str) -> str:
             return prefix + message + "\n"
 
-    def log(message: str) -> None:
+    def log(message: str, level: str = level) -> None:
         try:
-            sys.stderr.write(line(message))
+            sys.stderr.write(line(message, level))
             sys.stderr.flush()
         except (OSError, ValueError):
             pass    # stderr gone (a closed pipe): logging must never take the caller down
+    log.levels = True
     return log
+
+
+def say(log, message: str, level: str) -> None:
+    """``log(message, level)`` for a logger of ``error_logger``; any other
+    callable (a test's ``list.append``) gets the message alone."""
+    if getattr(log, "levels", False):
+        log(message, level)
+    else:
+        log(message)
 
 
 def _header(headers: list, name: bytes) -> str:
@@ -134,12 +147,14 @@ class RateLimitedLog:
     waiting for another call, and forgets keys that stayed quiet a whole
     period.  At most ``max_keys`` keys are tracked; beyond that, new keys are
     counted under one ``"other"`` line, so a scan from many addresses cannot
-    grow this table.  No clock of its own beyond ``clock``; no I/O but ``log``.
+    grow this table.  No clock of its own beyond ``clock``; no I/O but ``log``
+    (its lines at ``level``, warning: a refusal, a thing to look at).
     """
 
     def __init__(self, log, period: float = 60.0, *, max_keys: int = 1024,
-                 clock=time.monotonic):
-        self._log = log
+                 clock=time.monotonic, level: str = WARNING):
+        self._log = (lambda message: log(message, level)) if getattr(log, "levels", False) \
+            else log
         self.period = period
         self.max_keys = max_keys
         self._clock = clock

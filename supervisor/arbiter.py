@@ -64,9 +64,10 @@ REAP_GRACE = 5.0           # after the last SIGKILL, how long we wait to reap
 _log = error_logger("", "text")
 
 
-def log(message: str) -> None:
-    """One line on stderr, where supervisord and journald collect it (-logFormat)."""
-    _log(message)
+def log(message: str, level: str = "") -> None:
+    """One line on stderr, where supervisord and journald collect it (-logFormat);
+    ``level`` (JSON only): info, or warning for a line that starts "warning:"."""
+    _log(message, level or ("warning" if message.startswith("warning:") else "info"))
 
 
 def set_log_format(fmt: str) -> None:
@@ -308,7 +309,7 @@ class Arbiter:
         try:
             block = self.stats.claim_block(0, index, self.generation)
         except RuntimeError as err:
-            log(f"cannot start worker {index}: {err}")
+            log(f"cannot start worker {index}: {err}", "error")
             return None
         listener = self.listeners.get(index)
         _flush_std()
@@ -319,7 +320,7 @@ class Arbiter:
                     self._child(listener, block, index, self.generation)
         except OSError as err:
             self.stats.release_block(block)
-            log(f"cannot start worker {index}: fork: {err}")
+            log(f"cannot start worker {index}: fork: {err}", "error")
             return None
         self.stats.set_block_pid(block, pid)
         worker = Worker(pid, index, block, self.generation, time.monotonic())
@@ -415,7 +416,7 @@ class Arbiter:
         delay = slot.backoff.next(lived)
         self.stats.incr_restarts()
         when = "now" if delay == 0 else f"in {delay:g} s"
-        log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}")
+        log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}", "warning")
         slot.respawn_at = time.monotonic() + delay
 
     def halt(self, worker: Worker, how: str) -> None:
@@ -423,7 +424,7 @@ class Arbiter:
         now, exit ``WORKER_BOOT_ERROR``, instead of respawning it for ever.
         Fast: no worker of this configuration is serving anything."""
         log(f"{worker.label} {how}, and no worker of this configuration has booted; "
-            f"stopping with exit status {WORKER_BOOT_ERROR}")
+            f"stopping with exit status {WORKER_BOOT_ERROR}", "error")
         self.exit_status = WORKER_BOOT_ERROR
         self.stop(graceful=False)
 
@@ -527,7 +528,7 @@ class Arbiter:
             tls = _build_tls(new)      # certificates read again: renewed files are picked up
             upstream_ids = self._reassign_upstreams(new)
         except (Exception, SystemExit) as err:
-            log(f"reload failed, keeping the running configuration: {_one_line(err)}")
+            log(f"reload failed, keeping the running configuration: {_one_line(err)}", "error")
             self.sync_helpers()        # the resolver helper, if _reassign_upstreams stopped it
             return
         systemd.reloading("reloading")
@@ -607,7 +608,7 @@ class Arbiter:
         self.config_generations.add(self.generation)
         self.sync_helpers()
         self._set_title()
-        log(f"reload aborted, keeping the running workers: {reason}")
+        log(f"reload aborted, keeping the running workers: {reason}", "warning")
         systemd.ready(self._status())
 
     # -- helper processes (ACME) ------------------------------------------------------
@@ -821,4 +822,4 @@ def _one_line(err: BaseException) -> str:
 def _report_crash(slot: int, exc: BaseException) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-    log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}")
+    log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}", "error")
