@@ -51,6 +51,7 @@ class Config:
     in_get_only: bool
     in_allow_ip: tuple[Network, ...]
     client_ip_header: str
+    request_id_header: str
     reuse_port: bool
     log_all_errors: bool
     expvar_addr: str

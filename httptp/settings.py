@@ -304,6 +304,12 @@ SETTINGS: tuple[Setting, ...] = (
       help="Header set (replaced) to the client's IP address in requests sent upstream; "
            "empty sets none\n"
            "Only for http, https and unix listeners. Unix peers are reported as 0.0.0.0."),
+    S("requestIDHeader", parse_header_name, "X-Request-Id", section="Listener", ours=True,
+      help="Header of the request id: taken from the request when valid, else generated; "
+           "sent upstream and logged; empty turns it off\n"
+           "A valid id is 1 to 128 characters of A-Z a-z 0-9 and ._:+/=@-; any other value "
+           "is replaced. Generated ids are a random per-worker prefix and a counter. The id "
+           "crosses teleport links as the header it is, and is request_id in the access log."),
     S("inHeaderTimeout", positive_duration, "10s", section="Listener",
       meta="duration", ours=True,
       help="The whole request header must arrive within this time, or the client gets 408"),
@@ -477,8 +483,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="Log every error met while serving clients, not only unexpected ones"),
     S("accessLog", parse_string, "", section="Process", meta="file", ours=True,
       help="Access log file, one line per request (- is stderr); empty turns it off\n"
-           "nginx's combined format plus upstream= and upstream_time=, or JSON with "
-           "-logFormat=json. USR1 reopens it (logrotate)."),
+           "nginx's combined format, then key=value fields (request_time, request_id...: "
+           "docs/operations.md), or JSON with -logFormat=json. USR1 reopens it (logrotate)."),
     S("logFormat", choice("text", "json"), "text", section="Process", ours=True,
       help="Format of the error log (stderr) and the access log: text or json"),
     S("config", parse_string, "", section="Process", ours=True, in_file=False,

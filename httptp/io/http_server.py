@@ -121,6 +121,13 @@ class ClientConn:
         self.transport.write_timeout = cfg.in_idle_timeout
         self.transport.start()
 
+    def tls_info(self) -> tuple[str, str] | None:
+        """(TLS version, SNI name or "") on an https connection, else None (access log)."""
+        tls = getattr(self.transport, "ssl", None)
+        if tls is None:
+            return None
+        return tls.version() or "", getattr(tls, "sni_name", None) or ""
+
     @property
     def idle(self) -> bool:
         """Between requests, nothing of the next one read: safe to close (drain)."""
@@ -486,7 +493,8 @@ class ClientConn:
             ctx.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
                     f"{err.status} {err.detail or err.body}")
         if ctx.access_log is not None:
-            ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0)
+            ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0,
+                               tls=self.tls_info())
         self.cur = None
         self._events.clear()
         self.transport.write(writer.error_response(err, False))
