@@ -50,7 +50,7 @@ from httptp.errors import (MethodNotAllowed, ProtocolError, ProxyError,
 from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
 from httptp.http.rules import status_has_body
-from httptp.io.transport import HIGH_WATER
+from httptp.io.transport import HIGH_WATER, tls_info
 
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
 _UPGRADE_HEADERS = [(b"Connection", b"upgrade")]
@@ -123,10 +123,7 @@ class ClientConn:
 
     def tls_info(self) -> tuple[str, str] | None:
         """(TLS version, SNI name or "") on an https connection, else None (access log)."""
-        tls = getattr(self.transport, "ssl", None)
-        if tls is None:
-            return None
-        return tls.version() or "", getattr(tls, "sni_name", None) or ""
+        return tls_info(self.transport)
 
     @property
     def idle(self) -> bool:

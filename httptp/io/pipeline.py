@@ -87,7 +87,7 @@ from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Timer
-from httptp.io.transport import HIGH_WATER
+from httptp.io.transport import HIGH_WATER, tls_info
 from httptp.logs import INFO, WARNING, RateLimitedLog, say
 from httptp.netaddr import parse_address
 
@@ -1084,9 +1084,11 @@ class TeleportAnswer:
 
     resume_reading = pause_reading
 
-    def tls_info(self) -> None:
-        """Teleport in: the access log names no TLS version or SNI (yet)."""
-        return None
+    def tls_info(self) -> tuple[str, str] | None:
+        """Teleport in (teleports): the link's TLS version and SNI name.
+        ``respond`` is the connection's bound method (None once answered)."""
+        conn = getattr(self.respond, "__self__", None)
+        return tls_info(getattr(conn, "transport", None))
 
 
 def _health_stale_after(config) -> float | None:

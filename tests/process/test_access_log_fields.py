@@ -110,13 +110,19 @@ def test_json_fields_and_ids_turned_off(tmp_path):
     assert record["tls_version"] is None and record["sni"] is None
 
 
-def test_https_listener_logs_tls_version_and_sni(tmp_path):
+def server_cert(tmp_path):
+    """A CA (trustme) and a certificate for localhost: (ca, cert file, key file)."""
     trustme = pytest.importorskip("trustme")
     ca = trustme.CA()
     cert = ca.issue_cert("localhost", "127.0.0.1")
     cert_file, key_file = tmp_path / "server.pem", tmp_path / "server.key"
     cert_file.write_bytes(b"".join(pem.bytes() for pem in cert.cert_chain_pems))
     cert.private_key_pem.write_to_path(str(key_file))
+    return ca, cert_file, key_file
+
+
+def test_https_listener_logs_tls_version_and_sni(tmp_path):
+    ca, cert_file, key_file = server_cert(tmp_path)
     seen: list = []
     up = recording_upstream(seen)
     log = tmp_path / "access.log"
@@ -145,15 +151,22 @@ def test_https_listener_logs_tls_version_and_sni(tmp_path):
     assert by_path["/tls"]["request_id"] == dict(seen)[b"/tls"].decode()
 
 
-def test_request_id_crosses_a_teleport_link(tmp_path):
+@pytest.mark.parametrize("kind", ["teleport", "teleports"])
+def test_request_id_crosses_a_teleport_link(tmp_path, kind):
     seen: list = []
     up = recording_upstream(seen)
     a_log, b_log = tmp_path / "a.log", tmp_path / "b.log"
+    b_tls, a_tls = [], []
+    if kind == "teleports":
+        ca, cert_file, key_file = server_cert(tmp_path)
+        ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+        b_tls = [f"-inTLSCert={cert_file}", f"-inTLSKey={key_file}"]
+        a_tls = [f"-outTLSCA={tmp_path / 'ca.pem'}"]
     try:
-        with HttpTp("-inType=teleport", "-outType=http", f"-out={up.addr}",
+        with HttpTp(f"-inType={kind}", *b_tls, "-outType=http", f"-out={up.addr}",
                     f"-accessLog={b_log}", workers=1) as b, \
-                HttpTp("-outType=teleport", f"-out={b.addr}", f"-accessLog={a_log}",
-                       workers=1) as a:
+                HttpTp(f"-outType={kind}", *a_tls, f"-out=localhost:{b.port}",
+                       f"-accessLog={a_log}", workers=1) as a:
             c = http.client.HTTPConnection(a.host, a.port, timeout=10)
             assert get(c, "/tp", headers={"Host": "t.example"})[0] == 200
             assert get(c, "/tp-kept", headers={"X-Request-Id": "outer-7"})[0] == 200
@@ -167,6 +180,11 @@ def test_request_id_crosses_a_teleport_link(tmp_path):
     assert ids[b"/tp-kept"] == b"outer-7"
     assert fields(b_lines[0])["host"] == '"t.example"'
     assert fields(a_lines[0])["upstream_status"] == "200"
+    b_fields = fields(b_lines[0])
+    if kind == "teleports":      # the link's TLS, as B saw it
+        assert b_fields["tls"].startswith("TLSv1.") and b_fields["sni"] == "localhost"
+    else:
+        assert b_fields["tls"] == "-" and b_fields["sni"] == "-"
 
 
 def test_passive_health_events_are_logged_once_without_log_all_errors(tmp_path):
