@@ -298,9 +298,9 @@ class Proxy:
         sent again); ``tunnel``: the downstream can carry an Upgrade."""
         q, b = self.q, self.base
         headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip)
-        request_id = ""
+        request_id = b""
         if self.request_id_header is not None:
-            request_id, headers = self._request_id(head.headers, headers)
+            request_id = self._request_id(head.headers, headers)
         target = head.target
         if target[:1] != b"/":          # absolute-form, or OPTIONS *
             target, headers = _origin_form(head.method, target, headers)
@@ -339,22 +339,24 @@ class Proxy:
         name = getattr(config, "request_id_header", "")
         self.request_id_header = name.lower().encode("latin-1") if name else None
         self._request_id_name = name.encode("latin-1")
-        self._request_id_prefix = os.urandom(6).hex() + "-"
+        self._request_id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
         self._request_ids = 0
 
-    def _request_id(self, incoming: list, headers: list) -> tuple[str, list]:
-        """The request's id (the client's when valid, else a new one) and the
-        headers to send upstream, carrying it."""
+    def _request_id(self, incoming: list, headers: list) -> bytes:
+        """The request's id: the client's when valid, else a new one, added
+        to ``headers`` (in place: forward_request_headers built that list)."""
         name, n = self.request_id_header, len(self.request_id_header)
         for key, value in incoming:
             if len(key) == n and key.lower() == name:
-                headers = [h for h in headers if len(h[0]) != n or h[0].lower() != name]
+                headers[:] = [h for h in headers if len(h[0]) != n or h[0].lower() != name]
                 if _VALID_REQUEST_ID.fullmatch(value):
-                    return value.decode("ascii"), headers + [(key, value)]
+                    headers.append((key, value))
+                    return value
                 break
         self._request_ids += 1
-        request_id = "%s%x" % (self._request_id_prefix, self._request_ids)
-        return request_id, headers + [(self._request_id_name, request_id.encode("ascii"))]
+        request_id = b"%s%x" % (self._request_id_prefix, self._request_ids)
+        headers.append((self._request_id_name, request_id))
+        return request_id
 
     # -- finishing: counters and the access log -----------------------------------------
 
@@ -382,7 +384,8 @@ class Proxy:
         self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size, upstream,
                             upstream_time, request_time=time.monotonic() - ex.started,
                             received=ex.received, upstream_status=upstream_status,
-                            tries=ex.tries, tls=ex.down.tls_info(), request_id=ex.request_id)
+                            tries=ex.tries, tls=ex.down.tls_info(),
+                            request_id=ex.request_id.decode("ascii"))
 
     def upstream_error(self, upstream, e: UpstreamError) -> None:
         if self._pending_event is not None:
@@ -528,7 +531,7 @@ class Exchange:
         self.tunnel_eofs = 0
         self.up_mark = -1           # what the upstream had not taken when -outTimeout was
                                     # armed (-1: not measured, to save a syscall per request)
-        self.request_id = ""
+        self.request_id = b""
         self.started = time.monotonic()     # request_time runs from here
         self.received = 0                   # request body bytes
         self.tries = 0
@@ -908,7 +911,7 @@ class TeleportExchange:
         self.upstream = None
         self.call = None                # the request in flight on its link
         self.t0 = 0.0
-        self.request_id = ""
+        self.request_id = b""
         self.started = time.monotonic()     # request_time runs from here
         self.received = 0                   # request body bytes
         self.tries = 0
