@@ -58,3 +58,12 @@ def test_another_header_name():
 
 def test_empty_name_turns_it_off():
     assert ids("").request_id_header is None
+
+
+def test_the_setting():
+    from httptp.config import ConfigError, load_config
+    assert load_config([], {}).request_id_header == "X-Request-Id"
+    assert load_config(["-requestIDHeader="], {}).request_id_header == ""
+    assert load_config([], {"HTTPTP_REQUEST_ID_HEADER": "Trace-Id"}).request_id_header == "Trace-Id"
+    with pytest.raises(ConfigError):
+        load_config(["-requestIDHeader=bad name"], {})
