@@ -475,6 +475,9 @@ class ClientConn:
             and not self.ctx.worker.draining
         self._close_after = not keep
         self.cur = None
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0,
+                                    tls=self.tls_info())
         self.transport.write(writer.error_response(err, keep))
         self._response_done()
 

@@ -170,12 +170,15 @@ def test_request_id_crosses_a_teleport_link(tmp_path, kind):
             c = http.client.HTTPConnection(a.host, a.port, timeout=10)
             assert get(c, "/tp", headers={"Host": "t.example"})[0] == 200
             assert get(c, "/tp-kept", headers={"X-Request-Id": "outer-7"})[0] == 200
-            a_lines, b_lines = _wait_lines(a_log, 2), _wait_lines(b_log, 2)
+            # refused by A itself (a GET with a body cannot cross): logged too
+            assert get(c, "/tp-body", body=b"abc")[0] == 400
+            a_lines, b_lines = _wait_lines(a_log, 3), _wait_lines(b_log, 2)
     finally:
         up.close()
     ids = dict(seen)
     generated = ids[b"/tp"].decode()
-    assert [fields(line)["request_id"] for line in a_lines] == [generated, "outer-7"]
+    assert [fields(line)["request_id"] for line in a_lines] == [generated, "outer-7", "-"]
+    assert '"GET /tp-body HTTP/1.1" 400 ' in a_lines[2] and len(b_lines) == 2
     assert [fields(line)["request_id"] for line in b_lines] == [generated, "outer-7"]
     assert ids[b"/tp-kept"] == b"outer-7"
     assert fields(b_lines[0])["host"] == '"t.example"'
