@@ -89,6 +89,13 @@ Rules
   An upstream whose entry is not fresh (never checked yet, or the checker
   stopped publishing) is handled as without checks, so a dead checker can
   never keep traffic away for good.
+* **Events** (``on_event``, optional: the worker logs them).  The balancer
+  does no I/O; it calls ``on_event(position, event, failures)`` when this
+  block ejects an upstream no other block holds ejected (``EJECTED``, with
+  the failures in a row over all blocks: so N workers do not report one
+  ejection N times), when its trial request fails (``STILL_DOWN``), when its
+  trial request succeeds (``REVIVED``), and when a good health check ends
+  its ejection (``CHECKED_UP``).  The callback must not raise.
 * **Reuse.**  ``Stats.claim_block`` zeroes inflight, consecutive failures,
   EWMA, penalty, eject_until and probing, so a new process starts clean.  It
   keeps the requests/failures counters and revived.
@@ -117,6 +124,9 @@ RELAX_AFTER = 1.0           # seconds without a latency sample before the estima
 RELAX_SPAN = 2.0            # ... linearly, reaching the fastest known latency after this
 PROBE_GRACE = 0.25          # seconds the probe waits for its holder before anyone may send it
 _INF = float("inf")
+
+# on_event's events (module doc, "Events")
+EJECTED, STILL_DOWN, REVIVED, CHECKED_UP = "ejected", "still down", "revived", "checked up"
 
 
 class Lease:
@@ -150,10 +160,12 @@ class Balancer:
     def __init__(self, stats: Stats, block: int, upstreams: list[int], *, max_fails=3,
                  fail_timeout=5.0, clock=time.monotonic, refresh=0.005, penalty_halflife=3.0,
                  health_stale_after: float | None = None,
-                 weights: list[float] | None = None, priorities: list[int] | None = None):
+                 weights: list[float] | None = None, priorities: list[int] | None = None,
+                 on_event=None):
         """``upstreams``: the stats indexes of the ``-out`` list, in order.
         ``health_stale_after``: active health checks are on (module doc);
-        ``weights``/``priorities``: per position, from SRV (None: all equal)."""
+        ``weights``/``priorities``: per position, from SRV (None: all equal);
+        ``on_event(position, event, failures)``: health events (module doc)."""
         if not upstreams:
             raise ValueError("a balancer needs at least one upstream")
         self._q, self._d = stats.q, stats.d
@@ -175,6 +187,7 @@ class Balancer:
         self._inv_w = [1.0 / max(w, 0.01) for w in weights] if weights else [1.0] * n
         self._prio = list(priorities) if priorities and len(set(priorities)) > 1 else None
         self._next_refresh = -_INF
+        self._on_event = on_event
         self._refresh(clock())
 
     # -- the snapshot of the other blocks -----------------------------------
@@ -252,6 +265,8 @@ class Balancer:
             if checked[i] and d[b + UP_EJECT] and d[b + UP_EJECT] - span < good[i]:
                 d[b + UP_EJECT] = 0.0           # a good check since it began: back in
                 self._q[b + UP_CONSEC] = 0
+                if self._on_event is not None:
+                    self._on_event(i, CHECKED_UP, 0)
             if d[b + UP_EJECT] and d[b + UP_EJECT] <= revived[i]:
                 d[b + UP_EJECT] = 0.0
                 self._q[b + UP_CONSEC] = 0
@@ -384,11 +399,11 @@ class Balancer:
         now = self._clock()
         self._q[b + UP_INFLIGHT] -= 1
         if ok:
-            self._succeeded(b, probe, latency, now)
+            self._succeeded(i, b, probe, latency, now)
         else:
             self._failed(i, b, probe, now)
 
-    def _succeeded(self, b: int, probe: bool, latency: float, now: float) -> None:
+    def _succeeded(self, i: int, b: int, probe: bool, latency: float, now: float) -> None:
         q, d = self._q, self._d
         q[b + UP_CONSEC] = 0
         latency = latency if latency > MIN_LATENCY else MIN_LATENCY
@@ -403,6 +418,8 @@ class Balancer:
             d[b + UP_PENALTY] = 0.0
             q[b + UP_PROBING] = 0
             self._next_refresh = now        # re-filter the others' now-stale ejections
+            if self._on_event is not None:
+                self._on_event(i, REVIVED, 0)
 
     def _failed(self, i: int, b: int, probe: bool, now: float) -> None:
         q, d = self._q, self._d
@@ -423,5 +440,10 @@ class Balancer:
         if probe or (0 < self._max_fails <= consec + self._o_consec[i]
                      and d[b + UP_EJECT] <= now):
             d[b + UP_EJECT] = now + self._fail_timeout
+            if self._on_event is not None:
+                if probe:
+                    self._on_event(i, STILL_DOWN, consec)
+                elif self._o_eject[i] <= now:   # another block's ejection: it said so
+                    self._on_event(i, EJECTED, consec + self._o_consec[i])
         if probe:
             q[b + UP_PROBING] = 0           # after the new eject_until: never a gap

@@ -52,6 +52,7 @@ class Config:
     in_allow_ip: tuple[Network, ...]
     client_ip_header: str
     forwarded_proto: bool
+    request_id_header: str
     reuse_port: bool
     log_all_errors: bool
     expvar_addr: str

@@ -49,6 +49,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from httptp.logs import INFO, WARNING, say
 from httptp.netaddr import Address, parse_address
 from httptp.stats import (HEALTH_DOWN, HEALTH_UNKNOWN, HEALTH_UP, HL_MONO, HL_SINCE, HL_STATE,
                           Stats, display_upstream_name, split_upstream_name)
@@ -188,8 +189,8 @@ class Checker:
                     lasted: float) -> None:
         if after == HEALTH_DOWN:
             runs = "" if before == HEALTH_UNKNOWN else f" ({self.fall} failed checks in a row)"
-            self.log(f"upstream {name} is down: GET {self.path} {verdict.reason}{runs}; "
-                     "it gets no client requests until it passes the health checks again")
+            say(self.log, f"upstream {name} is down: GET {self.path} {verdict.reason}{runs}; "
+                "it gets no client requests until it passes the health checks again", WARNING)
         elif before == HEALTH_DOWN:
-            self.log(f"upstream {name} is up again: {self.rise} good checks in a row "
-                     f"(GET {self.path} {verdict.reason}) after {lasted:.1f} s down")
+            say(self.log, f"upstream {name} is up again: {self.rise} good checks in a row "
+                f"(GET {self.path} {verdict.reason}) after {lasted:.1f} s down", INFO)

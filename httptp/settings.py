@@ -327,6 +327,12 @@ SETTINGS: tuple[Setting, ...] = (
            "Only for http and https listeners; what a client sent under that name is "
            "replaced. A unix listener (behind a local proxy that knows the scheme) and a "
            "teleport listener (the first hop set it) pass on what they received."),
+    S("requestIDHeader", parse_header_name, "X-Request-Id", section="Listener", ours=True,
+      help="Header of the request id: taken from the request when valid, else generated; "
+           "sent upstream and logged; empty turns it off\n"
+           "A valid id is 1 to 128 characters of A-Z a-z 0-9 and ._:+/=@-; any other value "
+           "is replaced. Generated ids are a random per-worker prefix and a counter. The id "
+           "crosses teleport links as the header it is, and is request_id in the access log."),
     S("inHeaderTimeout", positive_duration, "10s", section="Listener",
       meta="duration", ours=True,
       help="The whole request header must arrive within this time, or the client gets 408"),
@@ -502,8 +508,8 @@ SETTINGS: tuple[Setting, ...] = (
       help="Log every error met while serving clients, not only unexpected ones"),
     S("accessLog", parse_string, "", section="Process", meta="file", ours=True,
       help="Access log file, one line per request (- is stderr); empty turns it off\n"
-           "nginx's combined format plus upstream= and upstream_time=, or JSON with "
-           "-logFormat=json. USR1 reopens it (logrotate)."),
+           "nginx's combined format, then key=value fields (request_time, request_id...: "
+           "docs/operations.md), or JSON with -logFormat=json. USR1 reopens it (logrotate)."),
     S("logFormat", choice("text", "json"), "text", section="Process", ours=True,
       help="Format of the error log (stderr) and the access log: text or json"),
     S("config", parse_string, "", section="Process", ours=True, in_file=False,

@@ -410,6 +410,10 @@ class ServerTLS:
 
     def _sni(self, sslsock, name, _ctx):
         try:
+            sslsock.sni_name = name         # for the access log (ClientConn.tls_info)
+        except AttributeError:              # an object that takes no new attribute
+            pass
+        try:
             ctx = self.select(name)
             if ctx is not None and ctx is not sslsock.context:
                 sslsock.context = ctx

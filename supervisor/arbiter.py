@@ -65,9 +65,14 @@ WATCHDOG_MIN_STALE = 3.0   # a heartbeat older than max(this, WatchdogSec=) is s
 _log = error_logger("", "text")
 
 
-def log(message: str) -> None:
-    """One line on stderr, where supervisord and journald collect it (-logFormat)."""
-    _log(message)
+def log(message: str, level: str = "") -> None:
+    """One line on stderr, where supervisord and journald collect it (-logFormat);
+    ``level`` (JSON only): info, or warning / error for a line that starts
+    "warning:" / "error:"."""
+    if not level:
+        level = ("warning" if message.startswith("warning:") else
+                 "error" if message.startswith("error:") else "info")
+    _log(message, level)
 
 
 def set_log_format(fmt: str) -> None:
@@ -312,7 +317,7 @@ class Arbiter:
         try:
             block = self.stats.claim_block(0, index, self.generation)
         except RuntimeError as err:
-            log(f"cannot start worker {index}: {err}")
+            log(f"cannot start worker {index}: {err}", "error")
             return None
         listener = self.listeners.get(index)
         _flush_std()
@@ -323,7 +328,7 @@ class Arbiter:
                     self._child(listener, block, index, self.generation)
         except OSError as err:
             self.stats.release_block(block)
-            log(f"cannot start worker {index}: fork: {err}")
+            log(f"cannot start worker {index}: fork: {err}", "error")
             return None
         self.stats.set_block_pid(block, pid)
         worker = Worker(pid, index, block, self.generation, time.monotonic())
@@ -419,7 +424,7 @@ class Arbiter:
         delay = slot.backoff.next(lived)
         self.stats.incr_restarts()
         when = "now" if delay == 0 else f"in {delay:g} s"
-        log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}")
+        log(f"{worker.label} {how} after {lived:.1f} s; respawning {when}", "warning")
         slot.respawn_at = time.monotonic() + delay
 
     def halt(self, worker: Worker, how: str) -> None:
@@ -427,7 +432,7 @@ class Arbiter:
         now, exit ``WORKER_BOOT_ERROR``, instead of respawning it for ever.
         Fast: no worker of this configuration is serving anything."""
         log(f"{worker.label} {how}, and no worker of this configuration has booted; "
-            f"stopping with exit status {WORKER_BOOT_ERROR}")
+            f"stopping with exit status {WORKER_BOOT_ERROR}", "error")
         self.exit_status = WORKER_BOOT_ERROR
         self.stop(graceful=False)
 
@@ -531,7 +536,8 @@ class Arbiter:
             tls = _build_tls(new)      # certificates read again: renewed files are picked up
             upstream_ids = self._reassign_upstreams(new)
         except (Exception, SystemExit) as err:
-            log(f"error: reload failed, keeping the running configuration: {_one_line(err)}")
+            log(f"error: reload failed, keeping the running configuration: {_one_line(err)}",
+                "error")
             self.notify_reload_refused(_one_line(err))
             self.sync_helpers()        # the resolver helper, if _reassign_upstreams stopped it
             return
@@ -612,7 +618,7 @@ class Arbiter:
         self.config_generations.add(self.generation)
         self.sync_helpers()
         self._set_title()
-        log(f"reload aborted, keeping the running workers: {reason}")
+        log(f"reload aborted, keeping the running workers: {reason}", "warning")
         systemd.ready(f"reload aborted, keeping the running workers: {reason}; {self._status()}")
 
     # -- helper processes (ACME) ------------------------------------------------------
@@ -872,4 +878,4 @@ def _one_line(err: BaseException) -> str:
 def _report_crash(slot: int, exc: BaseException) -> None:
     frames = traceback.extract_tb(exc.__traceback__)
     where = f" at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno}" if frames else ""
-    log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}")
+    log(f"worker {slot} (pid {os.getpid()}) crashed: {type(exc).__name__}: {exc}{where}", "error")

@@ -352,7 +352,7 @@ def health_main(config, stats, tls) -> Callable[[], int]:
         checker = Checker(stats, path=config.out_health_check,
                           rise=config.out_health_check_rise, fall=config.out_health_check_fall,
                           out_type=config.out_type,
-                          log=error_logger("health", config.log_format),
+                          log=error_logger("health", config.log_format, "warning"),
                           stale_after=stale_after(config))
         health_probe.run(checker, _health_probe(config, tls), interval, timeout)
         return 0

@@ -92,7 +92,7 @@ def raise_open_files(concurrency: int, workers: int) -> str | None:
 def report_boot_error(slot: int, generation: int, exc: BaseException, log_format: str) -> None:
     """In a worker that cannot boot: its one line on stderr, naming it and the
     cause, before it exits with ``WORKER_BOOT_ERROR``."""
-    error_logger(f"worker {slot}", log_format)(
+    error_logger(f"worker {slot}", log_format, "error")(
         f"cannot boot: {type(exc).__name__}: {_one_line(exc)} (pid {os.getpid()}, gen {generation})")
 
 

@@ -44,7 +44,7 @@ from httptp.io.http_server import ClientConn, Listener
 from httptp.io.sockio import close_tls, readable
 from httptp.io.pipeline import Proxy
 from httptp.io.transport import IN, TLSTransport, Transport
-from httptp.logs import AccessLog, RateLimitedLog, error_logger
+from httptp.logs import ERROR, INFO, WARNING, AccessLog, RateLimitedLog, error_logger
 from httptp.netaddr import AllowList
 from httptp.settings import ADDR_TYPE
 from httptp.supervisor.procs import WORKER_BOOT_ERROR, report_boot_error
@@ -71,7 +71,7 @@ class Worker:
         self.base = stats.block_base(block)
         self.slot = slot
         self.generation = generation
-        self.log = error_logger(f"worker {slot}", config.log_format)
+        self.log = error_logger(f"worker {slot}", config.log_format, ERROR)
         # refusals an operator must see, whatever -logAllErrors says: the
         # first at once, then a count a minute (flushed by the heartbeat)
         self.refusals = RateLimitedLog(self.log)
@@ -199,7 +199,7 @@ class Worker:
             gevent.sleep(0.05)
         left = len(self.conns) + len(self.clients)
         if left:
-            self.log(f"graceful timeout: closing {left} connection(s)")
+            self.log(f"graceful timeout: closing {left} connection(s)", WARNING)
             for conn in list(self.clients):
                 conn.close(orderly=False)
             for conn in list(self.conns):
@@ -222,7 +222,7 @@ class Worker:
                                   f"{e.__class__.__name__}: {e}")
             if os.getppid() != self._ppid and not self.draining:
                 self.drain()            # first: the log below may fail with the master gone
-                self.log("master went away; draining")
+                self.log("master went away; draining", INFO)
             if self.server_tls is not None:
                 self.server_tls.flush_logs()      # counts of rate-limited autocert refusals
             gevent.sleep(HEARTBEAT_INTERVAL)

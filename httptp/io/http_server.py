@@ -50,7 +50,7 @@ from httptp.errors import (MethodNotAllowed, ProtocolError, ProxyError,
 from httptp.http import policy, writer
 from httptp.http.events import Data, EndOfMessage, RequestHead
 from httptp.http.rules import status_has_body
-from httptp.io.transport import HIGH_WATER
+from httptp.io.transport import HIGH_WATER, tls_info
 
 _KEEP_ALIVE = (b"Connection", b"keep-alive")
 _UPGRADE_HEADERS = [(b"Connection", b"upgrade")]
@@ -120,6 +120,10 @@ class ClientConn:
         # a client that reads none of its answer for -inIdleTimeout is cut
         self.transport.write_timeout = cfg.in_idle_timeout
         self.transport.start()
+
+    def tls_info(self) -> tuple[str, str] | None:
+        """(TLS version, SNI name or "") on an https connection, else None (access log)."""
+        return tls_info(self.transport)
 
     @property
     def idle(self) -> bool:
@@ -475,6 +479,9 @@ class ClientConn:
             and not self.ctx.worker.draining
         self._close_after = not keep
         self.cur = None
+        if self.ctx.access_log is not None:
+            self.ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0,
+                                    tls=self.tls_info())
         self.transport.write(writer.error_response(err, keep))
         self._response_done()
 
@@ -490,7 +497,8 @@ class ClientConn:
             ctx.log(f"client {self.client_ip.decode() if self.client_ip else 'unix'}: "
                     f"{err.status} {err.detail or err.body}")
         if ctx.access_log is not None:
-            ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0)
+            ctx.access_log.log(self.client_ip, head, err.status, len(err.payload), "", 0.0,
+                               tls=self.tls_info())
         self.cur = None
         self._events.clear()
         self.transport.write(writer.error_response(err, False))

@@ -22,6 +22,7 @@ The downstream is any object with::
     response_upgraded(head, rest, exchange)  a 101: a tunnel from now on
     tunnel_data(data) / tunnel_eof()         bytes from the upstream in a tunnel
     pause_reading() / resume_reading()       the upstream cannot take the body as fast
+    tls_info()                               (TLS version, SNI name) or None: access log
 
 and it gives the exchange ``body_data``/``body_end`` (the request body),
 ``pause_response``/``resume_response`` (its own writes back up), ``abort``
@@ -70,11 +71,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 from bisect import bisect_left
+from functools import partial
 
 from httptp import stats as S
-from httptp.balancer import Balancer
+from httptp.balancer import EJECTED, REVIVED, STILL_DOWN, Balancer
 from httptp.discovery import uses_discovery
 from httptp.errors import (BadGateway, BadRequest, GatewayTimeout, NoUpstreamUp, ProxyError,
                            ResponseTooLarge, UpgradeNotSupported, UpstreamError)
@@ -85,8 +88,8 @@ from httptp.http.rules import status_has_body
 from httptp.io.http_client import HTTPUpstream
 from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer
 from httptp.io.timers import Timer
-from httptp.io.transport import HIGH_WATER
-from httptp.logs import RateLimitedLog
+from httptp.io.transport import HIGH_WATER, tls_info
+from httptp.logs import INFO, WARNING, RateLimitedLog, say
 from httptp.netaddr import parse_address
 from httptp.settings import ADDR_TYPE
 
@@ -98,6 +101,8 @@ _NO_BODY_OVER_TELEPORT = frozenset((b"GET", b"HEAD"))
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 _MAX_REPLAY = 1 << 20           # the largest request kept to be sent again
 _MAX_SPARE_TIMERS = 1024
+# a request id taken as it comes (-requestIDHeader); any other value is replaced
+_VALID_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:+/=@-]{1,128}")
 
 
 def _teleport_refuses(head, no_host: bool, has_body: bool) -> str | None:
@@ -147,6 +152,7 @@ class Proxy:
         # responses over -outMax*Size: logged whatever -logAllErrors says,
         # rate-limited per upstream (the worker's heartbeat flushes it)
         self.refusals = refusals if refusals is not None else RateLimitedLog(log)
+        self._pending_event = None      # an ejection waiting for its reason (_upstream_event)
         self.access_log = access_log
         self.tls_context = tls.client if tls is not None else None
         self.tls_server_name = tls.server_name if tls is not None else ""
@@ -181,13 +187,15 @@ class Proxy:
             self.balancer = Balancer(stats, block, list(upstream_ids),
                                      max_fails=config.out_max_fails,
                                      fail_timeout=config.out_fail_timeout,
-                                     health_stale_after=_health_stale_after(config))
+                                     health_stale_after=_health_stale_after(config),
+                                     on_event=partial(self._upstream_event, self.upstreams))
         self.client_ip_header = config.client_ip_header.encode("latin-1") or None
         self.forwarded_proto = _forwarded_proto(config)
         self.single = len(self.upstreams) == 1
         self.log_errors = config.log_all_errors
         self.max_body = config.out_max_body_size
         self._spare_timers: list[Timer] = []   # for teleport-in answers
+        self._init_request_ids(config)
 
     # -- discovery: the set of upstreams changes -------------------------------------
 
@@ -218,7 +226,8 @@ class Proxy:
         self.balancer = Balancer(stats, self.block, [i for i, _ in names],
                                  max_fails=cfg.out_max_fails, fail_timeout=cfg.out_fail_timeout,
                                  health_stale_after=_health_stale_after(cfg),
-                                 weights=weights, priorities=priorities)
+                                 weights=weights, priorities=priorities,
+                                 on_event=partial(self._upstream_event, upstreams))
         self.upstreams, self._names, self._generation = upstreams, names, generation
         self.single = len(upstreams) == 1
         deadline = time.monotonic() + cfg.out_timeout + 5.0
@@ -294,6 +303,9 @@ class Proxy:
         q, b = self.q, self.base
         headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip,
                                                  self.forwarded_proto)
+        request_id = b""
+        if self.request_id_header is not None:
+            request_id = self._request_id(head.headers, headers)
         target = head.target
         if target[:1] != b"/":          # absolute-form, or OPTIONS *
             target, headers = _origin_form(head.method, target, headers)
@@ -314,11 +326,42 @@ class Proxy:
             if refused:
                 q[b + S.IN_REQUEST_OTHER_ERROR] += 1
                 return BadRequest(refused)
-            return TeleportExchange(self, down, head, target, headers, client_ip, peer, timer)
+            ex = TeleportExchange(self, down, head, target, headers, client_ip, peer, timer)
+            ex.request_id = request_id
+            return ex
         if upgrade is not None:
             headers = headers + [(b"Connection", b"upgrade"), (b"Upgrade", upgrade)]
-        return Exchange(self, down, head, target, headers, client_ip, peer, timer,
-                        no_host, body_done, upgrade is not None)
+        ex = Exchange(self, down, head, target, headers, client_ip, peer, timer,
+                      no_host, body_done, upgrade is not None)
+        ex.request_id = request_id
+        return ex
+
+    # -- request ids (-requestIDHeader) -----------------------------------------------
+
+    def _init_request_ids(self, config) -> None:
+        """A random prefix per process (we run after the fork) and a counter:
+        unique enough, and far cheaper than a uuid4 per request."""
+        name = getattr(config, "request_id_header", "")
+        self.request_id_header = name.lower().encode("latin-1") if name else None
+        self._request_id_name = name.encode("latin-1")
+        self._request_id_prefix = os.urandom(6).hex().encode("ascii") + b"-"
+        self._request_ids = 0
+
+    def _request_id(self, incoming: list, headers: list) -> bytes:
+        """The request's id: the client's when valid, else a new one, added
+        to ``headers`` (in place: forward_request_headers built that list)."""
+        name, n = self.request_id_header, len(self.request_id_header)
+        for key, value in incoming:
+            if len(key) == n and key.lower() == name:
+                headers[:] = [h for h in headers if len(h[0]) != n or h[0].lower() != name]
+                if _VALID_REQUEST_ID.fullmatch(value):
+                    headers.append((key, value))
+                    return value
+                break
+        self._request_ids += 1
+        request_id = b"%s%x" % (self._request_id_prefix, self._request_ids)
+        headers.append((self._request_id_name, request_id))
+        return request_id
 
     # -- finishing: counters and the access log -----------------------------------------
 
@@ -330,8 +373,7 @@ class Proxy:
         q[b + (S.RESP_1XX - 1 + status // 100 if 100 <= status < 600 else S.RESP_OTHER)] += 1
         self._took(ex.started)
         if self.access_log is not None:
-            self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size,
-                                ex.upstream_name, ex.upstream_time)
+            self.log_access(ex, status, size, ex.upstream_name, ex.upstream_time, status)
 
     def failed(self, ex, err: ProxyError, size: int | None = None) -> None:
         q, b = self.q, self.base
@@ -342,9 +384,17 @@ class Proxy:
         if err.status != 499:
             self._took(ex.started)
         if self.access_log is not None:
-            self.access_log.log(ex.client_ip or ex.peer, ex.head, err.status,
-                                len(err.payload) if size is None else size,
-                                err.upstream, err.upstream_time)
+            self.log_access(ex, err.status, len(err.payload) if size is None else size,
+                            err.upstream, err.upstream_time, 0)
+
+    def log_access(self, ex, status: int, size: int, upstream: str, upstream_time: float,
+                   upstream_status: int) -> None:
+        """The access-log line of an exchange (``self.access_log`` is set)."""
+        self.access_log.log(ex.client_ip or ex.peer, ex.head, status, size, upstream,
+                            upstream_time, request_time=time.monotonic() - ex.started,
+                            received=ex.received, upstream_status=upstream_status,
+                            tries=ex.tries, tls=ex.down.tls_info(),
+                            request_id=ex.request_id.decode("ascii"))
 
     def _took(self, started: float) -> None:
         """The request duration histogram: from ``begin`` to its answer."""
@@ -354,11 +404,54 @@ class Proxy:
         self.d[b + S.DURATION_SUM] += seconds
 
     def upstream_error(self, upstream, e: UpstreamError) -> None:
+        if self._pending_event is not None:
+            self._say_pending(str(e))
         if e.__class__ is ResponseTooLarge:
             self.refusals.say(("too large", upstream.name),
                               f"upstream {upstream.name}: {e}; answered 502")
         elif self.log_errors:
             self.log(f"upstream {upstream.name}: {e}")
+
+    def upstream_timed_out(self, upstream) -> None:
+        """An exchange with ``upstream`` ran out of -outTimeout (its lease released)."""
+        reason = f"timed out after {self.timeout:g}s"
+        if self._pending_event is not None:
+            self._say_pending(reason)
+        if self.log_errors:
+            self.log(f"upstream {upstream.name}: {reason}")
+
+    # -- passive health: the balancer's events, logged whatever -logAllErrors says ---------
+
+    def _upstream_event(self, upstreams: list, position: int, event: str, failures: int) -> None:
+        """``Balancer``'s ``on_event`` (``upstreams``: the list it balances).
+        An ejection waits for the failure's reason (``upstream_error`` or
+        ``upstream_timed_out`` come right after the release that ejected)."""
+        if self._pending_event is not None:
+            self._say_pending("failed")
+        name = upstreams[position].name
+        if event == EJECTED or event == STILL_DOWN:
+            self._pending_event = (name, event, failures)
+        elif event == REVIVED:
+            say(self.log, f"upstream {name} is up again: the trial request succeeded", INFO)
+        else:
+            say(self.log, f"upstream {name} is up again: it passed a health check "
+                          "since it was ejected", INFO)
+
+    def _say_pending(self, reason: str) -> None:
+        name, event, failures = self._pending_event
+        self._pending_event = None
+        cfg = self.config
+        then = ("until it passes a health check" if _health_stale_after(cfg) is not None
+                else "then one trial request")
+        if event == EJECTED:
+            times = "once" if failures == 1 else f"{failures} times in a row"
+            say(self.log, f"upstream {name} is down: {reason}; failed {times} "
+                          f"(-outMaxFails={cfg.out_max_fails}): no client requests for "
+                          f"{cfg.out_fail_timeout:g} s (-outFailTimeout), {then}", WARNING)
+        else:       # a failed trial: every -outFailTimeout while it stays down, so rate-limited
+            self.refusals.say(("still down", name),
+                              f"upstream {name} is still down: the trial request failed: "
+                              f"{reason}; no client requests for {cfg.out_fail_timeout:g} s more")
 
     # -- teleport in: a whole answer, from the hub -------------------------------------------
 
@@ -413,7 +506,8 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs", "up_mark", "started")
+                 "tunnel_eofs", "up_mark",
+                 "request_id", "started", "received", "tries")   # the access log's
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
                  client_ip, peer, timer: Timer, add_host: bool, body_done: bool, upgrade: bool):
@@ -453,7 +547,10 @@ class Exchange:
         self.tunnel_eofs = 0
         self.up_mark = -1           # what the upstream had not taken when -outTimeout was
                                     # armed (-1: not measured, to save a syscall per request)
-        self.started = time.monotonic()     # the request duration histogram
+        self.request_id = b""
+        self.started = time.monotonic()     # request_time and the duration histogram
+        self.received = 0                   # request body bytes
+        self.tries = 0
 
     # -- the request ----------------------------------------------------------------------
 
@@ -462,8 +559,8 @@ class Exchange:
         that is all of it."""
         self.body_done = body_done
         head = self.head
+        self.received = size = sum(map(len, body)) if body else 0
         if body_done:
-            size = sum(map(len, body)) if body else 0
             self.pending = body
             self.pending_size = size
             if self.method in IDEMPOTENT and size <= _MAX_REPLAY:
@@ -496,6 +593,7 @@ class Exchange:
             return
         self.upstream = up = self.proxy.upstreams[lease.index]
         self.t0 = time.monotonic()
+        self.tries += 1
         up.acquire(self)
 
     def got_conn(self, conn, reused: bool) -> None:
@@ -531,6 +629,7 @@ class Exchange:
         """More of the request body from the client."""
         if self.finished:
             return
+        self.received += len(data)
         if self.chunked:
             data = writer.chunk(data)
         conn = self.conn
@@ -722,8 +821,7 @@ class Exchange:
         if self.lease is not None:
             self.lease.release(False, elapsed)
             self.lease = None
-        if self.proxy.log_errors:
-            self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
+        self.proxy.upstream_timed_out(up)
         self._fail(_answer(None, up, elapsed, "no free upstream connection before the deadline"
                            if waited is not None else ""))
 
@@ -754,8 +852,9 @@ class Exchange:
             self.lease.release(True, time.monotonic() - self.t0)
             self.lease = None
         if log and self.proxy.access_log is not None and self.upstream is not None:
-            self.proxy.access_log.log(self.client_ip or self.peer, self.head, 499, self.size,
-                                      self.upstream.name, time.monotonic() - self.t0)
+            self.proxy.log_access(self, 499, self.size, self.upstream.name,
+                                  time.monotonic() - self.t0,
+                                  self.resp_head.status if self.resp_head is not None else 0)
 
     # -- upgrade: a tunnel ----------------------------------------------------------------------
 
@@ -805,7 +904,8 @@ class TeleportExchange:
 
     __slots__ = ("proxy", "down", "head", "target", "headers", "client_ip", "peer", "timer",
                  "body", "finished", "upstream_name", "upstream_time", "head_sent", "size",
-                 "tried", "lease", "upstream", "call", "t0", "started")
+                 "tried", "lease", "upstream", "call", "t0",
+                 "request_id", "started", "received", "tries")   # the access log's
 
     def __init__(self, proxy: Proxy, down, head, target, headers, client_ip, peer, timer):
         self.proxy = proxy
@@ -827,7 +927,10 @@ class TeleportExchange:
         self.upstream = None
         self.call = None                # the request in flight on its link
         self.t0 = 0.0
-        self.started = time.monotonic()     # the request duration histogram
+        self.request_id = b""
+        self.started = time.monotonic()     # request_time and the duration histogram
+        self.received = 0                   # request body bytes
+        self.tries = 0
 
     def start(self, body: list, body_done: bool) -> None:
         self.body = body
@@ -845,6 +948,7 @@ class TeleportExchange:
     def _go(self) -> None:
         body = self.body
         self.body = b"".join(body) if len(body) != 1 else body[0]
+        self.received = len(self.body)
         self.timer.arm(self._timed_out)
         self._try()
 
@@ -856,6 +960,7 @@ class TeleportExchange:
             return
         self.upstream = up = proxy.upstreams[lease.index]
         self.t0 = time.monotonic()
+        self.tries += 1
         try:
             self.call = up.request_async(self.head.method, self.target, self.headers,
                                          self.body, self._answered)
@@ -905,8 +1010,7 @@ class TeleportExchange:
         if self.lease is not None:
             self.lease.release(False, elapsed)
             self.lease = None
-        if self.proxy.log_errors:
-            self.proxy.log(f"upstream {up.name}: timed out after {self.proxy.timeout}s")
+        self.proxy.upstream_timed_out(up)
         err = _answer(None, up, elapsed)
         self._fail(err)
 
@@ -937,8 +1041,7 @@ class TeleportExchange:
             self.lease.release(True, time.monotonic() - self.t0)
             self.lease = None
             if log and self.proxy.access_log is not None:
-                self.proxy.access_log.log(self.client_ip or self.peer, self.head, 499, 0,
-                                          up.name, time.monotonic() - self.t0)
+                self.proxy.log_access(self, 499, 0, up.name, time.monotonic() - self.t0, 0)
 
 
 class TeleportAnswer:
@@ -999,6 +1102,12 @@ class TeleportAnswer:
         pass
 
     resume_reading = pause_reading
+
+    def tls_info(self) -> tuple[str, str] | None:
+        """Teleport in (teleports): the link's TLS version and SNI name.
+        ``respond`` is the connection's bound method (None once answered)."""
+        conn = getattr(self.respond, "__self__", None)
+        return tls_info(getattr(conn, "transport", None))
 
 
 def _health_stale_after(config) -> float | None:

@@ -361,6 +361,15 @@ class Transport:
             self.protocol.connection_lost(text)
 
 
+def tls_info(transport) -> tuple[str, str] | None:
+    """(TLS version, SNI name or "") of a server-side TLSTransport, else None
+    (the access log; the name is what ``httptp.tls``'s SNI callback saw)."""
+    tls = getattr(transport, "ssl", None)
+    if tls is None:
+        return None
+    return tls.version() or "", getattr(tls, "sni_name", None) or ""
+
+
 class TLSTransport(Transport):
     """A Transport whose bytes go through ``ssl.SSLObject`` and two MemoryBIOs.
 

@@ -226,8 +226,9 @@ class AccessLog:
     def __init__(self):
         self.statuses = []
 
-    def log(self, ip, head, status, size, upstream, elapsed):
+    def log(self, ip, head, status, size, upstream, elapsed, **fields):
         self.statuses.append(status)
+        self.fields = fields            # the last line's request_time, request_id...
 
 
 class Rig:

@@ -51,7 +51,7 @@ OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "conf
         "outTLSInsecure": "false", "outTLSCert": "", "outTLSKey": "", "autocertHTTPAddr": ":80",
         "autocertDirectory": "https://acme-v02.api.letsencrypt.org/directory",
         "autocertDirectoryCA": "", "autocertEmail": "", "autocertRenewBefore": "720h",
-        "accessLog": "", "logFormat": "text",
+        "accessLog": "", "logFormat": "text", "requestIDHeader": "X-Request-Id",
         "outHealthCheck": "", "outHealthCheckInterval": "5s", "outHealthCheckTimeout": "2s",
         "outHealthCheckRise": "2", "outHealthCheckFall": "3",
         "outResolveInterval": "10s", "resolver": "", "outMaxAddrs": "256", "outResolveWait": "0s",
