@@ -808,6 +808,7 @@ class Arbiter:
         systemd.notify(f"MAINPID={up.pid}", "READY=1",
                        f"STATUS=upgraded: the new master is pid {up.pid}")
         self.listeners.forget_path()       # a unix socket's path is the new master's now
+        proctitle.set_title(f"httptp: old master, draining [{self.config.in_addr}]")
         log(f"upgrade: the new master (pid {up.pid}) is ready; this one (pid {os.getpid()}, "
             f"version {__version__}) drains and exits")
         self.stop(graceful=True)

@@ -232,3 +232,20 @@ def test_usr2_on_a_unix_socket_keeps_the_path_for_the_new_master(tmp_path, code)
         if new_pid is not None:
             stop_new_master(p, new_pid)
         up.close()
+
+
+def test_term_to_the_old_master_before_the_new_one_is_ready_stops_both(code):
+    up = Upstream()
+    try:
+        with HttpTp(f"-out={up.addr}", "-outType=http", workers=1,
+                    env={"PYTHONPATH": str(code)}) as p:
+            p.signal(signal.SIGUSR2)
+            assert wait_until(lambda: "USR2: started a new master" in p.output), p.output
+            new_pid = int(re.search(r"USR2: started a new master \(pid (\d+)\)", p.output).group(1))
+            p.signal(signal.SIGTERM)        # the new master needs far longer to be ready
+            assert p.proc.wait(30) == 0
+            assert f"stopping the new master (pid {new_pid}) too: it was not ready yet" in p.output
+            assert wait_until(lambda: gone(new_pid), 20), p.output
+            assert "upgrade: the new master" not in p.output
+    finally:
+        up.close()
