@@ -249,3 +249,21 @@ def test_term_to_the_old_master_before_the_new_one_is_ready_stops_both(code):
             assert "upgrade: the new master" not in p.output
     finally:
         up.close()
+
+
+def test_a_new_master_not_ready_in_time_is_stopped_and_the_old_one_keeps_serving(tmp_path):
+    """The stub arbiter of test_arbiter.py: workers that take 2 s to be ready,
+    a master that gives a new master 0.5 s."""
+    from tests.process.test_arbiter import Master
+    env = {"STUB_BOOT_DELAY": "2", "STUB_UPGRADE_TIMEOUT": "0.5"}
+    with Master(tmp_path, workers=1, env=env) as m:
+        pid, _ = m.get()
+        m.signal(signal.SIGUSR2)
+        assert m.wait_for("was not ready 0.5 s after USR2; stopping it, this one keeps "
+                          "serving", 20), m.output
+        new_pid = int(re.search(r"the new master \(pid (\d+)\) was not ready", m.output).group(1))
+        assert m.wait_for(f"the new master (pid {new_pid}) exited", 20), m.output
+        assert m.proc.poll() is None and m.get()[0] == pid
+        m.signal(signal.SIGUSR2)           # and the next USR2 is not refused
+        assert m.wait_count("USR2: started a new master", 2), m.output
+        assert "USR2 refused" not in m.output
