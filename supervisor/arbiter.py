@@ -163,6 +163,7 @@ class Arbiter:
         self.upgrade: upgrade.Upgrade | None = None   # USR2: the new master we started
         # USR2, in the new master: what the old one handed over, until we took over
         self.inherited = upgrade.take_inherited(log)
+        self.old_master: int | None = None        # ... and, once we took over, until it exited
 
     # -- main loop ---------------------------------------------------------------
 
@@ -789,7 +790,14 @@ class Arbiter:
             f"this one (pid {os.getpid()}, version {__version__}) serves until it is ready")
 
     def upgrade_tick(self, now: float) -> None:
-        """Old master: hand over once the new one is ready; stop it if it takes too long."""
+        """Old master: hand over once the new one is ready; stop it if it takes too long.
+        New master: tell systemd once the old one has exited."""
+        if self.old_master is not None and os.getppid() != self.old_master:
+            self.old_master = None
+            # The old master made us the main pid already (only it could, under
+            # NotifyAccess=main); saying it ourselves also covers a manager that
+            # missed it, and our STATUS= replaces the old master's.
+            systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self._status()}")
         up = self.upgrade
         if up is None or up.state != "starting":
             return
@@ -855,6 +863,7 @@ class Arbiter:
         if len(serving) < len(self.slots) or not all(w.ready_at for w in serving):
             return
         inherited, self.inherited = self.inherited, None
+        self.old_master = inherited.parent
         self.ready_deadline = None
         self.listeners.own_path()
         upgrade.report_ready(inherited, log)

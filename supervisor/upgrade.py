@@ -29,10 +29,12 @@ plain start, and inherited fds it has no use for are closed.  Its workers
 accept from the very sockets the old workers accept from, so no connection
 is refused or reset while both run; the old workers then drain.
 
-Why the *old* master tells systemd ``MAINPID=``: with ``NotifyAccess=main``
-(deploy/httptp.service) systemd accepts notifications from the main pid only,
-and until the switch that is the old master.  The new master is the old one's
-child: when the old one exits it is re-parented (to systemd or init).
+Why the *old* master tells systemd ``MAINPID=`` first: with
+``NotifyAccess=main`` (deploy/httptp.service) systemd accepts notifications
+from the main pid only, and until the switch that is the old master.  The new
+master says ``MAINPID=`` (itself) and its ``STATUS=`` again once the old one
+has exited (``Arbiter.upgrade_tick``).  It is the old one's child until then,
+and is re-parented (to systemd or init) after.
 
 The shared stats memory is an anonymous mmap: it does not survive exec, so
 the new master starts with its counters at zero (docs/signals.md says which).

@@ -132,15 +132,14 @@ def test_usr2_swaps_the_code_under_load_with_no_failed_request(tmp_path, code):
             assert get(c)[0] == 200           # the new master's workers serve
             c.close()
             assert not gone(new_pid)
-            systemd.setblocking(False)
+            systemd.settimeout(10)
             messages = []
-            while True:
-                try:
-                    messages.append(systemd.recv(4096).decode())
-                except BlockingIOError:
-                    break
-            takeover = [m for m in messages if f"MAINPID={new_pid}" in m]
-            assert takeover and "READY=1" in takeover[0].splitlines(), messages
+            while len([m for m in messages if f"MAINPID={new_pid}" in m]) < 2:
+                messages.append(systemd.recv(4096).decode())   # socket.timeout: failed
+            # the old master's (it is the main pid), then the new one's once the old exited
+            takeover = [m.splitlines() for m in messages if f"MAINPID={new_pid}" in m]
+            assert "READY=1" in takeover[0] and "READY=1" in takeover[1], messages
+            assert any(line.startswith("STATUS=2 workers on ") for line in takeover[1]), messages
             assert not [m for m in messages if "STOPPING=1" in m], messages
     finally:
         if new_pid is not None:
