@@ -5,6 +5,7 @@ before anything binds a socket."""
 from __future__ import annotations
 
 import os
+import platform
 import sys
 
 from httptp import settings
@@ -26,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     except settings.HelpRequested:
         sys.stdout.write(settings.help_text())
         return 0
+    except settings.VersionRequested:
+        print(version_line())
+        return 0
     except ConfigError as e:
         print(f"{settings.PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -40,6 +44,14 @@ def main(argv: list[str] | None = None) -> int:
     from httptp.supervisor.arbiter import Arbiter
     return Arbiter(config, reload_config=lambda: load_config(args, os.environ), tls=tls,
                    resolved=resolved).run()
+
+
+def version_line() -> str:
+    """What -version prints: ``httptp 0.1.0 (Python 3.11.2)``.  The version is
+    the one of the code this process imported (``httptp.__version__``), which
+    is what a USR2 upgrade runs (docs/signals.md)."""
+    from httptp import __version__
+    return f"{settings.PROG} {__version__} (Python {platform.python_version()})"
 
 
 def _resolve_names(config):

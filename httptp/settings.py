@@ -540,6 +540,10 @@ class HelpRequested(Exception):
     """-h, -help or --help was given: print `help_text()` and exit 0."""
 
 
+class VersionRequested(Exception):
+    """-version or --version was given: print the version and exit 0."""
+
+
 class ArgvError(ValueError):
     """A command-line problem; the message starts with the flag."""
 
@@ -568,6 +572,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 HELP_FLAGS = ("-h", "-help", "--help", "--h")
+VERSION_FLAGS = ("-version", "--version")
 
 
 def _looks_like_flag(arg: str) -> bool:
@@ -577,7 +582,7 @@ def _looks_like_flag(arg: str) -> bool:
 def parse_argv(argv: list[str]) -> dict[str, str]:
     """Command-line arguments → {flag name: raw text} for the flags given.
 
-    Raises HelpRequested, or ArgvError naming the flag."""
+    Raises HelpRequested, VersionRequested, or ArgvError naming the flag."""
     known = {f"{dashes}{s.name}": s for s in SETTINGS for dashes in ("-", "--")}
     wants_value = False             # the previous argument was "-flag" needing a value
     for arg in argv:
@@ -585,6 +590,8 @@ def parse_argv(argv: list[str]) -> dict[str, str]:
             break
         if arg in HELP_FLAGS:
             raise HelpRequested()
+        if arg in VERSION_FLAGS:
+            raise VersionRequested()
         name = arg.split("=", 1)[0]
         # Python 3.11's argparse accepts single-dash prefixes (-inT for -inType)
         # even with allow_abbrev=False (fixed in 3.12), so check names ourselves.
@@ -626,6 +633,8 @@ def help_text() -> str:
         lines.append("")
     lines.append("  -help")
     lines.append("        Print this help and exit")
+    lines.append("  -version")
+    lines.append("        Print the version and exit")
     return "\n".join(lines) + "\n"
 
 

@@ -20,6 +20,10 @@ either the one new worker of a rolling reload (``self.pending``) or old ones
 that were told to stop and have a kill deadline.  Every process gets its own
 stats block, claimed before the fork and released when it is reaped.
 
+USR2 replaces the master itself (``handle_usr2``, supervisor/upgrade.py): a
+new master exec'd from the code on disk inherits the listening sockets, and
+this one drains and exits once the new one's workers are all ready.
+
 A worker that cannot boot exits with ``WORKER_BOOT_ERROR`` (3).  If no worker
 of the configuration it was given has ever been ready (``self.booted``), that
 configuration cannot serve: at start (or in a TTIN or respawn before any
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import signal
 import sys
 import time
@@ -43,6 +48,7 @@ import traceback
 from dataclasses import dataclass, field
 from typing import Callable
 
+from httptp import __version__
 from httptp.errors import ConfigError
 from httptp.logs import error_logger
 from httptp.stats import STATE_READY, Stats
@@ -52,6 +58,7 @@ from httptp.supervisor.procs import (WORKER_BOOT_ERROR, Backoff, die_with_parent
                                      report_boot_error)
 from httptp.supervisor.signals import SIGNALS, SignalQueue
 from httptp.supervisor import helpers as helper_procs
+from httptp.supervisor import upgrade
 from httptp.supervisor.sockets import ListenError, open_listeners
 
 STABLE_AFTER = 5.0         # a worker that lived this long is respawned at once
@@ -161,6 +168,10 @@ class Arbiter:
         self.started_wall = time.time()           # the status page's uptime
         self.watchdog = systemd.Watchdog()        # WatchdogSec= of the unit, if any
         self.watchdog_stale = False               # logged once per stale spell
+        self.upgrade: upgrade.Upgrade | None = None   # USR2: the new master we started
+        # USR2, in the new master: what the old one handed over, until we took over
+        self.inherited = upgrade.take_inherited(log)
+        self.old_master: int | None = None        # ... and, once we took over, until it exited
 
     # -- main loop ---------------------------------------------------------------
 
@@ -182,17 +193,19 @@ class Arbiter:
         """Install signals, bind, create the stats map, fork the first workers."""
         self.signals.install()
         config = self.config
-        self.listeners = open_listeners(config.listen, config.workers, config.reuse_port)
+        self.listeners = self._open_listeners(config)
         if self.stats is None:
             self.stats = Stats.create(max_blocks=max(64, 4 * config.workers + 2),
                                       max_upstreams=getattr(config, "out_max_addrs", 64))
         self.max_slots = max(1, (self.stats.max_blocks - 1) // 2)
         self.upstream_ids = self._assign_upstreams(config, self.resolved)
         log(f"listening on {self.listeners.name} pid={os.getpid()}")
+        log(self._version_note())
         warning = raise_open_files(config.concurrency, config.workers)
         if warning:
             log(f"warning: {warning}")
         self.sync_helpers()
+        upgrade.close_unused(self.inherited)
         self._set_title()
         for index in range(config.workers):
             self.slots[index] = Slot(index)
@@ -212,6 +225,7 @@ class Arbiter:
 
     def _timeout(self) -> float:
         busy = (self.stopping or self.rolling or self.ready_deadline is not None
+                or self._upgrade_starting()
                 or any(s.respawn_at is not None for s in self.slots.values())
                 or self.helpers.busy())
         return min(0.05 if busy else 1.0, self.watchdog.due_in(time.monotonic()))
@@ -231,6 +245,7 @@ class Arbiter:
                     self.respawn(slot)
         if self.rolling:
             self.roll()
+        self.upgrade_tick(now)
         self.notify_ready(now)
         self.notify_watchdog(now)
 
@@ -390,7 +405,7 @@ class Arbiter:
                 self._notice_ready(worker, time.monotonic())   # before its block goes
                 self.stats.release_block(worker.block)
                 self.on_exit(worker, status)
-            else:
+            elif not self.upgrade_reaped(pid, status):
                 self.helpers.reaped(pid, _describe_status(status))
 
     def on_exit(self, worker: Worker, status: int) -> None:
@@ -642,7 +657,9 @@ class Arbiter:
         try:
             helper_procs.make_cache_dir(config.autocert_cache_dir)
             if self.autocert_sock is None and config.autocert_http_addr:
-                self.autocert_sock = helper_procs.open_http_socket(config.autocert_http_addr)
+                self.autocert_sock = (
+                    self._inherited_socket("autocertHTTPAddr", config.autocert_http_addr)
+                    or helper_procs.open_http_socket(config.autocert_http_addr))
         except ListenError as err:
             if not self.workers:
                 raise
@@ -659,7 +676,8 @@ class Arbiter:
         if not addr:
             return
         if self.stats_sock is None:
-            self.stats_sock = helper_procs.open_http_socket(addr, "-expvarAddr")
+            self.stats_sock = (self._inherited_socket("expvarAddr", addr)
+                               or helper_procs.open_http_socket(addr, "-expvarAddr"))
             host, port = self.stats_sock.getsockname()[:2]
             log(f"stats on http://{host}:{port}/expvar and /prometheus, status page on /")
         self.helpers.ensure(helper_procs.STATS,
@@ -735,8 +753,10 @@ class Arbiter:
         """
         if self.stopping == "fast" or (graceful and self.stopping):
             return
-        if self.stopping is None:
+        if self.stopping is None and self._followed_by_systemd():
             systemd.stopping("stopping")
+        if self.stopping is None:
+            self._upgrade_on_stop()
         self.stopping = "graceful" if graceful else "fast"
         self.rolling = False
         grace = self.config.graceful_timeout if graceful else QUIT_GRACE
@@ -749,11 +769,143 @@ class Arbiter:
         self.stop_deadline = min(self.stop_deadline, time.monotonic() + grace)
         self.listeners.close()
 
+    # -- binary upgrade (USR2; supervisor/upgrade.py) ---------------------------------
+
+    upgrade_timeout = 60.0   # a new master not ready this long after USR2 is stopped
+
+    def handle_usr2(self) -> None:
+        """Start a new master from the code on disk; it takes over when ready."""
+        if self.stopping:
+            log("USR2 ignored: stopping")
+        elif self.upgrade is not None:
+            log(f"USR2 refused: an upgrade is in progress (new master pid {self.upgrade.pid})")
+        elif self.inherited is not None:
+            log(f"USR2 refused: this master is still taking over from pid "
+                f"{self.inherited.parent}")
+        else:
+            self.start_upgrade()
+
+    def start_upgrade(self) -> None:
+        sockets = {"expvarAddr": (getattr(self.config, "expvar_addr", ""), self.stats_sock),
+                   "autocertHTTPAddr": (getattr(self.config, "autocert_http_addr", ""),
+                                        self.autocert_sock)}
+        description = upgrade.describe(self.config, self.listeners, sockets)
+        try:
+            self.upgrade = upgrade.spawn(description, timeout=self.upgrade_timeout,
+                                         blocked=self.signals.blocked,
+                                         in_child=self.signals.reset_in_child)
+        except OSError as err:
+            log(f"USR2: cannot start a new master: {err}; this one keeps serving")
+            return
+        log(f"USR2: started a new master (pid {self.upgrade.pid}) from the code on disk; "
+            f"this one (pid {os.getpid()}, version {__version__}) serves until it is ready")
+
+    def upgrade_tick(self, now: float) -> None:
+        """Old master: hand over once the new one is ready; stop it if it takes too long.
+        New master: tell systemd once the old one has exited."""
+        if self.old_master is not None and os.getppid() != self.old_master:
+            self.old_master = None
+            # The old master made us the main pid already (only it could, under
+            # NotifyAccess=main); saying it ourselves also covers a manager that
+            # missed it, and our STATUS= replaces the old master's.
+            systemd.notify(f"MAINPID={os.getpid()}", "READY=1", f"STATUS={self._status()}")
+        up = self.upgrade
+        if up is None or up.state != "starting":
+            return
+        if up.poll_ready():
+            self._hand_over(up)
+        elif now > up.deadline:
+            up.state = "abandoned"
+            log(f"upgrade failed: the new master (pid {up.pid}) was not ready "
+                f"{self.upgrade_timeout:g} s after USR2; stopping it, this one keeps serving")
+            _kill(up.pid, signal.SIGTERM)
+
+    def _hand_over(self, up: upgrade.Upgrade) -> None:
+        """The new master serves: systemd follows it, and this one drains and exits."""
+        up.state = "ready"
+        up.close()
+        systemd.notify(f"MAINPID={up.pid}", "READY=1",
+                       f"STATUS=upgraded: the new master is pid {up.pid}")
+        self.listeners.forget_path()       # a unix socket's path is the new master's now
+        proctitle.set_title(f"httptp: old master, draining [{self.config.in_addr}]")
+        log(f"upgrade: the new master (pid {up.pid}) is ready; this one (pid {os.getpid()}, "
+            f"version {__version__}) drains and exits")
+        self.stop(graceful=True)
+
+    def upgrade_reaped(self, pid: int, status: int) -> bool:
+        """Old master: was ``pid`` the new master?  Logs how it ended."""
+        up = self.upgrade
+        if up is None or pid != up.pid:
+            return False
+        how = _describe_status(status)
+        if up.state == "starting":
+            log(f"upgrade failed: the new master (pid {pid}) {how} before it was ready "
+                f"(its own lines above say why); this one keeps serving")
+            systemd.status(self._status())
+        else:
+            log(f"the new master (pid {pid}) {how}")
+        up.close()
+        if up.state != "ready":
+            self.upgrade = None            # another USR2 may try again
+        return True
+
+    def _upgrade_starting(self) -> bool:
+        return self.upgrade is not None and self.upgrade.state == "starting"
+
+    def _followed_by_systemd(self) -> bool:
+        """False while a new master has not taken over from us (USR2), and in
+        an old master once it has: STOPPING=1 from us would then be wrong."""
+        handed_over = self.upgrade is not None and self.upgrade.state == "ready"
+        return not handed_over and self.inherited is None
+
+    def _upgrade_on_stop(self) -> None:
+        """Stopping (TERM...) while a new master starts: it is not wanted either."""
+        if self._upgrade_starting():
+            self.upgrade.state = "abandoned"
+            log(f"stopping the new master (pid {self.upgrade.pid}) too: it was not ready yet")
+            _kill(self.upgrade.pid, signal.SIGTERM)
+
+    def _take_over(self, now: float) -> None:
+        """New master: once every worker is ready, tell the old master to drain.
+
+        Unlike READY=1 at a plain start there is no ``ready_timeout``: the old
+        master serves until we are fully ready (or its upgrade_timeout)."""
+        serving = [self.workers[s.pid] for s in self.slots.values() if s.pid in self.workers]
+        if len(serving) < len(self.slots) or not all(w.ready_at for w in serving):
+            return
+        inherited, self.inherited = self.inherited, None
+        self.old_master = inherited.parent
+        self.ready_deadline = None
+        self.listeners.own_path()
+        upgrade.report_ready(inherited, log)
+        log(f"ready: {len(self.slots)} workers; the old master (pid {inherited.parent}) "
+            "drains and exits")
+
+    def _open_listeners(self, config):
+        """Bind -in, or take the old master's sockets after a USR2."""
+        adopted = upgrade.adopt_listeners(self.inherited, config, config.workers, log)
+        if adopted is not None:
+            return adopted
+        return open_listeners(config.listen, config.workers, config.reuse_port)
+
+    def _inherited_socket(self, flag: str, value: str):
+        return upgrade.adopt_socket(self.inherited, flag, value, log)
+
+    def _version_note(self) -> str:
+        """The code this master runs (what USR2 changes), and whose sockets it took."""
+        note = f"version {__version__} (Python {platform.python_version()}) pid={os.getpid()}"
+        if self.inherited is not None:
+            note += f", sockets inherited from pid {self.inherited.parent}"
+        return note
+
     # -- systemd and titles --------------------------------------------------------------
 
     def notify_ready(self, now: float) -> None:
         """READY=1 once every slot's worker is ready, or after ``ready_timeout``."""
         if self.ready_deadline is None or self.stopping:
+            return
+        if self.inherited is not None:     # USR2: the old master waits for this one
+            self._take_over(now)
             return
         serving = [self.workers[s.pid] for s in self.slots.values() if s.pid in self.workers]
         all_ready = len(serving) == len(self.slots) and all(w.ready_at for w in serving)

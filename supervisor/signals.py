@@ -37,6 +37,7 @@ SIGNALS: dict[int, tuple[str, str]] = {
     signal.SIGTTIN: ("ttin", "incr"),
     signal.SIGTTOU: ("ttou", "decr"),
     signal.SIGUSR1: ("usr1", "reopen"),
+    signal.SIGUSR2: ("usr2", "upgrade"),
     signal.SIGCHLD: ("chld", "reap"),
 }
 
@@ -44,8 +45,10 @@ SIGNALS: dict[int, tuple[str, str]] = {
 # default.  INT: Ctrl-C reaches the whole process group, and the master decides
 # how workers stop.  HUP: a terminal hang-up must not kill workers the master is
 # about to replace gracefully.  TTIN/TTOU: their default action stops the
-# process, and only the master acts on them.
-WORKER_IGNORES = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU})
+# process, and only the master acts on them.  USR2 (upgrade): its default kills,
+# and `systemctl kill -s USR2` reaches every process of the unit.
+WORKER_IGNORES = frozenset({signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU,
+                            signal.SIGUSR2})
 
 
 def _enqueue(signum, frame):

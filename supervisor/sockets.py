@@ -126,6 +126,14 @@ class TcpListeners:
         self._by_slot[slot] = sock
         return sock
 
+    def adopt(self, slot: int, sock: socket.socket) -> None:
+        """Use ``sock``, a listening socket inherited from an old master (USR2), for ``slot``."""
+        self._by_slot[slot] = sock
+
+    def slot_fds(self) -> dict[int, int]:
+        """{slot: fd} of the master's copies: what a new master inherits (USR2)."""
+        return {slot: sock.fileno() for slot, sock in self._by_slot.items()}
+
     def remove(self, slot: int) -> None:
         """Close the master's copy of ``slot``'s socket (a worker's copy keeps it alive)."""
         sock = self._by_slot.pop(slot, None)
@@ -140,6 +148,11 @@ class TcpListeners:
     def close(self) -> None:
         for slot in list(self._by_slot):
             self.remove(slot)
+
+    def own_path(self) -> None:
+        """Nothing: a TCP listener has no path (see UnixListener)."""
+
+    forget_path = own_path
 
 
 class UnixListener:
@@ -174,6 +187,28 @@ class UnixListener:
         if not self.abstract:
             st = os.stat(self.path)
             self._inode = (st.st_dev, st.st_ino)
+
+    def adopt(self, sock: socket.socket) -> None:
+        """Use ``sock``, the listening socket inherited from an old master (USR2).
+        The path stays the old master's to unlink until ``own_path()``."""
+        self._sock = sock
+        self._inode = None
+
+    def own_path(self) -> None:
+        """From now on ``close()`` unlinks the path (a new master that took over)."""
+        if not self.abstract and self._sock is not None:
+            try:
+                st = os.stat(self.path)
+            except OSError:
+                return
+            self._inode = (st.st_dev, st.st_ino)
+
+    def forget_path(self) -> None:
+        """``close()`` leaves the path alone: a new master serves on it now (USR2)."""
+        self._inode = None
+
+    def slot_fds(self) -> dict[int, int]:
+        return {0: self._sock.fileno()} if self._sock is not None else {}
 
     def _remove_stale(self) -> None:
         try:

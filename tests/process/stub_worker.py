@@ -8,7 +8,8 @@ the worker raise at boot.
 
 Environment: ``STUB_RELOAD_FILE`` holds the extra flags a HUP adds (or
 ``fail: <message>`` to make the reload raise); ``STUB_BOOT_DELAY`` seconds to
-sleep before serving; ``STUB_HEARTBEAT_TIMEOUT`` overrides the master's.
+sleep before serving; ``STUB_HEARTBEAT_TIMEOUT`` and ``STUB_UPGRADE_TIMEOUT``
+override the master's.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def main() -> int:
     arbiter = Arbiter(load_config(args, {}), reload_config, worker_main=serve)
     if "STUB_HEARTBEAT_TIMEOUT" in os.environ:
         arbiter.heartbeat_timeout = float(os.environ["STUB_HEARTBEAT_TIMEOUT"])
+    if "STUB_UPGRADE_TIMEOUT" in os.environ:
+        arbiter.upgrade_timeout = float(os.environ["STUB_UPGRADE_TIMEOUT"])
     return arbiter.run()
 
 
