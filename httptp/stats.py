@@ -80,7 +80,12 @@ offset     field                   kind      writer
                                                payload before and after the codec
 41, 42     inRequestTooLarge,      counter   worker: messages refused for a size limit
            outResponseTooLarge
-43 .. 47   reserved
+43, 44     teleport in-side level  gauge     worker: sum of the compression levels of
+           sum, links                        its teleport listener connections, and
+                                             how many they are (codecs with levels)
+45, 46     teleport out-side level gauge     worker: the same for its teleport
+           sum, links                        upstream connections
+47         reserved
 40 + 16*u  upstream u (16 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
@@ -215,6 +220,13 @@ TELEPORT_RECEIVED_PLAIN = 40
 # responses over -outMaxHeaderSize or -outMaxBodySize (502).
 IN_REQUEST_TOO_LARGE = 41
 OUT_RESPONSE_TOO_LARGE = 42
+# Compression levels of this process's teleport connections, as sum and
+# count per side (the mean is what /prometheus shows): -inCompressLevel for
+# listener connections, -outCompressLevel for upstream links.
+IN_LEVEL_SUM = 43
+IN_LEVEL_LINKS = 44
+OUT_LEVEL_SUM = 45
+OUT_LEVEL_LINKS = 46
 BLOCK_HEADER_WORDS = 48             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
@@ -268,7 +280,7 @@ COUNTERS = (
     ("inRequestTooLarge", IN_REQUEST_TOO_LARGE, "counter"),
     ("outResponseTooLarge", OUT_RESPONSE_TOO_LARGE, "counter"),
 )
-GAUGES = (IN_CONNS, OUT_CONNS)
+GAUGES = (IN_CONNS, OUT_CONNS, IN_LEVEL_SUM, IN_LEVEL_LINKS, OUT_LEVEL_SUM, OUT_LEVEL_LINKS)
 _FIRST, _LAST = IN_REQUEST_START, OUT_RESPONSE_TOO_LARGE + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 RESOLVE_ERRORS_NAME = "outResolveErrors"            # header counter, included in totals()
@@ -644,6 +656,22 @@ class Stats:
         result[HEALTH_CHECKS_NAME] = checks
         result[HEALTH_CHECK_FAILURES_NAME] = fails
         result[RESOLVE_ERRORS_NAME] = self.q[H_RESOLVE_ERRORS]
+        return result
+
+    def compress_levels(self) -> dict[str, float]:
+        """The mean compression level of the live teleport connections of
+        every worker, per side ("in": listener connections, "out": upstream
+        links); a side with no such connection is left out."""
+        result = {}
+        for side, total, links in (("in", IN_LEVEL_SUM, IN_LEVEL_LINKS),
+                                   ("out", OUT_LEVEL_SUM, OUT_LEVEL_LINKS)):
+            s = n = 0
+            for block in range(self.max_blocks):
+                base = self.block_base(block)
+                s += self.q[base + total]
+                n += self.q[base + links]
+            if n:
+                result[side] = s / n
         return result
 
     def upstream_totals(self) -> dict[int, dict]:
