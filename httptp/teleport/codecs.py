@@ -548,11 +548,13 @@ REGISTRY: tuple[Codec, ...] = (
     # Go: snappy framing format (golang/snappy NewWriter)
     Codec("snappy", 2, True, _without_level(_SnappyCompressor), _SnappyDecompressor),
     # ours only (PROTOCOL.md §8): zstandard frames.  Negative (fast) levels
-    # are not offered: on RTB-like batches level 1 is already ~15 us/msg and
-    # snappy is the cheaper choice below that.  auto stops at 12: above it
-    # the CPU per message doubles for ~2% of bytes (docs/teleport.md).
+    # are not offered: on RTB-like batches level 1 is already ~6-11 us/msg at
+    # x6-7 (bench/levels.py), more than snappy packs at any speed.  auto
+    # spans 1-12: level 1 costs a third of level 3's CPU for ~3% more bytes
+    # (what a saturated worker wants), and above 12 the CPU per message
+    # grows ~20x for ~14% fewer bytes (docs/teleport.md).
     Codec("zstd", 3, False, _ZstdCompressor, _ZstdDecompressor,
-          (1, 19), ZSTD_LEVEL, (3, 12)),
+          (1, 19), ZSTD_LEVEL, (1, 12)),
     # ours only: one brotli stream that never ends (its level is fixed per link)
     Codec("brotli", 4, False, _BrotliCompressor, _BrotliDecompressor,
           (0, 11), BROTLI_QUALITY, None),
