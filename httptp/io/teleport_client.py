@@ -78,7 +78,7 @@ from gevent.hub import Waiter
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.http.events import Response
-from httptp.io.common import BATCH_BYTES, YIELD_SLICES, counters, error_text
+from httptp.io.common import BATCH_BYTES, COMPRESS_SPENT, YIELD_SLICES, counters, error_text
 from httptp.io.timers import Timer
 from httptp.io.transport import IN_PROGRESS, OUT, TLSTransport, Transport, connect
 from httptp.netaddr import Address, parse_address
@@ -146,7 +146,7 @@ class _Link:
                                      max_body_size=client.max_body_size,
                                      first_id=client._first_id, skip_pending_ids=False,
                                      level=client.level, clock=time.monotonic,
-                                     cpu=time.process_time)
+                                     cpu=time.process_time, spent=COMPRESS_SPENT)
         self.calls: dict[int, _Call] = {}   # every call pending: queued or sent
         self.queue: deque = deque()         # calls not framed into a batch yet
         self.queued = 0                     # their frame bytes

@@ -70,7 +70,7 @@ from gevent import get_hub
 
 from httptp import stats as S
 from httptp.errors import PayloadTooLarge
-from httptp.io.common import BATCH_BYTES, YIELD_SLICES, error_text
+from httptp.io.common import BATCH_BYTES, COMPRESS_SPENT, YIELD_SLICES, error_text
 from httptp.io.timers import Timer
 from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.teleport import FrameTooLarge, HandshakeError, TeleportError
@@ -125,7 +125,8 @@ class TeleportServerConn:
         # which answers are to HEADs
         self.conn = ServerConnection(server.compress, max_header_size=server.max_header_size,
                                      max_body_size=server.max_body_size, level=server.level,
-                                     clock=time.monotonic, cpu=time.process_time)
+                                     clock=time.monotonic, cpu=time.process_time,
+                                     spent=COMPRESS_SPENT)
         self.transport = None
         self.loop = get_hub().loop
         self.state = _HELLO

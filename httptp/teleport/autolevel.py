@@ -24,6 +24,12 @@ Nothing here reads a clock: ``clock()`` (monotonic seconds) and ``cpu()``
 (the process's CPU seconds) are given, so tests drive it with fakes, and
 the time spent compressing is measured with ``clock`` by the caller
 (``connection._Connection.flush``) and reported with each batch.
+
+"The compressor's share of the worker's CPU" counts every connection's
+compressor when the connections of a process share one `Spent` (the
+drivers pass ``httptp.io.common.COMPRESS_SPENT``): ten links at 10% each
+are a worker at 100%, and all of them step down.  Without one, each
+connection counts only its own.
 """
 
 from __future__ import annotations
@@ -37,6 +43,15 @@ UP_MARGIN = 0.7         # move up only below UP_MARGIN * TARGET
 BEHIND = 0.5            # more than this share of batches found the socket busy
 
 
+class Spent:
+    """Seconds spent compressing, summed over the connections that share it."""
+
+    __slots__ = ("seconds",)
+
+    def __init__(self):
+        self.seconds = 0.0
+
+
 class AutoLevel:
     """The level of one compressor, moved by what its batches cost.
 
@@ -46,11 +61,11 @@ class AutoLevel:
     time)."""
 
     __slots__ = ("level", "low", "high", "clock", "cpu", "interval", "target", "saturated",
-                 "changes", "reason", "_t0", "_cpu0", "_spent", "_batches", "_behind")
+                 "changes", "reason", "spent", "_spent0", "_t0", "_cpu0", "_spent", "_batches", "_behind")
 
     def __init__(self, low: int, high: int, start: int, *, clock: Callable[[], float],
                  cpu: Callable[[], float], interval: float = INTERVAL, target: float = TARGET,
-                 saturated: float = SATURATED):
+                 saturated: float = SATURATED, spent: Spent | None = None):
         if low > high:
             raise ValueError(f"auto level bounds {low} > {high}")
         self.level = min(max(start, low), high)
@@ -59,12 +74,14 @@ class AutoLevel:
         self.interval, self.target, self.saturated = interval, target, saturated
         self.changes = 0                # how many times the level moved
         self.reason = ""                # why the last decision went as it did
+        self.spent = spent              # shared with the process's other connections
         self._start_interval(clock())
 
     def _start_interval(self, now: float) -> None:
         self._t0 = now
         self._cpu0 = self.cpu()
         self._spent = 0.0               # seconds compressing in this interval
+        self._spent0 = self.spent.seconds if self.spent is not None else 0.0
         self._batches = 0
         self._behind = 0                # batches that found the socket busy
 
@@ -73,6 +90,8 @@ class AutoLevel:
         ``behind``: the socket still held earlier bytes) and return the level
         for the next one."""
         self._spent += compress_seconds
+        if self.spent is not None:
+            self.spent.seconds += compress_seconds
         self._batches += 1
         if behind:
             self._behind += 1
@@ -87,7 +106,8 @@ class AutoLevel:
     def _decide(self, elapsed: float) -> None:
         used = self.cpu() - self._cpu0
         load = used / elapsed if elapsed > 0 else 0.0
-        share = self._spent / used if used > 0 else 0.0
+        spent = self._spent if self.spent is None else self.spent.seconds - self._spent0
+        share = spent / used if used > 0 else 0.0
         behind = self._behind > BEHIND * self._batches
         self.reason = (f"worker CPU {load:.0%} of a core, compressing {share:.0%} of it, "
                        f"{self._behind}/{self._batches} batches behind")

@@ -63,11 +63,12 @@ class _Connection:
     frame reader and the sticky error."""
 
     __slots__ = ("compress", "peer_compress", "error", "plain_sent", "plain_received",
-                 "level", "auto", "_clock", "_cpu",
+                 "level", "auto", "_clock", "_cpu", "_spent",
                  "_comp", "_decomp", "_reader", "_batch", "_buffered")
 
     def __init__(self, kind: str, compress: int | None, max_header_size: int,
-                 max_body_size: int | None, is_head=None, level=None, clock=None, cpu=None):
+                 max_body_size: int | None, is_head=None, level=None, clock=None, cpu=None,
+                 spent=None):
         #: the codec we write with (None until the handshake: a server in auto)
         self.compress: Compress | None = None if compress is None else Compress(compress)
         #: the codec the peer writes with (None until ``receive_handshake``)
@@ -80,7 +81,7 @@ class _Connection:
         self.level = level
         #: the AutoLevel that moves it (level "auto", once the codec is known)
         self.auto: AutoLevel | None = None
-        self._clock, self._cpu = clock, cpu
+        self._clock, self._cpu, self._spent = clock, cpu, spent
         if level is not None:
             if compress is not None:
                 check_level(compress, level)
@@ -154,7 +155,8 @@ class _Connection:
         if entry.auto_levels is None:       # brotli: fixed per link; none, snappy: no levels
             return compressor(self.compress)
         low, high = entry.auto_levels
-        self.auto = AutoLevel(low, high, entry.default_level, clock=self._clock, cpu=self._cpu)
+        self.auto = AutoLevel(low, high, entry.default_level, clock=self._clock, cpu=self._cpu,
+                              spent=self._spent)
         return compressor(self.compress, self.auto.level, history=True)
 
     @property
@@ -244,8 +246,9 @@ class ClientConnection(_Connection):
     """The client side: sends requests, receives their responses.
 
     ``compress``: the codec of our requests; ``level`` its level (None:
-    the codec's default; ``"auto"`` with ``clock`` and ``cpu``, see
-    ``autolevel``; ValueError for one the codec does not take).
+    the codec's default; ``"auto"`` with ``clock`` and ``cpu``, and
+    ``spent`` shared by the process's connections, see ``autolevel``;
+    ValueError for one the codec does not take).
     ``max_header_size`` and
     ``max_body_size`` bound one response (over them: FrameTooLarge, whose
     ``req_id`` says whose answer it was).  Ids go 1, 2, 3, … and wrap from
@@ -264,7 +267,8 @@ class ClientConnection(_Connection):
 
     def __init__(self, compress: int = Compress.FLATE, *, max_header_size: int = 4096,
                  max_body_size: int | None = None, first_id: int = 1,
-                 skip_pending_ids: bool = True, level=None, clock=None, cpu=None):
+                 skip_pending_ids: bool = True, level=None, clock=None, cpu=None,
+                 spent=None):
         if not 1 <= first_id <= MAX_ID:
             raise ValueError(f"first_id must be in 1..{MAX_ID}")
         #: id -> method of every request sent or about to be, not answered yet
@@ -276,7 +280,7 @@ class ClientConnection(_Connection):
         # come, and must still be read without a body
         self._late_heads: set[int] = set()
         super().__init__("response", compress, max_header_size, max_body_size, self._is_head,
-                         level, clock, cpu)
+                         level, clock, cpu, spent)
 
     def send_request(self, method: bytes, target: bytes, headers: list,
                      body: bytes = b"") -> tuple[int, bytes]:
@@ -357,12 +361,13 @@ class ServerConnection(_Connection):
     __slots__ = ("_heads",)
 
     def __init__(self, compress: int | None = Compress.FLATE, *, max_header_size: int = 4096,
-                 max_body_size: int | None = None, level=None, clock=None, cpu=None):
+                 max_body_size: int | None = None, level=None, clock=None, cpu=None,
+                 spent=None):
         # ids of HEAD requests not answered yet -> how many (a client may
         # reuse an id in flight; ours never does)
         self._heads: dict[int, int] = {}
         super().__init__("request", compress, max_header_size, max_body_size, None,
-                         level, clock, cpu)
+                         level, clock, cpu, spent)
 
     def _frames(self, frames: list) -> list:
         heads = self._heads

@@ -357,3 +357,20 @@ def test_level_flag_errors_name_the_flag(argv, expected):
 
 def test_in_compress_auto_takes_level_auto():
     assert _config("-inCompress=auto", "-inCompressLevel=auto").in_compress_level == "auto"
+
+
+def test_auto_counts_every_compressor_of_the_worker_when_they_share_a_meter():
+    """Two links at 30% of the worker's CPU each: alone each would hold, but
+    the worker's compressors take 60%, over the target: both step down."""
+    from httptp.teleport.autolevel import Spent
+    m = Meter()
+    spent = Spent()
+    links = [AutoLevel(3, 12, 6, clock=m.clock, cpu=m.cpu, spent=spent) for _ in range(2)]
+    alone = AutoLevel(3, 12, 6, clock=m.clock, cpu=m.cpu)
+    for _ in range(2):
+        for i in range(10):
+            if i == 9:
+                m.second(0.4)
+            for auto in (*links, alone):
+                auto.batch(0.012, False)        # 10 x 12 ms = 30% of 0.4 s, per link
+    assert [a.level for a in links] == [4, 4] and alone.level == 8
