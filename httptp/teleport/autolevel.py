@@ -27,8 +27,8 @@ the time spent compressing is measured with ``clock`` by the caller
 
 "The compressor's share of the worker's CPU" counts every connection's
 compressor when the connections of a process share one `Spent` (the
-drivers pass ``httptp.io.common.COMPRESS_SPENT``): ten links at 10% each
-are a worker at 100%, and all of them step down.  Without one, each
+drivers pass ``httptp.io.common.COMPRESS_SPENT``): ten links at 6% each
+are compressors at 60% of the worker, and all of them step down.  Without one, each
 connection counts only its own.
 """
 
