@@ -333,7 +333,8 @@ UPSTREAM_HTTP = """\
 UPSTREAM_SERVER = """\
         default_type application/json;
         location / { return 200 '%s'; }
-        location /openrtb2/ { if ($nobid) { return 204; } return 200 '%s'; }""" % (BODY_2K, BID)
+        location /openrtb2/ { if ($nobid) { return 204; } return 200 '%s'; }
+        location /nobid { return 204; }""" % (BODY_2K, BID)
 PROXY_HTTP = """\
     upstream up { server 127.0.0.1:%d; keepalive 64; }"""
 PROXY_SERVER = """\

@@ -29,6 +29,10 @@ pool, measured in the same run.
               -workers=1 for a 300 MiB response, a 100 MiB upload, the 300 MiB
               response to a slow reader, and a flate bomb on a teleport listener
               (bench/memory.py, its own upstream, no wrk, no nginx).
+  7 rtbload   "RTB under load" (bench/rtb_load.py): POST of OpenRTB-like
+              bodies through a teleport chain to an nginx answering 204, per codec
+              and level and for auto: req/s, link ratio, CPU per request of A+B;
+              its own section of docs/benchmarks.md and bench-rtb.png.
 
 The machine is small and shared (wrk, nginx and the proxies share its cores),
 so the rounds alternate between the targets, every figure is the median over
@@ -64,11 +68,12 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness as h  # noqa: E402
 import idle_conns  # noqa: E402
 import memory  # noqa: E402
+import rtb_load  # noqa: E402
 import report  # noqa: E402
 import rtb  # noqa: E402
 
-PARTS = ("http", "teleport", "post", "idle", "latency", "memory")
-NEEDS_NGINX = ("http", "teleport", "post", "idle", "latency")     # and wrk; memory needs neither
+PARTS = ("http", "teleport", "post", "idle", "latency", "memory", "rtbload")
+NEEDS_NGINX = ("http", "teleport", "post", "idle", "latency", "rtbload")     # and wrk; memory needs neither
 NGINX = "nginx (1 worker)"
 BARE_GREENLETS = "bare gevent proxy, greenlets"      # bench/bare_proxy.py
 BARE_CALLBACKS = "bare gevent proxy, callbacks"      # bench/bare_callback_proxy.py
@@ -441,8 +446,14 @@ def part_memory(b: Bench, g: h.Group) -> Part:
     return Part("memory", [], cmds, {"cases": cases, "target": memory.TARGET})
 
 
+def part_rtbload(b: Bench, g: h.Group) -> Part:
+    """Part 7: RTB under load, per codec and level (bench/rtb_load.py)."""
+    results, cmds = rtb_load.run(b.upstream.port, b.tmp, b.cfg, log)
+    return Part("rtbload", [], cmds, {"results": results})
+
+
 PART_FUNCS = {"http": part_http, "teleport": part_teleport, "post": part_post, "idle": part_idle,
-              "latency": part_latency, "memory": part_memory}
+              "latency": part_latency, "memory": part_memory, "rtbload": part_rtbload}
 
 
 # --------------------------------------------------------------------------- main
@@ -543,6 +554,17 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     out_dir = os.path.dirname(os.path.abspath(cfg.output))
+    for p in [p for p in parts if p.name == "rtbload"]:     # its own section and plot
+        parts.remove(p)
+        results = p.facts.get("results", [])
+        rplot = "bench-rtb.png" if results and rtb_load.plot(
+            results, os.path.join(out_dir, "bench-rtb.png")) else ""
+        text = (rtb_load.render(results, p.commands, cfg, info, rplot) if not p.error else
+                f"{rtb_load.BEGIN}\n**RTB under load failed:** {p.error}\n{rtb_load.END}\n")
+        print(text)
+        rtb_load.write_section(cfg.output, text)
+        if not parts:
+            return 1 if p.error else 0
     plot = "bench.png" if report.plot(parts, os.path.join(out_dir, "bench.png")) else ""
     text = report.render(cfg, info, parts, configs, said, time.monotonic() - t_start, plot)
     print(text)

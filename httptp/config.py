@@ -58,6 +58,8 @@ class Config:
     expvar_addr: str
     in_compress: str
     out_compress: str
+    in_compress_level: int | str | None
+    out_compress_level: int | str | None
     in_delay: float
     out_delay: float
     out_conns_per_addr: int
@@ -204,6 +206,8 @@ def _build(values: dict[str, Any]) -> Config:
     fields_["config_file"] = fields_["config_file"] or None
     fields_["out"] = _split_out(values["out"])
     _check_tls_pairs(fields_["in_tls_cert"], fields_["in_tls_key"])
+    _check_level("inCompressLevel", "inCompress", values)
+    _check_level("outCompressLevel", "outCompress", values)
     fields_["listen"] = _listen_address(values["in"], values["inType"])
     fields_["upstreams"] = tuple(_address("out", text, values["outType"], allow_srv=True)
                                  for text in fields_["out"])
@@ -229,6 +233,23 @@ def _split_out(text: str) -> tuple[str, ...]:
         what = "no upstream address" if items == ("",) else f"empty entry in {text!r}"
         raise ConfigError(f"-out: {what}")
     return items
+
+
+def _check_level(flag: str, codec_flag: str, values: dict[str, Any]) -> None:
+    """A level must be one its codec takes (httptp.teleport.codecs.check_level)."""
+    from httptp.teleport import codecs
+    level, name = values[flag], values[codec_flag]
+    if level is None:
+        return
+    if name == "auto":
+        if level != codecs.AUTO:
+            raise ConfigError(f"-{flag}: a number needs a fixed -{codec_flag} (auto answers "
+                              "in each client's codec); use auto, or leave it empty")
+        return
+    try:
+        codecs.check_level(codecs.BY_NAME[name], level)
+    except ValueError as e:
+        raise ConfigError(f"-{flag}: {e} (-{codec_flag}={name})") from None
 
 
 def _check_tls_pairs(certs: tuple[str, ...], keys: tuple[str, ...]) -> None:

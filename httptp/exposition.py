@@ -127,6 +127,13 @@ class StatsCollector:
             if totals.get(packed):
                 ratio.add_metric([direction], totals[plain] / totals[packed])
         yield ratio
+        level = GaugeMetricFamily("httptp_teleport_compress_level",
+                                  "Compression level of the live teleport connections (mean over "
+                                  "them), by side: in (-inCompressLevel), out (-outCompressLevel)",
+                                  labels=["side"])
+        for side, mean in self.stats.compress_levels().items():
+            level.add_metric([side], mean)
+        yield level
         yield from self._upstreams()
         workers = GaugeMetricFamily("httptp_workers", "Worker processes running")
         workers.add_metric([], len(self.stats.blocks_in_use()))
@@ -255,6 +262,8 @@ class Exposition:
         """JSON body; raises ValueError for a bad ``regexp`` (the caller answers 400)."""
         self.own["expvarHandlerCalls"] += 1
         values: dict[str, object] = {"cmdline": self.cmdline, **self._integers()}
+        for side, mean in self.stats.compress_levels().items():    # ours: mean per side
+            values[f"teleportCompressLevel{side.capitalize()}"] = round(mean, 2)
         if regexp:
             try:
                 pattern = re.compile(regexp)

@@ -150,6 +150,21 @@ def choice(*names: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_level(text: str) -> int | str | None:
+    """A compression level: "" (the codec's default), ``auto`` or an integer;
+    its range is the codec's, checked in httptp.config."""
+    s = text.strip()
+    if not s:
+        return None
+    if s == _codecs.AUTO:
+        return s
+    try:
+        return int(s, 10)
+    except ValueError:
+        raise ValueError(f"invalid level {text!r}: want a number, auto, or empty for the "
+                         "codec's default") from None
+
+
 def parse_string(text: str) -> str:
     return text
 
@@ -242,6 +257,9 @@ ADDR_TYPE = {t.name: t for t in (
 ADDR_TYPES = tuple(ADDR_TYPE)
 CODECS = _codecs.NAMES          # none, flate, snappy, zstd, brotli: one registry
 _OURS_ONLY = " and ".join(c.name for c in _codecs.REGISTRY if not c.go)
+_LEVEL_DEFAULTS = ", ".join(f"{c.name} {c.default_level}" for c in _codecs.REGISTRY if c.levels)
+_AUTO_BOUNDS = "auto stays within " + ", ".join(
+    f"{c.name} {c.auto_levels[0]}-{c.auto_levels[1]}" for c in _codecs.REGISTRY if c.auto_levels)
 SECTIONS = ("Listener", "Upstream", "Limits", "Teleport", "TLS", "Process", "Stats")
 
 
@@ -437,6 +455,21 @@ SETTINGS: tuple[Setting, ...] = (
            "httptp of ours."),
     S("outCompress", choice(*CODECS), "flate", section="Teleport",
       help="Compression of requests sent to teleport upstreams: " + ", ".join(CODECS)),
+    S("inCompressLevel", parse_level, "", section="Teleport", meta="level", ours=True,
+      help="Compression level of responses sent to teleport clients: a number, auto, or "
+           "empty for the codec's default\n"
+           "Ranges: " + _codecs.level_ranges() + "; defaults: " + _LEVEL_DEFAULTS + ". "
+           "none and snappy have no levels, and a number needs a fixed -inCompress. auto "
+           "follows the link: per connection it moves one step a second, up while the "
+           "writer keeps up and compressing takes under half the worker's CPU, down when "
+           "the writer falls behind or the CPU saturates (" + _AUTO_BOUNDS + "; brotli "
+           "keeps its default level for the connection's life). A level changes nothing "
+           "on the wire: every peer, the Go original included, reads any level. "
+           "See docs/teleport.md."),
+    S("outCompressLevel", parse_level, "", section="Teleport", meta="level", ours=True,
+      help="Compression level of requests sent to teleport upstreams: a number, auto, or "
+           "empty for the codec's default\n"
+           "As -inCompressLevel, for -outCompress."),
     S("inDelay", parse_duration, "0", section="Teleport", meta="duration",
       help="How long a teleport listener may wait to batch responses into one write"),
     S("outDelay", parse_duration, "0", section="Teleport", meta="duration",

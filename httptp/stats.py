@@ -86,7 +86,12 @@ offset     field                   kind      writer
                                                sees it, one word per bucket of
                                                ``LATENCY_BUCKETS`` then +Inf (not cumulative)
 62         DURATION_SUM            float     worker: sum of those durations, seconds
-63 .. 71   reserved
+63, 64     teleport in-side level  gauge     worker: sum of the compression levels of
+           sum, links                        its teleport listener connections, and
+                                             how many they are (codecs with levels)
+65, 66     teleport out-side level gauge     worker: the same for its teleport
+           sum, links                        upstream connections
+67 .. 71   reserved
 72 + 32*u  upstream u (32 words)   see below worker (its balancer), u < max_upstreams
 =========  ======================  ========  ==========================================
 
@@ -161,7 +166,7 @@ import mmap
 import time
 
 MAGIC = int.from_bytes(b"httptpSM", "little")
-LAYOUT_VERSION = 6
+LAYOUT_VERSION = 7
 
 # Header words.
 H_MAGIC, H_VERSION, H_MAX_BLOCKS, H_MAX_UPSTREAMS = 0, 1, 2, 3
@@ -237,6 +242,13 @@ CODE_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx", "other")     # words RESP_1XX
 # answered 502/503/504 in the upstream's place: one word per bucket of LATENCY_BUCKETS, +Inf, then the sum (float).
 DURATION_HIST = 49
 DURATION_SUM = 62
+# Compression levels of this process's teleport connections, as sum and
+# count per side (the mean is what /prometheus shows): -inCompressLevel for
+# listener connections, -outCompressLevel for upstream links.
+IN_LEVEL_SUM = 63
+IN_LEVEL_LINKS = 64
+OUT_LEVEL_SUM = 65
+OUT_LEVEL_LINKS = 66
 BLOCK_HEADER_WORDS = 72             # admin + counters + gauges + spare, 64-byte aligned
 
 # Per-upstream words.
@@ -291,7 +303,7 @@ COUNTERS = (
     ("inRequestTooLarge", IN_REQUEST_TOO_LARGE, "counter"),
     ("outResponseTooLarge", OUT_RESPONSE_TOO_LARGE, "counter"),
 )
-GAUGES = (IN_CONNS, OUT_CONNS)
+GAUGES = (IN_CONNS, OUT_CONNS, IN_LEVEL_SUM, IN_LEVEL_LINKS, OUT_LEVEL_SUM, OUT_LEVEL_LINKS)
 _FIRST, _LAST = IN_REQUEST_START, OUT_RESPONSE_TOO_LARGE + 1  # the slice holding every COUNTERS word
 WORKER_RESTARTS_NAME = "workerRestarts"             # header counter, included in totals()
 RESOLVE_ERRORS_NAME = "outResolveErrors"            # header counter, included in totals()
@@ -689,6 +701,22 @@ class Stats:
                 hist[k] += v
             total += self.d[base + DURATION_SUM]
         return hist, total
+
+    def compress_levels(self) -> dict[str, float]:
+        """The mean compression level of the live teleport connections of
+        every worker, per side ("in": listener connections, "out": upstream
+        links); a side with no such connection is left out."""
+        result = {}
+        for side, total, links in (("in", IN_LEVEL_SUM, IN_LEVEL_LINKS),
+                                   ("out", OUT_LEVEL_SUM, OUT_LEVEL_LINKS)):
+            s = n = 0
+            for block in range(self.max_blocks):
+                base = self.block_base(block)
+                s += self.q[base + total]
+                n += self.q[base + links]
+            if n:
+                result[side] = s / n
+        return result
 
     def upstream_totals(self) -> dict[int, dict]:
         """Per assigned upstream index (listed or retired): the cluster-wide view.

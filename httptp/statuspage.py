@@ -219,7 +219,7 @@ def status(stats, info: dict, history: History | None, *, now: float | None = No
         "upstreams": _upstreams(stats, history, now),
         "requests": totals["inRequestStart"],
         "errors": sum(totals.get(k, 0) for k in ERROR_COUNTERS),
-        "teleport": _teleport(totals, info),
+        "teleport": _teleport(totals, info, stats.compress_levels()),
         "history": {"interval": SAMPLE_EVERY,
                     "columns": ["ago", "requests_per_s", "errors_per_s", "bytes_saved_per_s"],
                     "samples": history.rates() if history else []},
@@ -270,8 +270,10 @@ def _upstreams(stats, history: History | None, now: float) -> list[dict]:
     return rows
 
 
-def _teleport(totals: dict, info: dict) -> dict | None:
-    """Plain and wire bytes of the teleport link, or None when there is none."""
+def _teleport(totals: dict, info: dict, levels: dict | None = None) -> dict | None:
+    """Plain and wire bytes of the teleport link, or None when there is none;
+    ``levels``: the mean compression level of the live connections per side
+    (``Stats.compress_levels``)."""
     sent = (totals.get("teleportSentPlainBytes", 0), totals.get("teleportSentCompressedBytes", 0))
     recv = (totals.get("teleportReceivedPlainBytes", 0),
             totals.get("teleportReceivedCompressedBytes", 0))
@@ -282,7 +284,8 @@ def _teleport(totals: dict, info: dict) -> dict | None:
     return {"sent": {"plain": sent[0], "wire": sent[1]},
             "received": {"plain": recv[0], "wire": recv[1]},
             "plain": plain, "wire": wire,
-            "ratio": round(plain / wire, 3) if wire else None, "saved": plain - wire}
+            "ratio": round(plain / wire, 3) if wire else None, "saved": plain - wire,
+            "levels": {side: round(v, 2) for side, v in (levels or {}).items()}}
 
 
 def to_json(doc: dict) -> bytes:
@@ -380,7 +383,13 @@ def _teleport_html(doc: dict) -> str:
             f'<div id="teleport"{hidden}><table><thead><tr><th></th><th>plain</th><th>wire</th>'
             f'</tr></thead><tbody>{rows}</tbody></table>'
             f'<p>ratio <b id="tp-ratio">{_e(ratio)}</b>, saved '
-            f'<b id="tp-saved">{_e(fmt_bytes(t["saved"] if t else None))}</b></p></div>')
+            f'<b id="tp-saved">{_e(fmt_bytes(t["saved"] if t else None))}</b>, compression '
+            f'level <b id="tp-levels">{_e(_levels_text(t["levels"] if t else {}))}</b></p></div>')
+
+
+def _levels_text(levels: dict) -> str:
+    """"in 6, out 4.5" (the mean level of each side's live connections), or "–"."""
+    return ", ".join(f"{side} {v:g}" for side, v in levels.items()) or "\u2013"
 
 
 CHART_W, CHART_H = 300, 60
@@ -483,7 +492,9 @@ function teleport(t){var tab = document.getElementById("teleport"), none = docum
   ["sent","received"].forEach(function(d){var tr = tab.querySelector("tr[data-dir=" + d + "]");
     if (!tr) return; tr.querySelector("[data-col=plain]").textContent = bytes(t[d].plain);
     tr.querySelector("[data-col=wire]").textContent = bytes(t[d].wire);});
-  text("tp-ratio", t.ratio ? t.ratio.toFixed(2) + "\u00d7" : "\u2013"); text("tp-saved", bytes(t.saved));}
+  text("tp-ratio", t.ratio ? t.ratio.toFixed(2) + "\u00d7" : "\u2013"); text("tp-saved", bytes(t.saved));
+  var lv = Object.keys(t.levels || {}).map(function(k){return k + " " + t.levels[k];});
+  text("tp-levels", lv.length ? lv.join(", ") : "\u2013");}
 function render(doc){
   text("uptime", dur(doc.uptime)); text("requests", count(doc.requests)); text("errors", count(doc.errors));
   fill("workers-body", doc.workers.map(function(w){

@@ -109,6 +109,7 @@ class Worker:
         # -concurrency caps running requests (429 beyond), as the original's
         # teleport server does; split between the workers.
         return TeleportServer(None, dispatch=self._teleport_dispatch, compress=compress,
+                              level=cfg.in_compress_level,
                               delay=cfg.in_delay,
                               concurrency=self.max_conns, max_header_size=cfg.in_max_header_size,
                               max_body_size=cfg.in_max_body_size,

@@ -21,6 +21,7 @@ import gevent.event
 from httptp import stats as S
 from httptp.io.sockio import send_all
 from httptp.io.timers import Deadline
+from httptp.teleport.autolevel import Spent
 
 BATCH_BYTES = 65536         # Go's WriteBufferSize: this much unflushed input forces a flush
 RECV_SIZE = 65536
@@ -71,6 +72,11 @@ class NullStats:
 
     def block_base(self, block) -> int:
         return 0
+
+
+#: seconds spent compressing by every teleport connection of this process at
+#: level auto (httptp.teleport.autolevel: the compressors' share of the worker)
+COMPRESS_SPENT = Spent()
 
 
 def counters(stats, block):

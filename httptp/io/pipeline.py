@@ -265,6 +265,7 @@ class Proxy:
             from httptp.teleport.handshake import BY_NAME
             conns = cfg.out_conns_per_addr
             return TeleportUpstream(addr, conns=conns, compress=BY_NAME[cfg.out_compress],
+                                    level=cfg.out_compress_level,
                                     delay=cfg.out_delay,
                                     max_pending=max(2, math.ceil(per_worker / conns) + 1),
                                     max_header_size=cfg.out_max_header_size,

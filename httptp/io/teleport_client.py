@@ -34,7 +34,10 @@ A link's life:
   once ``BATCH_BYTES`` of frames are queued they leave at once (Go's full
   buffer).  While the transport's buffer is over its high-water mark
   (``pause_writing``) nothing is flushed; a buffer that makes no progress
-  for ``write_timeout`` ends the link.
+  for ``write_timeout`` ends the link.  Each flush tells the connection
+  whether the socket still held earlier bytes: with ``level="auto"``
+  (-outCompressLevel) that is how the level learns the writer fell behind;
+  the level of the link is counted in the ``OUT_LEVEL_*`` gauges.
 * **reading**: the bytes go to the connection, which decompresses them in
   slices (``codecs.MAX_SLICE``); after ``YIELD_SLICES`` slices in one
   callback reading pauses and the rest runs in a later loop turn, so a
@@ -75,12 +78,13 @@ from gevent.hub import Waiter
 from httptp import stats as S
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.http.events import Response
-from httptp.io.common import BATCH_BYTES, YIELD_SLICES, counters, error_text
+from httptp.io.common import BATCH_BYTES, COMPRESS_SPENT, YIELD_SLICES, counters, error_text
 from httptp.io.timers import Timer
 from httptp.io.transport import IN_PROGRESS, OUT, TLSTransport, Transport, connect
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import FrameTooLarge, TeleportError
 from httptp.teleport.connection import ClientConnection
+from httptp.teleport.codecs import check_level
 from httptp.teleport.handshake import HEADER_SIZE, Compress
 from httptp.tls import error_text as _tls_text
 
@@ -133,14 +137,16 @@ class _Link:
     __slots__ = ("client", "conn", "calls", "queue", "queued", "state", "transport", "sock",
                  "error", "connected", "loop", "hub", "_dial_watcher", "_dial_timer", "_hello",
                  "_flush_scheduled", "_batch_timer", "_read_timer", "_write_timer", "_paused",
-                 "_draining", "_eof", "_wt_mark", "_wt_added", "_plain_seen")
+                 "_draining", "_eof", "_wt_mark", "_wt_added", "_plain_seen", "_level")
 
     def __init__(self, client: TeleportClient):
         self.client = client
         # a wrapped id still pending ends the link, as in Go (PROTOCOL §1.5)
         self.conn = ClientConnection(client.compress, max_header_size=client.max_header_size,
                                      max_body_size=client.max_body_size,
-                                     first_id=client._first_id, skip_pending_ids=False)
+                                     first_id=client._first_id, skip_pending_ids=False,
+                                     level=client.level, clock=time.monotonic,
+                                     cpu=time.process_time, spent=COMPRESS_SPENT)
         self.calls: dict[int, _Call] = {}   # every call pending: queued or sent
         self.queue: deque = deque()         # calls not framed into a batch yet
         self.queued = 0                     # their frame bytes
@@ -164,6 +170,11 @@ class _Link:
         self._wt_mark = 0
         self._wt_added = 0
         self._plain_seen = 0
+        self._level = level = self.conn.compress_level
+        if level is not None:               # the gauge: counted until fail()
+            q, b = client._q, client._base
+            q[b + S.OUT_LEVEL_SUM] += level
+            q[b + S.OUT_LEVEL_LINKS] += 1
         self._dial()
 
     # -- the dial -------------------------------------------------------------------------------
@@ -386,14 +397,16 @@ class _Link:
     def _send(self, batch: list) -> None:
         conn = self.conn
         plain = conn.buffered
-        data = conn.flush()
+        t = self.transport
+        data = conn.flush(t.write_buffer_size > 0)
+        if conn.auto is not None and conn.auto.level != self._level:
+            self._level_changed()
         for call in batch:
             call.sent = True
         client = self.client
         q, b = client._q, client._base
         q[b + S.TELEPORT_SENT_PLAIN] += plain
         q[b + S.TELEPORT_SENT_COMPRESSED] += len(data)
-        t = self.transport
         before = t.write_buffer_size
         t.write(data)
         added = t.write_buffer_size - before
@@ -404,6 +417,16 @@ class _Link:
             else:
                 self._wt_mark, self._wt_added = t.write_buffer_size, 0
                 timer.arm(self._write_check)
+
+    def _level_changed(self) -> None:
+        """auto moved our level (at the flush that just ended): tell the
+        debug log and the gauge."""
+        auto, client = self.conn.auto, self.client
+        if client.debug is not None:
+            client.debug(f"teleport connection to {client.name}: compression level "
+                         f"{self._level} -> {auto.level} ({auto.reason})")
+        client._q[client._base + S.OUT_LEVEL_SUM] += auto.level - self._level
+        self._level = auto.level
 
     def _write_check(self) -> None:
         """``write_timeout`` passed with bytes queued: fail unless some went out."""
@@ -574,6 +597,10 @@ class _Link:
         if self.connected:
             self.connected = False
             client._q[client._base + S.OUT_CONNS] -= 1
+        if self._level is not None:
+            client._q[client._base + S.OUT_LEVEL_SUM] -= self._level
+            client._q[client._base + S.OUT_LEVEL_LINKS] -= 1
+            self._level = None
         calls = list(self.calls.values())
         self.calls.clear()
         self.queue.clear()
@@ -596,17 +623,21 @@ class _Link:
 class TeleportClient:
     """One multiplexed teleport connection to one address (PROTOCOL.md §1.5)."""
 
-    def __init__(self, address, *, compress: int = Compress.FLATE, delay: float = 0.0,
+    def __init__(self, address, *, compress: int = Compress.FLATE, level=None,
+                 delay: float = 0.0,
                  max_pending: int = 1000, max_header_size: int = 4096,
                  max_body_size: int = 64 << 20, read_timeout: float = 120.0,
                  write_timeout: float = 5.0, dial_timeout: float = 3.0, stats=None,
                  block: int | None = None, log=None, tls_context=None,
-                 server_hostname: str | None = None, limit_names: dict | None = None):
+                 server_hostname: str | None = None, limit_names: dict | None = None,
+                 debug=None):
         if isinstance(address, str):
             address = parse_address(address, "tcp")
         self.address: Address = address
         self.name = str(address)
         self.compress = Compress(compress)
+        #: None (the codec's default), a level, or "auto" (httptp.teleport.autolevel)
+        self.level = check_level(self.compress, level)
         self.delay = delay
         self.max_pending = max_pending
         self.max_header_size = max_header_size
@@ -617,6 +648,7 @@ class TeleportClient:
         self.write_timeout = write_timeout
         self.dial_timeout = dial_timeout
         self.log = log
+        self.debug = debug                  # debug(msg): level changes (auto)
         self.tls_context = tls_context      # a stdlib context: the transport does the IO
         # SNI and the name the certificate is checked against (teleports, PROTOCOL §2)
         self.server_hostname = server_hostname or (

@@ -44,6 +44,7 @@ from greenlet import greenlet as _RawGreenlet
 from httptp.io.common import counters
 from httptp.io.teleport_serverconn import INTERNAL_ERROR, Answer, TeleportServerConn
 from httptp.logs import RateLimitedLog
+from httptp.teleport.codecs import AUTO, check_level
 from httptp.teleport.handshake import BY_NAME, Compress
 
 __all__ = ["Answer", "INTERNAL_ERROR", "TeleportServer", "TeleportServerConn"]
@@ -59,13 +60,14 @@ class TeleportServer:
     the module doc).  ``tls``: a ``httptp.tls.ServerTLS`` (teleports) or
     None."""
 
-    def __init__(self, handler, *, compress: int | str = Compress.FLATE, delay: float = 0.0,
+    def __init__(self, handler, *, compress: int | str = Compress.FLATE, level=None,
+                 delay: float = 0.0,
                  concurrency: int = 10000, max_header_size: int = 4096,
                  max_body_size: int = 4 << 20, read_timeout: float = 120.0,
                  write_timeout: float = 5.0, handshake_timeout: float = 3.0, stats=None,
                  block: int | None = None, log=None, tls=None, allow_plaintext: bool = False,
                  refusals: RateLimitedLog | None = None, refused=None,
-                 limit_names: dict | None = None, dispatch=None):
+                 limit_names: dict | None = None, dispatch=None, debug=None):
         self.handler = handler
         #: dispatch(conn, req_id, head, body): answer with conn.respond(req_id, answer)
         self.dispatch = dispatch if dispatch is not None else self._dispatch
@@ -82,6 +84,16 @@ class TeleportServer:
                                      f"one of {', '.join(BY_NAME)}") from None
         else:
             self.compress = Compress(compress)
+        #: None (the codec's default), a level, or "auto" (httptp.teleport.autolevel);
+        #: a number needs a fixed codec
+        self.level = level
+        if level is not None:
+            if self.compress is not None:
+                check_level(self.compress, level)
+            elif level != AUTO:
+                raise ValueError("a numeric compression level needs a fixed codec, "
+                                 "not compress='auto'")
+        self.debug = debug                # debug(msg): level changes (auto)
         self.delay = delay
         self.concurrency = concurrency
         self.max_header_size = max_header_size
@@ -109,6 +121,12 @@ class TeleportServer:
     def _log(self, msg: str) -> None:
         if self.log is not None:
             self.log(msg)
+
+    def _level_changed(self, conn: TeleportServerConn, auto) -> None:
+        """auto moved the level of ``conn``'s responses."""
+        if self.debug is not None:
+            self.debug(f"teleport client {conn.peer}: compression level now {auto.level} "
+                       f"({auto.reason})")
 
     def _refuse_log(self, peer: str, msg: str) -> None:
         if self.refusals is not None:

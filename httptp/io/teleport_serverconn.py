@@ -36,7 +36,10 @@ Batches (PROTOCOL.md §1.6): with ``delay`` 0 the answers produced in one
 loop turn are compressed together and flushed by a ``loop.run_callback``;
 with ``delay`` > 0 a timer armed by a batch's first answer flushes it (later
 answers never push the flush back).  Either way ``BATCH_BYTES`` of
-unflushed frames flush at once (Go's full buffer).
+unflushed frames flush at once (Go's full buffer).  Each flush tells the
+connection whether our socket still held earlier bytes (-inCompressLevel
+``auto`` goes down when it does); the connection's level is counted in the
+``IN_LEVEL_*`` gauges from the handshake to the close.
 
 Flow control: when the transport's queue passes its high-water mark
 (``pause_writing``) we stop reading new requests until ``resume_writing``:
@@ -61,11 +64,13 @@ their answers flush, then closes in order.
 
 from __future__ import annotations
 
+import time
+
 from gevent import get_hub
 
 from httptp import stats as S
 from httptp.errors import PayloadTooLarge
-from httptp.io.common import BATCH_BYTES, YIELD_SLICES, error_text
+from httptp.io.common import BATCH_BYTES, COMPRESS_SPENT, YIELD_SLICES, error_text
 from httptp.io.timers import Timer
 from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.teleport import FrameTooLarge, HandshakeError, TeleportError
@@ -108,7 +113,7 @@ class TeleportServerConn:
     ``on_close(conn)`` is called once when the connection ends."""
 
     __slots__ = ("server", "sock", "peer", "conn", "transport", "loop", "state", "inflight",
-                 "draining", "on_close", "_hello", "_rw", "_timer", "_batch_timer", "_paused", "_backlog", "_held", "_flush_soon", "_plain_seen",
+                 "draining", "on_close", "_hello", "_rw", "_timer", "_batch_timer", "_paused", "_backlog", "_held", "_flush_soon", "_plain_seen", "_level",
                  "__weakref__")
 
     def __init__(self, server, sock, peer: str, on_close=None):
@@ -119,7 +124,9 @@ class TeleportServerConn:
         # the protocol's side: handshake, codecs, frame reader and limits,
         # which answers are to HEADs
         self.conn = ServerConnection(server.compress, max_header_size=server.max_header_size,
-                                     max_body_size=server.max_body_size)
+                                     max_body_size=server.max_body_size, level=server.level,
+                                     clock=time.monotonic, cpu=time.process_time,
+                                     spent=COMPRESS_SPENT)
         self.transport = None
         self.loop = get_hub().loop
         self.state = _HELLO
@@ -134,6 +141,7 @@ class TeleportServerConn:
         self._held = False              # slices left, held until our writes drain
         self._flush_soon = False        # a _flush callback is scheduled
         self._plain_seen = 0
+        self._level = None              # our level, as counted in the gauge
 
     @property
     def closed(self) -> bool:
@@ -261,6 +269,11 @@ class TeleportServerConn:
     def _streams(self) -> None:
         """The handshake is done: requests from now on."""
         self.state = _FRAMES
+        level = self._level = self.conn.compress_level
+        if level is not None:               # the gauge: counted until _close
+            srv = self.server
+            srv._q[srv._base + S.IN_LEVEL_SUM] += level
+            srv._q[srv._base + S.IN_LEVEL_LINKS] += 1
         self._timer.disarm()
         if self.draining:
             self._close(orderly=True)
@@ -421,16 +434,22 @@ class TeleportServerConn:
         plain = conn.buffered
         if not plain:
             return
+        t = self.transport
         try:
-            data = conn.flush()
+            data = conn.flush(t.write_buffer_size > 0)
         except TeleportError:
             self._close()
             return
         srv = self.server
         q, b = srv._q, srv._base
+        auto = conn.auto
+        if auto is not None and auto.level != self._level:
+            q[b + S.IN_LEVEL_SUM] += auto.level - self._level
+            self._level = auto.level
+            srv._level_changed(self, auto)
         q[b + S.TELEPORT_SENT_PLAIN] += plain
         q[b + S.TELEPORT_SENT_COMPRESSED] += len(data)
-        self.transport.write(data)
+        t.write(data)
 
     # -- flow control -------------------------------------------------------------------
 
@@ -509,6 +528,11 @@ class TeleportServerConn:
         if orderly and self.state == _FRAMES:
             self._flush()
         self.state = _CLOSED
+        if self._level is not None:
+            srv = self.server
+            srv._q[srv._base + S.IN_LEVEL_SUM] -= self._level
+            srv._q[srv._base + S.IN_LEVEL_LINKS] -= 1
+            self._level = None
         self._stop_hello_watcher()
         for timer in (self._timer, self._batch_timer):
             if timer is not None:

@@ -22,11 +22,12 @@ _LIMIT_NAMES = {"header": "-outMaxHeaderSize", "body": "-outMaxBodySize"}
 class TeleportUpstream:
     def __init__(self, address, *, conns: int, compress: int, delay: float, max_pending: int,
                  max_header_size: int, max_body_size: int, stats, block: int, log,
-                 tls_context=None, server_hostname: str | None = None):
+                 tls_context=None, server_hostname: str | None = None, level=None):
         self.address = address
         self.name = str(address)
         self.clients = [
-            TeleportClient(address, compress=compress, delay=delay, max_pending=max_pending,
+            TeleportClient(address, compress=compress, level=level, delay=delay,
+                           max_pending=max_pending,
                            max_header_size=max_header_size, max_body_size=max_body_size,
                            stats=stats, block=block, log=log, tls_context=tls_context,
                            server_hostname=server_hostname, limit_names=_LIMIT_NAMES)

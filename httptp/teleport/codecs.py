@@ -53,11 +53,29 @@ handshake byte and factories; ``handshake.Compress`` is derived from it):
   CRC.  The decoder walks chunk headers itself (identifier first, reserved
   types 0x02-0x7f refused, chunks split across feeds) and hands complete
   chunks to cramjam, which checks each CRC and skips 0x80-0xfe.
-- zstd (ours): one zstandard frame that never ends, level 6 (see
-  ``ZSTD_LEVEL``), a
+- zstd (ours): zstandard frames, level 6 (see ``ZSTD_LEVEL``), a
   ``COMPRESSOBJ_FLUSH_BLOCK`` per batch; ``decompressobj`` reads it in pieces.
+  A writer keeps one frame open for the connection's life unless its level
+  changes; the reader accepts a stream of frames, one after another.
 - brotli (ours): one brotli stream that never ends, quality 5 (see
   ``BROTLI_QUALITY``), ``flush()`` per batch.
+
+Levels (``-inCompressLevel``/``-outCompressLevel``): a sender-side choice
+that changes nothing on the wire; each codec's range is in `REGISTRY`.  A
+compressor may change its level at a flush boundary (``set_level``, for
+``auto``, httptp.teleport.autolevel):
+
+- flate: a fresh deflater after the sync flush, primed with the last 32 KiB
+  of plain bytes as its dictionary.  Raw deflate has no dictionary id: the
+  new deflater's back-references land in the window every inflater (Go's
+  too) already holds, so the stream stays one valid deflate stream and keeps
+  its history.
+- zstd: the frame ends (an empty last block) and the next batch opens a new
+  frame at the new level; the history starts again (once per change).
+- brotli: one stream is one encoder, and the python binding cannot change
+  its quality; rather than reopen the link (a new handshake and an empty
+  history) brotli keeps its level for the link's life (``auto`` stays at
+  the codec's default).
 """
 
 from __future__ import annotations
@@ -73,6 +91,7 @@ from httptp.teleport import CodecError
 SNAPPY_MAX_BLOCK = 65536
 SNAPPY_STREAM_ID = b"\xff\x06\x00\x00sNaPpY"
 FLATE_LEVEL = 6
+FLATE_WINDOW = 32768        # raw deflate's window: what a new deflater is primed with
 # zstd level 6, not the usual 3: the flush at every batch ends a zstd block,
 # and small blocks cost zstd more than deflate (tables per block), so at
 # level 3 flate out-packed zstd on RTB-like responses.  Measured on the bench's
@@ -103,6 +122,9 @@ _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 class Compressor:
     """One direction's outgoing stream (identity: the ``none`` codec)."""
 
+    #: the level it compresses at now (None: a codec without levels)
+    level: int | None = None
+
     def compress(self, data: bytes) -> bytes:
         """Feed plain bytes; return compressed bytes ready now (maybe b"")."""
         return data
@@ -110,6 +132,13 @@ class Compressor:
     def flush(self) -> bytes:
         """End a batch: return what makes everything so far decodable."""
         return b""
+
+    def set_level(self, level: int) -> bytes:
+        """Compress at ``level`` from the next batch on; call right after a
+        ``flush``.  Returns bytes to send after that flush's (zstd: the end
+        of the frame).  NotImplementedError for a codec that cannot change
+        its level in a stream."""
+        raise NotImplementedError
 
 
 class _StreamCompressor(Compressor):
@@ -163,11 +192,33 @@ class Decompressor:
 
 
 class _FlateCompressor(_StreamCompressor):
-    def __init__(self, level: int | None):
+    """``history``: keep the last ``FLATE_WINDOW`` plain bytes, so that
+    ``set_level`` can prime the new deflater with them (``auto`` only: it
+    costs a copy per batch)."""
+
+    def __init__(self, level: int | None, history: bool = False):
         super().__init__()
-        z = zlib.compressobj(FLATE_LEVEL if level is None else level, zlib.DEFLATED, -15)
-        self._compress = z.compress
+        self.level = FLATE_LEVEL if level is None else level
+        self._history = b"" if history else None
+        self._new(b"")
+
+    def _new(self, zdict: bytes) -> None:
+        z = (zlib.compressobj(self.level, zlib.DEFLATED, -15, zdict=zdict) if zdict
+             else zlib.compressobj(self.level, zlib.DEFLATED, -15))
+        self._compress = z.compress if self._history is None else self._remember
+        self._z_compress = z.compress
         self._flush = functools.partial(z.flush, zlib.Z_SYNC_FLUSH)
+
+    def _remember(self, data: bytes) -> bytes:
+        h = self._history + data
+        self._history = h[-FLATE_WINDOW:] if len(h) > FLATE_WINDOW else h
+        return self._z_compress(data)
+
+    def set_level(self, level: int) -> bytes:
+        if level != self.level:
+            self.level = level
+            self._new(self._history or b"")
+        return b""
 
 
 class _FlateDecompressor(Decompressor):
@@ -300,29 +351,49 @@ class _SnappyDecompressor(_UnitDecompressor):
 
 
 class _ZstdCompressor(_StreamCompressor):
-    def __init__(self, level: int | None):
-        import zstandard
+    def __init__(self, level: int | None, history: bool = False):
         super().__init__()
-        z = zstandard.ZstdCompressor(level=ZSTD_LEVEL if level is None else level).compressobj()
+        self.level = ZSTD_LEVEL if level is None else level
+        self._new()
+
+    def _new(self) -> None:
+        import zstandard
+        z = self._z = zstandard.ZstdCompressor(level=self.level).compressobj()
         self._compress = z.compress
         self._flush = functools.partial(z.flush, zstandard.COMPRESSOBJ_FLUSH_BLOCK)
+
+    def set_level(self, level: int) -> bytes:
+        """End the frame; the next batch opens a new one at ``level``."""
+        if level == self.level:
+            return b""
+        import zstandard
+        end = self._z.flush(zstandard.COMPRESSOBJ_FLUSH_FINISH)
+        self.level = level
+        self._new()
+        return end
 
 
 class _ZstdDecompressor(_UnitDecompressor):
     """Whole blocks to zstd, a slice's worth at a time (module docstring).
 
-    The buffer always starts at a unit boundary: the frame header first, then
-    block after block.  The walk only decides where to cut; zstd itself checks
-    everything it is given."""
+    The buffer always starts at a unit boundary: a frame header, then block
+    after block.  A frame's last block (and its checksum, if the header
+    announces one) ends a cut of its own; the next frame gets a fresh
+    ``decompressobj`` (a level change, see ``_ZstdCompressor.set_level``).
+    The walk only decides where to cut; zstd itself checks everything it is
+    given."""
 
-    __slots__ = ("_z", "_error", "_in_frame")
+    __slots__ = ("_z", "_error", "_in_frame", "_checksum", "_frame_ends", "_new")
 
     def __init__(self):
         import zstandard
         super().__init__()
-        self._z = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj()
+        self._new = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompressobj
+        self._z = self._new()
         self._error = zstandard.ZstdError
         self._in_frame = False
+        self._checksum = 0              # 4 when the open frame ends with a checksum
+        self._frame_ends = False        # the cut being decoded ends the frame
 
     def _decode(self, units) -> bytes:
         try:
@@ -332,54 +403,67 @@ class _ZstdDecompressor(_UnitDecompressor):
 
     def _drop(self, end: int) -> None:
         del self._buf[:end]
+        if self._frame_ends:
+            self._frame_ends = self._in_frame = False
+            self._z = self._new()
 
     def _cut(self) -> int:
         """Where to cut: after the frame header (if not given yet) and the
-        whole blocks that decode to one slice at most (at least one)."""
+        whole blocks that decode to one slice at most (at least one), or
+        the frame's last block."""
         buf = self._buf
         n = len(buf)
         pos = 0
         if not self._in_frame:
-            if n < 5:
-                return 0
-            if buf[:4] != _ZSTD_MAGIC:
-                raise CodecError("zstd: stream does not start with a zstd frame")
-            fhd = buf[4]
-            if fhd & 0x08:
-                raise CodecError("zstd: reserved bit set in the frame header")
-            single = fhd & 0x20
-            pos = (5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
-                   + ((1 if single else 0), 2, 4, 8)[fhd >> 6])
-            if n < pos:
+            pos = self._frame_header(buf, n)
+            if not pos:
                 return 0
             self._in_frame = True
         budget = 0
         while pos + 3 <= n:
             header = buf[pos] | buf[pos + 1] << 8 | buf[pos + 2] << 16
-            if header & 1:
-                # our streams never end; a peer that ends one is not a teleport
-                raise CodecError("zstd: unexpected end of stream")
             kind = header >> 1 & 3
             size = header >> 3
             if kind == 3:
                 raise CodecError("zstd: reserved block type")
             if size > ZSTD_BLOCK_MAX:
                 raise CodecError(f"zstd: block of {size} bytes is too long")
-            if pos + 3 + (1 if kind == 1 else size) > n:
+            last = header & 1
+            end = pos + 3 + (1 if kind == 1 else size) + (self._checksum if last else 0)
+            if end > n:
                 break
             out = ZSTD_BLOCK_MAX if kind == 2 else size     # RLE and raw: exactly size
             if budget and budget + out > MAX_SLICE:
                 break
             budget += out
-            pos += 3 + (1 if kind == 1 else size)
+            pos = end
+            if last:
+                self._frame_ends = True
+                break
         return pos
+
+    def _frame_header(self, buf, n: int) -> int:
+        """The size of the frame header at the front (0: not all here yet)."""
+        if n < 5:
+            return 0
+        if buf[:4] != _ZSTD_MAGIC:
+            raise CodecError("zstd: stream does not continue with a zstd frame")
+        fhd = buf[4]
+        if fhd & 0x08:
+            raise CodecError("zstd: reserved bit set in the frame header")
+        single = fhd & 0x20
+        self._checksum = 4 if fhd & 0x04 else 0
+        size = (5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3]
+                + ((1 if single else 0), 2, 4, 8)[fhd >> 6])
+        return size if n >= size else 0
 
 
 class _BrotliCompressor(_StreamCompressor):
-    def __init__(self, level: int | None):
+    def __init__(self, level: int | None, history: bool = False):
         import brotli
         super().__init__()
-        z = brotli.Compressor(quality=BROTLI_QUALITY if level is None else level)
+        self.level = BROTLI_QUALITY if level is None else level
+        z = brotli.Compressor(quality=self.level)
         self._compress = z.process
         self._flush = z.flush
 
@@ -430,39 +514,54 @@ class Codec:
     ``compress=``), ``byte`` the value in the handshake header (PROTOCOL.md
     §1.2), ``go`` whether the Go original speaks it (a Go peer drops the
     connection after a handshake that announces anything else).
-    ``compressor(level)`` returns a fresh outgoing stream (``level`` None:
-    the codec's default; ignored by codecs without levels),
-    ``decompressor()`` a fresh incoming one.
+    ``compressor(level, history)`` returns a fresh outgoing stream (``level``
+    None: the codec's default; ignored by codecs without levels; ``history``:
+    it will be asked to ``set_level``), ``decompressor()`` a fresh incoming
+    one.  ``levels``: the lowest and highest level (None: no levels),
+    ``default_level`` the level when none is given, ``auto_levels`` the
+    bounds of ``auto`` (None: the level cannot change in a stream).
     """
 
     name: str
     byte: int
     go: bool
-    compressor: Callable[[int | None], Compressor]
+    compressor: Callable[..., Compressor]
     decompressor: Callable[[], Decompressor]
+    levels: tuple[int, int] | None = None
+    default_level: int | None = None
+    auto_levels: tuple[int, int] | None = None
 
 
-def _without_level(cls) -> Callable[[int | None], Compressor]:
+def _without_level(cls) -> Callable[..., Compressor]:
     """The factory of a compressor that has no level (none, snappy)."""
-    return lambda level: cls()
+    return lambda level=None, history=False: cls()
 
 
 REGISTRY: tuple[Codec, ...] = (
     # in the order the -help text lists them
     Codec("none", 1, True, _without_level(Compressor), Decompressor),       # Go: raw bytes
     # Go: raw DEFLATE, level 6, sync flush per batch.  Flate is 0, the Go
-    # zero value, hence the Go original's default.
-    Codec("flate", 0, True, _FlateCompressor, _FlateDecompressor),
+    # zero value, hence the Go original's default.  Any level is plain
+    # DEFLATE: Go's reader (and ours) decodes every one.
+    Codec("flate", 0, True, _FlateCompressor, _FlateDecompressor,
+          (1, 9), FLATE_LEVEL, (1, 9)),
     # Go: snappy framing format (golang/snappy NewWriter)
     Codec("snappy", 2, True, _without_level(_SnappyCompressor), _SnappyDecompressor),
-    # ours only (PROTOCOL.md §8): one zstandard frame that never ends
-    Codec("zstd", 3, False, _ZstdCompressor, _ZstdDecompressor),
-    # ours only: one brotli stream that never ends
-    Codec("brotli", 4, False, _BrotliCompressor, _BrotliDecompressor),
+    # ours only (PROTOCOL.md §8): zstandard frames.  Negative (fast) levels
+    # are not offered: on RTB-like batches level 1 is already ~6-11 us/msg at
+    # x6-7 (bench/levels.py), more than snappy packs at any speed.  auto
+    # spans 1-12: level 1 costs a third of level 3's CPU for ~3% more bytes
+    # (what a saturated worker wants), and above 12 the CPU per message
+    # grows ~20x for ~14% fewer bytes (docs/teleport.md).
+    Codec("zstd", 3, False, _ZstdCompressor, _ZstdDecompressor,
+          (1, 19), ZSTD_LEVEL, (1, 12)),
+    # ours only: one brotli stream that never ends (its level is fixed per link)
+    Codec("brotli", 4, False, _BrotliCompressor, _BrotliDecompressor,
+          (0, 11), BROTLI_QUALITY, None),
 )
 """Every codec, once: the handshake byte (`Compress`, `BY_NAME`), the
-settings' choices (`NAMES`) and the factories (`compressor`, `decompressor`)
-are all read from here."""
+settings' choices (`NAMES`), the level ranges and the factories
+(`compressor`, `decompressor`) are all read from here."""
 
 NAMES: tuple[str, ...] = tuple(c.name for c in REGISTRY)
 """Codec names in the registry's (the -help text's) order."""
@@ -477,6 +576,9 @@ BY_NAME: dict[str, Compress] = {c.name.lower(): c for c in Compress}
 
 _BY_BYTE: dict[int, Codec] = {c.byte: c for c in REGISTRY}
 
+AUTO = "auto"
+"""The level that follows the link (httptp.teleport.autolevel)."""
+
 
 def codec(c: int) -> Codec:
     """The registry entry of codec ``c`` (a `Compress` or its byte value);
@@ -484,10 +586,32 @@ def codec(c: int) -> Codec:
     return _BY_BYTE[Compress(c)]
 
 
-def compressor(c: int, level: int | None = None) -> Compressor:
+def check_level(c: int, level: int | str | None) -> int | str | None:
+    """``level`` if codec ``c`` takes it (None: the default; ``"auto"``;
+    an int in the codec's range); ValueError with a message for an
+    operator otherwise."""
+    if level is None:
+        return None
+    entry = codec(c)
+    if entry.levels is None:
+        raise ValueError(f"{entry.name} has no compression levels (leave the level unset)")
+    if level == AUTO:
+        return level
+    low, high = entry.levels
+    if not isinstance(level, int) or not low <= level <= high:
+        raise ValueError(f"{entry.name} levels are {low} to {high}, not {level}")
+    return level
+
+
+def level_ranges() -> str:
+    """"flate 1-9, zstd 1-19, brotli 0-11": for help texts and errors."""
+    return ", ".join(f"{c.name} {c.levels[0]}-{c.levels[1]}" for c in REGISTRY if c.levels)
+
+
+def compressor(c: int, level: int | None = None, history: bool = False) -> Compressor:
     """A fresh outgoing stream for codec ``c`` (``level`` overrides the default;
-    snappy and none have no level)."""
-    return codec(c).compressor(level)
+    snappy and none have no level; ``history``: ``set_level`` will be used)."""
+    return codec(c).compressor(level, history)
 
 
 def decompressor(c: int) -> Decompressor:

@@ -45,7 +45,8 @@ body, no Host, a body on a 204) is the caller's mistake and changes nothing.
 from __future__ import annotations
 
 from httptp.teleport import TeleportError, handshake
-from httptp.teleport.codecs import compressor, decompressor
+from httptp.teleport.autolevel import AutoLevel
+from httptp.teleport.codecs import AUTO, check_level, codec, compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import Compress
 
@@ -62,10 +63,12 @@ class _Connection:
     frame reader and the sticky error."""
 
     __slots__ = ("compress", "peer_compress", "error", "plain_sent", "plain_received",
+                 "level", "auto", "_clock", "_cpu", "_spent",
                  "_comp", "_decomp", "_reader", "_batch", "_buffered")
 
     def __init__(self, kind: str, compress: int | None, max_header_size: int,
-                 max_body_size: int | None, is_head=None):
+                 max_body_size: int | None, is_head=None, level=None, clock=None, cpu=None,
+                 spent=None):
         #: the codec we write with (None until the handshake: a server in auto)
         self.compress: Compress | None = None if compress is None else Compress(compress)
         #: the codec the peer writes with (None until ``receive_handshake``)
@@ -74,6 +77,19 @@ class _Connection:
         self.error: TeleportError | None = None
         self.plain_sent = 0             # frame bytes flushed so far (before compression)
         self.plain_received = 0         # decompressed bytes read so far
+        #: our compression level: None (the codec's default), an int, or "auto"
+        self.level = level
+        #: the AutoLevel that moves it (level "auto", once the codec is known)
+        self.auto: AutoLevel | None = None
+        self._clock, self._cpu, self._spent = clock, cpu, spent
+        if level is not None:
+            if compress is not None:
+                check_level(compress, level)
+            elif level != AUTO:
+                raise ValueError("a numeric compression level needs a fixed codec "
+                                 "(not compress='auto')")
+            if level == AUTO and (clock is None or cpu is None):
+                raise ValueError("level 'auto' needs a clock and a CPU meter")
         self._comp = None               # made by the first flush (a zlib one is ~256 KiB)
         self._decomp = None
         self._reader = FrameReader(kind, max_header_size, is_head, max_body_size)
@@ -119,14 +135,41 @@ class _Connection:
         return self._buffered
 
     @property
+    def compress_level(self) -> int | None:
+        """The level our stream compresses at now (None: a codec without
+        levels, or nothing sent yet with the codec unknown)."""
+        comp = self._comp
+        if comp is not None:
+            return comp.level
+        if self.compress is None:
+            return None
+        entry = codec(self.compress)
+        if entry.levels is None:
+            return None
+        return self.level if isinstance(self.level, int) else entry.default_level
+
+    def _new_compressor(self):
+        entry = codec(self.compress)
+        if self.level != AUTO:
+            return compressor(self.compress, self.level)
+        if entry.auto_levels is None:       # brotli: fixed per link; none, snappy: no levels
+            return compressor(self.compress)
+        low, high = entry.auto_levels
+        self.auto = AutoLevel(low, high, entry.default_level, clock=self._clock, cpu=self._cpu,
+                              spent=self._spent)
+        return compressor(self.compress, self.auto.level, history=True)
+
+    @property
     def buffered(self) -> int:
         """Frame bytes written since the last ``flush``."""
         return self._buffered
 
-    def flush(self) -> bytes:
+    def flush(self, behind: bool = False) -> bytes:
         """End the batch: return its bytes compressed, ending in the codec's
         flush, so the peer can decode every frame written so far.  ``b""``
-        when nothing was written."""
+        when nothing was written.  ``behind``: the driver's socket still
+        holds bytes of earlier batches (level ``auto`` goes down when that
+        lasts); a level change happens here, after the flush."""
         self._check()
         batch = self._batch
         if not batch:
@@ -135,13 +178,19 @@ class _Connection:
         if comp is None:
             if self.compress is None:
                 raise RuntimeError("compress='auto': call receive_handshake first")
-            comp = self._comp = compressor(self.compress)
+            comp = self._comp = self._new_compressor()
         data = batch[0] if len(batch) == 1 else b"".join(batch)
         self._batch = []
         self.plain_sent += self._buffered
         self._buffered = 0
         try:
-            return comp.compress(data) + comp.flush()
+            auto = self.auto
+            if auto is None:
+                return comp.compress(data) + comp.flush()
+            t0 = self._clock()
+            out = comp.compress(data) + comp.flush()
+            level = auto.batch(self._clock() - t0, behind)
+            return out + comp.set_level(level) if level != comp.level else out
         except TeleportError as e:
             self.error = e
             raise
@@ -196,7 +245,11 @@ class _Connection:
 class ClientConnection(_Connection):
     """The client side: sends requests, receives their responses.
 
-    ``compress``: the codec of our requests.  ``max_header_size`` and
+    ``compress``: the codec of our requests; ``level`` its level (None:
+    the codec's default; ``"auto"`` with ``clock`` and ``cpu``, and
+    ``spent`` shared by the process's connections, see ``autolevel``;
+    ValueError for one the codec does not take).
+    ``max_header_size`` and
     ``max_body_size`` bound one response (over them: FrameTooLarge, whose
     ``req_id`` says whose answer it was).  Ids go 1, 2, 3, … and wrap from
     0xFFFFFFFF to 1, never 0 (id 0 asks the server for no answer, §1.5),
@@ -214,7 +267,8 @@ class ClientConnection(_Connection):
 
     def __init__(self, compress: int = Compress.FLATE, *, max_header_size: int = 4096,
                  max_body_size: int | None = None, first_id: int = 1,
-                 skip_pending_ids: bool = True):
+                 skip_pending_ids: bool = True, level=None, clock=None, cpu=None,
+                 spent=None):
         if not 1 <= first_id <= MAX_ID:
             raise ValueError(f"first_id must be in 1..{MAX_ID}")
         #: id -> method of every request sent or about to be, not answered yet
@@ -225,7 +279,8 @@ class ClientConnection(_Connection):
         # HEAD ids forgotten after they were sent: their answer may still
         # come, and must still be read without a body
         self._late_heads: set[int] = set()
-        super().__init__("response", compress, max_header_size, max_body_size, self._is_head)
+        super().__init__("response", compress, max_header_size, max_body_size, self._is_head,
+                         level, clock, cpu, spent)
 
     def send_request(self, method: bytes, target: bytes, headers: list,
                      body: bytes = b"") -> tuple[int, bytes]:
@@ -290,6 +345,8 @@ class ServerConnection(_Connection):
 
     ``compress``: the codec of our responses, or None to answer in the
     client's codec (``-inCompress=auto``; known after ``receive_handshake``).
+    ``level``, ``clock``, ``cpu``: as for `ClientConnection` (with codec
+    None, only None or ``"auto"``).
     ``max_header_size``, ``max_body_size``: bound one request; a request
     whose Content-Length is over ``max_body_size`` comes out with body None
     (answer it 413: its body is skipped as it arrives), anything else over a
@@ -304,11 +361,13 @@ class ServerConnection(_Connection):
     __slots__ = ("_heads",)
 
     def __init__(self, compress: int | None = Compress.FLATE, *, max_header_size: int = 4096,
-                 max_body_size: int | None = None):
+                 max_body_size: int | None = None, level=None, clock=None, cpu=None,
+                 spent=None):
         # ids of HEAD requests not answered yet -> how many (a client may
         # reuse an id in flight; ours never does)
         self._heads: dict[int, int] = {}
-        super().__init__("request", compress, max_header_size, max_body_size)
+        super().__init__("request", compress, max_header_size, max_body_size, None,
+                         level, clock, cpu, spent)
 
     def _frames(self, frames: list) -> list:
         heads = self._heads

@@ -55,7 +55,8 @@ OURS = {"workers": "auto", "gracefulTimeout": "30s", "httpParser": "auto", "conf
         "outHealthCheck": "", "outHealthCheckInterval": "5s", "outHealthCheckTimeout": "2s",
         "outHealthCheckRise": "2", "outHealthCheckFall": "3",
         "outResolveInterval": "10s", "resolver": "", "outMaxAddrs": "256", "outResolveWait": "0s",
-        "forwardedProto": "true"}
+        "forwardedProto": "true",
+        "inCompressLevel": "", "outCompressLevel": ""}
 
 
 def test_table_has_the_original_flags_and_defaults():

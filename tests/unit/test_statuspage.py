@@ -155,7 +155,8 @@ def test_status_json_shape(server):
     assert 0.005 < first["p99"] <= 0.01 and first["health"] is None   # no health checks yet
     assert second["address"] == HOSTILE and second["p99"] is None
     assert doc["teleport"] == {"sent": {"plain": 0, "wire": 0}, "received": {"plain": 0, "wire": 0},
-                               "plain": 0, "wire": 0, "ratio": None, "saved": 0}
+                               "plain": 0, "wire": 0, "ratio": None, "saved": 0,
+                               "levels": {}}
     assert doc["history"]["columns"] == ["ago", "requests_per_s", "errors_per_s",
                                          "bytes_saved_per_s"]
 
@@ -267,3 +268,14 @@ def test_discovery_entries_when_present_give_address_and_origin(monkeypatch):
     assert [(u["address"], u["origin"], u["state"], u["requests"]) for u in rows] == [
         ("10.0.0.1:80", "app.example:80", "up", 0), ("10.0.0.2:80", "app.example:80", "up", 9),
         ("10.0.0.3:80", "app.example:80", "up", 0)]
+
+
+def test_teleport_compression_levels_are_the_mean_per_side(stats):
+    """Two workers: listener connections at levels 6+9 and 3, upstream links at 1."""
+    for block, (in_sum, in_links, out_sum, out_links) in ((0, (15, 2, 1, 1)), (1, (3, 1, 0, 0))):
+        base = stats.block_base(block)
+        stats.q[base + S.IN_LEVEL_SUM], stats.q[base + S.IN_LEVEL_LINKS] = in_sum, in_links
+        stats.q[base + S.OUT_LEVEL_SUM], stats.q[base + S.OUT_LEVEL_LINKS] = out_sum, out_links
+    doc = statuspage.status(stats, {"in_type": "teleport", "out_type": "teleport"}, None)
+    assert doc["teleport"]["levels"] == {"in": 6.0, "out": 1.0}
+    assert statuspage._levels_text(doc["teleport"]["levels"]) == "in 6, out 1"

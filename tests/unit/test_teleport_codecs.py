@@ -359,7 +359,8 @@ def _zstd_head() -> bytes:
     (b"\x28\xb5\x2f\xfe\x00\x58", "zstd frame"),                  # wrong magic
     (b"\x50\x2a\x4d\x18\x04\x00\x00\x00abcd", "zstd frame"),      # a skippable frame
     (b"\x28\xb5\x2f\xfd\x08\x58", "reserved bit"),
-    (b"\x28\xb5\x2f\xfd\x00\x58" + b"\x01\x00\x00", "end of stream"),        # last block
+    # a frame may end (a level change): what follows must be a frame again
+    (b"\x28\xb5\x2f\xfd\x00\x58" + b"\x01\x00\x00" + b"junk!", "zstd frame"),
     (b"\x28\xb5\x2f\xfd\x00\x58" + b"\x06\x00\x00", "reserved block"),       # type 3
     (b"\x28\xb5\x2f\xfd\x00\x58" + (((128 * 1024 + 1) << 3) | 2).to_bytes(3, "little"),
      "too long"),
