@@ -1,0 +1,449 @@
+"""The asyncio teleport library (``httptp.teleport.aio``) on real loopback
+sockets, in this process: ``AsyncClient`` against ``AsyncServer`` on the
+default loop and on uvloop, every codec, batching, TLS, limits, timeouts and
+errors; and against the gevent ``Client``/``Server`` both ways (the gevent
+side in this thread, the asyncio side in a thread of its own: nothing is
+monkey-patched, each side has its own sockets).  Every wait is bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+import threading
+import time
+
+import pytest
+
+from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
+from httptp.teleport.aio import AsyncClient, AsyncServer, HTTPStatusError
+
+pytestmark = pytest.mark.timeout(90)
+
+CODECS = ["none", "flate", "snappy", "zstd", "brotli"]
+
+
+def _loops():
+    kinds = ["asyncio"]
+    try:
+        import uvloop  # noqa: F401
+        kinds.append("uvloop")
+    except ImportError:
+        pass
+    return kinds
+
+
+@pytest.fixture(params=_loops())
+def loop_kind(request):
+    return request.param
+
+
+def arun(main, loop_kind="asyncio", timeout=30.0):
+    """Run the coroutine function ``main`` on a fresh loop of ``loop_kind``,
+    failing after ``timeout`` seconds."""
+    async def bounded():
+        async with asyncio.timeout(timeout):
+            return await main()
+    factory = None
+    if loop_kind == "uvloop":
+        import uvloop
+        factory = uvloop.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(bounded())
+
+
+class Sink(list):
+    def __call__(self, msg):
+        self.append(msg)
+
+
+async def echo(req):
+    """GET: the Host; POST/PUT: the body; /sleep?ms=N sleeps; /json: a JSON
+    document built from the query and body."""
+    if req.path.startswith("/sleep"):
+        await asyncio.sleep(int(req.path.rsplit("=", 1)[1]) / 1000)
+        return 200, {"Content-Type": "text/plain"}, b"slept"
+    if req.path.startswith("/json"):
+        return 200, {"Content-Type": "application/json"}, json.dumps(
+            {"path": req.path, "body": req.json() if req.body else None,
+             "ctype": req.header("content-type")})
+    if req.path == "/missing":
+        return 404, {}, "no such thing\n"
+    if req.method in ("POST", "PUT"):
+        return 200, [], req.body
+    return 200, [("Content-Type", "text/plain")], req.header("host")
+
+
+# --------------------------------------------------------------------------- asyncio pair
+
+@pytest.mark.parametrize("client_codec", CODECS)
+@pytest.mark.parametrize("server_codec", ["flate", "auto"])
+def test_every_codec(loop_kind, client_codec, server_codec):
+    async def main():
+        async with AsyncServer(echo, compress=server_codec, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, compress=client_codec) as c:
+                r = await c.do("GET", "/a", host="foobar.com")
+                assert (r.status, r.body) == (200, b"foobar.com")
+                big = bytes(range(256)) * 1200
+                rs = await asyncio.gather(*(c.post(f"/p{i}", content=big + b"%d" % i)
+                                            for i in range(20)))
+                assert [r.content for r in rs] == [big + b"%d" % i for i in range(20)]
+    arun(main, loop_kind)
+
+
+def test_concurrent_answers_in_completion_order(loop_kind):
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, compress="zstd") as c:
+                slow = asyncio.ensure_future(c.get("/sleep?ms=300"))
+                await asyncio.sleep(0.05)
+                fast = await c.get("/", host="x")
+                assert fast.text == "x" and not slow.done()
+                assert (await slow).text == "slept"
+                rs = await asyncio.gather(*(c.get("/", host=f"h{i}") for i in range(300)))
+                assert [r.text for r in rs] == [f"h{i}" for i in range(300)]
+    arun(main, loop_kind)
+
+
+def test_httpx_like_conveniences():
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr) as c:
+                r = await c.request("POST", "http://api.example.com/json?a=1",
+                                    params={"b": "x y"}, json={"k": [1, 2]})
+                r.raise_for_status()
+                assert r.status_code == 200 and r.is_success
+                assert r.headers["content-type"] == "application/json"
+                assert "Content-Type" in r.headers
+                assert r.json() == {"path": "/json?a=1&b=x+y", "body": {"k": [1, 2]},
+                                    "ctype": "application/json"}
+                r = await c.get("https://api.example.com/")
+                assert r.text == "api.example.com"
+                r = await c.get("/missing")
+                assert r.status_code == 404 and r.text == "no such thing\n"
+                with pytest.raises(HTTPStatusError) as e:
+                    r.raise_for_status()
+                assert e.value.response is r and "404" in str(e.value)
+                with pytest.raises(ValueError):
+                    await c.get("/", content=b"a body on a GET")
+    arun(main)
+
+
+def test_batching_with_a_delay(loop_kind):
+    """Both sides batching (``delay``): every request of a burst is answered,
+    with consecutive ids on one connection."""
+    async def main():
+        async with AsyncServer(echo, delay=0.02, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, delay=0.02, compress="flate") as c:
+                rs = await asyncio.gather(*(c.get("/", host=f"b{i}") for i in range(50)))
+                assert [r.text for r in rs] == [f"b{i}" for i in range(50)]
+                link = c._pool[0]._link
+                assert link.conn.next_id == 51
+    arun(main, loop_kind)
+
+
+def test_timeout_pending_limit_and_closed():
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, max_pending=2, timeout=0.2) as c:
+                with pytest.raises(GatewayTimeout):
+                    await c.get("/sleep?ms=1000")
+                slow = [asyncio.ensure_future(c.get("/sleep?ms=500", timeout=5))
+                        for _ in range(2)]
+                await asyncio.sleep(0.05)
+                with pytest.raises(UpstreamError, match="too many pending"):
+                    await c.get("/", timeout=5)
+                assert [r.text for r in await asyncio.gather(*slow)] == ["slept", "slept"]
+                # the late answer to the timed-out request was dropped; the link lives on
+                assert (await c.get("/", host="after")).text == "after"
+            with pytest.raises(UpstreamError, match="closed"):
+                await c.get("/")
+    arun(main)
+
+
+def test_dial_failure_is_sticky_for_a_while():
+    async def main():
+        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        srv.close()
+        await srv.wait_closed()
+        logs = Sink()
+        async with AsyncClient(f"127.0.0.1:{port}", log=logs) as c:
+            with pytest.raises(UpstreamError, match="failed") as e1:
+                await c.get("/")
+            assert e1.value.sent_nothing_back
+            t0 = time.monotonic()
+            with pytest.raises(UpstreamError) as e2:
+                await c.get("/")
+            assert str(e2.value) == str(e1.value) and time.monotonic() - t0 < 1
+        assert logs
+    arun(main)
+
+
+def test_limits_413_429_and_too_large_response():
+    async def main():
+        gate = asyncio.Event()
+
+        async def handler(req):
+            if req.path == "/hold":
+                await gate.wait()
+            if req.path == "/huge":
+                return 200, {}, b"x" * 5000
+            return 200, {}, b"ok"
+        logs = Sink()
+        async with AsyncServer(handler, concurrency=1, max_body_size=1000, log=logs) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, timeout=5) as c:
+                r = await c.post("/", content=b"y" * 2000)
+                assert r.status == 413 and r.text == "request body too large\n"
+                held = asyncio.ensure_future(c.get("/hold"))
+                await asyncio.sleep(0.05)
+                r = await c.get("/")
+                assert r.status == 429 and "concurrency limit of 1" in r.text
+                gate.set()
+                assert (await held).content == b"ok"
+            async with AsyncClient(addr, max_body_size=1000) as c:
+                with pytest.raises(ResponseTooLarge):
+                    await c.get("/huge")
+                assert (await c.get("/")).content == b"ok"     # a new connection
+        assert any("413" in line for line in logs)
+    arun(main)
+
+
+def test_handler_errors_are_500_and_sync_handlers_work():
+    def handler(req):
+        if req.path == "/boom":
+            raise RuntimeError("kaput")
+        return 201, {"X-Sync": "yes"}, "made"
+    logs = Sink()
+
+    async def main():
+        async with AsyncServer(handler, log=logs) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr) as c:
+                r = await c.get("/boom")
+                assert (r.status, r.content) == (500, b"internal error\n")
+                r = await c.put("/", content="x")
+                assert (r.status, r.reason, r.header("x-sync"), r.text) == (
+                    201, "Created", "yes", "made")
+    arun(main)
+    assert any("kaput" in line for line in logs)
+
+
+def test_unix_socket(tmp_path):
+    path = str(tmp_path / "t.sock")
+
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start(f"unix:{path}")
+            assert addr == f"unix:{path}"
+            async with AsyncClient(addr) as c:
+                assert (await c.get("/")).text == "localhost"
+    arun(main)
+
+
+# --------------------------------------------------------------------------- TLS
+
+@pytest.fixture(scope="module")
+def tls():
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    cert = ca.issue_cert("localhost", "127.0.0.1")
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    cert.configure_cert(server)
+    client = ssl.create_default_context()
+    ca.configure_trust(client)
+    return server, client
+
+
+def test_tls(loop_kind, tls):
+    server_ctx, client_ctx = tls
+
+    async def main():
+        logs = Sink()
+        async with AsyncServer(echo, ssl=server_ctx, compress="auto", log=logs) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, ssl=client_ctx, compress="zstd") as c:
+                rs = await asyncio.gather(*(c.post("/", content=b"s%d" % i) for i in range(20)))
+                assert [r.content for r in rs] == [b"s%d" % i for i in range(20)]
+            async with AsyncClient(addr) as plain:       # no TLS asked: refused
+                with pytest.raises(UpstreamError, match="requires TLS"):
+                    await plain.get("/")
+        async with AsyncServer(echo, log=logs) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, ssl=client_ctx) as c:
+                with pytest.raises(UpstreamError, match="refused TLS"):
+                    await c.get("/")
+    arun(main, loop_kind)
+
+
+# --------------------------------------------------------------------------- with gevent
+
+class AsyncioThread:
+    """An event loop in a thread of its own, for the asyncio side of an
+    interop test while gevent runs in this one."""
+
+    def __init__(self):
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, coro, timeout=30.0):
+        """Run ``coro`` there; wait here (yielding to gevent) for its result."""
+        import gevent
+        fut = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        deadline = time.monotonic() + timeout
+        while not fut.done():
+            if time.monotonic() > deadline:
+                fut.cancel()
+                raise AssertionError("the asyncio side did not finish in time")
+            gevent.sleep(0.005)
+        return fut.result()
+
+    def close(self):
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+@pytest.fixture
+def aio_thread():
+    t = AsyncioThread()
+    yield t
+    t.close()
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_asyncio_client_to_gevent_server(aio_thread, codec):
+    from httptp.teleport import Server
+
+    def handler(req):
+        return 200, {"X-Peer": "gevent"}, req.body if req.method == "POST" else req.path
+
+    srv = Server(handler, compress="auto", log=Sink())
+    addr = srv.start("127.0.0.1:0")
+    try:
+        async def client():
+            async with AsyncClient(addr, compress=codec) as c:
+                rs = await asyncio.gather(*(c.post("/", content=b"q%d" % i * 500)
+                                            for i in range(30)))
+                r = await c.get("/path?x=1")
+                return [x.content for x in rs], r.text, r.headers["x-peer"]
+        bodies, text, peer = aio_thread.call(client())
+        assert bodies == [b"q%d" % i * 500 for i in range(30)]
+        assert (text, peer) == ("/path?x=1", "gevent")
+    finally:
+        srv.stop(timeout=1)
+
+
+@pytest.mark.parametrize("codec", CODECS)
+def test_gevent_client_to_asyncio_server(aio_thread, codec):
+    import gevent
+    from httptp.teleport import Client
+
+    srv = AsyncServer(echo, compress="auto", log=Sink())
+    addr = aio_thread.call(srv.start())
+    try:
+        with Client(addr, compress=codec) as c:
+            jobs = [gevent.spawn(c.post, "/", b"g%d" % i * 500) for i in range(30)]
+            gevent.joinall(jobs, timeout=20)
+            assert [j.get().content for j in jobs] == [b"g%d" % i * 500 for i in range(30)]
+            r = c.request("POST", "/json", json={"from": "gevent"})
+            assert r.json()["body"] == {"from": "gevent"}
+    finally:
+        aio_thread.call(srv.stop(timeout=1))
+
+
+# --------------------------------------------------------------------------- Go captures
+
+def _go_cases():
+    from tests.unit.test_teleport_vectors import CASES
+    return CASES
+
+
+@pytest.mark.parametrize("case", _go_cases(), ids=lambda c: c["case"])
+def test_asyncio_server_answers_a_go_client_stream(case):
+    """The bytes a Go httptp client wrote (shared/vectors) go to an
+    AsyncServer as they are; its answers, decoded independently of it, are
+    what the Go server answered."""
+    from httptp.teleport import handshake
+    from httptp.teleport.codecs import decompressor
+    from httptp.teleport.framing import FrameReader
+    from tests.helpers import decompress_all
+    from tests.unit.test_teleport_vectors import load
+
+    def handler(req):
+        path = req.path
+        if path == "/big":
+            return 200, {}, f"len={len(req.body)}"
+        if path == "/nobid":
+            return 204, {}, b""
+        return 200, {}, f"echo:{path}"
+
+    exchanges = case["exchanges"]
+
+    async def main():
+        async with AsyncServer(handler, compress="auto", log=Sink()) as srv:
+            addr = await srv.start()
+            host, port = addr.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(load(case, "c2s"))
+            hello = await reader.readexactly(15)
+            codec, tls = handshake.decode(hello)
+            assert codec == handshake.BY_NAME[case["client_compress"]] and not tls
+            dec, frames = decompressor(codec), FrameReader("response", 65536)
+            got = []
+            while len(got) < len(exchanges):
+                data = await reader.read(65536)
+                assert data, "server closed early"
+                got += frames.feed(decompress_all(dec, data))
+            writer.close()
+            return got
+
+    got = sorted(arun(main), key=lambda f: f[0])
+    assert [(i, h.status, b.decode()) for i, h, b in got] == [
+        (n, x["response"]["status"], x["response"]["body"])
+        for n, x in enumerate(exchanges, 1)]
+
+
+@pytest.mark.parametrize("case", _go_cases(), ids=lambda c: c["case"])
+def test_asyncio_client_reads_a_go_server_stream(case):
+    """A peer that replays what a Go httptp server wrote (handshake and
+    compressed answers): an AsyncClient with the same requests in flight
+    reads every answer."""
+    from tests.unit.test_teleport_vectors import load
+
+    s2c = load(case, "s2c")
+    exchanges = case["exchanges"]
+
+    async def replay(reader, writer):
+        await reader.readexactly(15)
+        writer.write(s2c)
+        await writer.drain()
+        await reader.read(1 << 20)          # until the client goes
+        writer.close()
+
+    async def main():
+        srv = await asyncio.start_server(replay, "127.0.0.1", 0)
+        port = srv.sockets[0].getsockname()[1]
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}", compress=case["client_compress"],
+                                   timeout=10) as c:
+                calls = []
+                for x in exchanges:
+                    rq = x["request"]
+                    body = (rq["body_utf8"].encode() if rq["body_utf8"] is not None
+                            else b"\0" * rq["body_len"])
+                    calls.append(c.request(rq["method"], rq["path"], headers=rq["headers"],
+                                           content=body or None))
+                rs = await asyncio.gather(*calls)
+                return [(r.status_code, r.text) for r in rs]
+        finally:
+            srv.close()
+
+    assert arun(main) == [(x["response"]["status"], x["response"]["body"]) for x in exchanges]
