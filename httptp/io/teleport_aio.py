@@ -665,6 +665,11 @@ class _ServerConn:
             srv._log(f"teleport client {self.peer}: {e}")
         except (OSError, ConnectionError):
             pass
+        except Exception as e:                  # a bug: one line, never a traceback
+            srv._log(f"teleport client {self.peer}: internal error: "
+                     f"{e.__class__.__name__}: {e}")
+            self.abort()
+            return
         if self.draining and not self.dead:
             await self._finish()
         self.abort()
@@ -875,7 +880,10 @@ async def _asgi_call(app, req: Request, root_path: str, state: dict, server) -> 
     if path.startswith(("http://", "https://")):          # absolute form: keep the path
         path = "/" + path.split("/", 3)[3] if path.count("/") >= 3 else "/"
     host = server.address or ""
-    srv_host, _, srv_port = host.rpartition(":")
+    if host.startswith("unix:"):
+        srv_host, srv_port = host[len("unix:"):], ""
+    else:
+        srv_host, _, srv_port = host.rpartition(":")
     peer_host, _, peer_port = req.peer.rpartition(":")
     scope = {
         "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"},
@@ -885,7 +893,7 @@ async def _asgi_call(app, req: Request, root_path: str, state: dict, server) -> 
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in req.headers],
         "client": (peer_host.strip("[]"), int(peer_port)) if peer_port.isdigit() else None,
         "server": ((srv_host.strip("[]"), int(srv_port)) if srv_port.isdigit()
-                   else (host, None)),
+                   else (srv_host, None)),
         "state": dict(state),
     }
     body_sent = False

@@ -447,3 +447,124 @@ def test_asyncio_client_reads_a_go_server_stream(case):
             srv.close()
 
     assert arun(main) == [(x["response"]["status"], x["response"]["body"]) for x in exchanges]
+
+
+# --------------------------------------------------------------------------- edges
+
+def test_stop_lets_running_handlers_answer():
+    async def main():
+        started = asyncio.Event()
+
+        async def handler(req):
+            started.set()
+            await asyncio.sleep(0.2)
+            return 200, {}, b"finished"
+        srv = AsyncServer(handler, log=Sink())
+        addr = await srv.start()
+        async with AsyncClient(addr, timeout=5) as c:
+            pending = asyncio.ensure_future(c.get("/"))
+            await started.wait()
+            await srv.stop(timeout=5)
+            assert (await pending).content == b"finished"
+            with pytest.raises(UpstreamError):          # nothing listens any more
+                await c.get("/")
+    arun(main)
+
+
+def test_head_has_no_body_and_id_0_gets_no_answer():
+    from httptp.teleport import handshake
+    from httptp.teleport.codecs import compressor, decompressor
+    from httptp.teleport.framing import FrameReader, encode_request
+    from tests.helpers import decompress_all
+
+    ran = []
+
+    async def handler(req):
+        ran.append(req.path)
+        return 200, {"X-Len": "5"}, b"hello"
+
+    async def main():
+        async with AsyncServer(handler, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr) as c:
+                r = await c.head("/h")
+                assert (r.status_code, r.content, r.headers["x-len"]) == (200, b"", "5")
+            host, port = addr.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            comp = compressor(handshake.Compress.NONE)
+            writer.write(handshake.encode(handshake.Compress.NONE, False) + comp.compress(
+                encode_request(0, b"GET", b"/nowait", [(b"Host", b"a")], b"")
+                + encode_request(7, b"GET", b"/seven", [(b"Host", b"a")], b"")) + comp.flush())
+            hello = await reader.readexactly(15)
+            dec, frames = decompressor(handshake.decode(hello)[0]), FrameReader("response", 4096)
+            got = []
+            while not got:
+                data = await reader.read(65536)
+                assert data
+                got += frames.feed(decompress_all(dec, data))
+            writer.close()
+            return [f[0] for f in got]
+
+    assert arun(main) == [7]
+    assert sorted(ran) == ["/h", "/nowait", "/seven"]
+
+
+def test_a_cancelled_request_is_forgotten():
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, timeout=5) as c:
+                task = asyncio.ensure_future(c.get("/sleep?ms=200"))
+                await asyncio.sleep(0.05)
+                assert c.pending == 1
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await task
+                assert c.pending == 0
+                assert (await c.get("/", host="next")).text == "next"
+    arun(main)
+
+
+def test_asgi_errors_and_scope():
+    from httptp.teleport.aio import asgi_server
+
+    seen = {}
+
+    async def app(scope, receive, send):
+        if scope["type"] == "lifespan":
+            raise RuntimeError("no lifespan here")      # allowed: lifespan unsupported
+        if not seen:
+            seen.update(scope)
+        msg = await receive()
+        if scope["path"] == "/boom":
+            raise ValueError("app bug")
+        await send({"type": "http.response.start", "status": 202,
+                    "headers": [(b"content-type", b"text/plain"), (b"content-length", b"99")]})
+        await send({"type": "http.response.body", "body": b"got ", "more_body": True})
+        await send({"type": "http.response.body", "body": msg["body"]})
+
+    logs = Sink()
+
+    async def main():
+        srv, lifespan = asgi_server(app, log=logs)
+        await lifespan.startup()
+        assert not lifespan.supported
+        addr = await srv.start()
+        try:
+            async with AsyncClient(addr) as c:
+                r = await c.post("/a%20b?x=1", content=b"data", headers={"X-Y": "z"})
+                assert (r.status_code, r.text) == (202, "got data")
+                r = await c.get("/boom")
+                assert r.status_code == 500
+        finally:
+            await srv.stop()
+            await lifespan.shutdown()
+        return addr
+
+    addr = arun(main)
+    assert seen["path"] == "/a b" and seen["raw_path"] == b"/a%20b"
+    assert seen["query_string"] == b"x=1" and seen["method"] == "POST"
+    assert (b"x-y", b"z") in seen["headers"]
+    assert seen["client"][0] == "127.0.0.1"
+    assert seen["server"] == ("127.0.0.1", int(addr.rsplit(":", 1)[1]))
+    assert any("app bug" in line for line in logs)
