@@ -48,12 +48,12 @@ from httptp.errors import GatewayTimeout, PayloadTooLarge, ResponseTooLarge, Ups
 from httptp.io.teleport_messages import (
     CODECS, Headers, HTTPStatusError, Request, Response, address, answer_parts,
     build_request, codec, default_host, outgoing)
-from httptp.teleport import FrameTooLarge, HandshakeError, TeleportError
+from httptp.teleport import FrameTooLarge, TeleportError
 from httptp.teleport.connection import ClientConnection, ServerConnection
 from httptp.teleport.handshake import HEADER_SIZE
 
-__all__ = ["AsyncClient", "AsyncServer", "serve_asgi", "run", "Request", "Response",
-           "Headers", "HTTPStatusError", "UpstreamError", "GatewayTimeout", "CODECS"]
+__all__ = ["AsyncClient", "AsyncServer", "serve_asgi", "asgi_server", "run", "Request",
+           "Response", "Headers", "HTTPStatusError", "UpstreamError", "GatewayTimeout", "CODECS"]
 
 BATCH_BYTES = 65536     # Go's WriteBufferSize: this much unflushed input flushes at once
 YIELD_SLICES = 16       # decompressed slices handled before the loop gets a turn

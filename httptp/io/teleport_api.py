@@ -25,10 +25,11 @@ Example::
     assert r.status == 200 and r.body == b"hello you"
     c.close(); srv.stop()
 
-Errors raised by ``Client.do``: ``UpstreamError`` (connection, dial or
-handshake failed, too many pending requests, client closed),
-``GatewayTimeout`` (no answer before the timeout), ``ValueError`` (a request
-the protocol cannot carry: a GET or HEAD with a body).
+Errors raised by ``Client.do`` (and ``request``, ``get``...):
+``UpstreamError`` (connection, dial or handshake failed, too many pending
+requests, client closed), ``GatewayTimeout`` (no answer before the timeout),
+``ValueError`` (a request the protocol cannot carry: a GET or HEAD with a
+body), ``WrongThread`` (called from a thread other than the client's).
 """
 
 from __future__ import annotations
@@ -251,7 +252,8 @@ class Server:
     (headers a dict or list of pairs, body bytes or str) or any object with
     ``status``, ``headers``, ``body`` and optionally ``reason`` (a
     ``Response`` works).  It runs in a greenlet of its own per request, so it
-    may block cooperatively (or in a thread: ``threads``); an exception becomes a 500 and one log line.
+    may block cooperatively (or in a thread: ``threads``); an exception
+    becomes a 500 and one log line.
     Content-Length is always computed; a HEAD answer's body is dropped.
 
     ``compress``: the codec of our responses, or ``"auto"`` to answer each
