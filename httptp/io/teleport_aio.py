@@ -701,7 +701,8 @@ class _ServerConn:
                 async with asyncio.timeout(srv.read_timeout):
                     data = await reader.read(READ_SIZE)
             except TimeoutError:
-                return                          # idle: closed in order
+                self.draining = True            # idle: closed in order, once answered
+                return
             if not data:
                 self.draining = True            # the client is done: answer, then close
                 return

@@ -568,3 +568,33 @@ def test_asgi_errors_and_scope():
     assert seen["client"][0] == "127.0.0.1"
     assert seen["server"] == ("127.0.0.1", int(addr.rsplit(":", 1)[1]))
     assert any("app bug" in line for line in logs)
+
+
+def test_several_connections_and_a_server_that_hangs_up():
+    async def main():
+        async with AsyncServer(echo, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, conns=3, compress="snappy") as c:
+                rs = await asyncio.gather(*(c.get("/", host=f"c{i}") for i in range(60)))
+                assert [r.text for r in rs] == [f"c{i}" for i in range(60)]
+                assert sum(one._link is not None for one in c._pool) == 3
+
+        async def hang_up(reader, writer):
+            from httptp.teleport import handshake
+            await reader.readexactly(15)
+            writer.write(handshake.encode(handshake.Compress.NONE, False))
+            await reader.read(1)                     # the first request's first byte
+            writer.transport.abort()
+
+        raw = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = raw.sockets[0].getsockname()[1]
+        logs = Sink()
+        try:
+            async with AsyncClient(f"127.0.0.1:{port}", log=logs, timeout=5) as c:
+                with pytest.raises(UpstreamError) as e:
+                    await c.post("/", content=b"x")
+                assert e.value.sent_nothing_back is False
+        finally:
+            raw.close()
+        assert logs and "failed" in logs[0]
+    arun(main)
