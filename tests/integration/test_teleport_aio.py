@@ -598,3 +598,80 @@ def test_several_connections_and_a_server_that_hangs_up():
             raw.close()
         assert logs and "failed" in logs[0]
     arun(main)
+
+
+def test_a_compression_bomb_over_the_body_limit_is_413_and_skipped():
+    """20 MiB of zeros (20 KiB of flate on the wire) announced to a server
+    whose limit is 1000 bytes: answered 413 at once, the body skipped as it
+    is decompressed, and the connection serves the next request."""
+    import zlib
+
+    from httptp.teleport import handshake
+    from httptp.teleport.codecs import decompressor
+    from httptp.teleport.framing import FrameReader, encode_request
+    from tests.helpers import decompress_all
+
+    size = 20 << 20
+
+    async def main():
+        async with AsyncServer(echo, max_body_size=1000, log=Sink()) as srv:
+            addr = await srv.start()
+            host, port = addr.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            z = zlib.compressobj(6, zlib.DEFLATED, -15)
+            head = encode_request(1, b"POST", b"/bomb", [(b"Host", b"a")], b"")
+            head = head.replace(b"Content-Length: 0", b"Content-Length: %d" % size)
+            writer.write(handshake.encode(handshake.Compress.FLATE, False))
+            writer.write(z.compress(head))
+            zeros = bytes(1 << 20)
+            for _ in range(20):
+                writer.write(z.compress(zeros))
+            writer.write(z.compress(encode_request(2, b"GET", b"/", [(b"Host", b"after")],
+                                                   b"")) + z.flush(zlib.Z_SYNC_FLUSH))
+            hello = await reader.readexactly(15)
+            dec, frames = decompressor(handshake.decode(hello)[0]), FrameReader("response", 4096)
+            got = []
+            while len(got) < 2:
+                data = await reader.read(65536)
+                assert data
+                got += frames.feed(decompress_all(dec, data))
+            writer.close()
+            return {i: (h.status, b) for i, h, b in got}
+
+    assert arun(main) == {1: (413, b"request body too large\n"), 2: (200, b"after")}
+
+
+def test_starlette_streaming_and_json_in_process():
+    pytest.importorskip("starlette")
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, StreamingResponse
+    from starlette.routing import Route
+
+    from httptp.teleport.aio import serve_asgi
+
+    async def stream(request):
+        async def parts():
+            for i in range(5):
+                yield f"part{i};"
+        return StreamingResponse(parts(), media_type="text/plain")
+
+    async def doc(request):
+        return JSONResponse({"got": await request.json()})
+
+    app = Starlette(routes=[Route("/stream", stream), Route("/doc", doc, methods=["POST"])])
+
+    async def main():
+        where = asyncio.get_running_loop().create_future()
+        task = asyncio.ensure_future(serve_asgi(app, "127.0.0.1:0", log=Sink(),
+                                                started=where.set_result))
+        addr = await asyncio.wait_for(where, 5)
+        try:
+            async with AsyncClient(addr) as c:
+                r = await c.get("/stream")
+                assert (r.status_code, r.text) == (200, "part0;part1;part2;part3;part4;")
+                r = await c.post("/doc", json={"a": [1]})
+                assert r.json() == {"got": {"a": [1]}}
+        finally:
+            task.cancel()
+            await asyncio.wait([task], timeout=5)
+    arun(main)
