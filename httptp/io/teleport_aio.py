@@ -364,6 +364,7 @@ class AsyncClient:
         self.timeout = timeout
         self._host = default_host(addr)
         self._closed = False
+        self._loop = None               # the loop of the first request
 
     @property
     def pending(self) -> int:
@@ -374,11 +375,26 @@ class AsyncClient:
                  timeout: float | None = None) -> Response:
         """Send one request and return its response: the arguments and errors
         of the gevent ``Client.do``."""
+        if asyncio.get_running_loop() is not self._loop:
+            self._bind_loop()
         m, target, hdrs, body = outgoing(method, path, headers, body, host, self._host)
         pool = self._pool
         one = pool[0] if len(pool) == 1 else min(pool, key=lambda c: c.pending)
         return await one.request(m, target, hdrs, body,
                                  self.timeout if timeout is None else timeout)
+
+    def _bind_loop(self) -> None:
+        """A client belongs to the loop of its first request; after that loop
+        closed (one ``asyncio.run`` after another) it moves to the new one."""
+        loop = asyncio.get_running_loop()
+        old = self._loop
+        if old is not None and not old.is_closed():
+            raise RuntimeError(
+                "this AsyncClient belongs to another event loop that is still open (the one "
+                "of its first request): make one client per loop")
+        for one in self._pool:                   # links of a closed loop are gone
+            one._link = None
+        self._loop = loop
 
     async def request(self, method: str, url: str = "/", *, params=None, headers=None,
                       json=None, content=None, timeout: float | None = None,

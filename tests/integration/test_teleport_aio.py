@@ -675,3 +675,37 @@ def test_starlette_streaming_and_json_in_process():
             task.cancel()
             await asyncio.wait([task], timeout=5)
     arun(main)
+
+
+def test_a_client_moves_to_a_new_loop_only_once_the_old_one_is_closed():
+    """One asyncio.run after another may share a client; two loops open at
+    once may not (a clear RuntimeError, not a hang)."""
+    server_loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=server_loop.run_forever, daemon=True)
+    thread.start()
+    srv = AsyncServer(echo, log=Sink())
+    try:
+        addr = asyncio.run_coroutine_threadsafe(srv.start(), server_loop).result(10)
+        c = AsyncClient(addr)
+
+        async def ask(name):
+            assert (await c.get("/", host=name)).text == name
+        arun(lambda: ask("first"))
+        arun(lambda: ask("second"))              # the first loop is closed: it moves
+
+        other = asyncio.new_event_loop()
+        try:
+            other.run_until_complete(ask("third"))     # bound to `other`, still open
+
+            async def from_here():
+                with pytest.raises(RuntimeError, match="another event loop"):
+                    await c.get("/")
+            arun(from_here)
+            other.run_until_complete(c.aclose())
+        finally:
+            other.close()
+    finally:
+        asyncio.run_coroutine_threadsafe(srv.stop(timeout=1), server_loop).result(10)
+        server_loop.call_soon_threadsafe(server_loop.stop)
+        thread.join(5)
+        server_loop.close()
