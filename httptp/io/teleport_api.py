@@ -181,6 +181,11 @@ class Client:
         """
         if self._thread != threading.get_ident():
             self._check_thread()
+        aio = sys.modules.get("asyncio")
+        if aio is not None and aio.events._get_running_loop() is not None:
+            raise RuntimeError(
+                "httptp.teleport.Client would block the running asyncio event loop: in "
+                "asyncio code use httptp.teleport.aio.AsyncClient (await c.get(...))")
         hdrs = _header_list(headers)
         if host is not None:
             hdrs = [h for h in hdrs if h[0].lower() != b"host"]

@@ -152,3 +152,13 @@ def test_httpx_like_conveniences():
             assert c.do("GET", "/json", host="h").json()["host"] == "h"
     finally:
         srv.stop(timeout=2)
+
+
+def test_a_client_inside_a_running_asyncio_loop_says_to_use_the_async_one():
+    import asyncio
+
+    async def main():
+        with Client("127.0.0.1:1") as c:
+            with pytest.raises(RuntimeError, match="AsyncClient"):
+                c.get("/")
+    asyncio.run(main())
