@@ -176,7 +176,10 @@ class _Link:
         if theirs and not tls:
             raise TeleportError("the server requires TLS (use -outType=teleports)")
         if tls:
-            await writer.start_tls(client.ssl, server_hostname=client.server_hostname)
+            try:
+                await writer.start_tls(client.ssl, server_hostname=client.server_hostname)
+            except (OSError, ValueError) as e:      # ssl.SSLError, a certificate refused
+                raise TeleportError(f"TLS handshake failed: {_error_text(e)}") from None
 
     async def _read(self, reader) -> None:
         conn, calls, client = self.conn, self.calls, self.client
@@ -658,16 +661,24 @@ class _ServerConn:
         self._idle.set()
 
     async def serve(self) -> None:
+        """The connection's life, in the task asyncio made for it; whatever
+        happens, the transport is closed on the way out."""
+        self._reading = asyncio.current_task()      # drain() cancels it, even mid-handshake
+        try:
+            await self._serve()
+        finally:
+            self.abort()
+
+    async def _serve(self) -> None:
         srv = self.server
+        opened = False
         try:
             async with asyncio.timeout(srv.handshake_timeout):
-                ok = await self._handshake()
-            if ok:
-                self._reading = asyncio.current_task()
+                opened = await self._handshake()
+            if opened:
                 await self._read()
         except asyncio.CancelledError:
             if not self.draining:
-                self.abort()
                 raise
             asyncio.current_task().uncancel()   # drain() stopped the reading: finish below
         except asyncio.IncompleteReadError:
@@ -684,11 +695,9 @@ class _ServerConn:
         except Exception as e:                  # a bug: one line, never a traceback
             srv._log(f"teleport client {self.peer}: internal error: "
                      f"{e.__class__.__name__}: {e}")
-            self.abort()
             return
-        if self.draining and not self.dead:
+        if opened and self.draining and not self.dead:
             await self._finish()
-        self.abort()
 
     async def _handshake(self) -> bool:
         srv, conn, writer = self.server, self.conn, self.writer
@@ -835,15 +844,17 @@ class _ServerConn:
             self._reading.cancel()
 
     async def _finish(self) -> None:
+        """Answer what is running, flush, end our side in order."""
         try:
             await self._idle.wait()
             self._flush()
-            if self.writer.can_write_eof():
-                self.writer.write_eof()
+            writer = self.writer
+            if not writer.transport.is_closing() and writer.can_write_eof():
+                writer.write_eof()
             async with asyncio.timeout(self.server.write_timeout):
-                await self.writer.drain()
-        except (TimeoutError, OSError, ConnectionError, asyncio.CancelledError):
-            pass
+                await writer.drain()
+        except (TimeoutError, OSError, ConnectionError, RuntimeError):
+            pass                                # gone already (uvloop: RuntimeError)
 
     def abort(self) -> None:
         if self.dead:

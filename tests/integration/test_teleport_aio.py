@@ -274,6 +274,9 @@ def test_tls(loop_kind, tls):
             async with AsyncClient(addr) as plain:       # no TLS asked: refused
                 with pytest.raises(UpstreamError, match="requires TLS"):
                     await plain.get("/")
+            async with AsyncClient(addr, ssl=ssl.create_default_context()) as stranger:
+                with pytest.raises(UpstreamError, match="TLS handshake failed"):
+                    await stranger.get("/")             # the CA is not trusted
         async with AsyncServer(echo, log=logs) as srv:
             addr = await srv.start()
             async with AsyncClient(addr, ssl=client_ctx) as c:
