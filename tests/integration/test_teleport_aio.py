@@ -74,6 +74,17 @@ async def echo(req):
     return 200, [("Content-Type", "text/plain")], req.header("host")
 
 
+def gated(gate):
+    """``echo``, but ``/hold`` waits for ``gate`` (an asyncio.Event): answers
+    held as long as a test wants, with no timing involved."""
+    async def handler(req):
+        if req.path == "/hold":
+            await gate.wait()
+            return 200, {}, b"held"
+        return await echo(req)
+    return handler
+
+
 # --------------------------------------------------------------------------- asyncio pair
 
 @pytest.mark.parametrize("client_codec", CODECS)
@@ -94,14 +105,15 @@ def test_every_codec(loop_kind, client_codec, server_codec):
 
 def test_concurrent_answers_in_completion_order(loop_kind):
     async def main():
-        async with AsyncServer(echo, log=Sink()) as srv:
+        gate = asyncio.Event()
+        async with AsyncServer(gated(gate), log=Sink()) as srv:
             addr = await srv.start()
             async with AsyncClient(addr, compress="zstd") as c:
-                slow = asyncio.ensure_future(c.get("/sleep?ms=300"))
-                await asyncio.sleep(0.05)
+                slow = asyncio.ensure_future(c.get("/hold"))
                 fast = await c.get("/", host="x")
                 assert fast.text == "x" and not slow.done()
-                assert (await slow).text == "slept"
+                gate.set()
+                assert (await slow).text == "held"
                 rs = await asyncio.gather(*(c.get("/", host=f"h{i}") for i in range(300)))
                 assert [r.text for r in rs] == [f"h{i}" for i in range(300)]
     arun(main, loop_kind)
@@ -148,17 +160,18 @@ def test_batching_with_a_delay(loop_kind):
 
 def test_timeout_pending_limit_and_closed():
     async def main():
-        async with AsyncServer(echo, log=Sink()) as srv:
+        gate = asyncio.Event()
+        async with AsyncServer(gated(gate), log=Sink()) as srv:
             addr = await srv.start()
             async with AsyncClient(addr, max_pending=2, timeout=0.2) as c:
                 with pytest.raises(GatewayTimeout):
-                    await c.get("/sleep?ms=1000")
-                slow = [asyncio.ensure_future(c.get("/sleep?ms=500", timeout=5))
-                        for _ in range(2)]
-                await asyncio.sleep(0.05)
+                    await c.get("/hold")
+                slow = [asyncio.ensure_future(c.get("/hold", timeout=10)) for _ in range(2)]
+                await asyncio.sleep(0)               # both submitted
                 with pytest.raises(UpstreamError, match="too many pending"):
                     await c.get("/", timeout=5)
-                assert [r.text for r in await asyncio.gather(*slow)] == ["slept", "slept"]
+                gate.set()
+                assert [r.text for r in await asyncio.gather(*slow)] == ["held", "held"]
                 # the late answer to the timed-out request was dropped; the link lives on
                 assert (await c.get("/", host="after")).text == "after"
             with pytest.raises(UpstreamError, match="closed"):
@@ -514,10 +527,11 @@ def test_head_has_no_body_and_id_0_gets_no_answer():
 
 def test_a_cancelled_request_is_forgotten():
     async def main():
-        async with AsyncServer(echo, log=Sink()) as srv:
+        gate = asyncio.Event()
+        async with AsyncServer(gated(gate), log=Sink()) as srv:
             addr = await srv.start()
             async with AsyncClient(addr, timeout=5) as c:
-                task = asyncio.ensure_future(c.get("/sleep?ms=200"))
+                task = asyncio.ensure_future(c.get("/hold"))
                 await asyncio.sleep(0.05)
                 assert c.pending == 1
                 task.cancel()
@@ -525,6 +539,7 @@ def test_a_cancelled_request_is_forgotten():
                     await task
                 assert c.pending == 0
                 assert (await c.get("/", host="next")).text == "next"
+                gate.set()
     arun(main)
 
 
