@@ -97,6 +97,21 @@ async def _open(addr, limit=READ_SIZE):
     return await asyncio.open_connection(addr.host, addr.port, limit=limit)
 
 
+async def _writes_progress(writer, timeout: float) -> bool:
+    """Wait until ``writer``'s buffer has drained: True; False once no byte
+    of it left for ``timeout`` seconds (a peer that stopped reading)."""
+    transport = writer.transport
+    while True:
+        mark = transport.get_write_buffer_size()
+        try:
+            async with asyncio.timeout(timeout):
+                await writer.drain()
+            return True
+        except TimeoutError:
+            if transport.get_write_buffer_size() >= mark:
+                return False
+
+
 # --------------------------------------------------------------------------- client
 
 class _Call:
@@ -285,19 +300,17 @@ class _Link:
             self._flush()
 
     async def _check_writes(self) -> None:
-        """Bytes waiting to go out must all leave within ``write_timeout``."""
+        """Bytes waiting to go out must make progress: none leaving for
+        ``write_timeout`` ends the link."""
         try:
-            async with asyncio.timeout(self.client.write_timeout):
-                await self.writer.drain()
-        except TimeoutError:
-            self._write_check = None
-            self.fail("write timed out")
-            return
+            ok = await _writes_progress(self.writer, self.client.write_timeout)
         except (OSError, ConnectionError) as e:
             self._write_check = None
             self.fail(_error_text(e))
             return
         self._write_check = None
+        if not ok:
+            self.fail("write timed out")
 
     # -- ends ------------------------------------------------------------------
 
@@ -826,14 +839,14 @@ class _ServerConn:
                 self._write_check = self.loop.create_task(self._check_writes())
 
     async def _check_writes(self) -> None:
+        """A client of which nothing left for ``write_timeout`` is cut."""
         try:
-            async with asyncio.timeout(self.server.write_timeout):
-                await self.writer.drain()
-        except (TimeoutError, OSError, ConnectionError):
-            self._write_check = None
-            self.abort()
-            return
+            ok = await _writes_progress(self.writer, self.server.write_timeout)
+        except (OSError, ConnectionError, RuntimeError):
+            ok = False
         self._write_check = None
+        if not ok:
+            self.abort()
 
     def drain(self) -> None:
         """Read no more requests; close once the ones in flight are answered."""

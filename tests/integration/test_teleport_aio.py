@@ -727,3 +727,37 @@ def test_a_client_moves_to_a_new_loop_only_once_the_old_one_is_closed():
         server_loop.call_soon_threadsafe(server_loop.stop)
         thread.join(5)
         server_loop.close()
+
+
+def test_a_client_that_stops_reading_is_cut_after_write_timeout():
+    """Big answers to a peer that never reads: the server stops reading its
+    requests (bounded buffers), and once nothing leaves for write_timeout it
+    closes the connection."""
+    from httptp.teleport import handshake
+    from httptp.teleport.codecs import compressor
+    from httptp.teleport.framing import encode_request
+
+    async def big(req):
+        return 200, {}, bytes(512 * 1024)
+
+    async def main():
+        async with AsyncServer(big, write_timeout=0.5, compress="none", log=Sink()) as srv:
+            addr = await srv.start()
+            host, port = addr.rsplit(":", 1)
+            reader, writer = await asyncio.open_connection(host, int(port))
+            # a small receive buffer: the kernel holds little of what we never read
+            import socket
+            writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF,
+                                                       4096)
+            comp = compressor(handshake.Compress.NONE)
+            writer.write(handshake.encode(handshake.Compress.NONE, False) + comp.compress(
+                b"".join(encode_request(i, b"GET", b"/", [(b"Host", b"a")], b"")
+                         for i in range(1, 65))) + comp.flush())
+            await writer.drain()
+            for _ in range(200):                     # bounded: 10 s
+                if not srv._conns:
+                    break
+                await asyncio.sleep(0.05)
+            assert not srv._conns, "the stuck peer was not cut"
+            writer.close()
+    arun(main)
