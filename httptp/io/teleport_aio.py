@@ -149,9 +149,11 @@ class _Link:
 
     async def _run(self) -> None:
         client = self.client
+        stage = "cannot connect: "
         try:
             async with asyncio.timeout(client.dial_timeout):
                 reader, self.writer = await _open(client.address)
+            stage = ""
             async with asyncio.timeout(HANDSHAKE_TIMEOUT):
                 await self._handshake(reader)
         except asyncio.CancelledError:
@@ -160,8 +162,12 @@ class _Link:
         except (OSError, TimeoutError, TeleportError, EOFError, ValueError) as e:
             if isinstance(e, asyncio.IncompleteReadError):
                 text = "connection closed during the handshake"
+            elif stage and isinstance(e, OSError) and e.errno:
+                text = stage + os.strerror(e.errno)     # not asyncio's "Connect call failed"
+            elif not stage and isinstance(e, TimeoutError):
+                text = "handshake timed out"
             else:
-                text = _error_text(e)
+                text = stage + _error_text(e)
             client._remember_failure(text)
             self.fail(text, sticky=True)
             return
