@@ -587,6 +587,8 @@ class AsyncServer:
         host = peer.rsplit(":", 1)[0]
         now = time.monotonic()
         if now >= self._refusals.get(host, 0.0):
+            if len(self._refusals) >= 4096:     # bounded: many peers forget sooner
+                self._refusals.clear()
             self._refusals[host] = now + 60.0
             self._log(msg)
 
