@@ -761,3 +761,21 @@ def test_a_client_that_stops_reading_is_cut_after_write_timeout():
             assert not srv._conns, "the stuck peer was not cut"
             writer.close()
     arun(main)
+
+
+def test_serve_until_cancelled():
+    async def main():
+        srv = AsyncServer(echo, log=Sink())
+        task = asyncio.ensure_future(srv.serve("127.0.0.1:0"))
+        for _ in range(200):                         # bounded: 2 s
+            if srv.address:
+                break
+            await asyncio.sleep(0.01)
+        async with AsyncClient(srv.address) as c:
+            assert (await c.get("/", host="s")).text == "s"
+            task.cancel()
+            await asyncio.wait([task], timeout=5)
+            assert task.done()
+            with pytest.raises(UpstreamError):
+                await c.get("/")
+    arun(main)
