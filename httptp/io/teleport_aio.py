@@ -539,19 +539,27 @@ class AsyncServer:
     """Answers teleport requests with ``handler(request)``, for asyncio.
 
     ``handler`` is a coroutine function or a plain function (called on the
-    loop: it must not block; see docs/library.md) taking a ``Request`` and
+    loop, so it must not block, unless ``threads``) taking a ``Request`` and
     returning ``(status, headers, body)`` or an object with ``status``,
     ``headers``, ``body``.  The arguments are the gevent ``Server``'s, plus
     ``ssl``: an ``ssl.SSLContext`` (server side) to accept clients that ask
     for TLS (``-inType=teleports``); ``allow_plaintext`` also accepts those
-    that do not."""
+    that do not.  ``threads``: a plain-function handler runs in a thread
+    pool of that many threads instead of on the loop, so it may block (as
+    the gevent ``Server``'s ``threads``; ignored for a coroutine function)."""
 
     def __init__(self, handler, *, compress="flate", delay: float = 0.0,
                  concurrency: int = 10000, max_header_size: int = 65536,
                  max_body_size: int = 64 << 20, read_timeout: float = 120.0,
                  write_timeout: float = 5.0, handshake_timeout: float = HANDSHAKE_TIMEOUT,
-                 ssl=None, allow_plaintext: bool = False, log=_stderr_log):
+                 ssl=None, allow_plaintext: bool = False, threads: int = 0,
+                 log=_stderr_log):
+        if threads < 0:
+            raise ValueError("threads must be 0 (plain handlers run on the loop) or more")
         self.handler = handler
+        #: a plain-function handler runs in a thread pool of this many threads (0: on the loop)
+        self.threads = threads if not inspect.iscoroutinefunction(handler) else 0
+        self._pool = None
         c = codec(compress, allow_auto=True)
         self.compress = None if c == "auto" else c
         self.delay = delay
@@ -646,6 +654,9 @@ class AsyncServer:
             await asyncio.wait([c.closed for c in conns], timeout=timeout)
         for conn in list(self._conns):
             conn.abort()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)     # its threads end once their handler returns
+            self._pool = None
 
     async def __aenter__(self):
         return self
@@ -654,7 +665,15 @@ class AsyncServer:
         await self.stop()
 
     async def _call(self, req: Request):
-        out = self.handler(req)
+        if self.threads:
+            pool = self._pool
+            if pool is None:
+                from concurrent.futures import ThreadPoolExecutor
+                pool = self._pool = ThreadPoolExecutor(self.threads,
+                                                       thread_name_prefix="teleport-handler")
+            out = await asyncio.get_running_loop().run_in_executor(pool, self.handler, req)
+        else:
+            out = self.handler(req)
         if inspect.isawaitable(out):
             out = await out
         return answer_parts(out)

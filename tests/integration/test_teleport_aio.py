@@ -779,3 +779,35 @@ def test_serve_until_cancelled():
             with pytest.raises(UpstreamError):
                 await c.get("/")
     arun(main)
+
+
+def test_threads_run_blocking_plain_handlers_side_by_side(loop_kind):
+    """As the gevent Server's: N handlers blocked on a threading.Barrier of
+    N all return, and the loop stays free meanwhile."""
+    n = 5
+    barrier = threading.Barrier(n, timeout=10)
+    lock = threading.Lock()
+    running = [0, 0]
+
+    def handler(req):
+        with lock:
+            running[0] += 1
+            running[1] = max(running[1], running[0])
+        try:
+            if req.path != "/free":
+                barrier.wait()
+            time.sleep(0.01)
+        finally:
+            with lock:
+                running[0] -= 1
+        return 200, {}, f"ok {threading.current_thread().name.split('_')[0]}"
+
+    async def main():
+        async with AsyncServer(handler, threads=n, log=Sink()) as srv:
+            addr = await srv.start()
+            async with AsyncClient(addr, timeout=20) as c:
+                rs = await asyncio.gather(*(c.get(f"/{i}") for i in range(n)))
+                assert {r.text for r in rs} == {"ok teleport-handler"}
+                assert running[1] == n
+                assert (await c.get("/free")).status_code == 200
+    arun(main, loop_kind)
