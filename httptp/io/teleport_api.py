@@ -25,29 +25,33 @@ Example::
     assert r.status == 200 and r.body == b"hello you"
     c.close(); srv.stop()
 
-Errors raised by ``Client.do``: ``UpstreamError`` (connection, dial or
-handshake failed, too many pending requests, client closed),
-``GatewayTimeout`` (no answer before the timeout), ``ValueError`` (a request
-the protocol cannot carry: a GET or HEAD with a body).
+Errors raised by ``Client.do`` (and ``request``, ``get``...):
+``UpstreamError`` (connection, dial or handshake failed, too many pending
+requests, client closed), ``GatewayTimeout`` (no answer before the timeout),
+``ValueError`` (a request the protocol cannot carry: a GET or HEAD with a
+body), ``WrongThread`` (called from a thread other than the client's).
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 import time
-from http import HTTPStatus
 
 import gevent
 from gevent import socket
+from gevent.threadpool import ThreadPool
 
 from httptp.errors import GatewayTimeout, UpstreamError
 from httptp.io.teleport_client import TeleportClient, least_pending
+from httptp.io.teleport_messages import (Headers, HTTPStatusError, Request, Response,
+                                         answer_parts, build_request)
 from httptp.io.teleport_server import Answer, TeleportServer
 from httptp.netaddr import Address, parse_address
 from httptp.teleport.handshake import BY_NAME, Compress
 
-__all__ = ["Client", "Server", "Request", "Response", "UpstreamError", "GatewayTimeout",
-           "CODECS"]
+__all__ = ["Client", "Server", "Request", "Response", "Headers", "HTTPStatusError",
+           "UpstreamError", "GatewayTimeout", "WrongThread", "CODECS"]
 
 #: Codec names accepted by ``compress=``; flate, none and snappy are the Go
 #: original's, zstd and brotli only work between httptp peers.
@@ -95,55 +99,8 @@ def _header_list(headers) -> list:
     return out
 
 
-def _find(headers, name: str):
-    name = name.lower()
-    for k, v in headers:
-        if k.lower() == name:
-            return v
-    return None
-
-
-class Response:
-    """An HTTP response: ``status`` int, ``reason`` str, ``headers`` a list of
-    ``(name, value)`` str pairs in wire order, ``body`` bytes."""
-
-    __slots__ = ("status", "reason", "headers", "body")
-
-    def __init__(self, status: int, reason: str = "", headers=None, body: bytes = b""):
-        self.status = status
-        self.reason = reason
-        self.headers = headers if headers is not None else []
-        self.body = body
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (any case), or None."""
-        return _find(self.headers, name)
-
-    def __repr__(self) -> str:
-        return f"<Response {self.status} {self.reason} {len(self.body)} bytes>"
-
-
-class Request:
-    """What a ``Server`` handler gets: ``method`` and ``path`` (the request
-    target, query included) as str, ``headers`` a list of ``(name, value)`` str
-    pairs, ``body`` bytes, ``peer`` the teleport peer's ``ip:port`` (the
-    connection, not the original client)."""
-
-    __slots__ = ("method", "path", "headers", "body", "peer")
-
-    def __init__(self, method: str, path: str, headers: list, body: bytes, peer: str):
-        self.method = method
-        self.path = path
-        self.headers = headers
-        self.body = body
-        self.peer = peer
-
-    def header(self, name: str) -> str | None:
-        """The first header called ``name`` (any case), or None."""
-        return _find(self.headers, name)
-
-    def __repr__(self) -> str:
-        return f"<Request {self.method} {self.path} from {self.peer}>"
+class WrongThread(RuntimeError):
+    """A gevent ``Client`` was called from a thread other than its own."""
 
 
 def _stderr_log(msg: str) -> None:
@@ -171,7 +128,8 @@ class Client:
 
     Connections open lazily on the first request and reopen after a failure
     (after a failed dial or handshake, requests fail fast for 1 s).  Safe to
-    share between greenlets; not thread-safe.
+    share between greenlets of one thread: the thread of its first request
+    (its hub's); a call from another thread raises ``WrongThread``.
     """
 
     def __init__(self, addr: str, *, compress="flate", delay: float = 0.0,
@@ -191,6 +149,24 @@ class Client:
                            write_timeout=write_timeout, dial_timeout=min(3.0, timeout), log=log)
             for _ in range(conns)
         ]
+        self._thread: int | None = None     # the thread of the first request (its hub)
+
+    def _check_thread(self) -> None:
+        """A Client belongs to the thread of its first request (its hub's)."""
+        me = threading.get_ident()
+        owner = self._thread
+        if owner == me:
+            return
+        if owner is None:
+            self._thread = me
+            self._thread_name = threading.current_thread().name
+            return
+        raise WrongThread(
+            f"this httptp.teleport.Client belongs to thread {self._thread_name} (its first "
+            f"request ran there) and was called from thread "
+            f"{threading.current_thread().name}: gevent connections cannot cross threads. "
+            "Make one Client per thread, or use httptp.teleport.aio.AsyncClient in asyncio "
+            "code; a blocking handler that needs a client can use one of its own")
 
     def do(self, method="GET", path="/", headers=None, body=b"", host=None,
            timeout: float | None = None) -> Response:
@@ -200,9 +176,16 @@ class Client:
         Transfer-Encoding and the other hop-by-hop headers are dropped (the
         protocol frames the body itself).  ``host``: the Host header; default
         a Host from ``headers``, else ``addr``.  ``timeout``: seconds, default
-        the client's.  Raises ``UpstreamError``, ``GatewayTimeout`` or
-        ``ValueError`` (see the module docstring).
+        the client's.  Raises ``UpstreamError``, ``GatewayTimeout``,
+        ``ValueError`` (see the module docstring) or ``WrongThread``.
         """
+        if self._thread != threading.get_ident():
+            self._check_thread()
+        aio = sys.modules.get("asyncio")
+        if aio is not None and aio.events._get_running_loop() is not None:
+            raise RuntimeError(
+                "httptp.teleport.Client would block the running asyncio event loop: in "
+                "asyncio code use httptp.teleport.aio.AsyncClient (await c.get(...))")
         hdrs = _header_list(headers)
         if host is not None:
             hdrs = [h for h in hdrs if h[0].lower() != b"host"]
@@ -215,16 +198,38 @@ class Client:
         clients = self._clients
         c = least_pending(clients)
         resp = c.request(_b(method).upper(), _b(path), hdrs, body, deadline)
-        h = resp.head
-        return Response(h.status, h.reason.decode("latin-1"),
-                        [(k.decode("latin-1"), v.decode("latin-1")) for k, v in h.headers],
-                        resp.body)
+        return Response._from_wire(resp.head, resp.body)
 
-    def get(self, path="/", **kw) -> Response:
-        return self.do("GET", path, **kw)
+    def request(self, method: str, url: str = "/", *, params=None, headers=None, json=None,
+                content=None, timeout: float | None = None, host=None) -> Response:
+        """httpx's ``request``: ``url`` a path or a full URL (its host becomes
+        the Host header; the connection still goes to ``addr``), ``params``
+        added to the query, ``json`` (serialised, Content-Type
+        application/json) or ``content`` (bytes or str) as the body."""
+        method, path, hdrs, body, host = build_request(method, url, params, headers, json,
+                                                       content, host)
+        return self.do(method, path, hdrs, body, host, timeout)
 
-    def post(self, path="/", body=b"", **kw) -> Response:
-        return self.do("POST", path, body=body, **kw)
+    def get(self, url="/", **kw) -> Response:
+        return self.request("GET", url, **kw)
+
+    def head(self, url="/", **kw) -> Response:
+        return self.request("HEAD", url, **kw)
+
+    def options(self, url="/", **kw) -> Response:
+        return self.request("OPTIONS", url, **kw)
+
+    def delete(self, url="/", **kw) -> Response:
+        return self.request("DELETE", url, **kw)
+
+    def post(self, url="/", content=None, **kw) -> Response:
+        return self.request("POST", url, content=content, **kw)
+
+    def put(self, url="/", content=None, **kw) -> Response:
+        return self.request("PUT", url, content=content, **kw)
+
+    def patch(self, url="/", content=None, **kw) -> Response:
+        return self.request("PATCH", url, content=content, **kw)
 
     @property
     def pending(self) -> int:
@@ -252,7 +257,8 @@ class Server:
     (headers a dict or list of pairs, body bytes or str) or any object with
     ``status``, ``headers``, ``body`` and optionally ``reason`` (a
     ``Response`` works).  It runs in a greenlet of its own per request, so it
-    may block cooperatively; an exception becomes a 500 and one log line.
+    may block cooperatively (or in a thread: ``threads``); an exception
+    becomes a 500 and one log line.
     Content-Length is always computed; a HEAD answer's body is dropped.
 
     ``compress``: the codec of our responses, or ``"auto"`` to answer each
@@ -263,14 +269,23 @@ class Server:
     skipped), anything else over a limit closes the connection.  Either is
     logged once per peer a minute.  ``concurrency``: handlers running at once, over all
     connections; beyond it requests are answered 429 without calling the
-    handler.  ``log``: a callable taking one line (default: stderr).
+    handler.  ``threads``: run each handler in a gevent thread pool of that
+    many OS threads, so it may block the ordinary way (``time.sleep``,
+    ``requests``, a DB driver) without monkey-patching; at most ``threads``
+    run at once, the others wait their turn.  ``log``: a callable taking
+    one line (default: stderr).
     """
 
     def __init__(self, handler, *, compress="flate", delay: float = 0.0,
                  concurrency: int = 10000, max_header_size: int = 65536,
                  max_body_size: int = 64 << 20, read_timeout: float = 120.0,
-                 write_timeout: float = 5.0, log=_stderr_log):
+                 write_timeout: float = 5.0, threads: int = 0, log=_stderr_log):
+        if threads < 0:
+            raise ValueError("threads must be 0 (handlers run in greenlets) or more")
         self.handler = handler
+        #: handlers run in a gevent thread pool of this many threads (0: in greenlets)
+        self.threads = threads
+        self._pool = None
         self._ts = TeleportServer(self._answer, compress=_codec(compress, allow_auto=True),
                                   delay=delay, concurrency=concurrency,
                                   max_header_size=max_header_size,
@@ -288,25 +303,15 @@ class Server:
         return self._ts.busy
 
     def _answer(self, head, body: bytes, peer: str) -> Answer:
-        req = Request(head.method.decode("latin-1"), head.target.decode("latin-1"),
-                      [(k.decode("latin-1"), v.decode("latin-1")) for k, v in head.headers],
-                      body, peer)
-        out = self.handler(req)
-        if isinstance(out, tuple):
-            status, headers, rbody = out
-            reason = None
+        req = Request._from_wire(head, body, peer)
+        if self.threads:
+            pool = self._pool
+            if pool is None:            # made in the serving thread, after any fork
+                pool = self._pool = ThreadPool(self.threads)
+            out = pool.apply(self.handler, (req,))
         else:
-            status, headers, rbody = out.status, out.headers, out.body
-            reason = getattr(out, "reason", None)
-        status = int(status)
-        if not reason:
-            try:
-                reason = HTTPStatus(status).phrase
-            except ValueError:
-                reason = "Unknown"
-        if isinstance(rbody, str):
-            rbody = rbody.encode()
-        return Answer(status, _b(reason), _header_list(headers), rbody or b"")
+            out = self.handler(req)
+        return Answer(*answer_parts(out))
 
     # -- listening -------------------------------------------------------------
 
@@ -378,6 +383,9 @@ class Server:
             self._ts.abort()
         if self._accepting is not None:
             self._accepting.join(1)
+        if self._pool is not None:
+            self._pool.kill()               # its threads end once their handler returns
+            self._pool = None
 
     def __enter__(self):
         return self

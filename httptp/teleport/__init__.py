@@ -57,7 +57,7 @@ class FrameTooLarge(FramingError):
 # (httptp/io/teleport_api.py) and is loaded on first access, so that importing
 # this package (or its sans-IO modules) never imports gevent.
 _LIBRARY = ("Client", "Server", "Request", "Response", "UpstreamError", "GatewayTimeout",
-            "CODECS")
+            "CODECS", "Headers", "HTTPStatusError", "WrongThread")
 
 __all__ = ["TeleportError", "HandshakeError", "CodecError", "FramingError", "FrameTooLarge",
            *_LIBRARY]

@@ -25,6 +25,9 @@ BANNED = ("gevent", "greenlet", "socket", "ssl", "select", "selectors", "time", 
 LAZY_REEXPORTS = {
     ("httptp/teleport/__init__.py", "__getattr__"),
     ("httptp/teleport/api.py", "__getattr__"),
+    # the asyncio library (AsyncClient, AsyncServer, serve_asgi) lives in
+    # httptp/io/teleport_aio.py; it must not bring gevent in either (below)
+    ("httptp/teleport/aio.py", "__getattr__"),
 }
 
 
@@ -109,6 +112,18 @@ def test_importing_them_all_brings_no_io_in():
     code = (f"import sys\nfor n in {names!r}: __import__(n)\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'greenlet') "
             "or m.startswith('httptp.io')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_the_asyncio_library_brings_no_gevent_in():
+    """``httptp.teleport.aio`` (AsyncClient, AsyncServer, serve_asgi) runs in
+    asyncio programs: loading and using it imports neither gevent nor
+    greenlet."""
+    code = ("import sys\nfrom httptp.teleport.aio import AsyncClient, AsyncServer, serve_asgi\n"
+            "import httptp.teleport\nhttptp.teleport.TeleportError\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('gevent', 'greenlet')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]"
