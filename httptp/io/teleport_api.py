@@ -45,7 +45,7 @@ from gevent.threadpool import ThreadPool
 from httptp.errors import GatewayTimeout, UpstreamError
 from httptp.io.teleport_client import TeleportClient, least_pending
 from httptp.io.teleport_messages import (Headers, HTTPStatusError, Request, Response,
-                                         answer_parts, build_request)
+                                         answer_parts, build_request, outgoing)
 from httptp.io.teleport_server import Answer, TeleportServer
 from httptp.netaddr import Address, parse_address
 from httptp.teleport.handshake import BY_NAME, Compress
@@ -56,11 +56,6 @@ __all__ = ["Client", "Server", "Request", "Response", "Headers", "HTTPStatusErro
 #: Codec names accepted by ``compress=``; flate, none and snappy are the Go
 #: original's, zstd and brotli only work between httptp peers.
 CODECS = tuple(BY_NAME)
-
-# Framing is the library's job: these headers from a caller or handler are dropped.
-_DROP = frozenset((b"content-length", b"transfer-encoding", b"connection", b"keep-alive",
-                   b"te", b"trailer", b"upgrade", b"proxy-connection"))
-
 
 def _codec(name, allow_auto: bool = False):
     if isinstance(name, int):
@@ -80,23 +75,6 @@ def _address(addr: str, listen: bool = False) -> Address:
     if addr.startswith("unix:") or addr.startswith("/"):
         return parse_address(addr, "unix")
     return parse_address(addr, "tcp", allow_port0=listen)
-
-
-def _b(x) -> bytes:
-    return x if isinstance(x, bytes) else str(x).encode("latin-1")
-
-
-def _header_list(headers) -> list:
-    """dict / list of pairs, str or bytes → [(bytes, bytes)] without framing headers."""
-    if not headers:
-        return []
-    items = headers.items() if hasattr(headers, "items") else headers
-    out = []
-    for name, value in items:
-        name = _b(name)
-        if name.lower() not in _DROP:
-            out.append((name, _b(value)))
-    return out
 
 
 class WrongThread(RuntimeError):
@@ -186,18 +164,10 @@ class Client:
             raise RuntimeError(
                 "httptp.teleport.Client would block the running asyncio event loop: in "
                 "asyncio code use httptp.teleport.aio.AsyncClient (await c.get(...))")
-        hdrs = _header_list(headers)
-        if host is not None:
-            hdrs = [h for h in hdrs if h[0].lower() != b"host"]
-            hdrs.insert(0, (b"Host", _b(host)))
-        elif not any(h[0].lower() == b"host" for h in hdrs):
-            hdrs.insert(0, (b"Host", self._host))
-        if isinstance(body, str):
-            body = body.encode()
+        method, target, hdrs, body = outgoing(method, path, headers, body, host, self._host)
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        clients = self._clients
-        c = least_pending(clients)
-        resp = c.request(_b(method).upper(), _b(path), hdrs, body, deadline)
+        c = least_pending(self._clients)
+        resp = c.request(method, target, hdrs, body, deadline)
         return Response._from_wire(resp.head, resp.body)
 
     def request(self, method: str, url: str = "/", *, params=None, headers=None, json=None,
