@@ -44,6 +44,7 @@ _ABSOLUTE = re.compile(rb"[Hh][Tt][Tt][Pp][Ss]?://([^/?]*)(.*)", re.DOTALL)
 
 _seen: set = set()      # values found valid, so the usual ones skip the regex
 _SEEN_MAX = 512         # cleared when full: a flood of new names costs only the regex
+_SEEN_LEN = 262         # a DNS name and a port: longer values are checked every time
 
 
 def valid_host(value: bytes) -> bool:
@@ -59,9 +60,10 @@ def valid_host(value: bytes) -> bool:
             ipaddress.IPv6Address(v6.decode("ascii"))
         except ValueError:
             return False
-    if len(_seen) >= _SEEN_MAX:
-        _seen.clear()
-    _seen.add(bytes(value))
+    if len(value) <= _SEEN_LEN:
+        if len(_seen) >= _SEEN_MAX:
+            _seen.clear()
+        _seen.add(bytes(value))
     return True
 
 

@@ -88,7 +88,9 @@ _SPECIAL = {b"content-length": _CL, b"transfer-encoding": _TE, b"host": _HOST,
             b"connection": _CONN, b"expect": _EXPECT}
 _KINDS = {spelling: kind for name, kind in _SPECIAL.items()
           for spelling in (name, name.title(), name.upper())}
-_KINDS_MAX = 4096           # names come from peers: bound the cache
+# Names come from peers: the cache holds at most 4,096 names of at most 64
+# bytes (256 KiB), whatever they send.
+_KINDS_MAX, _NAME_MAX = 4096, 64
 _KEEP_ALIVE, _CLOSE = object(), object()
 _CONN_VALUES = {b"keep-alive": _KEEP_ALIVE, b"Keep-Alive": _KEEP_ALIVE, b"close": _CLOSE,
                 b"Close": _CLOSE}
@@ -184,7 +186,7 @@ def scan_headers(headers: list) -> tuple:
             kind = kinds.get(name)
             if kind is None:
                 kind = _SPECIAL.get(name.lower(), 0)
-                if len(kinds) < _KINDS_MAX:
+                if len(kinds) < _KINDS_MAX and len(name) <= _NAME_MAX:
                     kinds[name] = kind
             if not kind:
                 continue

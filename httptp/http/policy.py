@@ -53,7 +53,7 @@ def _drop_set(headers: list, base: frozenset) -> frozenset:
 # Whether a field name (as spelt) is forwarded, for the base drop sets: one
 # dict lookup per field instead of a lower() and a set lookup.  Names come
 # from peers, so each cache is bounded.
-_CACHE_MAX = 4096
+_CACHE_MAX, _NAME_MAX = 4096, 64     # at most 256 KiB of names per cache
 _request_keeps: dict = {}
 _response_keeps: dict = {}
 
@@ -64,7 +64,7 @@ def _kept(headers: list, drop: frozenset, keeps: dict) -> list:
         keep = keeps.get(h[0])
         if keep is None:
             keep = h[0].lower() not in drop
-            if len(keeps) < _CACHE_MAX:
+            if len(keeps) < _CACHE_MAX and len(h[0]) <= _NAME_MAX:
                 keeps[h[0]] = keep
         if keep:
             out.append(h)
@@ -86,7 +86,7 @@ class _Added:
     def classify(self, name: bytes) -> int:
         lower = name.lower()
         keep = 2 if self.append and lower == _XFF else int(lower not in self.drop)
-        if len(self.keeps) < _CACHE_MAX:
+        if len(self.keeps) < _CACHE_MAX and len(name) <= _NAME_MAX:
             self.keeps[name] = keep
         return keep
 

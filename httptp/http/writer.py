@@ -47,7 +47,7 @@ def status_line(status: int, reason: bytes) -> bytes:
     line = _status_lines.get(key)
     if line is None:
         line = b"HTTP/1.1 %d %s\r\n" % key
-        if len(_status_lines) < 1024:       # reasons come from upstreams: bound the cache
+        if len(_status_lines) < 1024 and len(reason) <= 64:   # reasons come from upstreams
             _status_lines[key] = line
     return line
 

@@ -84,6 +84,7 @@ _ID = struct.Struct("<I")
 _LENGTH_LINE = b"Content-Length: "      # as encode_request/encode_response write it
 _LENGTH_NAME = b"Content-Length"
 HEAD_CACHE_SIZE = 256     # header blocks remembered per reader (cleared when full)
+HEAD_CACHE_BLOCK = 1024   # ... of at most this many bytes: 256 KiB per reader at most
 _CL, _TE = 14, 17          # lengths of the names we look at
 
 
@@ -326,9 +327,10 @@ class FrameReader:
                 # the whole block may fail first on its last line
                 # ("conflicting Content-Length headers"): its own error
                 return _block(block, no_body, request)
-            if len(cache) >= HEAD_CACHE_SIZE:
-                cache.clear()
-            cache[key] = hit
+            if len(key) <= HEAD_CACHE_BLOCK:
+                if len(cache) >= HEAD_CACHE_SIZE:
+                    cache.clear()
+                cache[key] = hit
         headers, content_length, chunked, expect = hit
         if digits is None or no_body:          # GET/HEAD drop the line anyway
             return list(headers), content_length, chunked, expect
