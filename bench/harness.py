@@ -423,9 +423,9 @@ def wrk(url: str, seconds: float, conns: int = 64, threads: int = 2, script: str
     return parse_wrk(out.stdout + out.stderr)
 
 
-def lua_post(path: str, bodies_file: str, headers: dict[str, str]) -> str:
+def lua_post(path: str, bodies_file: str, headers: dict[str, str], stride: str = "997") -> str:
     """A wrk script that POSTs the bodies of ``bodies_file`` (one per line) in turn;
-    each wrk thread starts at a different place in the list."""
+    wrk thread k starts at body k * ``stride`` (a Lua expression: it may use ``#bodies``)."""
     hdr = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in headers.items())
     return f"""\
 wrk.method = "POST"
@@ -436,7 +436,7 @@ local next_thread = 0
 function setup(thread) thread:set("thread_index", next_thread); next_thread = next_thread + 1 end
 local i
 function request()
-    i = ((i or thread_index * 997) % #bodies) + 1
+    i = ((i or thread_index * {stride}) % #bodies) + 1
     return wrk.format(nil, "{path}", nil, bodies[i])
 end
 """

@@ -313,13 +313,13 @@ def render(cfg, info: dict, parts: list, configs: dict, said: dict, elapsed: flo
     return "\n".join(lines + [END]) + "\n"
 
 
-def write_section(path: str, text: str) -> None:
-    """Put ``text`` (which carries the markers) in place of the previous generated
-    section of ``path``, or at its end."""
+def write_section(path: str, text: str, begin: str = BEGIN, end: str = END) -> None:
+    """Put ``text`` (which carries the markers ``begin`` and ``end``) in place of
+    the previous generated section of ``path``, or at its end."""
     old = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        new = head + text.rstrip("\n") + rest.partition(END)[2]
+    if begin in old and end in old:
+        head, _, rest = old.partition(begin)
+        new = head + text.rstrip("\n") + rest.partition(end)[2]
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text
     with open(path, "w") as f:

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 import harness as h
+import report
 import rtb
 
 BODIES = 20000
@@ -57,20 +58,7 @@ class Result:
 
 def lua(bodies_file: str, threads: int) -> str:
     """POST the bodies in turn; thread k starts at k * #bodies / threads."""
-    hdr = "\n".join(f'wrk.headers["{k}"] = "{v}"' for k, v in rtb.HEADERS.items())
-    return f"""\
-wrk.method = "POST"
-{hdr}
-local bodies = {{}}
-for line in io.lines("{bodies_file}") do bodies[#bodies + 1] = line end
-local next_thread = 0
-function setup(thread) thread:set("thread_index", next_thread); next_thread = next_thread + 1 end
-local i
-function request()
-    i = ((i or thread_index * math.floor(#bodies / {threads})) % #bodies) + 1
-    return wrk.format(nil, "{PATH}", nil, bodies[i])
-end
-"""
+    return h.lua_post(PATH, bodies_file, rtb.HEADERS, stride=f"math.floor(#bodies / {threads})")
 
 
 def name_of(codec: str, level: str) -> str:
@@ -191,11 +179,4 @@ def plot(results: list[Result], path: str) -> bool:
 
 def write_section(path: str, text: str) -> None:
     """Put ``text`` in place of this part's previous section of ``path``, or at its end."""
-    old = open(path).read() if os.path.exists(path) else ""
-    if BEGIN in old and END in old:
-        head, _, rest = old.partition(BEGIN)
-        new = head + text.rstrip("\n") + rest.partition(END)[2]
-    else:
-        new = old.rstrip("\n") + ("\n\n" if old else "") + text
-    with open(path, "w") as f:
-        f.write(new)
+    report.write_section(path, text, BEGIN, END)

@@ -44,37 +44,18 @@ from gevent.threadpool import ThreadPool
 
 from httptp.errors import GatewayTimeout, UpstreamError
 from httptp.io.teleport_client import TeleportClient, least_pending
+from httptp.io.teleport_messages import CODECS as _CODECS
 from httptp.io.teleport_messages import (Headers, HTTPStatusError, Request, Response,
-                                         answer_parts, build_request, outgoing)
+                                         address, answer_parts, build_request, codec,
+                                         default_host, outgoing)
 from httptp.io.teleport_server import Answer, TeleportServer
-from httptp.netaddr import Address, parse_address
-from httptp.teleport.handshake import BY_NAME, Compress
 
 __all__ = ["Client", "Server", "Request", "Response", "Headers", "HTTPStatusError",
            "UpstreamError", "GatewayTimeout", "WrongThread", "CODECS"]
 
 #: Codec names accepted by ``compress=``; flate, none and snappy are the Go
 #: original's, zstd and brotli only work between httptp peers.
-CODECS = tuple(BY_NAME)
-
-def _codec(name, allow_auto: bool = False):
-    if isinstance(name, int):
-        return Compress(name)
-    if allow_auto and name == "auto":
-        return "auto"
-    try:
-        return BY_NAME[name]
-    except KeyError:
-        raise ValueError(f"unknown teleport compression {name!r}: want one of "
-                         f"{', '.join(CODECS)}{' or auto' if allow_auto else ''}") from None
-
-
-def _address(addr: str, listen: bool = False) -> Address:
-    if isinstance(addr, Address):
-        return addr
-    if addr.startswith("unix:") or addr.startswith("/"):
-        return parse_address(addr, "unix")
-    return parse_address(addr, "tcp", allow_port0=listen)
+CODECS = _CODECS
 
 
 class WrongThread(RuntimeError):
@@ -116,12 +97,12 @@ class Client:
                  read_timeout: float = 120.0, write_timeout: float = 5.0, log=None):
         if conns < 1:
             raise ValueError("conns must be at least 1")
-        self.address = _address(addr)
+        self.address = address(addr)
         self.timeout = timeout
-        self._host = (str(self.address) if self.address.kind == "tcp" else "localhost").encode()
-        codec = _codec(compress)
+        self._host = default_host(self.address)
+        compress = codec(compress)
         self._clients = [
-            TeleportClient(self.address, compress=codec, delay=delay, max_pending=max_pending,
+            TeleportClient(self.address, compress=compress, delay=delay, max_pending=max_pending,
                            max_header_size=max_header_size, max_body_size=max_body_size,
                            read_timeout=read_timeout,
                            write_timeout=write_timeout, dial_timeout=min(3.0, timeout), log=log)
@@ -256,7 +237,7 @@ class Server:
         #: handlers run in a gevent thread pool of this many threads (0: in greenlets)
         self.threads = threads
         self._pool = None
-        self._ts = TeleportServer(self._answer, compress=_codec(compress, allow_auto=True),
+        self._ts = TeleportServer(self._answer, compress=codec(compress, allow_auto=True),
                                   delay=delay, concurrency=concurrency,
                                   max_header_size=max_header_size,
                                   max_body_size=max_body_size, read_timeout=read_timeout,
@@ -286,7 +267,7 @@ class Server:
     # -- listening -------------------------------------------------------------
 
     def _listen(self, addr: str):
-        a = _address(addr, listen=True)
+        a = address(addr, listen=True)
         if a.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         else:

@@ -15,7 +15,6 @@ import time
 
 import gevent
 import pytest
-from gevent import socket
 
 from httptp import stats as S
 from httptp.io.teleport_client import TeleportClient
@@ -24,6 +23,7 @@ from httptp.stats import Stats
 from httptp.teleport import connection
 from httptp.teleport.autolevel import AutoLevel
 from httptp.teleport.handshake import BY_NAME
+from tests.integration.test_teleport_library import _serve_ts
 from tests.unit.test_teleport_levels import rtb
 
 pytestmark = pytest.mark.timeout(60)
@@ -56,21 +56,6 @@ def flipping(monkeypatch):
     return Flipping
 
 
-def _serve(ts):
-    lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    lsock.bind(("127.0.0.1", 0))
-    lsock.listen(16)
-
-    def loop():
-        while True:
-            try:
-                s, a = lsock.accept()
-            except OSError:
-                return
-            gevent.spawn(ts.handle, s, f"{a[0]}:{a[1]}")
-    return lsock, gevent.spawn(loop)
-
-
 def _echo(head, body, peer):
     return Answer(200, b"OK", [(b"X-Len", b"%d" % len(body))], b"echo:" + body)
 
@@ -79,7 +64,7 @@ def _echo(head, body, peer):
 def test_level_changes_under_traffic_keep_both_ways_byte_exact(flipping, codec):
     stats = Stats.create(2)
     ts = TeleportServer(_echo, compress=codec, level="auto", stats=stats, block=1)
-    lsock, accept = _serve(ts)
+    lsock, accept = _serve_ts(ts)
     addr = "127.0.0.1:%d" % lsock.getsockname()[1]
     tc = TeleportClient(addr, compress=BY_NAME[codec], level="auto", stats=stats, block=0)
     rng = random.Random(3)
@@ -117,7 +102,7 @@ def test_level_changes_under_traffic_keep_both_ways_byte_exact(flipping, codec):
 def test_fixed_levels_on_both_ends_show_in_the_gauge():
     stats = Stats.create(2)
     ts = TeleportServer(_echo, compress="zstd", level=19, stats=stats, block=1)
-    lsock, accept = _serve(ts)
+    lsock, accept = _serve_ts(ts)
     addr = "127.0.0.1:%d" % lsock.getsockname()[1]
     tc = TeleportClient(addr, compress=BY_NAME["flate"], level=1, stats=stats, block=0)
     try:
