@@ -10,7 +10,7 @@ A message is always: one head event, zero or more ``Data``, one ``EndOfMessage``
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(slots=True)
@@ -23,6 +23,10 @@ class RequestHead:
     content_length: int | None    # declared Content-Length, None if absent
     chunked: bool                 # Transfer-Encoding: chunked
     expect_continue: bool = False  # Expect: 100-continue was sent
+    # The fields a proxy forwards (all but hop-by-hop, Connection, framing
+    # and Expect) as wire lines, each with its CRLF, when the parser's fast
+    # path read the head (httptools_backend); else None.  Not compared.
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)
@@ -34,6 +38,9 @@ class ResponseHead:
     keep_alive: bool              # the server allows reusing the connection after this message
     content_length: int | None
     chunked: bool
+    # as RequestHead.raw: the fields forwarded to a client (all but
+    # hop-by-hop, Connection and Content-Length), or None
+    raw: bytes | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(slots=True)

@@ -38,6 +38,20 @@ What llhttp does not give us, and how we cope:
 - No way to skip a response body (HEAD) and no ``finish()`` for EOF: the
   response parser finds the end of the head itself, feeds llhttp only the head
   when there is no body, and completes read-until-close bodies at EOF.
+
+The fast path.  A callback per field from C costs more than the parse, so the
+usual head never reaches llhttp (`_fast_fields`): a complete head of
+printable ASCII, obs-text in values, CRLF line ends, tokens for names, an
+origin-form target, ``HTTP/1.1`` or ``HTTP/1.0``, and no Transfer-Encoding,
+split and stripped with bytes methods, then the same ``check_request`` /
+``check_response``.  That language is a strict subset of what llhttp accepts
+and it reads it into the same fields (tests/unit/test_http_fastpath.py checks
+both against each other); anything else, including every head the checks
+refuse, is read by llhttp from the same byte, so errors and their texts are
+llhttp's as before.  A request takes the fast path at a message boundary when
+its Content-Length body (if any) is in the same feed; a response when it has
+no body or a Content-Length one.  It halves the parser's instructions per
+proxied request (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -50,6 +64,7 @@ from httptools import HttpParserError, HttpParserUpgrade
 from httptp.errors import ProtocolError
 from httptp.http import parser as _p
 from httptp.http.events import END, Data
+from httptp.http.policy import HOP_BY_HOP
 from httptp.http.rules import OWS, is_interim
 
 _OWS = tuple(OWS)        # as ints: compared with value[-1]
@@ -57,6 +72,81 @@ _OWS = tuple(OWS)        # as ints: compared with value[-1]
 _find_cr_without_lf = re.compile(rb"\r(?!\n)").search
 _SYNTHETIC = {True: b"PUT / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n",
               False: b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"}
+
+
+# -- the fast path (module docstring) ------------------------------------------------
+
+_CONTROL = bytes(range(0x20)) + b"\x7f"
+"""Deleted from a head block, they must be its CRLFs alone (so no HTAB: a
+field with one is llhttp's).  (``find``, not ``in``: on bytes, ``in`` first
+tries its operand as an int, a TypeError that costs more than the search.)"""
+_URL_BYTES = bytes(range(0x21, 0x7f))       # what llhttp reads in a target, bar the structure
+_TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
+_STATUS_FIRST = frozenset(b"12345")
+_KNOWN_METHODS = _p.KNOWN_METHODS
+# The kind of each field name as spelt: parser.field_kind's (0: none),
+# _HOP for another hop-by-hop field, _NOT_TOKEN.  Names come from peers:
+# bounded as parser._KINDS is.
+_HOP, _NOT_TOKEN = 16, -1
+_FAST_KINDS: dict = {}
+_FAST_KINDS_MAX, _NAME_MAX = 4096, 64
+_TE = _p.field_kind(b"transfer-encoding")
+_FRAMING = _p.FRAMING_KINDS
+# kinds a proxy leaves out of the lines it forwards (policy.py), each way
+_REQUEST_DROPS = frozenset(
+    {_HOP} | {_p.field_kind(n) for n in (b"content-length", b"transfer-encoding",
+                                         b"connection", b"expect")})
+_RESPONSE_DROPS = frozenset(
+    {_HOP} | {_p.field_kind(n) for n in (b"content-length", b"transfer-encoding",
+                                         b"connection")})
+
+
+def _fast_kind(name: bytes) -> int:
+    if not name or name.translate(None, _TOKEN_BYTES):
+        kind = _NOT_TOKEN
+    else:
+        kind = _p.field_kind(name)
+        if not kind and name.lower() in HOP_BY_HOP:
+            kind = _HOP
+    if len(_FAST_KINDS) < _FAST_KINDS_MAX and len(name) <= _NAME_MAX:
+        _FAST_KINDS[name] = kind
+    return kind
+
+
+def _fast_fields(lines: list, drops: frozenset):
+    """``(headers, special, kept)`` from a head's lines after the start line:
+    the ``(name, value)`` fields as llhttp and ``on_header`` give them, the
+    ``(kind, value)`` pairs ``parser.scan_special`` reads, and the lines of
+    the fields a proxy forwards (kinds not in ``drops``); or None when a
+    line is not ``token ": " value`` (the caller checked the bytes and the
+    whitespace) or is Transfer-Encoding: the head is llhttp's to read."""
+    headers = []
+    special = []
+    kept = []
+    kinds = _FAST_KINDS
+    first = True
+    for line in lines:
+        if first:
+            first = False
+            continue
+        name, colon, value = line.partition(b": ")
+        kind = kinds.get(name)
+        if kind is None:
+            kind = _fast_kind(name)
+        if kind < 0 or not colon:
+            return None
+        headers.append((name, value))
+        if kind:
+            if kind in _FRAMING:
+                if kind == _TE:
+                    return None
+                special.append((kind, value))
+            if kind in drops:
+                continue
+        kept.append(line)
+    kept.append(b"")
+    return headers, special, kept
 
 
 class _AfterClose(Exception):
@@ -199,6 +289,12 @@ class RequestParser(_Headers):
         events = self._events = []
         self._completed = False
         try:
+            if self._in_head and not self._started and not self._cr:
+                done = self._fast(data, events)
+                if done:
+                    if done == len(data) or self._closed:
+                        return events
+                    data = data[done:]
             self._feed(data)
             if self._in_head and self._started and not self._closed:
                 self._count_head(data)
@@ -211,6 +307,60 @@ class RequestParser(_Headers):
             self._dead = e
             return _p.after_complete(events, e)
         return events
+
+    def _fast(self, data: bytes, events: list) -> int:
+        """Read the whole requests at the start of ``data`` that the fast path
+        takes (module docstring) into ``events``; llhttp is between messages
+        and stays so.  Returns how many bytes they took."""
+        pos = 0
+        n = len(data)
+        while True:
+            end = data.find(b"\r\n\r\n", pos)
+            if end < 0:
+                return pos
+            block = data[pos:end + 4]
+            if block.find(b":  ") >= 0 or block.find(b" \r\n") >= 0:
+                return pos                  # OWS around a value
+            lines = block[:-4].split(b"\r\n")
+            if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
+                return pos
+            line = lines[0].split(b" ")
+            if len(line) != 3:
+                return pos
+            method, target, version = line
+            version = _VERSIONS.get(version)
+            if (version is None or method not in _KNOWN_METHODS or target[:1] != b"/"
+                    or target.translate(None, _URL_BYTES)):
+                return pos
+            fields = _fast_fields(lines, _REQUEST_DROPS)
+            if fields is None:
+                return pos
+            headers, special, kept = fields
+            try:
+                scan = _p.scan_special(special)
+                head = _p.request_head(method, target, version, headers, len(block), scan,
+                                       self._max_head, self._max_body)
+            except ProtocolError:
+                return pos                  # llhttp reads it again, and says what is wrong
+            if not scan[7]:                 # no Connection field names more to drop
+                head.raw = b"\r\n".join(kept)
+            start = end + 4
+            length = head.content_length
+            events.append(head)
+            if length:
+                if n - start < length:      # the body goes on: llhttp reads it all
+                    events.pop()
+                    return pos
+                events.append(Data(data[start:start + length]))
+                start += length
+            events.append(END)
+            self._completed = True
+            pos = start
+            if not head.keep_alive:
+                self._closed = True
+                return pos
+            if pos == n:
+                return pos
 
     def _feed(self, data):
         """Feed llhttp, refusing a CR without LF between requests (module docstring)."""
@@ -436,9 +586,12 @@ class ResponseParser(_Headers):
         self._done = True
 
     def _parse_head(self, block: bytes):
+        self._msg_done = False
+        result = self._fast_head(block)
+        if result is not None:
+            return result
         self._reason = b""
         self._headers = []
-        self._msg_done = False
         self._p = p = httptools.HttpResponseParser(self)
         # keep-alive is ours here too: with Proxy-Connection: close llhttp
         # would skip the bytes after the response instead of showing them
@@ -448,6 +601,41 @@ class ResponseParser(_Headers):
                                    self._headers, self._max_head, self._method)
         self._headers = self._trailers.reset()      # a chunked body's trailers go there
         return result
+
+    def _fast_head(self, block: bytes):
+        """``_parse_head`` without llhttp for a head the fast path takes
+        (module docstring), else None."""
+        if block.find(b":  ") >= 0 or block.find(b" \r\n") >= 0:
+            return None                     # OWS around a value
+        lines = block[:-4].split(b"\r\n")
+        if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
+            return None
+        line = lines[0].split(b" ", 2)
+        if len(line) != 3:
+            return None
+        version, status, reason = line
+        version = _VERSIONS.get(version)
+        if (version is None or len(status) != 3 or not status.isdigit()
+                or status[0] not in _STATUS_FIRST or reason[:1] == b" "):
+            return None
+        fields = _fast_fields(lines, _RESPONSE_DROPS)
+        if fields is None:
+            return None
+        headers, special, kept = fields
+        try:
+            scan = _p.scan_special(special)
+            head, mode = _p.response_head(int(status), reason, version, headers, len(block),
+                                          scan, self._max_head, self._method)
+        except ProtocolError:
+            return None
+        if mode == _p.UNTIL_CLOSE:         # llhttp reads that body
+            return None
+        if not scan[7]:                    # no Connection field names more to drop
+            head.raw = b"\r\n".join(kept)
+        self._p = None
+        self._headers = self._trailers
+        self._msg_done = head.content_length == 0
+        return head, mode
 
     def _eof(self, events: list) -> list:
         self._done = True

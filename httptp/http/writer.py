@@ -30,15 +30,21 @@ def request_head(method: bytes, target: bytes, headers: list, body_len: int | No
     when ``body_len > 0`` or the method is POST/PUT/PATCH, then the empty line;
     ``body_len`` None: ``Transfer-Encoding: chunked`` (a body streamed as it
     comes).  The body is not included."""
-    parts = [method, b" ", target, b" HTTP/1.1\r\n"]
+    parts = []
     _header_lines(parts, headers)
+    return request_lines(method, target, b"".join(parts), body_len)
+
+
+def request_lines(method: bytes, target: bytes, lines: bytes, body_len: int | None) -> bytes:
+    """`request_head` with the header fields already as wire lines (each
+    with its CRLF)."""
     if body_len is None:
-        parts.append(b"Transfer-Encoding: chunked\r\n\r\n")
+        end = b"Transfer-Encoding: chunked\r\n\r\n"
     elif body_len > 0 or method in _BODY_METHODS:
-        parts.append(b"Content-Length: %d\r\n\r\n" % body_len)
+        end = b"Content-Length: %d\r\n\r\n" % body_len
     else:
-        parts.append(b"\r\n")
-    return b"".join(parts)
+        end = b"\r\n"
+    return b"".join((method, b" ", target, b" HTTP/1.1\r\n", lines, end))
 
 
 def status_line(status: int, reason: bytes) -> bytes:
@@ -69,6 +75,19 @@ def response(status: int, reason: bytes, headers: list, body: bytes, keep_alive:
     if body:
         parts.append(body)
     return b"".join(parts)
+
+
+def response_lines(status: int, reason: bytes, lines: bytes, body: bytes, keep_alive: bool,
+                   content_length: int | None = None) -> bytes:
+    """`response` with the header fields already as wire lines (``lines``,
+    each with its CRLF: a head's ``raw``)."""
+    cl = (b"Content-Length: %d\r\n" % (len(body) if content_length is None else content_length)
+          if status_has_body(status) else b"")
+    return b"".join((status_line(status, reason), lines, cl,
+                     b"\r\n" if keep_alive else _CLOSE_END, body))
+
+
+_CLOSE_END = _CLOSE + b"\r\n"
 
 
 def chunk(data) -> bytes:

@@ -399,6 +399,15 @@ class ClientConn:
 
     def response_whole(self, rh, body: bytes, ex) -> None:
         keep = self._keep_now()
+        if rh.raw is not None and self._head.version != b"1.0":
+            if self._head.method == b"HEAD":
+                data = writer.response_lines(rh.status, rh.reason, rh.raw, b"", keep,
+                                             rh.content_length)
+            else:
+                data = writer.response_lines(rh.status, rh.reason, rh.raw, body, keep)
+            self.transport.write(data)
+            self._response_done()
+            return
         headers = self._response_headers(rh)
         if self._head.method == b"HEAD":
             data = writer.response(rh.status, rh.reason, headers, b"", keep,

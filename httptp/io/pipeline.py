@@ -196,6 +196,7 @@ class Proxy:
         self.max_body = config.out_max_body_size
         self._spare_timers: list[Timer] = []   # for teleport-in answers
         self._init_request_ids(config)
+        self._init_raw_lines()
 
     # -- discovery: the set of upstreams changes -------------------------------------
 
@@ -302,6 +303,11 @@ class Proxy:
         ``body_done``: the whole body is already there (so the request may be
         sent again); ``tunnel``: the downstream can carry an Upgrade."""
         q, b = self.q, self.base
+        raw = head.raw
+        if raw is not None and self.raw_out:
+            ex = self._begin_raw(head, raw, client_ip, down, timer, body_done, peer)
+            if ex is not None:
+                return ex
         headers = policy.forward_request_headers(head.headers, self.client_ip_header, client_ip,
                                                  self.forwarded_proto)
         request_id = b""
@@ -336,6 +342,54 @@ class Proxy:
                       no_host, body_done, upgrade is not None)
         ex.request_id = request_id
         return ex
+
+    def _begin_raw(self, head, raw: bytes, client_ip, down, timer, body_done, peer):
+        """``begin`` for a head the parser's fast path read, sent on as its
+        forwardable lines (``head.raw``: the policy's base drops are out, and
+        no Connection field names more) plus the lines the proxy adds; None
+        when the request has a field the proxy sets itself (the client-IP
+        header, X-Forwarded-Proto, the request id) or is HTTP/1.0: the
+        general path then reads its fields."""
+        if head.version != b"1.1":
+            return None
+        needles = self._owned_needles
+        if needles:
+            low = b"\n" + raw.lower()
+            for needle in needles:
+                if low.find(needle) >= 0:
+                    return None
+        request_id = b""
+        if self.request_id_header is not None:
+            self._request_ids += 1
+            request_id = b"%s%x" % (self._request_id_prefix, self._request_ids)
+        if client_ip is not None:
+            added = self._added_lines % (client_ip, request_id)
+        else:
+            added = self._added_lines_no_ip % request_id
+        ex = Exchange(self, down, head, head.target, None, client_ip, peer, timer, False,
+                      body_done, False)
+        ex.raw = raw + added
+        ex.request_id = request_id
+        return ex
+
+    def _init_raw_lines(self) -> None:
+        """What ``_begin_raw`` needs: the names of the fields the proxy sets
+        (as ``\\n`` name ``:``, lower case) and the lines it adds, as
+        templates for the client's address and the request id (in the
+        order forward_request_headers and _request_id add them)."""
+        owned = [self.client_ip_header, b"x-forwarded-proto" if self.forwarded_proto else None,
+                 self.request_id_header]
+        self._owned_needles = tuple(b"\n" + n.lower() + b":" for n in owned if n)
+        proto = (b"X-Forwarded-Proto: %s\r\n" % self.forwarded_proto.replace(b"%", b"%%")
+                 if self.forwarded_proto else b"")
+        rid = (b"%s: %%s\r\n" % self._request_id_name if self.request_id_header is not None
+               else b"%.0s")
+        ip = (b"%s: %%s\r\n" % self.client_ip_header if self.client_ip_header is not None
+              else b"%.0s")
+        self._added_lines = ip + proto + rid
+        self._added_lines_no_ip = proto + rid
+        # the raw path writes an http request: over teleport the fields are a list
+        self.raw_out = not self.out_teleport
 
     # -- request ids (-requestIDHeader) -----------------------------------------------
 
@@ -507,7 +561,7 @@ class Exchange:
                  "body_done", "tried", "lease", "upstream", "conn", "reused", "dialing",
                  "waiting_for", "t0", "head_sent", "size", "resp_head", "finished",
                  "stale_retried", "down_paused", "up_paused", "upstream_name", "upstream_time",
-                 "tunnel_eofs", "up_mark",
+                 "tunnel_eofs", "up_mark", "raw",
                  "request_id", "started", "received", "tries")   # the access log's
 
     def __init__(self, proxy: Proxy, down, head, target: bytes, headers: list,
@@ -548,6 +602,7 @@ class Exchange:
         self.tunnel_eofs = 0
         self.up_mark = -1           # what the upstream had not taken when -outTimeout was
                                     # armed (-1: not measured, to save a syscall per request)
+        self.raw = None             # the fields as wire lines, instead of ``headers``
         self.request_id = b""
         self.started = time.monotonic()     # request_time and the duration histogram
         self.received = 0                   # request body bytes
@@ -576,15 +631,17 @@ class Exchange:
         self._try()
 
     def _request_head(self) -> bytes:
-        headers = self.headers
-        if self.add_host:
-            headers = headers + [(b"Host", self.upstream.host)]
         if self.chunked:
             size = None
         elif self.body_done:
             size = self.pending_size
         else:
             size = self.head.content_length
+        if self.raw is not None:
+            return writer.request_lines(self.method, self.target, self.raw, size)
+        headers = self.headers
+        if self.add_host:
+            headers = headers + [(b"Host", self.upstream.host)]
         return writer.request_head(self.method, self.target, headers, size)
 
     def _try(self) -> None:

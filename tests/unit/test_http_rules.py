@@ -94,7 +94,8 @@ def test_message_framing(headers, strict_result, lenient_result):
 def _scan(headers):
     """What the HTTP parsers' one pass says about the framing."""
     try:
-        _, length, chunked, _, _, _, _, expect = parser.scan_headers(headers)
+        _, special = parser.scan_headers(headers)
+        length, chunked, _, _, _, _, expect, _ = parser.scan_special(special)
     except ProtocolError as e:
         assert e.status == 400
         return e.detail

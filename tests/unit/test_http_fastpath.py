@@ -1,0 +1,189 @@
+"""The httptools back-end's fast path (httptools_backend's module docstring)
+against llhttp: the same events and errors for any bytes, and the lines it
+forwards (``head.raw``) equal to what the header policy and the writer make
+of the fields.  Each property fails if the fast path reads a head llhttp
+would refuse or read otherwise, or forwards a field the policy drops."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from httptp.errors import ProtocolError
+from httptp.http import httptools_backend as hb
+from httptp.http import policy, writer
+from httptp.http.events import RequestHead, ResponseHead
+from tests.fuzz.support import cuts
+
+NAMES = [b"Host", b"host", b"HOST", b"Content-Length", b"content-length", b"Connection",
+         b"connection", b"Keep-Alive", b"Upgrade", b"Transfer-Encoding", b"TE", b"Trailer",
+         b"Proxy-Connection", b"Expect", b"X-Forwarded-For", b"X-Request-Id",
+         b"X-Forwarded-Proto", b"Accept", b"User-Agent", b"X-A", b"x a", b"X(A)", b"",
+         b"X-\x80"]
+VALUES = [b"x", b"127.0.0.1:80", b"5", b"0", b"05", b"+5", b"5, 5", b"keep-alive", b"close",
+          b"Close", b"upgrade", b"Keep-Alive, X-A", b"X-A", b"chunked", b"identity",
+          b"100-continue", b"websocket", b"a: b", b"a\tb", b"\x80\xff", b"a\x7fb", b"", b" x",
+          b"x ", b"a\rb", b"a\nb", b"a\x00b", b"1.2.3.4"]
+SEPARATORS = [b": ", b": ", b": ", b":", b":  ", b": \t", b"\t: ", b" : "]
+ENDS = [b"\r\n", b"\r\n", b"\r\n", b"\n"]
+
+
+@st.composite
+def fields(draw) -> bytes:
+    """Header lines, half the time only well-formed ones (the fast path's)."""
+    plain = draw(st.booleans())
+    out = []
+    for _ in range(draw(st.integers(0, 6))):
+        name = draw(st.sampled_from(NAMES[:20] if plain else NAMES))
+        out.append(name + (b": " if plain else draw(st.sampled_from(SEPARATORS)))
+                   + draw(st.sampled_from(VALUES[:19] if plain else VALUES))
+                   + (b"\r\n" if plain else draw(st.sampled_from(ENDS))))
+    return b"".join(out)
+
+
+@st.composite
+def requests(draw) -> bytes:
+    parts = []
+    for _ in range(draw(st.integers(1, 3))):
+        line = b" ".join((draw(st.sampled_from([b"GET", b"POST", b"HEAD", b"PUT", b"FOO",
+                                                  b"CONNECT", b"get"])),
+                          draw(st.sampled_from([b"/", b"/a?b=c#d", b"*", b"http://h/p", b"/\x80",
+                                                b"/a b", b"//x", b"/%20"])),
+                          draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0",
+                                                b"HTTP/2.0", b"http/1.1"]))))
+        host = draw(st.sampled_from([b"Host: h\r\n", b"Host: h\r\n", b""]))
+        body = draw(st.sampled_from([b"", b"", b"abcde", b"ab", b"0\r\n\r\n"]))
+        parts.append(draw(st.sampled_from([b"", b"", b"\r\n"])) + line
+                     + draw(st.sampled_from(ENDS)) + host + draw(fields()) + b"\r\n" + body)
+    return b"".join(parts)
+
+
+@st.composite
+def responses(draw) -> bytes:
+    line = b"%s %s%s" % (draw(st.sampled_from([b"HTTP/1.1", b"HTTP/1.1", b"HTTP/1.0",
+                                               b"HTTP/2.0"])),
+                         draw(st.sampled_from([b"200", b"200", b"204", b"304", b"100", b"404",
+                                               b"099", b"2000", b"abc", b"600"])),
+                         draw(st.sampled_from([b" OK", b" ", b"", b"  OK", b" O\tK", b" \x80",
+                                               b" Not Found"])))
+    body = draw(st.sampled_from([b"", b"abcde", b"ab", b"0\r\n\r\n"]))
+    return line + draw(st.sampled_from(ENDS)) + draw(fields()) + b"\r\n" + body
+
+
+def _slow(monkeypatch):
+    monkeypatch.setattr(hb.RequestParser, "_fast", lambda self, data, events: 0)
+    monkeypatch.setattr(hb.ResponseParser, "_fast_head", lambda self, block: None)
+
+
+def _run(parser, pieces, method=None) -> list:
+    """Events (ProtocolError as ``(status, detail)``) and, last, what EOF said."""
+    out = []
+    if method is not None:
+        parser.start(method)
+    try:
+        for piece in pieces + [b""]:
+            for ev in parser.feed(piece):
+                out.append((ev.status, ev.detail) if isinstance(ev, ProtocolError) else ev)
+    except ProtocolError as e:
+        out.append((e.status, e.detail))
+    return out
+
+
+def _lines(headers) -> bytes:
+    return b"".join(n + b": " + v + b"\r\n" for n, v in headers)
+
+
+SETTINGS = settings(max_examples=400, deadline=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture])
+
+
+@SETTINGS
+@given(st.data())
+def test_requests_read_as_llhttp_reads_them(monkeypatch, data):
+    raw = data.draw(requests())
+    pieces = data.draw(cuts(raw))
+    fast = _run(hb.RequestParser(600, 1000), pieces)
+    with monkeypatch.context() as m:
+        _slow(m)
+        slow = _run(hb.RequestParser(600, 1000), pieces)
+    assert fast == slow
+    for ev in fast:
+        if isinstance(ev, RequestHead) and ev.raw is not None:
+            assert ev.raw == _lines(policy.forward_request_headers(ev.headers, None, None))
+
+
+@SETTINGS
+@given(st.data())
+def test_responses_read_as_llhttp_reads_them(monkeypatch, data):
+    raw = data.draw(responses())
+    pieces = data.draw(cuts(raw))
+    method = data.draw(st.sampled_from([b"GET", b"HEAD"]))
+    fast = _run(hb.ResponseParser(600), pieces, method)
+    with monkeypatch.context() as m:
+        _slow(m)
+        slow = _run(hb.ResponseParser(600), pieces, method)
+    assert fast == slow
+    for ev in fast:
+        if isinstance(ev, ResponseHead) and ev.raw is not None:
+            assert ev.raw == _lines(policy.forward_response_headers(ev.headers))
+            for keep in (True, False):
+                assert writer.response_lines(ev.status, ev.reason, ev.raw, b"body", keep) == \
+                    writer.response(ev.status, ev.reason,
+                                    policy.forward_response_headers(ev.headers), b"body", keep)
+
+
+def test_the_usual_heads_take_the_fast_path():
+    """If this fails the fast path is dead code and the properties above prove nothing."""
+    p = hb.RequestParser(8192, 1 << 20)
+    [head, _] = p.feed(b"GET /a?b HTTP/1.1\r\nHost: h\r\nUser-Agent: u\r\nConnection: keep-alive"
+                       b"\r\nAccept: */*\r\n\r\n")
+    assert head.raw == b"Host: h\r\nUser-Agent: u\r\nAccept: */*\r\n"
+    [head, data, _] = p.feed(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab")
+    assert head.raw == b"Host: h\r\n" and data.data == b"ab"
+    r = hb.ResponseParser(8192)
+    r.start(b"GET")
+    [head, _, _] = r.feed(b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: 2\r\n"
+                          b"Connection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok")
+    assert head.raw == b"Server: s\r\n"
+
+
+# -- what the proxy sends upstream: the same bytes either way ---------------------------
+
+@pytest.mark.parametrize("args", [
+    [],
+    ["-clientIPHeader=X-Forwarded-For"],
+    ["-clientIPHeader=X-Real-IP", "-requestIDHeader="],
+    ["-requestIDHeader=X-Trace"],
+])
+@pytest.mark.parametrize("client_ip", [b"127.0.0.1", None])
+def test_the_proxy_sends_the_same_request_either_way(args, client_ip):
+    from tests.unit.test_dataplane import Rig
+    rig = Rig("127.0.0.1:9", "httptools", *args)
+    try:
+        heads = [
+            b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nHost: h\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nHost: h\r\nx-real-ip: 10.0.0.1\r\nX-Request-Id: abc\r\n\r\n",
+            b"GET /a HTTP/1.1\r\nHost: h\r\nX-Trace: t\r\nX-Forwarded-Proto: https\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nHost: h\r\nExpect: 100-continue\r\nContent-Length: 0\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nConnection: keep-alive, TE\r\nTE: trailers\r\n\r\n",
+        ]
+        sent = []
+        for raw in heads:
+            [head, _] = hb.RequestParser(8192, 1 << 20).feed(raw)
+            both = []
+            for fast in (True, False):
+                if not fast:
+                    head.raw = None
+                rig.proxy._request_ids = 0
+                ex = rig.proxy.begin(head, client_ip, None, rig.proxy.exchange_timer(),
+                                     body_done=True)
+                ex.upstream = rig.proxy.upstreams[0]
+                both.append(ex._request_head())
+                ex.timer.close()
+            assert both[0] == both[1], raw
+            sent.append(both[0])
+        assert sent[0].startswith(b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n")
+    finally:
+        rig.close()
