@@ -397,14 +397,12 @@ class Balancer:
 
     def _release(self, i: int, b: int, probe: bool, ok: bool, latency: float) -> None:
         now = self._clock()
-        self._q[b + UP_INFLIGHT] -= 1
-        if ok:
-            self._succeeded(i, b, probe, latency, now)
-        else:
-            self._failed(i, b, probe, now)
-
-    def _succeeded(self, i: int, b: int, probe: bool, latency: float, now: float) -> None:
         q, d = self._q, self._d
+        q[b + UP_INFLIGHT] -= 1
+        if not ok:
+            self._failed(i, b, probe, now)
+            return
+        # succeeded (here, not in a method of its own: this runs per request)
         q[b + UP_CONSEC] = 0
         latency = latency if latency > MIN_LATENCY else MIN_LATENCY
         e = d[b + UP_EWMA]

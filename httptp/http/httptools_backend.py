@@ -92,6 +92,7 @@ _HOP, _NOT_TOKEN = 16, -1
 _FAST_KINDS: dict = {}
 _FAST_KINDS_MAX, _NAME_MAX = 4096, 64
 _TE = _p.field_kind(b"transfer-encoding")
+_CRLF = b"\r\n"
 _FRAMING = _p.FRAMING_KINDS
 # kinds a proxy leaves out of the lines it forwards (policy.py), each way
 _REQUEST_DROPS = frozenset(
@@ -115,21 +116,18 @@ def _fast_kind(name: bytes) -> int:
 
 
 def _fast_fields(lines: list, drops: frozenset):
-    """``(headers, special, kept)`` from a head's lines after the start line:
-    the ``(name, value)`` fields as llhttp and ``on_header`` give them, the
-    ``(kind, value)`` pairs ``parser.scan_special`` reads, and the lines of
-    the fields a proxy forwards (kinds not in ``drops``); or None when a
-    line is not ``token ": " value`` (the caller checked the bytes and the
-    whitespace) or is Transfer-Encoding: the head is llhttp's to read."""
+    """``(headers, special, raw)`` from a head's field lines (CRLFs and
+    whitespace checked by the caller): the ``(name, value)`` fields as llhttp
+    and ``on_header`` give them, the ``(kind, value)`` pairs
+    ``parser.scan_special`` reads, and the lines of the fields a proxy
+    forwards (kinds not in ``drops``), each with its CRLF.  None when a line
+    is not ``token ": " value`` or is Transfer-Encoding: the head is
+    llhttp's to read."""
     headers = []
     special = []
     kept = []
     kinds = _FAST_KINDS
-    first = True
     for line in lines:
-        if first:
-            first = False
-            continue
         name, colon, value = line.partition(b": ")
         kind = kinds.get(name)
         if kind is None:
@@ -146,7 +144,7 @@ def _fast_fields(lines: list, drops: frozenset):
                 continue
         kept.append(line)
     kept.append(b"")
-    return headers, special, kept
+    return headers, special, _CRLF.join(kept)
 
 
 class _AfterClose(Exception):
@@ -324,7 +322,7 @@ class RequestParser(_Headers):
             lines = block[:-4].split(b"\r\n")
             if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
                 return pos
-            line = lines[0].split(b" ")
+            line = lines.pop(0).split(b" ")
             if len(line) != 3:
                 return pos
             method, target, version = line
@@ -335,7 +333,7 @@ class RequestParser(_Headers):
             fields = _fast_fields(lines, _REQUEST_DROPS)
             if fields is None:
                 return pos
-            headers, special, kept = fields
+            headers, special, raw = fields
             try:
                 scan = _p.scan_special(special)
                 head = _p.request_head(method, target, version, headers, len(block), scan,
@@ -343,7 +341,7 @@ class RequestParser(_Headers):
             except ProtocolError:
                 return pos                  # llhttp reads it again, and says what is wrong
             if not scan[7]:                 # no Connection field names more to drop
-                head.raw = b"\r\n".join(kept)
+                head.raw = raw
             start = end + 4
             length = head.content_length
             events.append(head)
@@ -549,7 +547,9 @@ class ResponseParser(_Headers):
             end += 4
             if end > self._max_head:
                 raise ProtocolError("response header too large", 431)
-            head, mode = self._parse_head(buf[:end])
+            block = buf[:end]
+            result = self._fast_head(block)
+            head, mode = self._parse_head(block) if result is None else result
             buf = buf[end:]
             if head.status == 101:
                 raise ProtocolError("unexpected 101 Switching Protocols")
@@ -587,9 +587,6 @@ class ResponseParser(_Headers):
 
     def _parse_head(self, block: bytes):
         self._msg_done = False
-        result = self._fast_head(block)
-        if result is not None:
-            return result
         self._reason = b""
         self._headers = []
         self._p = p = httptools.HttpResponseParser(self)
@@ -604,13 +601,13 @@ class ResponseParser(_Headers):
 
     def _fast_head(self, block: bytes):
         """``_parse_head`` without llhttp for a head the fast path takes
-        (module docstring), else None."""
+        (module docstring), else None (then call ``_parse_head``)."""
         if block.find(b":  ") >= 0 or block.find(b" \r\n") >= 0:
             return None                     # OWS around a value
         lines = block[:-4].split(b"\r\n")
         if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
             return None
-        line = lines[0].split(b" ", 2)
+        line = lines.pop(0).split(b" ", 2)
         if len(line) != 3:
             return None
         version, status, reason = line
@@ -621,7 +618,7 @@ class ResponseParser(_Headers):
         fields = _fast_fields(lines, _RESPONSE_DROPS)
         if fields is None:
             return None
-        headers, special, kept = fields
+        headers, special, raw = fields
         try:
             scan = _p.scan_special(special)
             head, mode = _p.response_head(int(status), reason, version, headers, len(block),
@@ -631,7 +628,7 @@ class ResponseParser(_Headers):
         if mode == _p.UNTIL_CLOSE:         # llhttp reads that body
             return None
         if not scan[7]:                    # no Connection field names more to drop
-            head.raw = b"\r\n".join(kept)
+            head.raw = raw
         self._p = None
         self._headers = self._trailers
         self._msg_done = head.content_length == 0

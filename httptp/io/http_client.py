@@ -157,7 +157,8 @@ class UpstreamConn:
                 body = events[1].data
             else:
                 body = b"".join(ev.data for ev in events[1:-1])
-            self._finish(first)
+            self.exchange = None            # _finish, inline: this is every small response
+            self.pool.done(self, first.keep_alive, orderly=True)
             ex.response_whole(first, body)
             return
         for ev in events:
@@ -493,10 +494,16 @@ class HTTPUpstream:
             self._idle.append(conn)
         else:
             self._close(conn, orderly=keep or orderly)
-        self._release_slot()
+        self._busy -= 1
+        if self._waiting:
+            self._let_in()
 
     def _release_slot(self) -> None:
         self._busy -= 1
+        self._let_in()
+
+    def _let_in(self) -> None:
+        """Give free slots to the exchanges waiting for one."""
         while self._waiting and self._busy < self._max:
             ex = self._waiting.popleft()
             ex.waiting_for = None

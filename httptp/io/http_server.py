@@ -48,7 +48,7 @@ from httptp import stats as S
 from httptp.errors import (MethodNotAllowed, ProtocolError, ProxyError,
                            RequestTimeout)
 from httptp.http import policy, writer
-from httptp.http.events import Data, EndOfMessage, RequestHead
+from httptp.http.events import END, Data, EndOfMessage, RequestHead
 from httptp.http.rules import status_has_body
 from httptp.io.transport import HIGH_WATER, tls_info
 
@@ -180,12 +180,18 @@ class ClientConn:
             self._bad_input(e)
             return
         if events:
-            if events[-1].__class__ is not Data and isinstance(events[-1], ProtocolError):
+            if (len(events) == 2 and self.cur is None and events[1] is END
+                    and not self._events and not self._busy and not self._paused_by
+                    and not self._close_after and events[0].__class__ is RequestHead):
+                self._request(events[0], None, True)    # nearly always: one whole request
+                events = None
+            elif events[-1].__class__ is not Data and isinstance(events[-1], ProtocolError):
                 # whole requests, then bad bytes: those are answered first, then
                 # the error (the parser is dead: nothing more to read)
                 self.transport.pause_reading()
-            self._events.extend(events)
-            self._pump()
+            if events is not None:
+                self._events.extend(events)
+                self._pump()
         if self.gone:
             return
         if self.cur is None:
@@ -266,7 +272,20 @@ class ClientConn:
                     if isinstance(ev, ProxyError):
                         self._answer_error(ev, None)
                         break
-                    self._request(ev)
+                    # what of the body is here already
+                    body = []
+                    done = False
+                    while events:
+                        cls = events[0].__class__
+                        if cls is Data:
+                            body.append(events.popleft().data)
+                        elif cls is EndOfMessage:
+                            events.popleft()
+                            done = True
+                            break
+                        else:
+                            break
+                    self._request(ev, body, done)
                     continue
                 if self._body_done:
                     break           # a pipelined request waits for this response
@@ -286,7 +305,9 @@ class ClientConn:
         finally:
             self._busy = False
 
-    def _request(self, head) -> None:
+    def _request(self, head, body: list | None, done: bool) -> None:
+        """Start ``head``'s exchange: ``body`` is what of its body is here
+        (None: nothing), ``done`` whether that is all of it."""
         ctx = self.ctx
         if head.__class__ is not RequestHead:           # cannot happen with a sane parser
             self._answer_error(ProtocolError("unexpected event before request head"), None)
@@ -299,22 +320,8 @@ class ClientConn:
         if ctx.get_only and head.method != b"GET":
             self._answer_error(MethodNotAllowed(), head)
             return
-        # what of the body is here already
-        events = self._events
-        body = []
-        done = False
-        while events:
-            ev = events[0]
-            cls = ev.__class__
-            if cls is Data:
-                events.popleft()
-                body.append(ev.data)
-            elif cls is EndOfMessage:
-                events.popleft()
-                done = True
-                break
-            else:
-                break
+        if body is None:
+            body = []
         if head.expect_continue and not done and not body:
             self.transport.write(writer.CONTINUE_100)
         self._body_done = done
@@ -398,7 +405,8 @@ class ClientConn:
         return keep
 
     def response_whole(self, rh, body: bytes, ex) -> None:
-        keep = self._keep_now()
+        keep = self._keep and not self.ctx.worker.draining      # _keep_now, inline
+        self._close_after = not keep
         if rh.raw is not None and self._head.version != b"1.0":
             if self._head.method == b"HEAD":
                 data = writer.response_lines(rh.status, rh.reason, rh.raw, b"", keep,

@@ -102,6 +102,7 @@ _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 _MAX_REPLAY = 1 << 20           # the largest request kept to be sent again
 _MAX_SPARE_TIMERS = 1024
 # a request id taken as it comes (-requestIDHeader); any other value is replaced
+_NONE_TRIED = frozenset()
 _VALID_REQUEST_ID = re.compile(rb"[0-9A-Za-z._:+/=@-]{1,128}")
 
 
@@ -582,7 +583,7 @@ class Exchange:
         self.pending = []           # body bytes (framed) waiting for a connection
         self.pending_size = 0
         self.body_done = body_done
-        self.tried = set()
+        self.tried = _NONE_TRIED     # a set once an upstream failed it
         self.lease = None
         self.upstream = None
         self.conn = None
@@ -847,6 +848,8 @@ class Exchange:
                 self.stale_retried = True        # a keep-alive race: once more, fresh
                 self._try()
                 return
+            if self.tried is _NONE_TRIED:
+                self.tried = set()
             self.tried.add(index)
             if len(self.tried) == 1 and not proxy.single:
                 self._try()
