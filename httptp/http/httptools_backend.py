@@ -103,13 +103,33 @@ _RESPONSE_DROPS = frozenset(
                                          b"connection")})
 
 
+# Fields a proxy sets itself in a request (own_fields): a request with one
+# gets no ``raw``, so the policy reads its fields.
+_OWNED = 32
+_OWNED_NAMES: set = set()
+
+
+def own_fields(names) -> None:
+    """Say which request fields (names, any case) the proxy sets itself: a
+    request with one of them gets no ``raw``.  Names add up over calls (a
+    process with two proxies takes the slow path for either's)."""
+    new = {n.lower() for n in names if n} - _OWNED_NAMES
+    if new:
+        _OWNED_NAMES.update(new)
+        _FAST_KINDS.clear()
+
+
 def _fast_kind(name: bytes) -> int:
     if not name or name.translate(None, _TOKEN_BYTES):
         kind = _NOT_TOKEN
     else:
         kind = _p.field_kind(name)
-        if not kind and name.lower() in HOP_BY_HOP:
-            kind = _HOP
+        if not kind:
+            lower = name.lower()
+            if lower in HOP_BY_HOP:
+                kind = _HOP
+            elif lower in _OWNED_NAMES:
+                kind = _OWNED
     if len(_FAST_KINDS) < _FAST_KINDS_MAX and len(name) <= _NAME_MAX:
         _FAST_KINDS[name] = kind
     return kind
@@ -120,13 +140,15 @@ def _fast_fields(lines: list, drops: frozenset):
     whitespace checked by the caller): the ``(name, value)`` fields as llhttp
     and ``on_header`` give them, the ``(kind, value)`` pairs
     ``parser.scan_special`` reads, and the lines of the fields a proxy
-    forwards (kinds not in ``drops``), each with its CRLF.  None when a line
+    forwards (kinds not in ``drops``), each with its CRLF (None for a request
+    with a field of `own_fields`).  None when a line
     is not ``token ": " value`` or is Transfer-Encoding: the head is
     llhttp's to read."""
     headers = []
     special = []
     kept = []
     kinds = _FAST_KINDS
+    owned = False
     for line in lines:
         name, colon, value = line.partition(b": ")
         kind = kinds.get(name)
@@ -140,9 +162,13 @@ def _fast_fields(lines: list, drops: frozenset):
                 if kind == _TE:
                     return None
                 special.append((kind, value))
+            elif kind == _OWNED:
+                owned = True
             if kind in drops:
                 continue
         kept.append(line)
+    if owned and drops is _REQUEST_DROPS:
+        return headers, special, None
     kept.append(b"")
     return headers, special, _CRLF.join(kept)
 
@@ -341,7 +367,7 @@ class RequestParser(_Headers):
             except ProtocolError:
                 return pos                  # llhttp reads it again, and says what is wrong
             if not scan[7]:                 # no Connection field names more to drop
-                head.raw = raw
+                head.raw = raw              # (None: a field the proxy sets itself)
             start = end + 4
             length = head.content_length
             events.append(head)

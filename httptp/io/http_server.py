@@ -312,7 +312,8 @@ class ClientConn:
         if head.__class__ is not RequestHead:           # cannot happen with a sane parser
             self._answer_error(ProtocolError("unexpected event before request head"), None)
             return
-        self._head_timer.disarm()
+        if self._head_timer.armed:
+            self._head_timer.disarm()
         self._partial = False
         ctx.q[ctx.base + S.IN_REQUEST_START] += 1
         self._head = head

@@ -348,17 +348,12 @@ class Proxy:
         """``begin`` for a head the parser's fast path read, sent on as its
         forwardable lines (``head.raw``: the policy's base drops are out, and
         no Connection field names more) plus the lines the proxy adds; None
-        when the request has a field the proxy sets itself (the client-IP
-        header, X-Forwarded-Proto, the request id) or is HTTP/1.0: the
-        general path then reads its fields."""
+        when the request is HTTP/1.0: the general path then reads its
+        fields (as it does for a request with a field the proxy sets itself,
+        the client-IP header, X-Forwarded-Proto or the request id, which the
+        parser gives no ``raw``: ``_init_raw_lines``)."""
         if head.version != b"1.1":
             return None
-        needles = self._owned_needles
-        if needles:
-            low = b"\n" + raw.lower()
-            for needle in needles:
-                if low.find(needle) >= 0:
-                    return None
         request_id = b""
         if self.request_id_header is not None:
             self._request_ids += 1
@@ -374,13 +369,14 @@ class Proxy:
         return ex
 
     def _init_raw_lines(self) -> None:
-        """What ``_begin_raw`` needs: the names of the fields the proxy sets
-        (as ``\\n`` name ``:``, lower case) and the lines it adds, as
+        """What ``_begin_raw`` needs: the parser told which fields the proxy
+        sets (a request with one has no ``raw``), and the lines it adds, as
         templates for the client's address and the request id (in the
         order forward_request_headers and _request_id add them)."""
-        owned = [self.client_ip_header, b"x-forwarded-proto" if self.forwarded_proto else None,
-                 self.request_id_header]
-        self._owned_needles = tuple(b"\n" + n.lower() + b":" for n in owned if n)
+        own = getattr(self._parser_module, "own_fields", None)
+        if own is not None:
+            own([self.client_ip_header, b"x-forwarded-proto" if self.forwarded_proto else None,
+                 self.request_id_header])
         proto = (b"X-Forwarded-Proto: %s\r\n" % self.forwarded_proto.replace(b"%", b"%%")
                  if self.forwarded_proto else b"")
         rid = (b"%s: %%s\r\n" % self._request_id_name if self.request_id_header is not None

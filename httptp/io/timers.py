@@ -45,16 +45,17 @@ class Timer:
     ``arm(callback, *args)`` restarts the full period (``again``), ``disarm()``
     stops it, and the callback runs once in the hub when the period passes."""
 
-    __slots__ = ("seconds", "_timer", "armed")
+    __slots__ = ("seconds", "_timer", "armed", "_fire_cb")
 
     def __init__(self, seconds: float):
         self.seconds = seconds
         self._timer = get_hub().loop.timer(seconds, seconds)
         self.armed = False
+        self._fire_cb = self._fire      # bound once: arm runs twice per request
 
     def arm(self, callback, *args) -> None:
         self.armed = True
-        self._timer.again(self._fire, callback, *args)
+        self._timer.again(self._fire_cb, callback, *args)
 
     def _fire(self, callback, *args) -> None:
         self._timer.stop()
@@ -70,3 +71,4 @@ class Timer:
         self.armed = False
         self._timer.stop()
         self._timer.close()
+        self._fire_cb = None            # the cycle through the bound method

@@ -110,7 +110,7 @@ class Transport:
     """One non-blocking stream socket on the hub's loop (see the module doc)."""
 
     __slots__ = ("sock", "protocol", "loop", "_q", "_b", "_side", "_rw", "_ww", "_queue",
-                 "_queued", "_reading", "_paused", "_closing", "_closed", "_eof_after",
+                 "_queued", "_reading", "write_paused", "_closing", "closed", "_eof_after",
                  "_close_timer", "write_timeout", "_stall", "__weakref__")
 
     def __init__(self, sock, protocol, q, base: int, side: Side):
@@ -125,9 +125,9 @@ class Transport:
         self._queue = deque()
         self._queued = 0
         self._reading = False
-        self._paused = False          # pause_writing was called on the protocol
+        self.write_paused = False          # pause_writing was called on the protocol
         self._closing = False         # close() once the queue is sent
-        self._closed = False
+        self.closed = False
         self._eof_after = False       # shutdown(SHUT_WR) once the queue is sent
         self._close_timer = None
         # a peer that takes none of what is queued for this long is cut
@@ -139,7 +139,7 @@ class Transport:
 
     def start(self) -> None:
         """Start reading (``data_received`` from the next loop turn on)."""
-        if not self._closed and not self._reading:
+        if not self.closed and not self._reading:
             self._reading = True
             self._rw.start(self._on_read)
 
@@ -176,7 +176,7 @@ class Transport:
 
     def write(self, data) -> None:
         """Send ``data`` (bytes-like), now if the socket takes it, else queued."""
-        if self._closed or self._closing or not data:
+        if self.closed or self._closing or not data:
             return
         if self._queue:
             self._enqueue(data)
@@ -212,8 +212,8 @@ class Transport:
     def _enqueue(self, data) -> None:
         self._queue.append(data)
         self._queued += len(data)
-        if not self._paused and self._queued > HIGH_WATER:
-            self._paused = True
+        if not self.write_paused and self._queued > HIGH_WATER:
+            self.write_paused = True
             self.protocol.pause_writing()
 
     def _on_write(self) -> None:
@@ -247,8 +247,8 @@ class Transport:
                 return
             if self._eof_after:
                 self._shutdown_write()
-        if self._paused and self._queued <= LOW_WATER:
-            self._paused = False
+        if self.write_paused and self._queued <= LOW_WATER:
+            self.write_paused = False
             self.protocol.resume_writing()
 
     @property
@@ -260,23 +260,19 @@ class Transport:
         queue (SIOCOUTQ), to tell a slow peer from a stuck one (a syscall:
         not for every write)."""
         n = self._queued
-        if self.sock is not None and not self._closed:
+        if self.sock is not None and not self.closed:
             try:
                 n += struct.unpack("i", ioctl(self.sock.fileno(), TIOCOUTQ, b"\0\0\0\0"))[0]
             except OSError:
                 pass
         return n
 
-    @property
-    def write_paused(self) -> bool:
-        """pause_writing was called and resume_writing is still to come."""
-        return self._paused
 
     half_close = True            # write_eof keeps the other way open
 
     def detach(self):
         """Stop watching the socket and hand it over (not closed)."""
-        self._closed = True
+        self.closed = True
         self._reading = False
         for w in (self._rw, self._ww):
             w.stop()
@@ -286,7 +282,7 @@ class Transport:
 
     def write_eof(self) -> None:
         """Half-close: shutdown(SHUT_WR) once everything queued is sent."""
-        if self._closed:
+        if self.closed:
             return
         if self._queue:
             self._eof_after = True
@@ -306,13 +302,10 @@ class Transport:
 
     # -- closing ---------------------------------------------------------------
 
-    @property
-    def closed(self) -> bool:
-        return self._closed
 
     def close(self) -> None:
         """Close once what is queued is sent (at most CLOSE_TIMEOUT later)."""
-        if self._closed or self._closing:
+        if self.closed or self._closing:
             return
         self.pause_reading()
         if not self._queue:
@@ -325,11 +318,11 @@ class Transport:
 
     def abort(self) -> None:
         """Close now, dropping anything queued."""
-        if not self._closed:
+        if not self.closed:
             self._close_now()
 
     def _close_now(self) -> None:
-        self._closed = True
+        self.closed = True
         self._reading = False
         self._rw.stop()
         self._rw.close()
@@ -351,7 +344,7 @@ class Transport:
             pass
 
     def _lost(self, e: BaseException, defer: bool = False) -> None:
-        if self._closed:
+        if self.closed:
             return
         self._close_now()
         text = os_error_text(e)
@@ -412,7 +405,7 @@ class TLSTransport(Transport):
 
     @property
     def shaking(self) -> bool:
-        return self._shaking and not self._closed
+        return self._shaking and not self.closed
 
     def start(self) -> None:
         first = not self._reading and self._shaking
@@ -495,25 +488,25 @@ class TLSTransport(Transport):
             return
         self._flush_out()
         for chunk in chunks:
-            if self._closed:
+            if self.closed:
                 return
             self.protocol.data_received(chunk)
-        if eof and not self._eof and not self._closed:
+        if eof and not self._eof and not self.closed:
             self._eof = True
             self.pause_reading()
             self.protocol.eof_received()
 
     def _greenlet_handshake(self) -> None:
         try:
-            while not self._closed:
+            while not self.closed:
                 if not self._handshake():
-                    if self._in.pending and self._shaking and not self._closed:
+                    if self._in.pending and self._shaking and not self.closed:
                         continue            # more came while we waited
                     return
                 break
         finally:
             self._hs_running = False
-        if not self._closed:
+        if not self.closed:
             self._process()
 
     def _handshake(self) -> bool:
@@ -525,7 +518,7 @@ class TLSTransport(Transport):
         except (ssl.SSLError, ValueError, OSError) as e:
             self._flush_out()        # our alert, if any
             self._notify = False
-            if not self._closed:
+            if not self.closed:
                 self._closing = False
                 self._close_soon()
                 self.protocol.handshake_done(e)
@@ -554,7 +547,7 @@ class TLSTransport(Transport):
             Transport.write(self, out)
 
     def write(self, data) -> None:
-        if self._closed or self._closing or not data:
+        if self.closed or self._closing or not data:
             return
         if self._shaking:
             self._pending.append(bytes(data))
@@ -571,7 +564,7 @@ class TLSTransport(Transport):
         self.close()
 
     def close(self) -> None:
-        if self._closed or self._closing:
+        if self.closed or self._closing:
             return
         if self._notify and not self._shaking:
             try:
