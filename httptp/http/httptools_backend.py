@@ -80,7 +80,6 @@ _CONTROL = bytes(range(0x20)) + b"\x7f"
 """Deleted from a head block, they must be its CRLFs alone (so no HTAB: a
 field with one is llhttp's).  (``find``, not ``in``: on bytes, ``in`` first
 tries its operand as an int, a TypeError that costs more than the search.)"""
-_URL_BYTES = bytes(range(0x21, 0x7f))       # what llhttp reads in a target, bar the structure
 _TOKEN_BYTES = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 _VERSIONS = {b"HTTP/1.1": b"1.1", b"HTTP/1.0": b"1.0"}
 _STATUS_FIRST = frozenset(b"12345")
@@ -354,7 +353,7 @@ class RequestParser(_Headers):
             method, target, version = line
             version = _VERSIONS.get(version)
             if (version is None or method not in _KNOWN_METHODS or target[:1] != b"/"
-                    or target.translate(None, _URL_BYTES)):
+                    or not target.isascii()):   # (no control byte: the block has none)
                 return pos
             fields = _fast_fields(lines, _REQUEST_DROPS)
             if fields is None:

@@ -180,10 +180,13 @@ class ClientConn:
             self._bad_input(e)
             return
         if events:
-            if (len(events) == 2 and self.cur is None and events[1] is END
-                    and not self._events and not self._busy and not self._paused_by
-                    and not self._close_after and events[0].__class__ is RequestHead):
-                self._request(events[0], None, True)    # nearly always: one whole request
+            n = len(events)
+            if (n <= 3 and events[-1] is END and self.cur is None and not self._events
+                    and not self._busy and not self._paused_by and not self._close_after
+                    and events[0].__class__ is RequestHead
+                    and (n == 2 or events[1].__class__ is Data)):
+                # nearly always: one whole request (and its body), so no queue
+                self._request(events[0], None if n == 2 else [events[1].data], True)
                 events = None
             elif events[-1].__class__ is not Data and isinstance(events[-1], ProtocolError):
                 # whole requests, then bad bytes: those are answered first, then

@@ -148,6 +148,19 @@ def test_the_usual_heads_take_the_fast_path():
     assert head.raw == b"Server: s\r\n"
 
 
+def test_a_request_with_a_field_the_proxy_sets_has_no_raw():
+    """own_fields: the proxy must see such a request's fields (it replaces or
+    appends to them); a response with the same field keeps its raw."""
+    hb.own_fields([b"X-Own-Test", None])
+    p = hb.RequestParser(8192, 1 << 20)
+    [head, _] = p.feed(b"GET / HTTP/1.1\r\nHost: h\r\nx-own-test: 1\r\n\r\n")
+    assert head.raw is None and head.headers == [(b"Host", b"h"), (b"x-own-test", b"1")]
+    r = hb.ResponseParser(8192)
+    r.start(b"GET")
+    [head, _] = r.feed(b"HTTP/1.1 204 No Content\r\nX-Own-Test: 1\r\n\r\n")
+    assert head.raw == b"X-Own-Test: 1\r\n"
+
+
 # -- what the proxy sends upstream: the same bytes either way ---------------------------
 
 @pytest.mark.parametrize("args", [
