@@ -108,14 +108,19 @@ _OWNED = 32
 _OWNED_NAMES: set = set()
 
 
+_generation = 0         # of _OWNED_NAMES: a parser's memo of older ones is stale
+
+
 def own_fields(names) -> None:
     """Say which request fields (names, any case) the proxy sets itself: a
     request with one of them gets no ``raw``.  Names add up over calls (a
     process with two proxies takes the slow path for either's)."""
+    global _generation
     new = {n.lower() for n in names if n} - _OWNED_NAMES
     if new:
         _OWNED_NAMES.update(new)
         _FAST_KINDS.clear()
+        _generation += 1
 
 
 def _fast_kind(name: bytes) -> int:
@@ -170,6 +175,33 @@ def _fast_fields(lines: list, drops: frozenset):
         return headers, special, None
     kept.append(b"")
     return headers, special, _CRLF.join(kept)
+
+
+def _read_fields(block: bytes, start_end: int, memo, drops: frozenset):
+    """What the fast path reads of a head's fields, as a memo entry ``(key,
+    generation, headers, scan, raw)`` (``scan``: parser.scan_special's
+    tuple), or None when they are llhttp's to read.  ``start_end``: where the
+    start line's CRLF is in ``block``.  ``memo``: the parser's last entry,
+    returned as is when the field bytes are the same (a client or upstream
+    connection mostly sends the same fields; only the start line is then
+    read)."""
+    key = block[start_end:]         # CRLF, the field lines, CRLF CRLF
+    if memo is not None and memo[0] == key and memo[1] == _generation:
+        return memo
+    if key.find(b":  ") >= 0 or key.find(b" \r\n") >= 0:
+        return None                 # OWS around a value
+    lines = key[2:-4].split(_CRLF) if len(key) > 4 else []
+    if len(key.translate(None, _CONTROL)) != len(key) - 2 * len(lines) - 4:
+        return None                 # a control byte, or a CR or LF alone
+    fields = _fast_fields(lines, drops)
+    if fields is None:
+        return None
+    headers, special, raw = fields
+    try:
+        scan = _p.scan_special(special)
+    except ProtocolError:
+        return None                 # llhttp reads it again, and says what is wrong
+    return key, _generation, headers, scan, raw
 
 
 class _AfterClose(Exception):
@@ -228,7 +260,7 @@ class RequestParser(_Headers):
     __slots__ = ("_max_head", "_max_body", "_p", "_events", "_target", "_headers",
                  "_head", "_in_head", "_started", "_completed", "_head_bytes",
                  "_body_bytes", "_closed", "_dead", "_error", "_synthetic", "_cr", "_line",
-                 "_trailers")
+                 "_trailers", "_memo")
 
     def __init__(self, max_header_size: int, max_body_size: int):
         self._max_head = max_header_size
@@ -250,6 +282,7 @@ class RequestParser(_Headers):
         self._cr = False            # the last feed ended in a CR between requests
         self._line = False          # the incomplete head's request line is complete
         self._trailers = _Trailers(self, max_header_size)    # reused: no allocation a request
+        self._memo = None           # the fast path's last fields (_read_fields)
 
     # -- llhttp callbacks ------------------------------------------------------
     def on_message_begin(self):
@@ -342,12 +375,15 @@ class RequestParser(_Headers):
             if end < 0:
                 return pos
             block = data[pos:end + 4]
-            if block.find(b":  ") >= 0 or block.find(b" \r\n") >= 0:
-                return pos                  # OWS around a value
-            lines = block[:-4].split(b"\r\n")
-            if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
+            i = block.find(_CRLF)
+            line = block[:i]
+            if len(line.translate(None, _CONTROL)) != i:
                 return pos
-            line = lines.pop(0).split(b" ")
+            memo = _read_fields(block, i, self._memo, _REQUEST_DROPS)
+            if memo is None:
+                return pos
+            self._memo = memo
+            line = line.split(b" ")
             if len(line) != 3:
                 return pos
             method, target, version = line
@@ -355,14 +391,10 @@ class RequestParser(_Headers):
             if (version is None or method not in _KNOWN_METHODS or target[:1] != b"/"
                     or not target.isascii()):   # (no control byte: the block has none)
                 return pos
-            fields = _fast_fields(lines, _REQUEST_DROPS)
-            if fields is None:
-                return pos
-            headers, special, raw = fields
+            scan, raw = memo[3], memo[4]
             try:
-                scan = _p.scan_special(special)
-                head = _p.request_head(method, target, version, headers, len(block), scan,
-                                       self._max_head, self._max_body)
+                head = _p.request_head(method, target, version, list(memo[2]), len(block),
+                                       scan, self._max_head, self._max_body)
             except ProtocolError:
                 return pos                  # llhttp reads it again, and says what is wrong
             if not scan[7]:                 # no Connection field names more to drop
@@ -487,10 +519,12 @@ class ResponseParser(_Headers):
     """One response at a time from an upstream connection; see ``httptp.http.parser``."""
 
     __slots__ = ("_max_head", "_method", "_buf", "_p", "_events", "_reason", "_headers",
-                 "_head", "_mode", "_done", "_msg_done", "_left", "_error", "_trailers")
+                 "_head", "_mode", "_done", "_msg_done", "_left", "_error", "_trailers",
+                 "_memo")
 
     def __init__(self, max_header_size: int):
         self._max_head = max_header_size
+        self._memo = None           # the fast path's last fields (_read_fields)
         self._trailers = _Trailers(self, max_header_size)
         self.start(None)
         self._done = True               # no request outstanding yet
@@ -627,12 +661,15 @@ class ResponseParser(_Headers):
     def _fast_head(self, block: bytes):
         """``_parse_head`` without llhttp for a head the fast path takes
         (module docstring), else None (then call ``_parse_head``)."""
-        if block.find(b":  ") >= 0 or block.find(b" \r\n") >= 0:
-            return None                     # OWS around a value
-        lines = block[:-4].split(b"\r\n")
-        if len(block.translate(None, _CONTROL)) != len(block) - 2 * len(lines) - 2:
+        i = block.find(_CRLF)
+        line = block[:i]
+        if len(line.translate(None, _CONTROL)) != i:
             return None
-        line = lines.pop(0).split(b" ", 2)
+        memo = _read_fields(block, i, self._memo, _RESPONSE_DROPS)
+        if memo is None:
+            return None
+        self._memo = memo
+        line = line.split(b" ", 2)
         if len(line) != 3:
             return None
         version, status, reason = line
@@ -640,14 +677,10 @@ class ResponseParser(_Headers):
         if (version is None or len(status) != 3 or not status.isdigit()
                 or status[0] not in _STATUS_FIRST or reason[:1] == b" "):
             return None
-        fields = _fast_fields(lines, _RESPONSE_DROPS)
-        if fields is None:
-            return None
-        headers, special, raw = fields
+        scan, raw = memo[3], memo[4]
         try:
-            scan = _p.scan_special(special)
-            head, mode = _p.response_head(int(status), reason, version, headers, len(block),
-                                          scan, self._max_head, self._method)
+            head, mode = _p.response_head(int(status), reason, version, list(memo[2]),
+                                          len(block), scan, self._max_head, self._method)
         except ProtocolError:
             return None
         if mode == _p.UNTIL_CLOSE:         # llhttp reads that body
