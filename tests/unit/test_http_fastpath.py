@@ -200,3 +200,30 @@ def test_the_proxy_sends_the_same_request_either_way(args, client_ip):
         assert sent[0].startswith(b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n")
     finally:
         rig.close()
+
+
+def test_the_memo_gives_each_head_its_own_fields_and_goes_stale():
+    """A parser remembers its last field block (_read_fields): the same bytes
+    again give equal fields in a new list, other bytes are read afresh, and
+    own_fields makes the memo stale (a field it names must lose raw)."""
+    p = hb.RequestParser(8192, 1 << 20)
+    get = b"GET /%d HTTP/1.1\r\nHost: h\r\nX-Memo-Test: 1\r\n\r\n"
+    [a, _, b, _] = p.feed(get % 1 + get % 2)
+    assert a.headers == b.headers and a.headers is not b.headers
+    assert (a.target, b.target) == (b"/1", b"/2") and a.raw == b.raw is not None
+    [c, _] = p.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Memo-Test: 2\r\n\r\n")
+    assert c.headers[-1] == (b"X-Memo-Test", b"2")
+    hb.own_fields([b"x-memo-test"])
+    [d, _] = p.feed(b"GET / HTTP/1.1\r\nHost: h\r\nX-Memo-Test: 2\r\n\r\n")
+    assert d.raw is None
+    # a bad start line is still refused with a remembered field block
+    with pytest.raises(ProtocolError, match="malformed request"):
+        p.feed(b"GET / HTTP/1.1 x\r\nHost: h\r\nX-Memo-Test: 2\r\n\r\n")
+    r = hb.ResponseParser(8192)
+    ok = b"HTTP/1.1 %d OK\r\nServer: s\r\nContent-Length: 0\r\n\r\n"
+    heads = []
+    for status in (200, 404, 200):
+        r.start(b"GET")
+        heads.append(r.feed(ok % status)[0])
+    assert [h.status for h in heads] == [200, 404, 200]
+    assert heads[0].headers == heads[2].headers and heads[0].headers is not heads[2].headers
