@@ -39,19 +39,30 @@ What llhttp does not give us, and how we cope:
   response parser finds the end of the head itself, feeds llhttp only the head
   when there is no body, and completes read-until-close bodies at EOF.
 
-The fast path.  A callback per field from C costs more than the parse, so the
-usual head never reaches llhttp (`_fast_fields`): a complete head of
-printable ASCII, obs-text in values, CRLF line ends, tokens for names, an
-origin-form target, ``HTTP/1.1`` or ``HTTP/1.0``, and no Transfer-Encoding,
-split and stripped with bytes methods, then the same ``check_request`` /
-``check_response``.  That language is a strict subset of what llhttp accepts
-and it reads it into the same fields (tests/unit/test_http_fastpath.py checks
-both against each other); anything else, including every head the checks
+The fast path.  llhttp calls back into Python once per field, and the
+proxy then filters and serialises the fields again; the usual head instead
+is read with bytes methods (`_fast`, `_fast_head`, `_read_fields`): a
+complete head of printable bytes (obs-text in values), CRLF line ends,
+``token: value`` fields with exactly one space and no trailing whitespace,
+an origin-form target, ``HTTP/1.1`` or ``HTTP/1.0``, and no
+Transfer-Encoding.  Then the same ``parser.request_head`` /
+``response_head`` as llhttp's heads.  That language is a strict subset of
+what llhttp accepts, read into the same fields (tests/unit/test_http_fastpath.py
+holds the two to each other); anything else, including every head the checks
 refuse, is read by llhttp from the same byte, so errors and their texts are
-llhttp's as before.  A request takes the fast path at a message boundary when
-its Content-Length body (if any) is in the same feed; a response when it has
-no body or a Content-Length one.  It halves the parser's instructions per
-proxied request (docs/benchmarks.md).
+llhttp's.  A request takes the fast path at a message boundary when its
+Content-Length body (if any) is in the same feed; a response when it has no
+body or a Content-Length one.
+
+The same pass keeps the lines a proxy forwards (``head.raw``: every field but
+hop-by-hop, Connection, framing and, in a request, Expect), so that the proxy
+writes them as they came instead of a filtered list.  A head whose Connection
+field names more fields has no raw, nor has a request with a field the proxy
+sets itself (`own_fields`).  Each parser remembers its last field block: the
+same bytes again (a load generator's requests, an upstream's answers within
+one ``Date`` second) cost a comparison, and only the start line is read.
+Python per proxied request: 220.7K instructions before, 145K after
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
