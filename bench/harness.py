@@ -228,17 +228,20 @@ def _pump(stream, lines: queue.Queue, ready: str, notes: list[str], routine: re.
     lines.put(None)
 
 
-def start_httptp(group: Group, name: str, *flags: str, timeout: float = 20.0) -> Server:
+def start_httptp(group: Group, name: str, *flags: str, timeout: float = 20.0,
+                 command: list[str] | None = None, env: dict | None = None) -> Server:
     """Start ``httptp -in=127.0.0.1:0 FLAGS`` and wait until all its workers are ready.
 
     Without a ``-concurrency`` flag it gets one that fits RLIMIT_NOFILE: the
     load is 64 connections, and httptp rightly warns when the default 100,000
-    cannot fit under the open-file limit."""
+    cannot fit under the open-file limit.  ``command`` replaces ``httptp``
+    (e.g. ``python -m httptp`` with another tree in ``env``'s PYTHONPATH)."""
     if not any(f.startswith("-concurrency=") for f in flags):
         nofile = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         flags = (*flags, f"-concurrency={max(1000, min(100000, nofile - 1000))}")
-    argv = [HTTPTP, "-in=127.0.0.1:0", *flags]
-    proc = group.spawn(argv, signal.SIGQUIT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = [*(command or [HTTPTP]), "-in=127.0.0.1:0", *flags]
+    proc = group.spawn(argv, signal.SIGQUIT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       text=True, env=env)
     lines: queue.Queue = queue.Queue()
     server = Server(name, proc, argv, 0, [])
     server.reader = threading.Thread(target=_pump, daemon=True,

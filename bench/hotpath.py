@@ -8,6 +8,7 @@ request.  It is a profiling aid: run it under py-spy or with ``--profile``
 (cProfile, sorted by own time) to see where the hot path spends its time.
 
     python bench/hotpath.py [--requests N] [--conns C] [--parser httptools|h11] [--profile]
+                            [--only proxied|direct]
 
 Nothing here touches the network: the sockets are unix sockets in a temp dir.
 """
@@ -138,6 +139,8 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=32)
     ap.add_argument("--parser", default="httptools")
     ap.add_argument("--profile", action="store_true", help="cProfile the proxied run")
+    ap.add_argument("--only", choices=("proxied", "direct"),
+                    help="run one of the two (bench/count_instructions.py --sockets)")
     args = ap.parse_args()
 
     worker, in_path = start_worker(args.parser)
@@ -146,6 +149,10 @@ def main() -> int:
     per_conn = max(1, args.requests // args.conns)
     n = per_conn * args.conns
     run_clients(connect_to(in_path), args.conns, 200)      # warm up pools and caches
+    if args.only is not None:
+        run_clients(connect_to(in_path if args.only == "proxied" else up_path), args.conns,
+                    per_conn)
+        return 0
     direct = run_clients(connect_to(up_path), args.conns, per_conn)
     prof = None
     if args.profile:
