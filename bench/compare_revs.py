@@ -70,7 +70,7 @@ def main() -> int:
                 print(f"round {r + 1}/{args.rounds}  {t.name:28} {result.rps:9,.0f} req/s  "
                       f"{cpu[t.name][-1]:6.1f} us CPU/req  {result.errors}", flush=True)
         ref = targets[0].name
-        print(f"\n| target | req/s | vs nginx | CPU µs/req | CPU vs nginx |\n|---|--:|--:|--:|--:|")
+        print("\n| target | req/s | vs nginx | CPU µs/req | CPU vs nginx |\n|---|--:|--:|--:|--:|")
         for t in targets:
             ratio = statistics.median(a / b for a, b in zip(rps[t.name], rps[ref]))
             cost = statistics.median(a / b for a, b in zip(cpu[t.name], cpu[ref]))
