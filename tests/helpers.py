@@ -65,7 +65,10 @@ def read_http_message(f) -> tuple[bytes, bytes, dict] | None:
     if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
         parts = []
         while True:
-            size = int(f.readline().split(b";")[0], 16)
+            line = f.readline()
+            if not line:
+                return None         # the proxy cut the body (e.g. its 413): the connection ends
+            size = int(line.split(b";")[0], 16)
             if size == 0:
                 while f.readline() not in (b"\r\n", b"\n", b""):
                     pass
