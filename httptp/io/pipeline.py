@@ -377,12 +377,14 @@ class Proxy:
         if own is not None:
             own([self.client_ip_header, b"x-forwarded-proto" if self.forwarded_proto else None,
                  self.request_id_header])
-        proto = (b"X-Forwarded-Proto: %s\r\n" % self.forwarded_proto.replace(b"%", b"%%")
+        def literal(text: bytes) -> bytes:      # a name may hold a % (a token character)
+            return text.replace(b"%", b"%%")
+        proto = (b"X-Forwarded-Proto: %s\r\n" % literal(self.forwarded_proto)
                  if self.forwarded_proto else b"")
-        rid = (b"%s: %%s\r\n" % self._request_id_name if self.request_id_header is not None
-               else b"%.0s")
-        ip = (b"%s: %%s\r\n" % self.client_ip_header if self.client_ip_header is not None
-              else b"%.0s")
+        rid = (literal(self._request_id_name) + b": %s\r\n"
+               if self.request_id_header is not None else b"%.0s")
+        ip = (literal(self.client_ip_header) + b": %s\r\n"
+              if self.client_ip_header is not None else b"%.0s")
         self._added_lines = ip + proto + rid
         self._added_lines_no_ip = proto + rid
         # the raw path writes an http request: over teleport the fields are a list

@@ -168,6 +168,7 @@ def test_a_request_with_a_field_the_proxy_sets_has_no_raw():
     ["-clientIPHeader=X-Forwarded-For"],
     ["-clientIPHeader=X-Real-IP", "-requestIDHeader="],
     ["-requestIDHeader=X-Trace"],
+    ["-clientIPHeader=X-%s", "-requestIDHeader=X-%d"],      # names are tokens: % is one
 ])
 @pytest.mark.parametrize("client_ip", [b"127.0.0.1", None])
 def test_the_proxy_sends_the_same_request_either_way(args, client_ip):
