@@ -100,6 +100,8 @@ _KNOWN_METHODS = _p.KNOWN_METHODS
 # bounded as parser._KINDS is.
 _HOP, _NOT_TOKEN = 16, -1
 _FAST_KINDS: dict = {}
+_MEMO_MAX = 1024        # field bytes a parser remembers (_read_fields): an idle
+                        # connection holds at most ~3 KiB of memo, whatever the header limit
 _FAST_KINDS_MAX, _NAME_MAX = 4096, 64
 _TE = _p.field_kind(b"transfer-encoding")
 _CRLF = b"\r\n"
@@ -188,14 +190,15 @@ def _fast_fields(lines: list, drops: frozenset):
     return headers, special, _CRLF.join(kept)
 
 
-def _read_fields(block: bytes, memo, drops: frozenset):
-    """``(start line, memo entry)`` for a head the fast path reads, or None
-    when it is llhttp's to read.  The entry is what the fast path reads of
-    the fields: ``(key, generation, headers, scan, raw)`` (``scan``:
-    parser.scan_special's tuple).  ``memo``: the parser's last entry, given
-    back as is when the field bytes are the same (a client or upstream
-    connection mostly sends the same fields; only the start line is then
-    read)."""
+def _read_fields(parser, block: bytes, drops: frozenset):
+    """``(start line, entry)`` for a head the fast path reads, or None when
+    it is llhttp's to read.  The entry is what the fast path reads of the
+    fields: ``(key, generation, headers, scan, raw)`` (``scan``:
+    parser.scan_special's tuple).  ``parser._memo`` keeps the last entry
+    (of at most _MEMO_MAX bytes), given back as is when the field bytes are
+    the same: a client or upstream connection mostly sends the same fields,
+    and only the start line is then read."""
+    memo = parser._memo
     start_end = block.find(_CRLF)
     line = block[:start_end]
     if len(line.translate(None, _CONTROL)) != start_end:
@@ -216,7 +219,10 @@ def _read_fields(block: bytes, memo, drops: frozenset):
         scan = _p.scan_special(special)
     except ProtocolError:
         return None                 # llhttp reads it again, and says what is wrong
-    return line, (key, _generation, headers, scan, raw)
+    entry = (key, _generation, headers, scan, raw)
+    if len(key) <= _MEMO_MAX:       # an idle connection holds its memo: small ones only
+        parser._memo = entry
+    return line, entry
 
 
 class _AfterClose(Exception):
@@ -390,11 +396,10 @@ class RequestParser(_Headers):
             if end < 0:
                 return pos
             block = data[pos:end + 4]
-            read = _read_fields(block, self._memo, _REQUEST_DROPS)
+            read = _read_fields(self, block, _REQUEST_DROPS)
             if read is None:
                 return pos
             line, memo = read
-            self._memo = memo
             line = line.split(b" ")
             if len(line) != 3:
                 return pos
@@ -673,11 +678,10 @@ class ResponseParser(_Headers):
     def _fast_head(self, block: bytes):
         """``_parse_head`` without llhttp for a head the fast path takes
         (module docstring), else None (then call ``_parse_head``)."""
-        read = _read_fields(block, self._memo, _RESPONSE_DROPS)
+        read = _read_fields(self, block, _RESPONSE_DROPS)
         if read is None:
             return None
         line, memo = read
-        self._memo = memo
         line = line.split(b" ", 2)
         if len(line) != 3:
             return None

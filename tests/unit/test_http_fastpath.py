@@ -228,3 +228,16 @@ def test_the_memo_gives_each_head_its_own_fields_and_goes_stale():
         heads.append(r.feed(ok % status)[0])
     assert [h.status for h in heads] == [200, 404, 200]
     assert heads[0].headers == heads[2].headers and heads[0].headers is not heads[2].headers
+
+
+def test_a_long_field_block_is_not_remembered():
+    """The memo is bounded (_MEMO_MAX), not by the header limit: an idle
+    connection keeps its parser, so 100,000 of them keep 100,000 memos."""
+    p = hb.RequestParser(1 << 16, 1 << 20)
+    p.feed(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n")
+    small = p._memo
+    long_get = b"GET / HTTP/1.1\r\nHost: h\r\nX-Big: %s\r\n\r\n" % (b"v" * hb._MEMO_MAX)
+    [head, _] = p.feed(long_get)
+    assert head.raw is not None and p._memo is small
+    [again, _] = p.feed(long_get)
+    assert again.headers == head.headers
