@@ -241,3 +241,30 @@ def test_a_long_field_block_is_not_remembered():
     assert head.raw is not None and p._memo is small
     [again, _] = p.feed(long_get)
     assert again.headers == head.headers
+
+
+def test_the_memo_leaves_content_length_out():
+    """A POST's length changes with its body: the memo takes the other fields
+    and reads the length each time, at the same place only."""
+    p = hb.RequestParser(8192, 1 << 20)
+    post = b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\nX-A: 1\r\n\r\n%s"
+    events = p.feed(post % (3, b"abc") + post % (5, b"abcde"))
+    heads = [e for e in events if isinstance(e, RequestHead)]
+    assert [h.content_length for h in heads] == [3, 5]
+    assert heads[1].headers == [(b"Host", b"h"), (b"Content-Length", b"5"), (b"X-A", b"1")]
+    assert [e.data for e in events if e.__class__.__name__ == "Data"] == [b"abc", b"abcde"]
+    assert heads[0].raw == heads[1].raw == b"Host: h\r\nX-A: 1\r\n"
+    # the same other fields with the length elsewhere: read afresh, in order
+    [head, data, _] = p.feed(b"POST /b HTTP/1.1\r\nContent-Length: 2\r\nHost: h\r\nX-A: 1\r\n\r\nab")
+    assert head.headers == [(b"Content-Length", b"2"), (b"Host", b"h"), (b"X-A", b"1")]
+    assert (head.content_length, data.data) == (2, b"ab")
+    # a remembered block with a length that is not one: llhttp's answer
+    p.feed(post % (1, b"a"))
+    with pytest.raises(ProtocolError):
+        p.feed(b"POST /b HTTP/1.1\r\nHost: h\r\nContent-Length: 1x\r\nX-A: 1\r\n\r\n")
+    r = hb.ResponseParser(8192)
+    for body in (b"ok", b"okay"):
+        r.start(b"GET")
+        [head, data, _] = r.feed(b"HTTP/1.1 200 OK\r\nServer: s\r\nContent-Length: %d\r\n\r\n%s"
+                                 % (len(body), body))
+        assert (head.content_length, data.data, head.raw) == (len(body), body, b"Server: s\r\n")
