@@ -196,16 +196,17 @@ def _fast_fields(lines: list, drops: frozenset):
 
 
 def _read_fields(parser, block: bytes, drops: frozenset):
-    """``(start line, entry)`` for a head the fast path reads, or None when
-    it is llhttp's to read.  The entry is what the fast path reads of the
-    fields: ``(key, generation, headers, scan, raw, where, at, block)``
-    (``scan``: parser.scan_special's tuple; ``block``: the field bytes;
-    ``key``: those less a ``Content-Length: `` line, ``at`` where that line
-    was in them and ``where`` its field's index in ``headers``, both -1 for
-    none).  ``parser._memo`` keeps the last entry
-    (of at most _MEMO_MAX bytes), given back as is when the field bytes are
-    the same: a client or upstream connection mostly sends the same fields,
-    and only the start line is then read."""
+    """``(start line, entry, headers)`` for a head the fast path reads, or
+    None when it is llhttp's to read.  The entry is what the fast path reads
+    of the fields: ``(key, generation, headers, scan, raw, where, at,
+    block)`` (``scan``: parser.scan_special's tuple; ``block``: the field
+    bytes; ``key``: those less a ``Content-Length: `` line, ``at`` where
+    that line was in them and ``where`` its field's index in ``headers``,
+    both -1 for none); ``headers`` is a list of the fields the head owns.
+    ``parser._memo`` keeps the last entry (of at most _MEMO_MAX bytes),
+    given back when the field bytes are the same: a client or upstream
+    connection mostly sends the same fields, and only the start line is
+    then read."""
     memo = parser._memo
     start_end = block.find(_CRLF)
     line = block[:start_end]
@@ -213,7 +214,7 @@ def _read_fields(parser, block: bytes, drops: frozenset):
         return None                 # a control byte (HTAB too) in the start line
     key = block[start_end:]         # CRLF, the field lines, CRLF CRLF
     if memo is not None and memo[7] == key and memo[1] == _generation:
-        return line, memo           # the same fields again
+        return line, memo, list(memo[2])        # the same fields again
     # Else the same but for a "Content-Length: " line?  A POST's length
     # changes with its body, its other fields do not.
     cl_at = key.find(_CL_LINE)
@@ -221,18 +222,15 @@ def _read_fields(parser, block: bytes, drops: frozenset):
         cl_end = key.find(_CRLF, cl_at + 2)
         length = key[cl_at + _CL_LINE_LEN:cl_end]
         memo_key = key[:cl_at] + key[cl_end:]
-    else:
-        length = None
-        memo_key = key
-    if (memo is not None and memo[0] == memo_key and memo[6] == cl_at
-            and memo[1] == _generation):
-        if length is None:
-            return line, memo
-        if length.isdigit() and len(length) <= _MAX_CL_DIGITS:
-            headers = list(memo[2])         # the remembered fields with this length
+        if (memo is not None and memo[6] == cl_at and memo[0] == memo_key
+                and memo[1] == _generation and length.isdigit()
+                and len(length) <= _MAX_CL_DIGITS):
+            headers = list(memo[2])             # the remembered fields with this length
             headers[memo[5]] = (_CL_NAME, length)
             return line, (memo_key, _generation, headers, (int(length), *memo[3][1:]),
-                          memo[4], memo[5], cl_at, memo[7])
+                          memo[4], memo[5], cl_at, memo[7]), headers
+    else:
+        memo_key = key
     if key.find(b":  ") >= 0 or key.find(b" \r\n") >= 0:
         return None                 # OWS around a value
     lines = key[2:-4].split(_CRLF) if len(key) > 4 else []
@@ -250,9 +248,10 @@ def _read_fields(parser, block: bytes, drops: frozenset):
     # lines come before it as CRLFs (the key starts with the start line's)
     entry = (memo_key, _generation, headers, scan, raw,
              key.count(_CRLF, 0, cl_at) if cl_at >= 0 else -1, cl_at, key)
-    if len(key) <= _MEMO_MAX:       # an idle connection holds its memo: small ones only
-        parser._memo = entry
-    return line, entry
+    if len(key) > _MEMO_MAX:        # an idle connection holds its memo: small ones only
+        return line, entry, headers
+    parser._memo = entry
+    return line, entry, list(headers)
 
 
 class _AfterClose(Exception):
@@ -429,7 +428,7 @@ class RequestParser(_Headers):
             read = _read_fields(self, block, _REQUEST_DROPS)
             if read is None:
                 return pos
-            line, memo = read
+            line, memo, headers = read
             line = line.split(b" ")
             if len(line) != 3:
                 return pos
@@ -440,7 +439,7 @@ class RequestParser(_Headers):
                 return pos
             scan, raw = memo[3], memo[4]
             try:
-                head = _p.request_head(method, target, version, list(memo[2]), len(block),
+                head = _p.request_head(method, target, version, headers, len(block),
                                        scan, self._max_head, self._max_body)
             except ProtocolError:
                 return pos                  # llhttp reads it again, and says what is wrong
@@ -711,7 +710,7 @@ class ResponseParser(_Headers):
         read = _read_fields(self, block, _RESPONSE_DROPS)
         if read is None:
             return None
-        line, memo = read
+        line, memo, headers = read
         line = line.split(b" ", 2)
         if len(line) != 3:
             return None
@@ -722,7 +721,7 @@ class ResponseParser(_Headers):
             return None
         scan, raw = memo[3], memo[4]
         try:
-            head, mode = _p.response_head(int(status), reason, version, list(memo[2]),
+            head, mode = _p.response_head(int(status), reason, version, headers,
                                           len(block), scan, self._max_head, self._method)
         except ProtocolError:
             return None
