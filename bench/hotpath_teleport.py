@@ -14,6 +14,7 @@ request.  The teleport leg is TCP because teleport addresses are host:port.
 
     python bench/hotpath_teleport.py [--codec zstd] [--delay 0] [--post]
                                      [--requests N] [--conns C] [--profile]
+                                     [--callers REGEX]
     python bench/hotpath_teleport.py --aggregate py-spy-raw.txt
 
 ``--post`` sends RTB-like bid requests (bench/rtb.py ``Traffic(1)``, ~1.5 KB
@@ -258,6 +259,8 @@ def main() -> int:
     ap.add_argument("--delay", default="0", help="-outDelay and -inDelay (e.g. 0, 5ms)")
     ap.add_argument("--post", action="store_true", help="RTB-like POST bodies to a bidder")
     ap.add_argument("--profile", action="store_true", help="cProfile the chained run (own time)")
+    ap.add_argument("--callers", metavar="REGEX",
+                    help="with --profile: also who called the functions matching REGEX")
     ap.add_argument("--aggregate", metavar="RAW", help="summarise a py-spy raw file and exit")
     ap.add_argument("--top", type=int, default=40, help="rows of --aggregate and --profile")
     args = ap.parse_args()
@@ -299,7 +302,10 @@ def main() -> int:
               f"per read: A {n / max(1, a_r):.2f}, B {n / max(1, b_r):.2f}")
         if prof is not None:
             import pstats
-            pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(args.top)
+            st = pstats.Stats(prof, stream=sys.stdout)
+            st.sort_stats("tottime").print_stats(args.top)
+            if args.callers:
+                st.print_callers(args.callers)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return 0

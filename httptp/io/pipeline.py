@@ -305,7 +305,7 @@ class Proxy:
         sent again); ``tunnel``: the downstream can carry an Upgrade."""
         q, b = self.q, self.base
         raw = head.raw
-        if raw is not None and self.raw_out:
+        if raw is not None:
             ex = self._begin_raw(head, raw, client_ip, down, timer, body_done, peer)
             if ex is not None:
                 return ex
@@ -347,12 +347,18 @@ class Proxy:
     def _begin_raw(self, head, raw: bytes, client_ip, down, timer, body_done, peer):
         """``begin`` for a head the parser's fast path read, sent on as its
         forwardable lines (``head.raw``: the policy's base drops are out, and
-        no Connection field names more) plus the lines the proxy adds; None
-        when the request is HTTP/1.0: the general path then reads its
-        fields (as it does for a request with a field the proxy sets itself,
-        the client-IP header, X-Forwarded-Proto or the request id, which the
-        parser gives no ``raw``: ``_init_raw_lines``)."""
+        no Connection field names more) plus the lines the proxy adds: in an
+        http request, or in a teleport frame.  None when the request is
+        HTTP/1.0, or a GET or HEAD with a body for a teleport upstream: the
+        general path then reads its fields and answers (as it does for a
+        request with a field the proxy sets itself, the client-IP header,
+        X-Forwarded-Proto or the request id, which the parser gives no
+        ``raw``: ``_init_raw_lines``)."""
         if head.version != b"1.1":
+            return None
+        teleport = self.out_teleport
+        if teleport and (head.content_length or head.chunked) \
+                and head.method in _NO_BODY_OVER_TELEPORT:
             return None
         request_id = b""
         if self.request_id_header is not None:
@@ -362,6 +368,11 @@ class Proxy:
             added = self._added_lines % (client_ip, request_id)
         else:
             added = self._added_lines_no_ip % request_id
+        if teleport:                    # the lines go into the frame (framing.encode_request)
+            ex = TeleportExchange(self, down, head, head.target, raw + added, client_ip, peer,
+                                  timer)
+            ex.request_id = request_id
+            return ex
         ex = Exchange(self, down, head, head.target, None, client_ip, peer, timer, False,
                       body_done, False)
         ex.raw = raw + added
@@ -387,8 +398,6 @@ class Proxy:
               if self.client_ip_header is not None else b"%.0s")
         self._added_lines = ip + proto + rid
         self._added_lines_no_ip = proto + rid
-        # the raw path writes an http request: over teleport the fields are a list
-        self.raw_out = not self.out_teleport
 
     # -- request ids (-requestIDHeader) -----------------------------------------------
 
@@ -1137,7 +1146,9 @@ class TeleportAnswer:
         respond(self.req_id, answer, self.head)
 
     def _whole(self, rh, body: bytes) -> None:
-        self.finish(Answer(rh.status, rh.reason, policy.forward_response_headers(rh.headers),
+        raw = rh.raw            # the forwarded fields as lines, when the parser kept them
+        self.finish(Answer(rh.status, rh.reason,
+                           policy.forward_response_headers(rh.headers) if raw is None else raw,
                            b"" if self.head.method == b"HEAD" else body))
 
     def response_whole(self, head, body, exchange) -> None:

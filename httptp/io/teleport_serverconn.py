@@ -84,7 +84,8 @@ _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
 class Answer:
     """What a handler returns: ``reason`` bytes, ``headers`` a list of
     ``(bytes, bytes)`` without hop-by-hop headers or Content-Length (the
-    encoder frames the body), ``body`` bytes (b"" for HEAD)."""
+    encoder frames the body), or those fields as wire lines (bytes: the
+    proxy passes an upstream head's ``raw``), ``body`` bytes (b"" for HEAD)."""
 
     __slots__ = ("status", "reason", "headers", "body")
 

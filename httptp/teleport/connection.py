@@ -282,7 +282,7 @@ class ClientConnection(_Connection):
         super().__init__("response", compress, max_header_size, max_body_size, self._is_head,
                          level, clock, cpu, spent)
 
-    def send_request(self, method: bytes, target: bytes, headers: list,
+    def send_request(self, method: bytes, target: bytes, headers: list | bytes,
                      body: bytes = b"") -> tuple[int, bytes]:
         """Give a request an id and return ``(id, frame)``; the request is
         pending from now on.  ``headers`` as ``framing.encode_request`` wants
@@ -376,7 +376,7 @@ class ServerConnection(_Connection):
                 heads[req_id] = heads.get(req_id, 0) + 1
         return frames
 
-    def send_response(self, req_id: int, status: int, reason: bytes, headers: list,
+    def send_response(self, req_id: int, status: int, reason: bytes, headers: list | bytes,
                       body: bytes = b"") -> bytes:
         """The frame answering ``req_id`` (``b""`` for id 0: no answer is
         sent); pass it to ``write``.  ``headers`` as

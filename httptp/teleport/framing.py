@@ -49,7 +49,11 @@ the reader remembers, per connection, what a header block without that last
 adds the length back: a repeated head costs a dict lookup instead of two
 regex passes and a loop (about 2 us a frame).  Anything else a block holds
 (a Content-Length elsewhere, Transfer-Encoding) goes through the full rules,
-so results and errors are exactly those of parsing the whole block.
+so results and errors are exactly those of parsing the whole block.  A proxy
+of ours also adds a request id as the last field before Content-Length, new
+with every request: the reader also remembers each block without its last
+line, and a block that differs from a remembered one only there reads that
+one line (when it is a valid field that neither frames the body nor is Host).
 """
 
 from __future__ import annotations
@@ -90,22 +94,26 @@ _CL, _TE = 14, 17          # lengths of the names we look at
 
 # --- writing ---------------------------------------------------------------
 
-def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
+def encode_request(req_id: int, method: bytes, target: bytes, headers: list | bytes,
                    body: bytes) -> bytes:
     """One client -> server frame.
 
     ``headers`` are written as given: the caller has already removed
     hop-by-hop headers, Content-Length, Transfer-Encoding and Expect, and
-    passes names and values that its HTTP parser validated.  Content-Length
+    passes names and values that its HTTP parser validated.  They may also
+    be those fields as their wire lines, each with its CRLF (bytes: an HTTP/1.1
+    head's ``raw`` plus the proxy's own lines), which the parser has checked to
+    hold one valid Host.  Content-Length
     is added for every method but GET/HEAD.  Raises ValueError when there is
     no Host header (fasthttp refuses it) or a GET/HEAD has a body (a Go peer
     never reads it, so the stream would lose sync).
     """
-    for name, value in headers:         # a loop: 0.4 us cheaper than any(genexpr)
-        if len(name) == 4 and value and name.lower() == b"host":
-            break
-    else:
-        raise ValueError("missing Host")
+    if headers.__class__ is not bytes:
+        for name, value in headers:         # a loop: 0.4 us cheaper than any(genexpr)
+            if len(name) == 4 and value and name.lower() == b"host":
+                break
+        else:
+            raise ValueError("missing Host")
     has_body = request_may_have_body(method, strict=False)
     if body and not has_body:
         raise ValueError(f"a {method.decode('latin-1')} request cannot carry a body")
@@ -113,11 +121,12 @@ def encode_request(req_id: int, method: bytes, target: bytes, headers: list,
                   headers, body, has_body)
 
 
-def encode_response(req_id: int, status: int, reason: bytes, headers: list,
+def encode_response(req_id: int, status: int, reason: bytes, headers: list | bytes,
                     body: bytes) -> bytes:
     """One server -> client frame.
 
-    ``headers`` as given (hop-by-hop and Content-Length already removed).
+    ``headers`` as given (hop-by-hop and Content-Length already removed), a
+    list of pairs or their wire lines (bytes: a response head's ``raw``).
     Content-Length: len(body) is always written except for 1xx/204/304, which
     must have an empty body (ValueError otherwise).  A HEAD response is passed
     with body b"" and so says Content-Length: 0: a Go client reads the body a
@@ -135,12 +144,16 @@ def encode_response(req_id: int, status: int, reason: bytes, headers: list,
                   headers, body, has_body)
 
 
-def _frame(parts: list, headers: list, body: bytes, has_body: bool) -> bytes:
+def _frame(parts: list, headers: list | bytes, body: bytes, has_body: bool) -> bytes:
     """``parts`` (id and start line), then ``headers``, then Content-Length
     (last: the readers' header-block memory relies on it) and ``body`` when
-    the message has one, else just the empty line."""
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
+    the message has one, else just the empty line.  ``headers``: pairs, or
+    their lines (bytes)."""
+    if headers.__class__ is bytes:
+        parts.append(headers)
+    else:
+        for name, value in headers:
+            parts += (name, b": ", value, b"\r\n")
     if has_body:
         parts += (b"Content-Length: ", b"%d" % len(body), b"\r\n\r\n", body)
     else:
@@ -206,6 +219,49 @@ def _block(block: bytes, no_body: bool,
                    if len(k) not in (_CL, _TE) or k.lower() not in
                    (b"content-length", b"transfer-encoding")]
     return (headers, *_framing(headers))
+
+
+# Fields that decide framing or are checked across the block (Host): a
+# block's last line may be read on its own only when it is none of these.
+_BLOCK_WIDE = frozenset((b"host", b"content-length", b"transfer-encoding", b"expect"))
+
+
+def _ordinary_last(key: bytes) -> tuple[int, tuple | None]:
+    """Where ``key``'s last line starts, and its ``(name, value)`` when it
+    is a valid field of none of the `_BLOCK_WIDE` names (else None); 0 when
+    ``key`` has one line at most."""
+    last = key.rfind(b"\n", 0, len(key) - 2) + 1
+    if not last:
+        return 0, None
+    m = _HEADER_PAIRS.fullmatch(key, last)       # as _HEADER_BLOCK, on one line
+    if m is None or m.group(1).lower() in _BLOCK_WIDE:
+        return last, None
+    return last, m.groups()
+
+
+def _last_line(cache: dict, key: bytes) -> tuple | None:
+    """What ``_block(key)`` gives, from the remembered block of all of
+    ``key`` but its last line, and that line read on its own; None when that
+    block is not remembered, or the line is not an ordinary valid field
+    (then the whole block is read, with its own errors)."""
+    last, field = _ordinary_last(key)
+    if field is None:
+        return None
+    hit = cache.get(key[:last])
+    if hit is None:
+        return None
+    headers, content_length, chunked, expect = hit
+    return headers + [field], content_length, chunked, expect
+
+
+def _remember_all_but_last(cache: dict, key: bytes, hit: tuple) -> None:
+    """Remember, beside ``key``'s, what the block without its last line
+    reads as, for `_last_line`: ``key``'s but that line's field, when it is
+    an ordinary one (so neither the framing, nor the Host check, nor what a
+    GET or HEAD drops changes: the field is the last of ``hit``'s)."""
+    last, field = _ordinary_last(key)
+    if field is not None:
+        cache[key[:last]] = (hit[0][:-1], *hit[1:])
 
 
 def _take(buf: bytearray, pos: int, size: int) -> bytes:
@@ -315,9 +371,13 @@ class FrameReader:
     def _headers(self, cache: dict, block: bytes, no_body: bool, request: bool = False):
         """``_block(block, no_body, request)``, remembered in ``cache`` by the
         block without its trailing Content-Length line (module docstring), so
-        a repeated head's checks (Host too) cost nothing."""
+        a repeated head's checks (Host too) cost nothing; a block whose last
+        field changes every time (the request id a proxy of ours adds) costs
+        that one line (`_last_line`)."""
         key, digits = _split_length(block)
         hit = cache.get(key)
+        if hit is None:
+            hit = _last_line(cache, key)
         if hit is None:
             try:
                 hit = _block(key, no_body, request)
@@ -328,9 +388,10 @@ class FrameReader:
                 # ("conflicting Content-Length headers"): its own error
                 return _block(block, no_body, request)
             if len(key) <= HEAD_CACHE_BLOCK:
-                if len(cache) >= HEAD_CACHE_SIZE:
+                if len(cache) >= HEAD_CACHE_SIZE - 1:
                     cache.clear()
                 cache[key] = hit
+                _remember_all_but_last(cache, key, hit)
         headers, content_length, chunked, expect = hit
         if digits is None or no_body:          # GET/HEAD drop the line anyway
             return list(headers), content_length, chunked, expect

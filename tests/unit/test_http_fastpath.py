@@ -203,6 +203,53 @@ def test_the_proxy_sends_the_same_request_either_way(args, client_ip):
         rig.close()
 
 
+@pytest.mark.parametrize("args", [[], ["-clientIPHeader=X-Real-IP", "-requestIDHeader="]])
+def test_the_proxy_sends_the_same_teleport_frame_either_way(args):
+    """Over teleport the kept lines go into the frame (framing.encode_request)."""
+    from httptp.io.pipeline import TeleportExchange
+    from httptp.teleport.framing import encode_request
+    from tests.unit.test_dataplane import Rig
+    rig = Rig("127.0.0.1:9", "httptools", "-outType=teleport", *args)
+    try:
+        heads = [
+            b"GET /a HTTP/1.1\r\nHost: h\r\nAccept: */*\r\n\r\n",
+            b"POST /p HTTP/1.1\r\nHost: h\r\nContent-Type: a/b\r\nContent-Length: 0\r\n\r\n",
+            b"HEAD /h HTTP/1.1\r\nHost: h\r\nConnection: keep-alive\r\nX-A: 1\r\n\r\n",
+        ]
+        for raw in heads:
+            [head, _] = hb.RequestParser(8192, 1 << 20).feed(raw)
+            assert head.raw is not None
+            both = []
+            for fast in (True, False):
+                if not fast:
+                    head.raw = None
+                rig.proxy._request_ids = 0
+                ex = rig.proxy.begin(head, b"127.0.0.1", None, rig.proxy.exchange_timer(),
+                                     body_done=True)
+                assert isinstance(ex, TeleportExchange)
+                both.append(encode_request(7, head.method, ex.target, ex.headers, b""))
+                ex.timer.close()
+            assert both[0] == both[1], raw
+    finally:
+        rig.close()
+
+
+def test_a_get_with_a_body_is_refused_for_teleport_either_way():
+    from httptp.errors import ProxyError
+    from tests.unit.test_dataplane import Rig
+    rig = Rig("127.0.0.1:9", "httptools", "-outType=teleport")
+    try:
+        [head, _, _] = hb.RequestParser(8192, 1 << 20).feed(
+            b"GET /a HTTP/1.1\r\nHost: h\r\nContent-Length: 2\r\n\r\nab")
+        assert head.raw is not None
+        timer = rig.proxy.exchange_timer()
+        err = rig.proxy.begin(head, b"127.0.0.1", None, timer, body_done=True)
+        timer.close()
+        assert isinstance(err, ProxyError) and err.status == 400
+    finally:
+        rig.close()
+
+
 def test_the_memo_gives_each_head_its_own_fields_and_goes_stale():
     """A parser remembers its last field block (_read_fields): the same bytes
     again give equal fields in a new list, other bytes are read afresh, and
