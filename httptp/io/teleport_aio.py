@@ -24,7 +24,7 @@ into a batch by a flush that runs once per loop turn (``delay`` 0) or
 frames flush at once.  A request still queued when its caller gives up is
 never sent.  Any IO, codec or framing error ends the link and fails every
 request pending on it with ``UpstreamError``; after a failed dial or
-handshake, requests fail fast with the same error for ``STICKY_FOR``
+handshake, requests fail fast with the same error for ``connection.STICKY_FOR``
 seconds, as the gevent client does.
 
 Server: one task per connection reads the client's handshake (within
@@ -51,7 +51,7 @@ from httptp.io.teleport_messages import (
     CODECS, Headers, HTTPStatusError, Request, Response, address, answer_parts,
     build_request, codec, default_host, outgoing)
 from httptp.teleport import FrameTooLarge, TeleportError
-from httptp.teleport.connection import ClientConnection, ServerConnection
+from httptp.teleport.connection import ClientConnection, FailFast, ServerConnection
 from httptp.teleport.handshake import HEADER_SIZE
 
 __all__ = ["AsyncClient", "AsyncServer", "run", "Request", "Response", "Headers",
@@ -61,7 +61,6 @@ BATCH_BYTES = 65536     # Go's WriteBufferSize: this much unflushed input flushe
 YIELD_SLICES = 16       # decompressed slices handled before the loop gets a turn
 READ_SIZE = 256 * 1024
 HANDSHAKE_TIMEOUT = 3.0
-STICKY_FOR = 1.0        # after a failed dial or handshake, fail fast this long
 HIGH_WATER = 1 << 20    # unsent bytes over which a link stops flushing until they drain
 
 _TEXT_PLAIN = [(b"Content-Type", b"text/plain; charset=utf-8")]
@@ -170,7 +169,7 @@ class _Link:
                 text = "handshake timed out"
             else:
                 text = stage + _error_text(e)
-            client._remember_failure(text)
+            client.fail_fast.failed(text)
             self.fail(text, sticky=True)
             return
         self.open = True
@@ -484,26 +483,17 @@ class _OneConn:
         self.log = log
         self._link: _Link | None = None
         self._first_id = 1
-        self._sticky: str | None = None
-        self._sticky_until = 0.0
-        self._closed = False
+        self.fail_fast = FailFast(self.name, time.monotonic)
 
     @property
     def pending(self) -> int:
         link = self._link
         return len(link.calls) if link is not None else 0
 
-    def _remember_failure(self, text: str) -> None:
-        self._sticky = f"teleport connection to {self.name} failed: {text}"
-        self._sticky_until = time.monotonic() + STICKY_FOR
-
     async def request(self, method, target, headers, body, timeout) -> Response:
-        if self._closed:
-            raise UpstreamError(f"teleport client for {self.name} is closed")
-        if self._sticky is not None:
-            if time.monotonic() < self._sticky_until:
-                raise UpstreamError(self._sticky)
-            self._sticky = None
+        why = self.fail_fast.refusal()
+        if why is not None:
+            raise UpstreamError(why)
         link = self._link
         if link is None:
             link = self._link = _Link(self)
@@ -525,7 +515,7 @@ class _OneConn:
                 link.cancel(call)
 
     async def close(self) -> None:
-        self._closed = True
+        self.fail_fast.closed = True
         link = self._link
         if link is not None:
             link.fail("client closed", quiet=True)

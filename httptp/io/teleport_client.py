@@ -83,13 +83,12 @@ from httptp.io.timers import Timer
 from httptp.io.transport import IN_PROGRESS, OUT, TLSTransport, Transport, connect
 from httptp.netaddr import Address, parse_address
 from httptp.teleport import FrameTooLarge, TeleportError
-from httptp.teleport.connection import ClientConnection
+from httptp.teleport.connection import ClientConnection, FailFast
 from httptp.teleport.codecs import check_level
 from httptp.teleport.handshake import HEADER_SIZE, Compress
 from httptp.tls import error_text as _tls_text
 
 HANDSHAKE_TIMEOUT = 3.0     # one deadline for the whole handshake, both directions (§1.2)
-STICKY_FOR = 1.0            # after a failed dial/handshake, fail fast this long
 
 # link states
 _DIALING, _HELLO, _TLS, _OPEN, _DEAD = range(5)
@@ -324,7 +323,7 @@ class _Link:
         """The dial or a handshake failed: fail fast for a while (sticky)."""
         if self.state >= _OPEN:
             return
-        self.client._remember_failure(text)
+        self.client.fail_fast.failed(text)
         self.fail(text, sticky=True)
 
     def _open(self) -> None:
@@ -656,9 +655,7 @@ class TeleportClient:
         self._q, self._base = counters(stats, block)
         self._link: _Link | None = None
         self._first_id = 1          # the next link's first id (ids carry on across links)
-        self._sticky: str | None = None
-        self._sticky_until = 0.0
-        self._closed = False
+        self.fail_fast = FailFast(self.name, time.monotonic)
 
     @property
     def pending(self) -> int:
@@ -678,10 +675,6 @@ class TeleportClient:
         if self._link is not None:
             self._link.conn.next_id = value
 
-    def _remember_failure(self, text: str) -> None:
-        self._sticky = f"teleport connection to {self.name} failed: {text}"
-        self._sticky_until = time.monotonic() + STICKY_FOR
-
     # -- the async API (the pipeline's) --------------------------------------------------------
 
     def request_async(self, method: bytes, target: bytes, headers: list, body: bytes,
@@ -691,18 +684,14 @@ class TeleportClient:
         (for ``cancel``).  Raises ``ValueError`` at once for a request the
         codec refuses (a GET/HEAD with a body, no Host); every other failure
         goes to the callback, never from inside this call."""
-        if self._closed:
-            return self._refuse(UpstreamError(f"teleport client for {self.name} is closed"),
-                                callback)
-        if self._sticky is not None:
-            if time.monotonic() < self._sticky_until:
-                return self._refuse(UpstreamError(self._sticky), callback)
-            self._sticky = None
+        why = self.fail_fast.refusal()
+        if why is not None:
+            return self._refuse(UpstreamError(why), callback)
         link = self._link
         if link is None:
             link = _Link(self)
             if link.state == _DEAD:             # failed at once (a unix path that is not there)
-                return self._refuse(UpstreamError(self._sticky or link.error), callback)
+                return self._refuse(UpstreamError(self.fail_fast.last or link.error), callback)
             self._link = link
         if len(link.calls) >= self.max_pending:
             return self._refuse(UpstreamError("teleport: too many pending requests"), callback)
@@ -775,7 +764,7 @@ class TeleportClient:
 
     def close(self) -> None:
         """Close the connection; waiting requests fail with UpstreamError."""
-        self._closed = True
+        self.fail_fast.closed = True
         link = self._link
         if link is not None:
             link.fail("client closed", quiet=True)

@@ -242,6 +242,48 @@ class _Connection:
         return frames
 
 
+STICKY_FOR = 1.0        # after a failed dial or handshake, fail fast this long
+
+
+class FailFast:
+    """Whether a client refuses requests at once, and why: once it is
+    closed, and for ``STICKY_FOR`` seconds after its dial or handshake
+    failed (``failed``), so that a dead peer is not dialled again for each
+    request.  What the gevent and asyncio drivers keep across their links;
+    ``clock()`` gives monotonic seconds (as everywhere here, nothing reads a
+    clock of its own)."""
+
+    __slots__ = ("name", "closed", "_text", "_until", "_clock")
+
+    def __init__(self, name: str, clock):
+        self.name = name
+        self.closed = False
+        self._text: str | None = None
+        self._until = 0.0
+        self._clock = clock
+
+    def failed(self, text: str) -> None:
+        """The dial or handshake failed with ``text``."""
+        self._text = f"teleport connection to {self.name} failed: {text}"
+        self._until = self._clock() + STICKY_FOR
+
+    @property
+    def last(self) -> str | None:
+        """The text of the failure being remembered, if any."""
+        return self._text
+
+    def refusal(self) -> str | None:
+        """Why a request must fail now, or None when it may go."""
+        if self.closed:
+            return f"teleport client for {self.name} is closed"
+        text = self._text
+        if text is not None:
+            if self._clock() < self._until:
+                return text
+            self._text = None
+        return None
+
+
 class ClientConnection(_Connection):
     """The client side: sends requests, receives their responses.
 

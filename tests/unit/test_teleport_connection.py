@@ -463,3 +463,19 @@ def test_our_client_bytes_read_like_gos():
         check_requests(case, [r for piece in sliced(client.flush(), 100)
                               for r in server.receive_data(piece)])
     assert compressor(Compress.NONE).compress(b"x") == b"x"
+
+
+def test_fail_fast_remembers_a_failed_dial_for_a_while():
+    from httptp.teleport.connection import STICKY_FOR, FailFast
+    now = [100.0]
+    ff = FailFast("127.0.0.1:9", lambda: now[0])
+    assert ff.refusal() is None and ff.last is None
+    ff.failed("connection refused")
+    want = "teleport connection to 127.0.0.1:9 failed: connection refused"
+    assert ff.refusal() == want and ff.last == want
+    now[0] += STICKY_FOR - 0.01
+    assert ff.refusal() == want
+    now[0] += 0.02
+    assert ff.refusal() is None and ff.last is None      # forgotten: the next request dials
+    ff.closed = True
+    assert ff.refusal() == "teleport client for 127.0.0.1:9 is closed"
