@@ -414,8 +414,11 @@ class Proxy:
         """The request's id: the client's when valid, else a new one, added
         to ``headers`` (in place: forward_request_headers built that list)."""
         name, n = self.request_id_header, len(self.request_id_header)
-        for key, value in incoming:
+        for field in incoming:
+            key, value = field
             if len(key) == n and key.lower() == name:
+                if headers and headers[-1] is field and _VALID_REQUEST_ID.fullmatch(value):
+                    return value        # the only one, and last already (a hop of ours added it)
                 headers[:] = [h for h in headers if len(h[0]) != n or h[0].lower() != name]
                 if _VALID_REQUEST_ID.fullmatch(value):
                     headers.append((key, value))

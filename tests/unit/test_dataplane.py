@@ -1016,3 +1016,29 @@ def test_https_upstream_handshake_failure_is_a_502(parser, ca):
     finally:
         rig.close()
         up.stop()
+
+
+def test_request_ids_taken_moved_deduplicated_or_replaced():
+    """The list path's request id (Proxy._request_id): a valid one is kept
+    as the last field, once; a bad one is replaced by a new one."""
+    rig = Rig("127.0.0.1:9", "httptools")
+    try:
+        proxy = rig.proxy
+        rid, host, acc = (b"X-Request-Id", b"ab-1"), (b"Host", b"h"), (b"Accept", b"*/*")
+        cases = [
+            ([host, rid], [host, rid], b"ab-1"),                       # last already: as is
+            ([rid, host], [host, rid], b"ab-1"),                       # moved last
+            ([host, rid, acc, (b"x-request-id", b"ab-2")], [host, acc, rid], b"ab-1"),
+            ([host, (b"X-Request-Id", b"bad id")], [host, None], None),  # replaced
+        ]
+        for incoming, want, want_id in cases:
+            headers = list(incoming)
+            got = proxy._request_id(incoming, headers)
+            if want_id is None:
+                assert got.startswith(proxy._request_id_prefix)
+                want = want[:-1] + [(b"X-Request-Id", got)]
+            else:
+                assert got == want_id
+            assert headers == want, incoming
+    finally:
+        rig.close()
