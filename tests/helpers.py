@@ -530,7 +530,7 @@ def load(host, port, *, threads=8, duration=3.0, max_requests=100000, path="/",
                     conn_box[0] = None
                 return r.status, body
             except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError,
-                    ConnectionRefusedError) as e:
+                    ConnectionRefusedError):
                 conn.close()
                 conn_box[0] = None
                 if fresh or attempt:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.helpers import HttpTp, Upstream, get, load, raw_exchange, run_httptp, wait_until
+from tests.helpers import HttpTp, Upstream, get, raw_exchange, run_httptp, wait_until
 
 pytestmark = pytest.mark.timeout(60)
 

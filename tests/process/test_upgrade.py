@@ -105,7 +105,7 @@ def test_usr2_swaps_the_code_under_load_with_no_failed_request(tmp_path, code):
     try:
         with HttpTp(f"-out={up.addr}", "-outType=http", workers=2,
                     env={"PYTHONPATH": str(code), "NOTIFY_SOCKET": "@" + name}) as p:
-            assert f"httptp: version 9.0.1 (Python" in p.output, p.output
+            assert "httptp: version 9.0.1 (Python" in p.output, p.output
             old_workers = set(p.worker_pids())
             deploy(code, code_tree(tmp_path / "gen2", "9.0.2"))
             box = {}
