@@ -101,12 +101,12 @@ def encode_request(req_id: int, method: bytes, target: bytes, headers: list | by
     ``headers`` are written as given: the caller has already removed
     hop-by-hop headers, Content-Length, Transfer-Encoding and Expect, and
     passes names and values that its HTTP parser validated.  They may also
-    be those fields as their wire lines, each with its CRLF (bytes: an HTTP/1.1
-    head's ``raw`` plus the proxy's own lines), which the parser has checked to
-    hold one valid Host.  Content-Length
-    is added for every method but GET/HEAD.  Raises ValueError when there is
-    no Host header (fasthttp refuses it) or a GET/HEAD has a body (a Go peer
-    never reads it, so the stream would lose sync).
+    be those fields as their wire lines, each with its CRLF (bytes: an
+    HTTP/1.1 head's ``raw`` plus the proxy's own lines), which the parser
+    has checked to hold one valid Host.  Content-Length is added for every
+    method but GET/HEAD.  Raises ValueError when a list has no Host header
+    (fasthttp refuses it) or a GET/HEAD has a body (a Go peer never reads
+    it, so the stream would lose sync).
     """
     if headers.__class__ is not bytes:
         for name, value in headers:         # a loop: 0.4 us cheaper than any(genexpr)
