@@ -106,7 +106,7 @@ def main() -> int:
         values = [r[key] for r in results[name] if key in r]
         return statistics.median(values) if values else float("nan")
 
-    ref = results and next(iter(results))
+    ref = next(iter(results))                  # nginx, the first target
     ref_cpu = med(ref, "user") + med(ref, "sys")
     print(f"{args.rounds} rounds of wrk -t2 -c64 {args.seconds:g} s; medians, per request")
     print(f"{'target':22} {'req/s':>8} {'user µs':>8} {'sys µs':>8} {'CPU vs nginx':>13}"
