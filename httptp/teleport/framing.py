@@ -239,31 +239,6 @@ def _ordinary_last(key: bytes) -> tuple[int, tuple | None]:
     return last, m.groups()
 
 
-def _last_line(cache: dict, key: bytes) -> tuple | None:
-    """What ``_block(key)`` gives, from the remembered block of all of
-    ``key`` but its last line, and that line read on its own; None when that
-    block is not remembered, or the line is not an ordinary valid field
-    (then the whole block is read, with its own errors)."""
-    last, field = _ordinary_last(key)
-    if field is None:
-        return None
-    hit = cache.get(key[:last])
-    if hit is None:
-        return None
-    headers, content_length, chunked, expect = hit
-    return headers + [field], content_length, chunked, expect
-
-
-def _remember_all_but_last(cache: dict, key: bytes, hit: tuple) -> None:
-    """Remember, beside ``key``'s, what the block without its last line
-    reads as, for `_last_line`: ``key``'s but that line's field, when it is
-    an ordinary one (so neither the framing, nor the Host check, nor what a
-    GET or HEAD drops changes: the field is the last of ``hit``'s)."""
-    last, field = _ordinary_last(key)
-    if field is not None:
-        cache[key[:last]] = (hit[0][:-1], *hit[1:])
-
-
 def _take(buf: bytearray, pos: int, size: int) -> bytes:
     """bytes(buf[pos:pos + size]) with one copy instead of two for big bodies."""
     if size < 4096:
@@ -373,11 +348,18 @@ class FrameReader:
         block without its trailing Content-Length line (module docstring), so
         a repeated head's checks (Host too) cost nothing; a block whose last
         field changes every time (the request id a proxy of ours adds) costs
-        that one line (`_last_line`)."""
+        that one line: the block without it is remembered too."""
         key, digits = _split_length(block)
         hit = cache.get(key)
         if hit is None:
-            hit = _last_line(cache, key)
+            # the last line read on its own, when it is an ordinary field
+            # (so neither the framing, nor the Host check, nor what a GET or
+            # HEAD drops depends on it): the rest may be remembered
+            last, field = _ordinary_last(key)
+            if field is not None:
+                rest = cache.get(key[:last])
+                if rest is not None:
+                    hit = (rest[0] + [field], *rest[1:])
         if hit is None:
             try:
                 hit = _block(key, no_body, request)
@@ -391,7 +373,8 @@ class FrameReader:
                 if len(cache) >= HEAD_CACHE_SIZE - 1:
                     cache.clear()
                 cache[key] = hit
-                _remember_all_but_last(cache, key, hit)
+                if field is not None:           # the field is the last of hit's
+                    cache[key[:last]] = (hit[0][:-1], *hit[1:])
         headers, content_length, chunked, expect = hit
         if digits is None or no_body:          # GET/HEAD drop the line anyway
             return list(headers), content_length, chunked, expect
