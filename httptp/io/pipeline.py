@@ -357,8 +357,7 @@ class Proxy:
         if head.version != b"1.1":
             return None
         teleport = self.out_teleport
-        if teleport and (head.content_length or head.chunked) \
-                and head.method in _NO_BODY_OVER_TELEPORT:
+        if teleport and _teleport_refuses(head, False, bool(head.content_length) or head.chunked):
             return None
         request_id = b""
         if self.request_id_header is not None:
@@ -417,10 +416,11 @@ class Proxy:
         for field in incoming:
             key, value = field
             if len(key) == n and key.lower() == name:
-                if headers and headers[-1] is field and _VALID_REQUEST_ID.fullmatch(value):
+                valid = _VALID_REQUEST_ID.fullmatch(value) is not None
+                if valid and headers and headers[-1] is field:
                     return value        # the only one, and last already (a hop of ours added it)
                 headers[:] = [h for h in headers if len(h[0]) != n or h[0].lower() != name]
-                if _VALID_REQUEST_ID.fullmatch(value):
+                if valid:
                     headers.append((key, value))
                     return value
                 break
