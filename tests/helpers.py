@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import os
+import random
 import re
 import shutil
 import signal
@@ -407,13 +408,51 @@ class PeakRSS:
         return self.growth()
 
 
+_HANDED_OUT: set[int] = set()
+
+
+def _ephemeral_low() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def free_port() -> int:
+    """A loopback TCP port for a program that must be told its port before it binds
+    (pebble's validation ports, httptp's -in, a documented config).
+
+    A port from ``bind(0)`` is in the kernel's ephemeral range: between the choice
+    and its use, any outgoing connection or port-0 bind on the machine can take it
+    (EADDRINUSE, seen in CI). These come from just below that range, where the
+    kernel never hands ports out itself, are never given twice in one run, and are
+    checked free (no listener, no connection) when chosen."""
+    low = _ephemeral_low()
+    first = max(1024, low - 12000)
+    if low - first < 1000:                   # an odd range: fall back on the kernel
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        port = rng.randrange(first, low)
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))   # no SO_REUSEADDR: TIME_WAIT counts as taken
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
+    raise AssertionError(f"no free port in {first}..{low - 1}")
+
+
 def dead_address() -> str:
-    """A loopback port nobody listens on (connections are refused)."""
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % s.getsockname()[1]
-    s.close()
-    return addr
+    """A loopback port nobody listens on (connections are refused); like
+    free_port, no port-0 bind elsewhere in the run can start listening there."""
+    return "127.0.0.1:%d" % free_port()
 
 
 def run_httptp(*args: str, timeout=10.0, env=None) -> subprocess.CompletedProcess:

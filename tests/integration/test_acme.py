@@ -30,7 +30,7 @@ from cryptography import x509  # noqa: E402
 
 from httptp import acme as hacme  # noqa: E402
 from httptp.certstore import AutocertStore, client_hello_alpn, offers_acme_tls  # noqa: E402
-from tests.helpers import HttpTp, Upstream, wait_until  # noqa: E402
+from tests.helpers import HttpTp, Upstream, free_port, wait_until  # noqa: E402
 
 PEBBLE = shutil.which("pebble")
 CHALLTESTSRV = shutil.which("pebble-challtestsrv")
@@ -41,12 +41,6 @@ pytestmark = [
                        reason="pebble / pebble-challtestsrv not installed "
                               "(apt-get install pebble; `make test` does it as root)"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(pred, timeout: float, step: float = 0.05, what: str = "condition"):

@@ -16,7 +16,7 @@ from httptp.netaddr import parse_address
 from httptp.stats import HEALTH_DOWN, HEALTH_UP, Stats
 from httptp.teleport.handshake import Compress
 from httptp.tls import cooperative
-from tests.helpers import Reply, Upstream
+from tests.helpers import Reply, Upstream, dead_address
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -42,10 +42,7 @@ def test_http_status_decides(status, ok):
 
 
 def test_refused_connection_is_no_answer():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % s.getsockname()[1]
-    s.close()                       # nobody listens there now
+    addr = dead_address()           # nobody listens there
     verdict = HTTPProbe("/health", 2.0)(tcp(addr))
     assert (verdict.ok, verdict.code) == (False, 0)
     assert "refused" in verdict.reason.lower()
@@ -126,10 +123,7 @@ def test_teleport_request_for_the_path(status, ok):
 
 
 def test_teleport_nobody_listening():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % s.getsockname()[1]
-    s.close()
+    addr = dead_address()
     probe = TeleportProbe("/health", 1.0, compress=Compress.FLATE, max_header_size=4096,
                           max_body_size=1 << 20)
     verdict = probe(tcp(addr))

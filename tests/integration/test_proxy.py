@@ -12,8 +12,8 @@ import time
 
 import pytest
 
-from tests.helpers import (HttpTp, Reply, Upstream, UnixHTTPConnection, get, raw_exchange,
-                           split_responses)
+from tests.helpers import (HttpTp, Reply, Upstream, UnixHTTPConnection, dead_address, get,
+                           raw_exchange, split_responses)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -235,11 +235,7 @@ def test_limits_431_413_and_get_only(upstream, parser):
 
 
 def test_dead_upstream_502(parser):
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()  # nobody listens there
-    with HttpTp(f"-out=127.0.0.1:{port}", "-outType=http", f"-httpParser={parser}", workers=1) as p:
+    with HttpTp(f"-out={dead_address()}", "-outType=http", f"-httpParser={parser}", workers=1) as p:
         c = http.client.HTTPConnection(p.host, p.port, timeout=5)
         status, headers, body = get(c)
         assert status == 502 and b"upstream" in body

@@ -17,6 +17,7 @@ import pytest
 
 from httptp.errors import GatewayTimeout, ResponseTooLarge, UpstreamError
 from httptp.teleport.aio import AsyncClient, AsyncServer, HTTPStatusError
+from tests.helpers import dead_address
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -181,12 +182,8 @@ def test_timeout_pending_limit_and_closed():
 
 def test_dial_failure_is_sticky_for_a_while():
     async def main():
-        srv = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
-        port = srv.sockets[0].getsockname()[1]
-        srv.close()
-        await srv.wait_closed()
         logs = Sink()
-        async with AsyncClient(f"127.0.0.1:{port}", log=logs) as c:
+        async with AsyncClient(dead_address(), log=logs) as c:
             with pytest.raises(UpstreamError, match="cannot connect: Connection refused") as e1:
                 await c.get("/")
             assert e1.value.sent_nothing_back

@@ -30,7 +30,7 @@ from httptp.teleport import handshake
 from httptp.teleport.codecs import compressor, decompressor
 from httptp.teleport.framing import FrameReader, encode_request, encode_response
 from httptp.teleport.handshake import Compress
-from tests.helpers import decompress_all
+from tests.helpers import dead_address, decompress_all
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -741,10 +741,7 @@ def test_garbage_from_server_fails_all_pending_logged_once(fakes):
 
 
 def test_sticky_dial_error_fails_fast_then_recovers(clients):
-    probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    probe.bind(("127.0.0.1", 0))
-    addr = "127.0.0.1:%d" % probe.getsockname()[1]
-    probe.close()                       # nothing listens there now
+    addr = dead_address()               # nothing listens there
     logs = _Sink()
     c = clients(addr, timeout=2, log=logs)
     with pytest.raises(UpstreamError) as first:

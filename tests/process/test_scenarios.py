@@ -31,7 +31,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import subprocess
 import tempfile
 import urllib.request
@@ -40,7 +39,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HTTPTP, HttpTp, Upstream
+from tests.helpers import HTTPTP, HttpTp, Upstream, free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -106,12 +105,6 @@ def parse_scenarios(text: str) -> list[Scenario]:
             sc.commands.append(Command(buf))
         out.append(sc)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 _PORT = re.compile(r"((?:127\.0\.0\.1|localhost):|http\.server )(\d{2,5})\b")

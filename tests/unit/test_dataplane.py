@@ -28,6 +28,7 @@ from httptp.io.http_server import ClientConn, Listener
 from httptp.io.pipeline import Proxy
 from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.stats import Stats
+from tests.helpers import free_port
 from tests.unit.loop_helpers import (WAIT, hub_errors, read_all, socketpair, tcp_pair,  # noqa: F401
                                      wait_until)
 
@@ -330,11 +331,7 @@ def make_rig(parser, upstream):
 
 
 def closed_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
+    return free_port()
 
 
 # -- requests and responses ---------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from httptp.teleport import Server, handshake
 from httptp.teleport.codecs import compressor
 from httptp.teleport.framing import FrameReader, encode_response
 from httptp.teleport.handshake import Compress
+from tests.helpers import dead_address
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -549,10 +550,7 @@ def test_exchange_timeout_is_504_and_the_late_answer_is_dropped(peers):
 
 
 def test_idempotent_request_goes_once_more_to_the_other_upstream(peers):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    dead = "127.0.0.1:%d" % probe.getsockname()[1]
-    probe.close()                     # nothing listens there
+    dead = dead_address()             # nothing listens there
     peer = peers()
     proxy, stats = _proxy([dead, peer.addr])
     real = proxy.balancer.pick
