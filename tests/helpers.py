@@ -409,6 +409,7 @@ class PeakRSS:
 
 
 _HANDED_OUT: set[int] = set()
+_PORTS_RNG = random.Random()        # seeded from os.urandom: runs side by side differ
 
 
 def _ephemeral_low() -> int:
@@ -434,9 +435,8 @@ def free_port() -> int:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
     for _ in range(200):
-        port = rng.randrange(first, low)
+        port = _PORTS_RNG.randrange(first, low)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as s:

@@ -28,7 +28,7 @@ from httptp.io.http_server import ClientConn, Listener
 from httptp.io.pipeline import Proxy
 from httptp.io.transport import IN, TLSTransport, Transport
 from httptp.stats import Stats
-from tests.helpers import free_port
+from tests.helpers import dead_address
 from tests.unit.loop_helpers import (WAIT, hub_errors, read_all, socketpair, tcp_pair,  # noqa: F401
                                      wait_until)
 
@@ -330,10 +330,6 @@ def make_rig(parser, upstream):
         rig.close()
 
 
-def closed_port() -> int:
-    return free_port()
-
-
 # -- requests and responses ---------------------------------------------------------------------------
 
 
@@ -603,7 +599,7 @@ def test_large_upload_to_an_upstream_that_does_not_read(parser):
 
 
 def test_502_when_the_upstream_refuses(make_rig):
-    rig = make_rig(out=f"127.0.0.1:{closed_port()}")
+    rig = make_rig(out=dead_address())
     conn, client = rig.connect()
     client.send(get(b"/"))
     resp = client.response()
@@ -767,7 +763,7 @@ def test_drain_during_a_request_closes_after_its_answer(make_rig, upstream):
 
 
 def test_draining_error_answer_carries_connection_close(make_rig):
-    rig = make_rig(out=f"127.0.0.1:{closed_port()}")
+    rig = make_rig(out=dead_address())
     conn, client = rig.connect()
     rig.draining = True
     client.send(get(b"/"))
